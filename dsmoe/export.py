@@ -1,0 +1,83 @@
+"""Training checkpoint (any ZeRO stage, any rank count) -> a sparse-inference model directory.
+
+The directory holds:
+  config.json        model_type "dsmoe", the model config, and the inference routing rule
+  model.safetensors  fp32 weights (tied embeddings stored once)
+  tokenizer.json     the byte-level BPE the run trained
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from safetensors.torch import load_model, save_model
+
+from dsmoe import config as config_lib
+from dsmoe.model import DecoderLM, RoutingRule, build
+from dsmoe.train.checkpoint import CheckpointError, checkpoint_root, consolidated_state_dict, latest_tag
+
+MODEL_TYPE = "dsmoe"
+
+
+def load_from_run(
+    run_dir: str | Path, tag: str | None = None
+) -> tuple[DecoderLM, config_lib.Config, Path, int]:
+    """The trained model of a run's checkpoint (latest by default): (model, config, tokenizer path, step)."""
+    root = checkpoint_root(run_dir)
+    tag = tag or latest_tag(run_dir)
+    if tag is None:
+        raise CheckpointError(f"{run_dir} has no complete checkpoint (no {root / 'latest'})")
+    state_dict, ours = consolidated_state_dict(root, tag)
+    if "config" not in ours:
+        raise CheckpointError(f"{root / tag} was not written by dsmoe (no config in its client state)")
+    cfg = config_lib.from_dict(ours["config"], source=f"{root / tag} (saved config)")
+    model = build(cfg.model)
+    if cfg.model.tie_embeddings:
+        state_dict.setdefault("lm_head.weight", state_dict["embed.weight"])
+    missing, unexpected = model.load_state_dict(state_dict, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{root / tag}: weights do not fit the saved config: missing {missing}, unexpected {unexpected}"
+        )
+    return model.eval(), cfg, root / tag / "tokenizer.json", int(ours["step"])
+
+
+def export(run_dir: str | Path, out_dir: str | Path, routing: RoutingRule, tag: str | None = None) -> Path:
+    """Write the sparse-inference model of `run_dir`'s checkpoint to `out_dir`."""
+    model, cfg, tokenizer_path, step = load_from_run(run_dir, tag)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_model(model, str(out / "model.safetensors"))
+    (out / "tokenizer.json").write_bytes(tokenizer_path.read_bytes())
+    hf_config = {
+        "model_type": MODEL_TYPE,
+        "architectures": ["DSMoEForCausalLM"],
+        "vocab_size": cfg.model.vocab_size,
+        "hidden_size": cfg.model.d_model,
+        "num_hidden_layers": cfg.model.n_layers,
+        "max_position_embeddings": cfg.model.max_seq_len,
+        "torch_dtype": "float32",
+        "routing": routing.to_dict(),
+        "dsmoe": config_lib.to_dict(cfg),
+        "trained_steps": step,
+    }
+    (out / "config.json").write_text(json.dumps(hf_config, indent=2))
+    return out
+
+
+def load_export(path: str | Path) -> tuple[DecoderLM, config_lib.Config, RoutingRule, Path]:
+    """An exported model directory: (model, config, its routing rule, tokenizer path)."""
+    path = Path(path)
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise CheckpointError(f"{path} is not an exported dsmoe model (no config.json)")
+    meta = json.loads(config_file.read_text())
+    if meta.get("model_type") != MODEL_TYPE:
+        raise CheckpointError(
+            f"{config_file}: model_type is {meta.get('model_type')!r}, expected {MODEL_TYPE!r}"
+        )
+    cfg = config_lib.from_dict(meta["dsmoe"], source=str(config_file))
+    model = build(cfg.model)
+    load_model(model, str(path / "model.safetensors"))
+    return model.eval(), cfg, RoutingRule(**meta["routing"]), path / "tokenizer.json"

@@ -1,0 +1,154 @@
+"""The DS-MoE layer (Pan et al. 2024, papers/dsmoe.md): dense training of all experts, sparse inference.
+
+Training: a fp32 softmax router over all N experts weights every expert's output for every token,
+  y = sum_i p_i(x) * E_i(x).
+With the experts stored stacked (w_in: (N, F_in, D), w_out: (N, F, D)) this is one wide MLP of width N*F
+whose hidden blocks are scaled by p_i before the second GEMM: two large matmuls, no loop over experts,
+no top-k, no capacity, no dropped tokens.
+
+Inference: keep experts by top-K or by threshold (N * p_i > eps), weight them by the raw router
+probabilities (no renormalisation), and compute only those: tokens are grouped per expert.
+
+The mutual-information balance loss is returned with the output; the layer keeps no global state.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dsmoe.model.mlp import activate
+
+
+@dataclass(frozen=True)
+class RoutingRule:
+    """Which experts run per token: all of them (training), the top K, or those with N * p_i > eps."""
+
+    mode: Literal["dense", "top_k", "threshold"] = "dense"
+    k: int = 0
+    eps: float = 0.0
+
+    def __post_init__(self):
+        if self.mode not in ("dense", "top_k", "threshold"):
+            raise ValueError(f"routing mode must be dense|top_k|threshold, got {self.mode!r}")
+        if self.mode == "top_k" and self.k < 1:
+            raise ValueError(f"top_k routing needs k >= 1, got {self.k}")
+        if self.mode == "threshold" and self.eps < 0:
+            raise ValueError(f"threshold routing needs eps >= 0, got {self.eps}")
+
+    def __str__(self) -> str:
+        return {"dense": "dense", "top_k": f"top-{self.k}", "threshold": f"threshold N*p>{self.eps:g}"}[
+            self.mode
+        ]
+
+    def to_dict(self) -> dict:
+        return {"mode": self.mode, "k": self.k, "eps": self.eps}
+
+
+DENSE = RoutingRule()
+
+
+@dataclass
+class MoEAux:
+    """What a DS-MoE layer reports besides its output."""
+
+    mi_loss: torch.Tensor
+    """Mutual-information loss of this layer (scalar, differentiable)."""
+    expert_load: torch.Tensor
+    """(N,) mean router probability per expert over the tokens (detached)."""
+    router_entropy: torch.Tensor
+    """Mean per-token routing entropy in nats (detached)."""
+    active_fraction: torch.Tensor
+    """Fraction of (token, expert) pairs computed: 1 in dense mode (detached)."""
+
+
+def mutual_information_loss(probs_TE: torch.Tensor) -> torch.Tensor:
+    """L_MI = -H(mean_x p(.|x)) + mean_x H(p(.|x)) (ModuleFormer; papers/dsmoe.md).
+
+    0 for uniform routing, -log N for one-hot routing spread evenly over N experts, 0 when every
+    token puts all its mass on the same expert.
+    """
+    probs_TE = probs_TE.float()
+    marginal_E = probs_TE.mean(0)
+    marginal_entropy = -torch.special.xlogy(marginal_E, marginal_E).sum()
+    conditional_entropy = -torch.special.xlogy(probs_TE, probs_TE).sum(-1).mean()
+    return conditional_entropy - marginal_entropy
+
+
+def select_experts(probs_TE: torch.Tensor, rule: RoutingRule) -> torch.Tensor:
+    """Boolean (T, N) mask of the experts each token keeps under `rule`."""
+    num_experts = probs_TE.shape[-1]
+    if rule.mode == "dense":
+        return torch.ones_like(probs_TE, dtype=torch.bool)
+    if rule.mode == "top_k":
+        top_idx_TK = probs_TE.topk(min(rule.k, num_experts), dim=-1).indices
+        return torch.zeros_like(probs_TE, dtype=torch.bool).scatter_(-1, top_idx_TK, True)
+    # Threshold on the normalised probability (paper: keep i when N * p_i > eps).
+    return num_experts * probs_TE > rule.eps
+
+
+class DSMoE(nn.Module):
+    """DS-MoE MLP layer: router over all experts; dense all-expert forward in training, sparse at inference."""
+
+    def __init__(self, d_model: int, num_experts: int, expert_hidden: int, activation: str):
+        super().__init__()
+        self.num_experts, self.expert_hidden, self.activation = num_experts, expert_hidden, activation
+        width_in = 2 * expert_hidden if activation == "swiglu" else expert_hidden  # SwiGLU: [gate; up]
+        self.router = nn.Linear(d_model, num_experts, bias=False)
+        self.w_in = nn.Parameter(torch.empty(num_experts, width_in, d_model))  # expert i: x @ w_in[i].T
+        self.w_out = nn.Parameter(torch.empty(num_experts, expert_hidden, d_model))  # expert i: h @ w_out[i]
+
+    def router_probs(self, x_TD: torch.Tensor) -> torch.Tensor:
+        """(T, N) softmax over all experts, in fp32 whatever the activation dtype."""
+        return F.softmax(F.linear(x_TD.float(), self.router.weight.float()), dim=-1)
+
+    def expert_forward(self, x_TD: torch.Tensor, expert: int) -> torch.Tensor:
+        """One expert on its tokens: act(x W_in_i^T) W_out_i."""
+        return activate(x_TD @ self.w_in[expert].T, self.activation) @ self.w_out[expert]
+
+    def forward(self, x: torch.Tensor, routing: RoutingRule = DENSE) -> tuple[torch.Tensor, MoEAux]:
+        shape = x.shape
+        x_TD = x.reshape(-1, shape[-1])  # (T, D), T = all tokens of the batch
+        probs_TE = self.router_probs(x_TD)
+        if routing.mode == "dense":
+            y_TD, active = self._dense_forward(x_TD, probs_TE), probs_TE.new_ones(())
+        else:
+            y_TD, active = self._sparse_forward(x_TD, probs_TE, routing)
+        aux = MoEAux(
+            mi_loss=mutual_information_loss(probs_TE),
+            expert_load=probs_TE.detach().mean(0),
+            router_entropy=-torch.special.xlogy(probs_TE.detach(), probs_TE.detach()).sum(-1).mean(),
+            active_fraction=active,
+        )
+        return y_TD.view(shape), aux
+
+    def _dense_forward(self, x_TD: torch.Tensor, probs_TE: torch.Tensor) -> torch.Tensor:
+        T, N, F_ = x_TD.shape[0], self.num_experts, self.expert_hidden
+        h_TNFin = (x_TD @ self.w_in.view(-1, x_TD.shape[1]).T).view(T, N, -1)  # one GEMM, width N*F_in
+        h_TNF = activate(h_TNFin, self.activation)  # (T, N, F)
+        h_TNF = h_TNF * probs_TE.to(h_TNF.dtype).unsqueeze(-1)  # scale expert i's block by p_i
+        return h_TNF.reshape(T, N * F_) @ self.w_out.view(N * F_, -1)  # one GEMM sums over experts
+
+    def _sparse_forward(
+        self, x_TD: torch.Tensor, probs_TE: torch.Tensor, routing: RoutingRule
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        keep_TE = select_experts(probs_TE, routing)
+        # Group (token, expert) pairs by expert: transposing makes nonzero() come out expert-major.
+        expert_idx, token_idx = keep_TE.T.nonzero(as_tuple=True)
+        tokens_per_expert_E = keep_TE.sum(0).tolist()
+        x_sorted = x_TD[token_idx]  # (P, D), P = kept pairs
+        out_sorted = torch.empty_like(x_sorted)
+        start = 0
+        for expert, count in enumerate(tokens_per_expert_E):
+            if count:
+                out_sorted[start : start + count] = self.expert_forward(
+                    x_sorted[start : start + count], expert
+                )
+                start += count
+        weights_P = probs_TE[token_idx, expert_idx].to(x_TD.dtype)  # raw probabilities, not renormalised
+        y_TD = torch.zeros_like(x_TD).index_add_(0, token_idx, out_sorted * weights_P.unsqueeze(-1))
+        return y_TD, keep_TE.float().mean()

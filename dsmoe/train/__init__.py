@@ -1,0 +1,1 @@
+"""The training loop, checkpoints, logging and the end-of-run report."""

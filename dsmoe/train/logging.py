@@ -1,0 +1,97 @@
+"""Run logging on rank 0: metrics.jsonl (the record tests and plots read), wandb, and the progress bar."""
+
+from __future__ import annotations
+
+import json
+import netrc
+import os
+from pathlib import Path
+
+from tqdm import tqdm
+
+METRICS = "metrics.jsonl"
+
+
+def wandb_mode() -> str:
+    """'online' when the user is logged in to wandb (or chose a mode), else 'offline'."""
+    if os.environ.get("WANDB_MODE"):
+        return os.environ["WANDB_MODE"]
+    if os.environ.get("WANDB_API_KEY"):
+        return "online"
+    try:
+        logged_in = netrc.netrc().authenticators("api.wandb.ai") is not None
+    except (FileNotFoundError, netrc.NetrcParseError):
+        logged_in = False
+    return "online" if logged_in else "offline"
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    path = Path(run_dir) / METRICS
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+class RunLogger:
+    """Writes one JSON line per optimizer step, mirrors scalars to wandb, drives the progress bar."""
+
+    def __init__(
+        self,
+        run_dir: Path,
+        config: dict,
+        start_step: int,
+        max_steps: int,
+        use_wandb: bool,
+        project: str,
+        progress: bool,
+    ):
+        self.path = run_dir / METRICS
+        # A resumed run redoes the steps after its checkpoint: drop their old lines.
+        kept = [m for m in read_metrics(run_dir) if m["step"] <= start_step]
+        self.path.write_text("".join(json.dumps(m) + "\n" for m in kept))
+        self.wandb_run = None
+        if use_wandb:
+            import wandb
+
+            run_id_file = run_dir / "wandb_run_id"
+            run_id = run_id_file.read_text().strip() if run_id_file.is_file() else wandb.util.generate_id()
+            run_id_file.write_text(run_id)
+            self.wandb_run = wandb.init(
+                project=project,
+                dir=str(run_dir),
+                config=config,
+                id=run_id,
+                resume="allow",
+                mode=wandb_mode(),
+                name=run_dir.name,
+            )
+        self.bar = tqdm(
+            total=max_steps,
+            initial=start_step,
+            desc="train",
+            unit="step",
+            dynamic_ncols=True,
+            disable=not progress,
+        )
+
+    def log(self, record: dict) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.wandb_run is not None:
+            scalars = {k: v for k, v in record.items() if isinstance(v, int | float)}
+            for layer, load in enumerate(record.get("expert_load", [])):
+                scalars[f"router/entropy/layer{layer}"] = record["router_entropy"][layer]
+                for expert, value in enumerate(load):
+                    scalars[f"expert_load/layer{layer}/expert{expert}"] = value
+            self.wandb_run.log(scalars, step=record["step"])
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
+
+    def log_summary(self, summary: dict) -> None:
+        if self.wandb_run is not None:
+            self.wandb_run.summary.update(summary)
+
+    def close(self) -> None:
+        self.bar.close()
+        if self.wandb_run is not None:
+            self.wandb_run.finish()

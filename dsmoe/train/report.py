@@ -1,0 +1,76 @@
+"""End-of-run report: export the sparse model, evaluate held-out perplexity per routing rule, plot the curves."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from dsmoe.config import Config
+from dsmoe.export import export
+from dsmoe.infer import held_out_tokens, load, perplexity
+from dsmoe.model import RoutingRule
+from dsmoe.train.logging import read_metrics
+
+
+def evaluation_rules(cfg: Config) -> list[RoutingRule]:
+    """Dense, then the configured top-K and threshold rules (sparse rules only for DS-MoE models)."""
+    if cfg.model.mlp != "moe":
+        return [RoutingRule()]
+    return [
+        RoutingRule(),
+        RoutingRule("top_k", k=cfg.train.eval_top_k),
+        RoutingRule("threshold", eps=cfg.train.eval_threshold),
+    ]
+
+
+def final_report(run_dir: Path, cfg: Config, logger=None) -> dict:
+    rules = evaluation_rules(cfg)
+    export_dir = export(run_dir, run_dir / "export", rules[-1])
+    loaded = load(export_dir)
+    tokens = held_out_tokens(loaded.cfg, loaded.tokenizer_path)
+    results = [
+        perplexity(loaded.model, tokens, cfg.data.seq_len, rule, cfg.train.eval_tokens) for rule in rules
+    ]
+    metrics = read_metrics(run_dir)
+    summary = {
+        "run_dir": str(run_dir),
+        "export_dir": str(export_dir),
+        "steps": metrics[-1]["step"] if metrics else 0,
+        "final_train_loss": metrics[-1]["loss"] if metrics else None,
+        "eval_tokens": results[0].tokens,
+        "results": [r.__dict__ for r in results],
+    }
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    plot_path = plot_curves(metrics, run_dir / "loss_curve.png")
+    lines = [
+        "",
+        f"held-out perplexity ({', '.join(cfg.data.val_works)}; {results[0].tokens} tokens), exported to {export_dir}:",
+        *("  " + r.row() for r in results),
+        f"loss curve: {plot_path}",
+    ]
+    print("\n".join(lines), flush=True)
+    if logger is not None:
+        logger.log_summary({f"eval/ppl/{r.routing}": r.perplexity for r in results})
+    return summary
+
+
+def plot_curves(metrics: list[dict], path: Path) -> Path:
+    """Training loss and router entropy per step, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [m["step"] for m in metrics]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    axes[0].plot(steps, [m["lm_loss"] for m in metrics])
+    axes[0].set(xlabel="step", ylabel="LM loss (nats)", title="training loss")
+    if metrics and "router_entropy" in metrics[0]:
+        for layer in range(len(metrics[0]["router_entropy"])):
+            axes[1].plot(steps, [m["router_entropy"][layer] for m in metrics], label=f"layer {layer}")
+        axes[1].set(xlabel="step", ylabel="nats", title="mean per-token routing entropy")
+        axes[1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

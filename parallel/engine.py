@@ -1,0 +1,83 @@
+"""DeepSpeed engine from our config: ZeRO data parallel, bf16/fp32, clipping, AdamW, our LR schedule."""
+
+from __future__ import annotations
+
+import torch
+
+from dsmoe.config import Config
+from dsmoe.train.schedule import warmup_cosine
+from parallel.groups import ParallelDims
+
+
+def gradient_accumulation_steps(cfg: Config, dims: ParallelDims) -> int:
+    t = cfg.train
+    per_step = t.micro_batch_size * dims.dp
+    if t.global_batch_size % per_step:
+        raise ValueError(
+            f"train.global_batch_size ({t.global_batch_size}) must be a multiple of "
+            f"train.micro_batch_size x dp = {t.micro_batch_size} x {dims.dp}"
+        )
+    return t.global_batch_size // per_step
+
+
+def deepspeed_config(cfg: Config, dims: ParallelDims) -> dict:
+    """The DeepSpeed JSON config our settings mean."""
+    t = cfg.train
+    return {
+        "train_batch_size": t.global_batch_size,
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": gradient_accumulation_steps(cfg, dims),
+        "gradient_clipping": t.grad_clip,
+        "bf16": {"enabled": t.precision == "bf16"},
+        "zero_optimization": {"stage": cfg.parallel.zero_stage},
+        # We pass torch's AdamW (fused on CUDA): DeepSpeed's FusedAdam needs a JIT-compiled op on CPU.
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices (and stacked expert weights), none on norms."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def initialize(model: torch.nn.Module, cfg: Config, dims: ParallelDims):
+    """deepspeed.initialize with our optimizer and config; returns the engine."""
+    import deepspeed
+
+    t = cfg.train
+    model = model.to(dims.device)
+    optimizer = torch.optim.AdamW(
+        param_groups(model, t.weight_decay),
+        lr=t.lr,
+        betas=(t.beta1, t.beta2),
+        eps=1e-8,
+        fused=dims.device.type == "cuda",
+    )
+    # Our schedule as a torch LambdaLR: DeepSpeed steps it at each optimizer step and checkpoints its state.
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_cosine(step, t))
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg, dims)
+    )
+    return engine
+
+
+def boundary_step(engine) -> float | None:
+    """`engine.step()` on the gradient-accumulation boundary; returns the pre-clipping gradient norm.
+
+    ZeRO and bf16 optimizers report the norm; DeepSpeed's plain fp32 path clips without keeping it, so
+    there we read it before stepping (gradients are already reduced over data-parallel ranks by then).
+    """
+    reported = engine.zero_optimization() or engine.bfloat16_enabled()
+    norm = None
+    if not reported:
+        grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+    engine.step()
+    norm = engine.get_global_grad_norm() if reported else norm
+    return None if norm is None else float(norm)
