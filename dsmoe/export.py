@@ -66,6 +66,12 @@ def export(run_dir: str | Path, out_dir: str | Path, routing: RoutingRule, tag: 
     return out
 
 
+def is_export(path: str | Path) -> bool:
+    """Whether `path` is an exported dsmoe model directory (a run directory has config.json too)."""
+    config_file = Path(path) / "config.json"
+    return config_file.is_file() and json.loads(config_file.read_text()).get("model_type") == MODEL_TYPE
+
+
 def load_export(path: str | Path) -> tuple[DecoderLM, config_lib.Config, RoutingRule, Path]:
     """An exported model directory: (model, config, its routing rule, tokenizer path)."""
     path = Path(path)

@@ -13,7 +13,7 @@ from dsmoe import config as config_lib
 from dsmoe.data.corpus import load_corpus
 from dsmoe.data.sampler import eval_windows
 from dsmoe.data.tokens import encode_documents
-from dsmoe.export import load_export, load_from_run
+from dsmoe.export import is_export, load_export, load_from_run
 from dsmoe.model import DecoderLM, RoutingRule
 
 
@@ -29,7 +29,7 @@ class LoadedModel:
 def load(path: str | Path) -> LoadedModel:
     """An exported model directory (config.json) or a run directory (checkpoints/)."""
     path = Path(path)
-    if (path / "config.json").is_file():
+    if is_export(path):
         model, cfg, routing, tok = load_export(path)
     else:
         model, cfg, tok, _ = load_from_run(path)

@@ -72,7 +72,7 @@ def mutual_information_loss(probs_TE: torch.Tensor) -> torch.Tensor:
     0 for uniform routing, -log N for one-hot routing spread evenly over N experts, 0 when every
     token puts all its mass on the same expert.
     """
-    probs_TE = probs_TE.float()
+    probs_TE = probs_TE.to(torch.promote_types(probs_TE.dtype, torch.float32))
     marginal_E = probs_TE.mean(0)
     marginal_entropy = -torch.special.xlogy(marginal_E, marginal_E).sum()
     conditional_entropy = -torch.special.xlogy(probs_TE, probs_TE).sum(-1).mean()
@@ -103,8 +103,9 @@ class DSMoE(nn.Module):
         self.w_out = nn.Parameter(torch.empty(num_experts, expert_hidden, d_model))  # expert i: h @ w_out[i]
 
     def router_probs(self, x_TD: torch.Tensor) -> torch.Tensor:
-        """(T, N) softmax over all experts, in fp32 whatever the activation dtype."""
-        return F.softmax(F.linear(x_TD.float(), self.router.weight.float()), dim=-1)
+        """(T, N) softmax over all experts, in fp32 at least, whatever the activation dtype."""
+        dtype = torch.promote_types(x_TD.dtype, torch.float32)
+        return F.softmax(F.linear(x_TD.to(dtype), self.router.weight.to(dtype)), dim=-1)
 
     def expert_forward(self, x_TD: torch.Tensor, expert: int) -> torch.Tensor:
         """One expert on its tokens: act(x W_in_i^T) W_out_i."""

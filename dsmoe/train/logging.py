@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import netrc
 import os
+import uuid
 from pathlib import Path
 
 from tqdm import tqdm
@@ -54,7 +55,7 @@ class RunLogger:
             import wandb
 
             run_id_file = run_dir / "wandb_run_id"
-            run_id = run_id_file.read_text().strip() if run_id_file.is_file() else wandb.util.generate_id()
+            run_id = run_id_file.read_text().strip() if run_id_file.is_file() else uuid.uuid4().hex[:8]
             run_id_file.write_text(run_id)
             self.wandb_run = wandb.init(
                 project=project,

@@ -35,6 +35,8 @@ class RunResult:
     losses: list[float] = field(default_factory=list)
     """Loss of each step this invocation ran."""
     summary: dict | None = None
+    engine: object = None
+    """The DeepSpeed engine, for callers that continue in-process (tests, notebooks)."""
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -118,7 +120,7 @@ def run(cfg: Config) -> RunResult:
             run_dir, config_lib.to_dict(cfg), start_step, t.max_steps, t.wandb, t.wandb_project, t.progress
         )
 
-    result = RunResult(run_dir, start_step)
+    result = RunResult(run_dir, start_step, engine=engine)
     tokens_per_step = t.global_batch_size * cfg.data.seq_len
     for step in range(start_step, t.max_steps):
         started = time.perf_counter()

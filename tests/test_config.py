@@ -1,0 +1,92 @@
+"""Config loading: defaults, overrides, and errors that name the key and the file."""
+
+from __future__ import annotations
+
+import pytest
+
+from dsmoe import config as config_lib
+from dsmoe.config import ConfigError
+
+
+def write(tmp_path, text: str):
+    path = tmp_path / "exp.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_default_config_loads_and_overrides_apply():
+    cfg = config_lib.load(
+        None, ["train.max_steps=50", "model.moe.activation=swiglu", "data.val_works=[hamlet]"]
+    )
+    assert cfg.train.max_steps == 50
+    assert cfg.model.moe.activation == "swiglu"
+    assert cfg.data.val_works == ["hamlet"]
+    assert cfg.model.ffn_hidden == cfg.model.moe.num_experts * cfg.model.moe.expert_hidden
+
+
+@pytest.mark.parametrize(
+    "yaml_text, key",
+    [
+        ("model:\n  d_modle: 64\n", "model.d_modle"),
+        ("model:\n  moe:\n    experts: 4\n", "model.moe.experts"),
+        ("trian:\n  lr: 1.0\n", "trian"),
+    ],
+)
+def test_unknown_key_names_key_and_file(tmp_path, yaml_text, key):
+    path = write(tmp_path, yaml_text)
+    with pytest.raises(ConfigError) as err:
+        config_lib.load(path)
+    assert key in str(err.value) and str(path) in str(err.value) and "unknown key" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "yaml_text, key",
+    [
+        ("train:\n  lr: fast\n", "train.lr"),
+        ("model:\n  n_layers: 2.5\n", "model.n_layers"),
+        ("model:\n  mlp: sparse\n", "model.mlp"),
+    ],
+)
+def test_wrong_type_names_key_and_file(tmp_path, yaml_text, key):
+    path = write(tmp_path, yaml_text)
+    with pytest.raises(ConfigError) as err:
+        config_lib.load(path)
+    assert key in str(err.value) and str(path) in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("model.attention.heads=3", "model.attention.heads"),  # 256 not divisible by 3
+        ("model.attention.kv_heads=3", "model.attention.kv_heads"),  # 4 heads not divisible by 3 kv heads
+        ("data.seq_len=4096", "data.seq_len"),  # longer than max_seq_len
+        ("train.micro_batch_size=5", "train.global_batch_size"),
+        ("train.eval_top_k=99", "train.eval_top_k"),
+        ("parallel.zero_stage=4", "parallel.zero_stage"),
+        ("model.moe.num_experts=0", "model.moe.num_experts"),
+    ],
+)
+def test_impossible_combination_names_key_and_file(override, key):
+    with pytest.raises(ConfigError) as err:
+        config_lib.load(None, [override])
+    assert key in str(err.value) and "tiny.yaml" in str(err.value)
+
+
+def test_override_errors_name_the_override():
+    with pytest.raises(ConfigError, match="train.nope"):
+        config_lib.load(None, ["train.nope=1"])
+    with pytest.raises(ConfigError, match="key=value"):
+        config_lib.load(None, ["train.max_steps"])
+
+
+def test_missing_file_and_non_mapping(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        config_lib.load(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="mapping"):
+        config_lib.load(write(tmp_path, "- a\n- b\n"))
+
+
+def test_round_trip_through_dict():
+    cfg = config_lib.load(None, ["model.d_model=96", "model.attention.heads=6", "model.attention.kv_heads=3"])
+    again = config_lib.from_dict(config_lib.to_dict(cfg), source="test")
+    assert again == cfg

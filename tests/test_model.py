@@ -1,0 +1,89 @@
+"""DecoderLM and attention: backends agree, causality holds, sparse K=N reproduces dense."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dsmoe import config as config_lib
+from dsmoe.model import RoutingRule, build
+from dsmoe.model.attention import apply_rope, eager_attention, rope_cos_sin, sdpa_attention
+
+
+def model_cfg(*overrides: str) -> config_lib.ModelConfig:
+    base = ["model.d_model=32", "model.n_layers=2", "model.max_seq_len=32", "model.vocab_size=128"]
+    base += ["model.attention.heads=4", "model.attention.kv_heads=2", "model.moe.num_experts=4"]
+    base += ["model.moe.expert_hidden=16", "data.seq_len=32", "data.tokenizer_vocab_size=128"]
+    return config_lib.load(None, base + list(overrides)).model
+
+
+@pytest.mark.parametrize("heads, kv_heads", [(4, 4), (4, 2), (6, 1)])
+def test_sdpa_equals_eager_attention(heads, kv_heads):
+    torch.manual_seed(0)
+    q = torch.randn(2, heads, 11, 8, requires_grad=True)
+    k = torch.randn(2, kv_heads, 11, 8, requires_grad=True)
+    v = torch.randn(2, kv_heads, 11, 8, requires_grad=True)
+    out_fast = sdpa_attention(q, k, v)
+    out_ref = eager_attention(q, k, v)
+    torch.testing.assert_close(out_fast, out_ref, rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(out_ref)
+    grads_fast = torch.autograd.grad(out_fast, [q, k, v], g)
+    grads_ref = torch.autograd.grad(out_ref, [q, k, v], g)
+    for a, b in zip(grads_fast, grads_ref, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_rope_preserves_norm_and_is_relative():
+    cos, sin = rope_cos_sin(16, 8, 10000.0, "cpu")
+    x = torch.randn(1, 1, 16, 8)
+    rotated = apply_rope(x, cos, sin)
+    torch.testing.assert_close(rotated.norm(dim=-1), x.norm(dim=-1))
+    # q.k after rotation depends only on the offset: same vectors at positions (2, 5) and (7, 10).
+    q, k = torch.randn(8), torch.randn(8)
+    seq = torch.zeros(1, 1, 16, 8)
+    seq[0, 0, [2, 7]] = q
+    seq2 = torch.zeros(1, 1, 16, 8)
+    seq2[0, 0, [5, 10]] = k
+    rq, rk = apply_rope(seq, cos, sin)[0, 0], apply_rope(seq2, cos, sin)[0, 0]
+    torch.testing.assert_close(rq[2] @ rk[5], rq[7] @ rk[10], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("mlp", ["moe", "dense"])
+def test_decoder_is_causal_and_backends_agree(mlp):
+    torch.manual_seed(0)
+    cfg = model_cfg(f"model.mlp={mlp}")
+    model = build(cfg)
+    idx = torch.randint(0, cfg.vocab_size, (2, 16))
+    logits = model(idx).logits
+    changed = idx.clone()
+    changed[:, 10:] = (changed[:, 10:] + 1) % cfg.vocab_size
+    torch.testing.assert_close(model(changed).logits[:, :10], logits[:, :10])
+    eager = build(model_cfg(f"model.mlp={mlp}", "model.attention.backend=eager"))
+    eager.load_state_dict(model.state_dict())
+    torch.testing.assert_close(eager(idx).logits, logits, rtol=1e-5, atol=1e-5)
+
+
+def test_decoder_loss_adds_weighted_mi_loss_and_sparse_all_equals_dense():
+    torch.manual_seed(0)
+    cfg = model_cfg("model.moe.alpha=0.5")
+    model = build(cfg)
+    idx = torch.randint(0, cfg.vocab_size, (2, 16))
+    out = model(idx, idx)
+    torch.testing.assert_close(out.loss, out.lm_loss + 0.5 * out.mi_loss)
+    assert out.expert_load.shape == (cfg.n_layers, cfg.moe.num_experts)
+    sparse = model(idx, idx, routing=RoutingRule("top_k", k=cfg.moe.num_experts))
+    assert (sparse.logits - out.logits).abs().max() <= 1e-5
+
+
+def test_tied_embeddings_share_storage_and_param_counts():
+    model = build(model_cfg())
+    assert model.lm_head.weight is model.embed.weight
+    untied = build(model_cfg("model.tie_embeddings=false"))
+    assert untied.num_params() == model.num_params() + model.embed.weight.numel()
+    assert model.num_expert_params() == 2 * 4 * 16 * 32 * 2  # layers x experts x hidden x d x (w_in, w_out)
+
+
+def test_too_long_input_is_refused():
+    model = build(model_cfg())
+    with pytest.raises(ValueError, match="max_seq_len"):
+        model(torch.zeros(1, 33, dtype=torch.long))

@@ -1,0 +1,144 @@
+"""DS-MoE layer: dense forward against a per-expert loop, sparse inference, and the MI loss."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from dsmoe.model.mlp import DenseMLP, activate
+from dsmoe.model.moe import DSMoE, RoutingRule, mutual_information_loss, select_experts
+
+SHAPES = [  # (tokens, d_model, num_experts, expert_hidden, activation)
+    (37, 16, 4, 8, "gelu"),
+    (64, 24, 8, 12, "swiglu"),
+    (5, 8, 3, 4, "gelu"),
+]
+
+
+def make_layer(d, n, f, act, seed=0) -> DSMoE:
+    torch.manual_seed(seed)
+    layer = DSMoE(d, n, f, act).double()
+    for p in layer.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    return layer
+
+
+def reference_moe(layer: DSMoE, x: torch.Tensor) -> torch.Tensor:
+    """y = sum_i p_i(x) E_i(x), one expert at a time: the definition in the paper."""
+    probs = torch.softmax(x @ layer.router.weight.T, dim=-1)
+    y = torch.zeros_like(x)
+    for i in range(layer.num_experts):
+        h = activate(x @ layer.w_in[i].T, layer.activation)
+        y = y + probs[:, i : i + 1] * (h @ layer.w_out[i])
+    return y
+
+
+@pytest.mark.parametrize("T, d, n, f, act", SHAPES)
+def test_dense_forward_equals_per_expert_loop(T, d, n, f, act):
+    layer = make_layer(d, n, f, act)
+    x = torch.randn(T, d, dtype=torch.float64, requires_grad=True)
+    y, _ = layer(x)
+    grad_out = torch.randn_like(y)
+    grads = torch.autograd.grad(y, [x, *layer.parameters()], grad_out)
+
+    x_ref = x.detach().clone().requires_grad_(True)
+    y_ref = reference_moe(layer, x_ref)
+    grads_ref = torch.autograd.grad(y_ref, [x_ref, *layer.parameters()], grad_out)
+    torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-10)
+    for g, g_ref in zip(grads, grads_ref, strict=True):
+        torch.testing.assert_close(g, g_ref, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("act", ["gelu", "swiglu"])
+def test_one_expert_equals_dense_mlp(act):
+    d, f = 16, 24
+    moe = make_layer(d, 1, f, act)
+    mlp = DenseMLP(d, f, act).double()
+    with torch.no_grad():
+        mlp.w_in.weight.copy_(moe.w_in[0])
+        mlp.w_out.weight.copy_(moe.w_out[0].T)
+    x = torch.randn(2, 9, d, dtype=torch.float64)
+    y_moe, _ = moe(x)
+    y_mlp, _ = mlp(x)
+    torch.testing.assert_close(y_moe, y_mlp, rtol=1e-12, atol=1e-12)
+    g = torch.randn_like(y_moe)
+    y_moe.backward(g)
+    y_mlp.backward(g)
+    torch.testing.assert_close(moe.w_in.grad[0], mlp.w_in.weight.grad)
+    torch.testing.assert_close(moe.w_out.grad[0], mlp.w_out.weight.grad.T)
+    # With one expert the router's softmax is constant 1: no gradient reaches it, nothing else differs.
+    assert moe.router.weight.grad.abs().max() == 0
+
+
+def test_every_expert_and_the_router_get_gradient():
+    layer = make_layer(16, 8, 8, "gelu")
+    x = torch.randn(32, 16, dtype=torch.float64)
+    y, aux = layer(x)
+    (y.square().mean() + aux.mi_loss).backward()
+    per_expert = layer.w_in.grad.flatten(1).abs().sum(1) * layer.w_out.grad.flatten(1).abs().sum(1)
+    assert (per_expert > 0).all(), "dense training must update every expert"
+    assert (layer.router.weight.grad.abs().sum(1) > 0).all(), "every router row must get gradient"
+
+
+def test_router_is_fp32_under_bf16():
+    layer = DSMoE(16, 4, 8, "gelu")
+    torch.nn.init.normal_(layer.router.weight)
+    probs = layer.to(torch.bfloat16).router_probs(torch.randn(3, 16, dtype=torch.bfloat16))
+    assert probs.dtype == torch.float32
+
+
+def test_mutual_information_loss_cases():
+    n = 8
+    uniform = torch.full((16, n), 1.0 / n)
+    assert mutual_information_loss(uniform).abs() < 1e-6
+    spread_one_hot = torch.eye(n).repeat(3, 1)  # each expert chosen by the same number of tokens
+    assert torch.isclose(mutual_information_loss(spread_one_hot), torch.tensor(-math.log(n)), atol=1e-6)
+    collapsed = torch.zeros(16, n)
+    collapsed[:, 3] = 1.0
+    assert mutual_information_loss(collapsed).abs() < 1e-6
+    # A random routing lies strictly between the extremes.
+    random_probs = torch.softmax(torch.randn(64, n) * 3, -1)
+    assert -math.log(n) < mutual_information_loss(random_probs) < 0
+
+
+@pytest.mark.parametrize("T, d, n, f, act", SHAPES)
+def test_sparse_with_all_experts_equals_dense(T, d, n, f, act):
+    layer = make_layer(d, n, f, act).float()
+    x = torch.randn(T, d)
+    y_dense, _ = layer(x)
+    for rule in (RoutingRule("top_k", k=n), RoutingRule("threshold", eps=0.0)):
+        y_sparse, aux = layer(x, rule)
+        assert (y_sparse - y_dense).abs().max() <= 1e-5
+        assert aux.active_fraction == 1.0
+
+
+@pytest.mark.parametrize("rule", [RoutingRule("top_k", k=2), RoutingRule("threshold", eps=0.9)])
+def test_sparse_equals_masked_reference(rule):
+    layer = make_layer(12, 6, 8, "swiglu")
+    x = torch.randn(40, 12, dtype=torch.float64)
+    y, aux = layer(x, rule)
+    probs = layer.router_probs(x).double()
+    keep = select_experts(probs, rule)
+    y_ref = torch.zeros_like(x)
+    for i in range(layer.num_experts):
+        h = activate(x @ layer.w_in[i].T, layer.activation) @ layer.w_out[i]
+        y_ref += (probs[:, i] * keep[:, i]).unsqueeze(-1) * h  # raw probabilities, no renormalisation
+    torch.testing.assert_close(y, y_ref)
+    assert torch.isclose(aux.active_fraction, keep.double().mean().float())
+    assert 0 < aux.active_fraction < 1
+
+
+def test_select_experts_rules():
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05], [0.25, 0.25, 0.25, 0.25]])
+    assert select_experts(probs, RoutingRule("top_k", k=2)).sum(1).tolist() == [2, 2]
+    # keep i when N * p_i > eps: N = 4, eps = 0.9 keeps p > 0.225
+    assert select_experts(probs, RoutingRule("threshold", eps=0.9)).tolist() == [
+        [True, True, False, False],
+        [True, True, True, True],
+    ]
+    with pytest.raises(ValueError):
+        RoutingRule("top_k", k=0)
+    with pytest.raises(ValueError):
+        RoutingRule("sometimes")

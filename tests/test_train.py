@@ -1,0 +1,100 @@
+"""Training in-process on one rank: resume continues the same curve, export holds the trained weights."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from deepspeed.utils import safe_get_full_fp32_param
+
+from dsmoe.config import ConfigError
+from dsmoe.export import load_export
+from dsmoe.infer import held_out_tokens, perplexity
+from dsmoe.model import RoutingRule
+from dsmoe.train.logging import read_metrics
+from dsmoe.train.loop import run
+
+pytestmark = pytest.mark.usefixtures("single_process_group")
+
+
+def test_resume_continues_the_same_loss_curve(small_cfg, tmp_path):
+    full = run(small_cfg("train.export_at_end=false", run_dir=tmp_path / "full"))
+    assert len(full.losses) == 8
+
+    first = run(small_cfg("train.export_at_end=false", "train.exit_at_step=3", run_dir=tmp_path / "cut"))
+    assert first.steps == 3 and (tmp_path / "cut/checkpoints/step_00000003").is_dir()
+    resumed = run(small_cfg("train.export_at_end=false", run_dir=tmp_path / "cut"))
+    assert resumed.steps == 8 and len(resumed.losses) == 5
+    torch.testing.assert_close(resumed.losses, full.losses[3:], rtol=0, atol=0)
+    logged = read_metrics(tmp_path / "cut")
+    assert [m["step"] for m in logged] == list(range(1, 9))
+    torch.testing.assert_close([m["loss"] for m in logged], full.losses, rtol=0, atol=0)
+    assert all(m["grad_norm"] > 0 for m in logged)
+
+
+def test_resume_refuses_a_different_model(small_cfg, tmp_path):
+    run(small_cfg("train.export_at_end=false", "train.exit_at_step=2", run_dir=tmp_path / "r"))
+    with pytest.raises(ConfigError, match="model.n_layers"):
+        run(small_cfg("train.export_at_end=false", "model.n_layers=3", run_dir=tmp_path / "r"))
+
+
+@pytest.mark.parametrize("layout", [("0", "fp32"), ("2", "bf16")])
+def test_export_holds_exactly_the_trained_weights(small_cfg, tmp_path, layout):
+    stage, precision = layout
+    cfg = small_cfg(f"parallel.zero_stage={stage}", f"train.precision={precision}", "train.max_steps=4")
+    result = run(cfg)
+    export_dir = tmp_path / "run" / "export"
+    assert {p.name for p in export_dir.iterdir()} >= {"config.json", "model.safetensors", "tokenizer.json"}
+    model, loaded_cfg, routing, _ = load_export(export_dir)
+    assert routing == RoutingRule("threshold", eps=cfg.train.eval_threshold)
+    exported = dict(model.named_parameters())
+    for name, param in result.engine.module.named_parameters():
+        trained = safe_get_full_fp32_param(param) if stage != "0" else param.detach().float()
+        assert torch.equal(exported[name], trained.cpu()), name  # fp32 master weights, bit for bit
+
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert [r["routing"] for r in summary["results"]] == ["dense", "top-2", "threshold N*p>0.48"]
+    assert (tmp_path / "run" / "loss_curve.png").stat().st_size > 0
+
+    # The exported model with every expert kept reproduces dense perplexity.
+    tokens = held_out_tokens(loaded_cfg, export_dir / "tokenizer.json")
+    dense = perplexity(model, tokens, 32, RoutingRule(), max_tokens=1024)
+    all_k = perplexity(model, tokens, 32, RoutingRule("top_k", k=4), max_tokens=1024)
+    top1 = perplexity(model, tokens, 32, RoutingRule("top_k", k=1), max_tokens=1024)
+    assert abs(dense.perplexity - all_k.perplexity) / dense.perplexity < 1e-5
+    assert top1.expert_active_fraction == 0.25 and dense.expert_active_fraction == 1.0
+    assert top1.param_active_fraction < 1.0
+
+
+def test_convert_and_eval_tools(small_cfg, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parent.parent
+    run(small_cfg("train.max_steps=3", "train.export_at_end=false"))
+
+    def tool(*args: str) -> str:
+        proc = subprocess.run([sys.executable, *args], cwd=repo, capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout
+
+    out = tool("tools/convert_to_sparse.py", str(tmp_path / "run"), str(tmp_path / "top1"), "--top-k", "1")
+    assert "routing: top-1" in out
+    assert load_export(tmp_path / "top1")[2] == RoutingRule("top_k", k=1)
+    sparse = tool("tools/eval_ppl.py", str(tmp_path / "top1"), "--max-tokens", "512")
+    dense = tool("tools/eval_ppl.py", str(tmp_path / "run"), "--max-tokens", "512")
+    all_experts = tool("tools/eval_ppl.py", str(tmp_path / "top1"), "--top-k", "4", "--max-tokens", "512")
+    assert "top-1" in sparse and "experts active  25.0%" in sparse
+    assert (
+        dense.splitlines()[-1].split("ppl")[1].split()[0]
+        == all_experts.splitlines()[-1].split("ppl")[1].split()[0]
+    )
+    missing = subprocess.run(
+        [sys.executable, "tools/eval_ppl.py", str(tmp_path / "nothing")],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+    )
+    assert missing.returncode == 2 and "no complete checkpoint" in missing.stderr

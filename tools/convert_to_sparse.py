@@ -1,0 +1,44 @@
+"""Export a training run's checkpoint as a sparse-inference model directory.
+
+    python tools/convert_to_sparse.py RUN_DIR OUT_DIR [--top-k K | --threshold EPS] [--tag step_00000300]
+
+Consolidates any ZeRO stage and rank count into fp32 safetensors, with config.json (routing rule
+included) and tokenizer.json. Without a rule, the run's train.eval_threshold is used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from _cli import add_routing_arguments, routing_from_args
+
+from dsmoe.export import export, load_from_run
+from dsmoe.model import RoutingRule
+from dsmoe.train.checkpoint import CheckpointError
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("run_dir")
+    parser.add_argument("out_dir")
+    parser.add_argument("--tag", default=None, help="checkpoint tag (default: latest)")
+    add_routing_arguments(parser)
+    args = parser.parse_args()
+    try:
+        _, cfg, _, step = load_from_run(args.run_dir, args.tag)
+        rule = routing_from_args(args, RoutingRule("threshold", eps=cfg.train.eval_threshold))
+        if rule.mode == "top_k" and rule.k > cfg.model.moe.num_experts:
+            parser.error(f"--top-k {rule.k} exceeds the model's {cfg.model.moe.num_experts} experts")
+        out = export(args.run_dir, args.out_dir, rule, args.tag)
+    except CheckpointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"exported step {step} of {args.run_dir} to {out} (routing: {rule})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
