@@ -50,6 +50,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if result.summary is not None:
         print(f"wall time {time.perf_counter() - started:.0f} s for {result.steps} steps", flush=True)
+    import torch.distributed as dist
+
+    dist.destroy_process_group()
     return 0
 
 

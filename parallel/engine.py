@@ -38,12 +38,21 @@ def deepspeed_config(cfg: Config, dims: ParallelDims) -> dict:
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on matrices (and stacked expert weights), none on norms."""
-    decay, no_decay = [], []
-    for p in model.parameters():
+    """Weight decay on matrices (and stacked expert weights), none on norms.
+
+    Each group carries its parameters' names: torch saves them with the optimizer state, which lets
+    a checkpoint's fp32 master copies be matched to names (see dsmoe.train.checkpoint).
+    """
+    decay, no_decay = ([], []), ([], [])
+    for name, p in model.named_parameters():
         if p.requires_grad:
-            (decay if p.dim() >= 2 else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+            params, names = decay if p.dim() >= 2 else no_decay
+            params.append(p)
+            names.append(name)
+    return [
+        {"params": decay[0], "param_names": decay[1], "weight_decay": weight_decay},
+        {"params": no_decay[0], "param_names": no_decay[1], "weight_decay": 0.0},
+    ]
 
 
 def initialize(model: torch.nn.Module, cfg: Config, dims: ParallelDims):

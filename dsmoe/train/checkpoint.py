@@ -94,8 +94,9 @@ def load(engine, run_dir: str | Path, rank: int) -> dict | None:
 def consolidated_state_dict(checkpoint_dir: str | Path, tag: str | None = None) -> tuple[dict, dict]:
     """One fp32 state dict from a checkpoint of any ZeRO stage and rank count, plus our client state.
 
-    ZeRO 1-3 and bf16 runs keep the fp32 master weights in the optimizer shards: DeepSpeed's
-    zero_to_fp32 merges them. A stage-0 fp32 run's module states are the weights themselves.
+    ZeRO 1-3 keep the fp32 master weights in optimizer shards: DeepSpeed's zero_to_fp32 merges them.
+    Stage 0 keeps them whole: the module itself in fp32, or (bf16) the optimizer's fp32 groups, which
+    we name from the parameter names saved with each optimizer group.
     """
     root = Path(checkpoint_dir)
     if tag is None:
@@ -109,16 +110,19 @@ def consolidated_state_dict(checkpoint_dir: str | Path, tag: str | None = None) 
     if not model_states.is_file():
         raise CheckpointError(f"{root / tag} holds no DeepSpeed model states: not a complete checkpoint")
     states = torch.load(model_states, map_location="cpu", weights_only=False)
-    client = {k: states[k] for k in ("dsmoe",) if k in states}
-    config = client.get("dsmoe", {}).get("config", {})
-    fp32_stage0 = (
-        config.get("parallel", {}).get("zero_stage", 0) == 0
-        and config.get("train", {}).get("precision") == "fp32"
-    )
-    if fp32_stage0:
-        state_dict = {k: v.float() for k, v in states["module"].items()}
-    else:
+    ours = states.get("dsmoe", {})
+    config = ours.get("config", {})
+    if config.get("parallel", {}).get("zero_stage", 0) > 0:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        state_dict = get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag)
-    return state_dict, client.get("dsmoe", {})
+        return get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag), ours
+    if config.get("train", {}).get("precision") == "fp32":
+        return {k: v.float() for k, v in states["module"].items()}, ours
+    optimizer = states["optimizer"]
+    groups = optimizer["optimizer_state_dict"]["param_groups"]
+    state_dict = {
+        name: tensor.float()
+        for group, fp32_tensors in zip(groups, optimizer["fp32_groups"], strict=True)
+        for name, tensor in zip(group["param_names"], fp32_tensors, strict=True)
+    }
+    return state_dict, ours
