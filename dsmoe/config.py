@@ -123,6 +123,7 @@ class TrainConfig:
     precision: Literal["fp32", "bf16"] = "fp32"
     seed: int = 1234
     log_every: int = 10
+    """wandb gets scalars every step and the per-layer, per-expert router series every log_every steps."""
     checkpoint_every: int = 100
     exit_at_step: int = 0
     """Checkpoint and exit when this step is reached, as a time-sliced job would (0: run to max_steps).

@@ -24,19 +24,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(ranks: int, overrides: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
+def launch(ranks: int, overrides: list[str], launcher: str = "deepspeed", timeout: int = 600):
     env = dict(
         os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", WANDB_MODE="offline", PYTHONUNBUFFERED="1"
     )
-    cmd = [
-        "deepspeed",
-        "--num_gpus",
-        str(ranks),
-        "--master_port",
-        str(free_port()),
-        "launchers/train.py",
-        *overrides,
-    ]
+    port = str(free_port())
+    if launcher == "deepspeed":
+        cmd = ["deepspeed", "--num_gpus", str(ranks), "--master_port", port]
+    else:
+        cmd = ["torchrun", "--nproc_per_node", str(ranks), "--master_port", port]
+    cmd += ["launchers/train.py", *overrides]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
     return proc
@@ -44,8 +41,9 @@ def launch(ranks: int, overrides: list[str], timeout: int = 600) -> subprocess.C
 
 @pytest.mark.slow
 def test_two_ranks_zero2_follow_the_one_rank_loss_curve(tmp_path, cache_dir):
+    """Two ranks under `deepspeed` against one rank under `torchrun`: both launchers, one curve."""
     common = ["parallel.zero_stage=2", "train.max_steps=6", "train.checkpoint_every=3"]
-    one = launch(1, small_overrides(tmp_path / "one", cache_dir) + common + ["train.wandb=true"])
+    one = launch(1, small_overrides(tmp_path / "one", cache_dir) + common + ["train.wandb=true"], "torchrun")
     two = launch(2, small_overrides(tmp_path / "two", cache_dir) + common)
     curve_one = [m["loss"] for m in read_metrics(tmp_path / "one")]
     curve_two = [m["loss"] for m in read_metrics(tmp_path / "two")]

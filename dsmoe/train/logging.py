@@ -10,6 +10,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from dsmoe import config as config_lib
+from dsmoe.config import Config
+
 METRICS = "metrics.jsonl"
 
 
@@ -36,43 +39,36 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
 class RunLogger:
     """Writes one JSON line per optimizer step, mirrors scalars to wandb, drives the progress bar."""
 
-    def __init__(
-        self,
-        run_dir: Path,
-        config: dict,
-        start_step: int,
-        max_steps: int,
-        use_wandb: bool,
-        project: str,
-        progress: bool,
-    ):
+    def __init__(self, run_dir: Path, cfg: Config, start_step: int):
+        t = cfg.train
         self.path = run_dir / METRICS
+        self.log_every = t.log_every
         # A resumed run redoes the steps after its checkpoint: drop their old lines.
         kept = [m for m in read_metrics(run_dir) if m["step"] <= start_step]
         self.path.write_text("".join(json.dumps(m) + "\n" for m in kept))
         self.wandb_run = None
-        if use_wandb:
+        if t.wandb:
             import wandb
 
             run_id_file = run_dir / "wandb_run_id"
             run_id = run_id_file.read_text().strip() if run_id_file.is_file() else uuid.uuid4().hex[:8]
             run_id_file.write_text(run_id)
             self.wandb_run = wandb.init(
-                project=project,
+                project=t.wandb_project,
                 dir=str(run_dir),
-                config=config,
+                config=config_lib.to_dict(cfg),
                 id=run_id,
                 resume="allow",
                 mode=wandb_mode(),
                 name=run_dir.name,
             )
         self.bar = tqdm(
-            total=max_steps,
+            total=t.max_steps,
             initial=start_step,
             desc="train",
             unit="step",
             dynamic_ncols=True,
-            disable=not progress,
+            disable=not t.progress,
         )
 
     def log(self, record: dict) -> None:
@@ -80,7 +76,9 @@ class RunLogger:
             f.write(json.dumps(record) + "\n")
         if self.wandb_run is not None:
             scalars = {k: v for k, v in record.items() if isinstance(v, int | float)}
-            for layer, load in enumerate(record.get("expert_load", [])):
+            # Per-layer, per-expert series are many: log them every log_every steps.
+            routing = record.get("expert_load", []) if record["step"] % self.log_every == 0 else []
+            for layer, load in enumerate(routing):
                 scalars[f"router/entropy/layer{layer}"] = record["router_entropy"][layer]
                 for expert, value in enumerate(load):
                     scalars[f"expert_load/layer{layer}/expert{expert}"] = value

@@ -116,9 +116,7 @@ def run(cfg: Config) -> RunResult:
             + (f"resuming at step {start_step}" if resuming else "starting"),
             flush=True,
         )
-        logger = RunLogger(
-            run_dir, config_lib.to_dict(cfg), start_step, t.max_steps, t.wandb, t.wandb_project, t.progress
-        )
+        logger = RunLogger(run_dir, cfg, start_step)
 
     result = RunResult(run_dir, start_step, engine=engine)
     tokens_per_step = t.global_batch_size * cfg.data.seq_len
