@@ -24,18 +24,29 @@ class ConfigError(ValueError):
 
 @dataclass(kw_only=True)
 class AttentionConfig:
-    heads: int = 4
-    """Query heads per layer; head_dim = model.d_model / heads."""
+    heads: int = 0
+    """Query heads per layer; head_dim = model.d_model / heads. 0: experts x heads_per_expert (MoA)."""
     kv_heads: int = 0
-    """Key/value heads (grouped-query attention); 0 means as many as `heads`."""
+    """Key/value heads (grouped-query attention), shared by all attention experts; 0: as many as heads."""
+    experts: int = 0
+    """Mixture of attention heads (MoA, papers/dsmoe.md): 0 is plain attention; N > 0 makes N experts, each
+    owning heads_per_expert query heads and its slice of the output projection, all sharing K/V."""
+    heads_per_expert: int = 1
+    """Query heads of one attention expert (DS-MoE-1B: 2; 3B and 6B: 4)."""
+    alpha: float = 3.5e-4
+    """Weight of the mutual-information loss of MoA layers (paper, DS-MoE-1B: 3.5e-4)."""
     rope_theta: float = 10000.0
     """RoPE base frequency."""
     backend: str = "auto"
     """'sdpa' (PyTorch scaled_dot_product_attention), 'eager' (plain reference), or 'auto' (sdpa)."""
 
     @property
+    def num_heads(self) -> int:
+        return self.heads or self.experts * self.heads_per_expert
+
+    @property
     def num_kv_heads(self) -> int:
-        return self.kv_heads or self.heads
+        return self.kv_heads or self.num_heads
 
 
 @dataclass(kw_only=True)
@@ -69,7 +80,7 @@ class ModelConfig:
 
     @property
     def head_dim(self) -> int:
-        return self.d_model // self.attention.heads
+        return self.d_model // self.attention.num_heads
 
     @property
     def ffn_hidden(self) -> int:
@@ -198,7 +209,6 @@ def validate(cfg: Config, source: str = "config") -> None:
         ("model.d_model", m.d_model),
         ("model.n_layers", m.n_layers),
         ("model.max_seq_len", m.max_seq_len),
-        ("model.attention.heads", a.heads),
         ("model.moe.num_experts", e.num_experts),
         ("model.moe.expert_hidden", e.expert_hidden),
         ("train.max_steps", t.max_steps),
@@ -212,18 +222,34 @@ def validate(cfg: Config, source: str = "config") -> None:
         check(value > 0, key, f"must be positive, got {value}")
     check(m.vocab_size >= 0, "model.vocab_size", "must be >= 0 (0: from the tokenizer)")
     check(
-        m.d_model % a.heads == 0,
+        a.experts >= 0 and a.heads >= 0, "model.attention.experts", "and model.attention.heads must be >= 0"
+    )
+    if a.experts:
+        check(a.heads_per_expert > 0, "model.attention.heads_per_expert", "must be positive")
+        check(
+            a.heads in (0, a.experts * a.heads_per_expert),
+            "model.attention.heads",
+            f"({a.heads}) must be 0 or experts x heads_per_expert = {a.experts} x {a.heads_per_expert} with MoA",
+        )
+    else:
+        check(
+            a.heads > 0, "model.attention.heads", "must be positive (or set model.attention.experts for MoA)"
+        )
+    check(a.alpha >= 0, "model.attention.alpha", "must be >= 0")
+    heads = a.num_heads
+    check(
+        m.d_model % heads == 0,
         "model.attention.heads",
-        f"({a.heads}) must divide model.d_model ({m.d_model})",
+        f"({heads} query heads) must divide model.d_model ({m.d_model})",
     )
     check(
         m.head_dim % 2 == 0, "model.attention.heads", f"gives odd head_dim {m.head_dim}; RoPE needs it even"
     )
     check(a.kv_heads >= 0, "model.attention.kv_heads", "must be >= 0")
     check(
-        a.heads % a.num_kv_heads == 0,
+        heads % a.num_kv_heads == 0,
         "model.attention.kv_heads",
-        f"({a.num_kv_heads}) must divide model.attention.heads ({a.heads})",
+        f"({a.num_kv_heads}) must divide the query heads ({heads})",
     )
     check(
         a.backend in ("auto", "sdpa", "eager"),

@@ -1,7 +1,7 @@
 """Training checkpoint (any ZeRO stage, any rank count) -> a sparse-inference model directory.
 
 The directory holds:
-  config.json        model_type "dsmoe", the model config, and the inference routing rule
+  config.json        model_type "dsmoe", the model config, and the inference routing per layer type
   model.safetensors  fp32 weights (tied embeddings stored once)
   tokenizer.json     the byte-level BPE the run trained
 """
@@ -14,7 +14,7 @@ from pathlib import Path
 from safetensors.torch import load_model, save_model
 
 from dsmoe import config as config_lib
-from dsmoe.model import DecoderLM, RoutingRule, build
+from dsmoe.model import DecoderLM, Routing, build
 from dsmoe.train.checkpoint import CheckpointError, checkpoint_root, consolidated_state_dict, latest_tag
 
 MODEL_TYPE = "dsmoe"
@@ -43,7 +43,7 @@ def load_from_run(
     return model.eval(), cfg, root / tag / "tokenizer.json", int(ours["step"])
 
 
-def export(run_dir: str | Path, out_dir: str | Path, routing: RoutingRule, tag: str | None = None) -> Path:
+def export(run_dir: str | Path, out_dir: str | Path, routing: Routing, tag: str | None = None) -> Path:
     """Write the sparse-inference model of `run_dir`'s checkpoint to `out_dir`."""
     model, cfg, tokenizer_path, step = load_from_run(run_dir, tag)
     out = Path(out_dir)
@@ -72,7 +72,7 @@ def is_export(path: str | Path) -> bool:
     return config_file.is_file() and json.loads(config_file.read_text()).get("model_type") == MODEL_TYPE
 
 
-def load_export(path: str | Path) -> tuple[DecoderLM, config_lib.Config, RoutingRule, Path]:
+def load_export(path: str | Path) -> tuple[DecoderLM, config_lib.Config, Routing, Path]:
     """An exported model directory: (model, config, its routing rule, tokenizer path)."""
     path = Path(path)
     config_file = path / "config.json"
@@ -86,4 +86,4 @@ def load_export(path: str | Path) -> tuple[DecoderLM, config_lib.Config, Routing
     cfg = config_lib.from_dict(meta["dsmoe"], source=str(config_file))
     model = build(cfg.model)
     load_model(model, str(path / "model.safetensors"))
-    return model.eval(), cfg, RoutingRule(**meta["routing"]), path / "tokenizer.json"
+    return model.eval(), cfg, Routing.from_dict(meta["routing"]), path / "tokenizer.json"

@@ -14,14 +14,14 @@ from dsmoe.data.corpus import load_corpus
 from dsmoe.data.sampler import eval_windows
 from dsmoe.data.tokens import encode_documents
 from dsmoe.export import is_export, load_export, load_from_run
-from dsmoe.model import DecoderLM, RoutingRule
+from dsmoe.model import DecoderLM, Routing
 
 
 @dataclass
 class LoadedModel:
     model: DecoderLM
     cfg: config_lib.Config
-    routing: RoutingRule
+    routing: Routing
     """The rule the model was exported with (dense for a run directory)."""
     tokenizer_path: Path
 
@@ -33,7 +33,7 @@ def load(path: str | Path) -> LoadedModel:
         model, cfg, routing, tok = load_export(path)
     else:
         model, cfg, tok, _ = load_from_run(path)
-        routing = RoutingRule()
+        routing = Routing()
     return LoadedModel(model, cfg, routing, tok)
 
 
@@ -51,36 +51,49 @@ class PerplexityResult:
     perplexity: float
     tokens: int
     expert_active_fraction: float
-    """Mean fraction of the MLP experts' parameters computed per token."""
+    """Mean fraction of the MLP experts' parameters computed per token (1 for dense MLPs)."""
+    attention_active_fraction: float
+    """Mean fraction of the MoA experts' query/output projections computed per token (1 without MoA)."""
     param_active_fraction: float
-    """Share of all (non-embedding) parameters computed per token."""
+    """Share of all non-embedding parameters computed per token (shared K/V and routers always run)."""
 
     def row(self) -> str:
         return (
-            f"{self.routing:<22} ppl {self.perplexity:8.2f}   experts active {100 * self.expert_active_fraction:5.1f}%"
-            f"   params active {100 * self.param_active_fraction:5.1f}%"
+            f"{self.routing:<40} ppl {self.perplexity:8.2f}   MLP experts {100 * self.expert_active_fraction:5.1f}%"
+            f"   attention experts {100 * self.attention_active_fraction:5.1f}%"
+            f"   params {100 * self.param_active_fraction:5.1f}%"
         )
 
 
 @torch.no_grad()
 def perplexity(
-    model: DecoderLM, tokens, seq_len: int, routing: RoutingRule, max_tokens: int = 0, batch_size: int = 16
+    model: DecoderLM, tokens, seq_len: int, routing: Routing, max_tokens: int = 0, batch_size: int = 16
 ) -> PerplexityResult:
-    """exp(mean next-token NLL) over consecutive held-out windows of `seq_len`."""
+    """exp(mean next-token NLL) over consecutive held-out windows of `seq_len`, and the active shares."""
     model.eval()
     device = next(model.parameters()).device
     windows = eval_windows(tokens, seq_len, max_tokens)
-    nll_sum, n_tokens, active_sum = 0.0, 0, 0.0
+    nll_sum, n_tokens, mlp_active, attention_active = 0.0, 0, 0.0, 0.0
     for i in range(0, len(windows), batch_size):
         x = torch.stack([w[0] for w in windows[i : i + batch_size]]).to(device)
         y = torch.stack([w[1] for w in windows[i : i + batch_size]]).to(device)
         out = model(x, y, routing=routing)
         nll_sum += out.lm_loss.item() * y.numel()
         n_tokens += y.numel()
-        if out.active_fraction is not None:
-            active_sum += out.active_fraction.mean().item() * y.numel()
-    expert_frac = active_sum / n_tokens if model.moe_layers else 1.0
+        mlp_active += (out.mlp.active_fraction.mean().item() if out.mlp else 1.0) * y.numel()
+        attention_active += (
+            out.attention.active_fraction.mean().item() if out.attention else 1.0
+        ) * y.numel()
+    mlp_frac, attention_frac = mlp_active / n_tokens, attention_active / n_tokens
     total = model.num_params(exclude_embedding=True)
-    experts = model.num_expert_params()
-    param_frac = (total - experts * (1.0 - expert_frac)) / total
-    return PerplexityResult(str(routing), math.exp(nll_sum / n_tokens), n_tokens, expert_frac, param_frac)
+    skipped = model.num_expert_params() * (1.0 - mlp_frac) + model.num_attention_expert_params() * (
+        1.0 - attention_frac
+    )
+    return PerplexityResult(
+        str(routing),
+        math.exp(nll_sum / n_tokens),
+        n_tokens,
+        mlp_frac,
+        attention_frac,
+        (total - skipped) / total,
+    )

@@ -21,7 +21,9 @@ def small_overrides(run_dir, cache_dir) -> list[str]:
         "model.d_model=64",
         "model.n_layers=2",
         "model.max_seq_len=64",
-        "model.attention.heads=4",
+        "model.attention.heads=0",
+        "model.attention.experts=2",  # MoA: 2 experts x 2 query heads, sharing 2 K/V heads
+        "model.attention.heads_per_expert=2",
         "model.attention.kv_heads=2",
         "model.moe.num_experts=4",
         "model.moe.expert_hidden=32",

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from dsmoe import config as config_lib
-from dsmoe.model import RoutingRule, build
+from dsmoe.model import Routing, RoutingRule, build
 from dsmoe.model.attention import apply_rope, eager_attention, rope_cos_sin, sdpa_attention
 
 
@@ -69,9 +69,9 @@ def test_decoder_loss_adds_weighted_mi_loss_and_sparse_all_equals_dense():
     model = build(cfg)
     idx = torch.randint(0, cfg.vocab_size, (2, 16))
     out = model(idx, idx)
-    torch.testing.assert_close(out.loss, out.lm_loss + 0.5 * out.mi_loss)
-    assert out.expert_load.shape == (cfg.n_layers, cfg.moe.num_experts)
-    sparse = model(idx, idx, routing=RoutingRule("top_k", k=cfg.moe.num_experts))
+    torch.testing.assert_close(out.loss, out.lm_loss + 0.5 * out.mlp.mi_loss)
+    assert out.mlp.expert_load.shape == (cfg.n_layers, cfg.moe.num_experts) and out.attention is None
+    sparse = model(idx, idx, routing=Routing(mlp=RoutingRule("top_k", k=cfg.moe.num_experts)))
     assert (sparse.logits - out.logits).abs().max() <= 1e-5
 
 

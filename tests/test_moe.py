@@ -85,7 +85,7 @@ def test_every_expert_and_the_router_get_gradient():
 def test_router_is_fp32_under_bf16():
     layer = DSMoE(16, 4, 8, "gelu")
     torch.nn.init.normal_(layer.router.weight)
-    probs = layer.to(torch.bfloat16).router_probs(torch.randn(3, 16, dtype=torch.bfloat16))
+    probs = layer.to(torch.bfloat16).router(torch.randn(3, 16, dtype=torch.bfloat16))
     assert probs.dtype == torch.float32
 
 
@@ -119,7 +119,7 @@ def test_sparse_equals_masked_reference(rule):
     layer = make_layer(12, 6, 8, "swiglu")
     x = torch.randn(40, 12, dtype=torch.float64)
     y, aux = layer(x, rule)
-    probs = layer.router_probs(x).double()
+    probs = layer.router(x).double()
     keep = select_experts(probs, rule)
     y_ref = torch.zeros_like(x)
     for i in range(layer.num_experts):

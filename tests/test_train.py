@@ -11,7 +11,7 @@ from deepspeed.utils import safe_get_full_fp32_param
 from dsmoe.config import ConfigError
 from dsmoe.export import load_export
 from dsmoe.infer import held_out_tokens, perplexity
-from dsmoe.model import RoutingRule
+from dsmoe.model import Routing, RoutingRule
 from dsmoe.train.logging import read_metrics
 from dsmoe.train.loop import run
 
@@ -47,7 +47,7 @@ def test_export_holds_exactly_the_trained_weights(small_cfg, tmp_path, layout):
     export_dir = tmp_path / "run" / "export"
     assert {p.name for p in export_dir.iterdir()} >= {"config.json", "model.safetensors", "tokenizer.json"}
     model, loaded_cfg, routing, _ = load_export(export_dir)
-    assert routing == RoutingRule("threshold", eps=cfg.train.eval_threshold)
+    assert routing == Routing(mlp=RoutingRule("threshold", eps=cfg.train.eval_threshold))
     exported = dict(model.named_parameters())
     finer_than_bf16 = False
     for name, param in result.engine.module.named_parameters():
@@ -61,17 +61,29 @@ def test_export_holds_exactly_the_trained_weights(small_cfg, tmp_path, layout):
     assert finer_than_bf16 or precision == "fp32", "a bf16 run must export its fp32 master weights"
 
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert [r["routing"] for r in summary["results"]] == ["dense", "top-2", "threshold N*p>0.48"]
+    assert [r["routing"] for r in summary["results"]] == [
+        "dense",
+        "mlp top-2",
+        "mlp threshold N*p>0.48",
+        "mlp threshold N*p>0.48, attention threshold N*p>0.48",
+    ]
     assert (tmp_path / "run" / "loss_curve.png").stat().st_size > 0
 
     # The exported model with every expert kept reproduces dense perplexity.
     tokens = held_out_tokens(loaded_cfg, export_dir / "tokenizer.json")
-    dense = perplexity(model, tokens, 32, RoutingRule(), max_tokens=1024)
-    all_k = perplexity(model, tokens, 32, RoutingRule("top_k", k=4), max_tokens=1024)
-    top1 = perplexity(model, tokens, 32, RoutingRule("top_k", k=1), max_tokens=1024)
+    every = Routing(RoutingRule("top_k", k=4), RoutingRule("top_k", k=2))
+    dense = perplexity(model, tokens, 32, Routing(), max_tokens=1024)
+    all_k = perplexity(model, tokens, 32, every, max_tokens=1024)
+    top1 = perplexity(
+        model, tokens, 32, Routing(RoutingRule("top_k", k=1), RoutingRule("top_k", k=1)), max_tokens=1024
+    )
     assert abs(dense.perplexity - all_k.perplexity) / dense.perplexity < 1e-5
     assert top1.expert_active_fraction == 0.25 and dense.expert_active_fraction == 1.0
-    assert top1.param_active_fraction < 1.0
+    assert top1.attention_active_fraction == 0.5 and all_k.attention_active_fraction == 1.0
+    # Skipped: 3/4 of the MLP experts and 1/2 of the MoA query/output projections.
+    total = model.num_params(exclude_embedding=True)
+    skipped = 0.75 * model.num_expert_params() + 0.5 * model.num_attention_expert_params()
+    assert abs(top1.param_active_fraction - (total - skipped) / total) < 1e-9
 
 
 def test_convert_and_eval_tools(small_cfg, tmp_path):
@@ -88,12 +100,12 @@ def test_convert_and_eval_tools(small_cfg, tmp_path):
         return proc.stdout
 
     out = tool("tools/convert_to_sparse.py", str(tmp_path / "run"), str(tmp_path / "top1"), "--top-k", "1")
-    assert "routing: top-1" in out
-    assert load_export(tmp_path / "top1")[2] == RoutingRule("top_k", k=1)
+    assert "routing: mlp top-1" in out
+    assert load_export(tmp_path / "top1")[2] == Routing(mlp=RoutingRule("top_k", k=1))
     sparse = tool("tools/eval_ppl.py", str(tmp_path / "top1"), "--max-tokens", "512")
     dense = tool("tools/eval_ppl.py", str(tmp_path / "run"), "--max-tokens", "512")
     all_experts = tool("tools/eval_ppl.py", str(tmp_path / "top1"), "--top-k", "4", "--max-tokens", "512")
-    assert "top-1" in sparse and "experts active  25.0%" in sparse
+    assert "top-1" in sparse and "MLP experts  25.0%" in sparse
     assert (
         dense.splitlines()[-1].split("ppl")[1].split()[0]
         == all_experts.splitlines()[-1].split("ppl")[1].split()[0]

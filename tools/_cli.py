@@ -1,4 +1,4 @@
-"""Argument helpers shared by the user-facing tools."""
+"""Argument helpers shared by the user-facing tools: routing rules per layer type."""
 
 from __future__ import annotations
 
@@ -8,21 +8,42 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from dsmoe.model import RoutingRule  # noqa: E402
+from dsmoe.model import Routing, RoutingRule  # noqa: E402
 
 
 def add_routing_arguments(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_mutually_exclusive_group()
-    group.add_argument("--top-k", type=int, help="keep the K most probable experts per token")
-    group.add_argument("--threshold", type=float, help="keep expert i when N * p_i > EPS (paper: 0.48)")
-    group.add_argument("--dense", action="store_true", help="run every expert (the training computation)")
+    for prefix, what in (("", "MLP"), ("attention-", "MoA attention")):
+        group = parser.add_mutually_exclusive_group()
+        group.add_argument(
+            f"--{prefix}top-k", type=int, metavar="K", help=f"{what}: keep the K most probable experts"
+        )
+        group.add_argument(
+            f"--{prefix}threshold",
+            type=float,
+            metavar="EPS",
+            help=f"{what}: keep expert i when N * p_i > EPS",
+        )
+        group.add_argument(
+            f"--{prefix}threshold-top-k",
+            type=float,
+            metavar="EPS",
+            help=f"{what}: top-K with K the batch-average count of the threshold rule",
+        )
+        group.add_argument(f"--{prefix}dense", action="store_true", help=f"{what}: run every expert")
 
 
-def routing_from_args(args: argparse.Namespace, default: RoutingRule) -> RoutingRule:
-    if args.top_k is not None:
-        return RoutingRule("top_k", k=args.top_k)
-    if args.threshold is not None:
-        return RoutingRule("threshold", eps=args.threshold)
-    if args.dense:
+def _rule(args: argparse.Namespace, prefix: str, default: RoutingRule) -> RoutingRule:
+    if getattr(args, f"{prefix}top_k") is not None:
+        return RoutingRule("top_k", k=getattr(args, f"{prefix}top_k"))
+    if getattr(args, f"{prefix}threshold") is not None:
+        return RoutingRule("threshold", eps=getattr(args, f"{prefix}threshold"))
+    if getattr(args, f"{prefix}threshold_top_k") is not None:
+        return RoutingRule("threshold_top_k", eps=getattr(args, f"{prefix}threshold_top_k"))
+    if getattr(args, f"{prefix}dense"):
         return RoutingRule()
     return default
+
+
+def routing_from_args(args: argparse.Namespace, default: Routing) -> Routing:
+    """The routing the flags ask for; a layer type without flags keeps `default`'s rule."""
+    return Routing(mlp=_rule(args, "", default.mlp), attention=_rule(args, "attention_", default.attention))

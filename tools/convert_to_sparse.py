@@ -3,7 +3,8 @@
     python tools/convert_to_sparse.py RUN_DIR OUT_DIR [--top-k K | --threshold EPS] [--tag step_00000300]
 
 Consolidates any ZeRO stage and rank count into fp32 safetensors, with config.json (routing rule
-included) and tokenizer.json. Without a rule, the run's train.eval_threshold is used.
+included) and tokenizer.json. Without a rule: the threshold rule (train.eval_threshold) on the MLP and
+every attention expert kept, as the paper serves its models. --attention-* flags set the MoA rule.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import sys
 from _cli import add_routing_arguments, routing_from_args
 
 from dsmoe.export import export, load_from_run
-from dsmoe.model import RoutingRule
+from dsmoe.model import Routing, RoutingRule
 from dsmoe.train.checkpoint import CheckpointError
 
 
@@ -29,9 +30,13 @@ def main() -> int:
     args = parser.parse_args()
     try:
         _, cfg, _, step = load_from_run(args.run_dir, args.tag)
-        rule = routing_from_args(args, RoutingRule("threshold", eps=cfg.train.eval_threshold))
-        if rule.mode == "top_k" and rule.k > cfg.model.moe.num_experts:
-            parser.error(f"--top-k {rule.k} exceeds the model's {cfg.model.moe.num_experts} experts")
+        rule = routing_from_args(args, Routing(mlp=RoutingRule("threshold", eps=cfg.train.eval_threshold)))
+        for kind, layer_rule, experts in (
+            ("MLP", rule.mlp, cfg.model.moe.num_experts),
+            ("attention", rule.attention, cfg.model.attention.experts),
+        ):
+            if layer_rule.mode != "dense" and layer_rule.k > experts:
+                parser.error(f"{kind} top-K {layer_rule.k} exceeds the model's {experts} {kind} experts")
         out = export(args.run_dir, args.out_dir, rule, args.tag)
     except CheckpointError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsmoe.config import ModelConfig
+from dsmoe.model.moe import DENSE, MoEAux, Router, RoutingRule, routing_aux, select_experts
 
 
 def resolve_backend(name: str) -> str:
@@ -28,9 +29,13 @@ def rope_cos_sin(seq_len: int, head_dim: int, theta: float, device, dtype=torch.
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
+def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate pairs (first half, second half) of the head dimension. x: (B, H, T, hd)."""
-    x1, x2 = x.float().chunk(2, dim=-1)
+    x1, x2 = at_least_fp32(x).chunk(2, dim=-1)
     out = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
     return out.to(x.dtype)
 
@@ -40,12 +45,12 @@ def eager_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
     group = q.shape[1] // k.shape[1]
     k = k.repeat_interleave(group, dim=1)  # (B, H, T, hd)
     v = v.repeat_interleave(group, dim=1)
-    scores = (q.float() @ k.float().transpose(-2, -1)) / math.sqrt(q.shape[-1])  # (B, H, T, T)
+    scores = (at_least_fp32(q) @ at_least_fp32(k).transpose(-2, -1)) / math.sqrt(q.shape[-1])  # (B, H, T, T)
     if causal:
         T = q.shape[2]
         mask = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
         scores = scores.masked_fill(~mask, float("-inf"))
-    return (scores.softmax(-1) @ v.float()).to(q.dtype)
+    return (scores.softmax(-1) @ at_least_fp32(v)).to(q.dtype)
 
 
 def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True) -> torch.Tensor:
@@ -57,24 +62,88 @@ ATTENTION_BACKENDS = {"sdpa": sdpa_attention, "eager": eager_attention}
 
 
 class CausalSelfAttention(nn.Module):
-    """Multi-head causal self-attention with RoPE and grouped-query K/V heads."""
+    """Causal self-attention with RoPE and grouped-query K/V heads; optionally a mixture of attention heads.
+
+    MoA (papers/dsmoe.md): `experts` attention experts, each owning heads_per_expert query heads (its rows
+    of q_proj) and its slice of the output projection (its columns of o_proj); K and V are shared, so the
+    KV cache does not grow with the number of experts. Training runs every expert as one grouped-query
+    attention over all query heads and scales each expert's head outputs by its router probability
+    before the output projection: the cost of plain attention with as many query heads.
+    """
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         a = cfg.attention
-        self.n_heads, self.n_kv_heads, self.head_dim = a.heads, a.num_kv_heads, cfg.head_dim
-        self.rope_theta = a.rope_theta
+        self.n_heads, self.n_kv_heads, self.head_dim = a.num_heads, a.num_kv_heads, cfg.head_dim
         self.backend = resolve_backend(a.backend)
         self.q_proj = nn.Linear(cfg.d_model, self.n_heads * self.head_dim, bias=False)
         self.k_proj = nn.Linear(cfg.d_model, self.n_kv_heads * self.head_dim, bias=False)
         self.v_proj = nn.Linear(cfg.d_model, self.n_kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.d_model, bias=False)
+        self.num_experts = a.experts
+        self.router = Router(cfg.d_model, a.experts) if a.experts else None
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def project_kv(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Shared keys (rotated) and values, (B, KV, T, hd) each: what a KV cache holds."""
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, KV, T, hd)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        y = ATTENTION_BACKENDS[self.backend](q, k, v, causal=True)  # (B, H, T, hd)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+        return apply_rope(k, cos, sin), v
+
+    def attend(self, q_BTHd: torch.Tensor, k, v, cos, sin) -> torch.Tensor:
+        """Attention of query heads (B, T, H, hd) over the shared K/V; returns (B, T, H, hd)."""
+        q = apply_rope(q_BTHd.transpose(1, 2), cos, sin)  # (B, H, T, hd)
+        return ATTENTION_BACKENDS[self.backend](q, k, v, causal=True).transpose(1, 2)
+
+    def forward(
+        self, x: torch.Tensor, cos, sin, routing: RoutingRule = DENSE
+    ) -> tuple[torch.Tensor, MoEAux | None]:
+        B, T, D = x.shape
+        k, v = self.project_kv(x, cos, sin)
+        if self.router is None:
+            y = self.attend(self.q_proj(x).view(B, T, self.n_heads, self.head_dim), k, v, cos, sin)
+            return self.o_proj(y.reshape(B, T, D)), None
+        probs_TE = self.router(x.reshape(B * T, D))  # (B*T, E)
+        if routing.mode == "dense":
+            y = self.attend(self.q_proj(x).view(B, T, self.n_heads, self.head_dim), k, v, cos, sin)
+            y = y.reshape(B, T, self.num_experts, -1) * probs_TE.view(B, T, -1, 1).to(
+                y.dtype
+            )  # scale expert e
+            return self.o_proj(y.reshape(B, T, D)), routing_aux(probs_TE, probs_TE.new_ones(()))
+        out, active = self._sparse_forward(x, k, v, cos, sin, probs_TE, routing)
+        return out, routing_aux(probs_TE, active)
+
+    def _sparse_forward(self, x, k, v, cos, sin, probs_TE, routing):
+        """Only the kept experts' query and output projections run, grouped per expert.
+
+        The attention core still runs over every query head (a dropped expert's heads see zero queries and
+        their outputs are never read): a kernel that skips heads per token belongs to the inference engine.
+        """
+        B, T, D = x.shape
+        E, width = self.num_experts, self.n_heads * self.head_dim // self.num_experts
+        x_TD = x.reshape(B * T, D)
+        keep_TE = select_experts(probs_TE, routing)
+        _, token_idx = keep_TE.T.nonzero(as_tuple=True)  # grouped by expert
+        counts = keep_TE.sum(0).tolist()
+        q_TEW = x_TD.new_zeros(B * T, E, width)
+        spans, start = [], 0
+        for e, count in enumerate(counts):
+            tokens = token_idx[start : start + count]
+            spans.append(tokens)
+            start += count
+            if count:
+                q_TEW[tokens, e] = x_TD[tokens] @ self.q_proj.weight[e * width : (e + 1) * width].T
+        y_TEW = self.attend(q_TEW.view(B, T, self.n_heads, self.head_dim), k, v, cos, sin).reshape(
+            B * T, E, width
+        )
+        out_TD = torch.zeros_like(x_TD)
+        for e, tokens in enumerate(spans):
+            if len(tokens):
+                expert_out = y_TEW[tokens, e] @ self.o_proj.weight[:, e * width : (e + 1) * width].T
+                weights = (
+                    probs_TE[tokens, e].to(x.dtype).unsqueeze(-1)
+                )  # raw probabilities, no renormalisation
+                out_TD.index_add_(0, tokens, expert_out * weights)
+        return out_TD.view(B, T, D), keep_TE.float().mean()

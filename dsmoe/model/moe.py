@@ -26,18 +26,19 @@ from dsmoe.model.mlp import activate
 
 @dataclass(frozen=True)
 class RoutingRule:
-    """Which experts run per token: all of them (training), the top K, or those with N * p_i > eps."""
+    """Which experts run per token: all of them (training), the top K, those with N * p_i > eps, or the
+    top K with K the batch-average count the threshold rule would keep (the paper's Threshold-TopK)."""
 
-    mode: Literal["dense", "top_k", "threshold"] = "dense"
+    mode: Literal["dense", "top_k", "threshold", "threshold_top_k"] = "dense"
     k: int = 0
     eps: float = 0.0
 
     def __post_init__(self):
-        if self.mode not in ("dense", "top_k", "threshold"):
-            raise ValueError(f"routing mode must be dense|top_k|threshold, got {self.mode!r}")
+        if self.mode not in ("dense", "top_k", "threshold", "threshold_top_k"):
+            raise ValueError(f"routing mode must be dense|top_k|threshold|threshold_top_k, got {self.mode!r}")
         if self.mode == "top_k" and self.k < 1:
             raise ValueError(f"top_k routing needs k >= 1, got {self.k}")
-        if self.mode == "threshold" and self.eps < 0:
+        if self.mode in ("threshold", "threshold_top_k") and self.eps < 0:
             raise ValueError(f"threshold routing needs eps >= 0, got {self.eps}")
 
     def __str__(self) -> str:
@@ -50,6 +51,29 @@ class RoutingRule:
 
 
 DENSE = RoutingRule()
+
+
+@dataclass(frozen=True)
+class Routing:
+    """Inference routing per layer type. The paper sparsifies the MLP and keeps every attention expert."""
+
+    mlp: RoutingRule = DENSE
+    attention: RoutingRule = DENSE
+
+    def __str__(self) -> str:
+        if self.mlp.mode == "dense" and self.attention.mode == "dense":
+            return "dense"
+        return f"mlp {self.mlp}" + (f", attention {self.attention}" if self.attention.mode != "dense" else "")
+
+    def to_dict(self) -> dict:
+        return {"mlp": self.mlp.to_dict(), "attention": self.attention.to_dict()}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Routing:
+        return cls(RoutingRule(**data["mlp"]), RoutingRule(**data["attention"]))
+
+
+TRAINING = Routing()
 
 
 @dataclass
@@ -84,11 +108,36 @@ def select_experts(probs_TE: torch.Tensor, rule: RoutingRule) -> torch.Tensor:
     num_experts = probs_TE.shape[-1]
     if rule.mode == "dense":
         return torch.ones_like(probs_TE, dtype=torch.bool)
-    if rule.mode == "top_k":
-        top_idx_TK = probs_TE.topk(min(rule.k, num_experts), dim=-1).indices
-        return torch.zeros_like(probs_TE, dtype=torch.bool).scatter_(-1, top_idx_TK, True)
     # Threshold on the normalised probability (paper: keep i when N * p_i > eps).
-    return num_experts * probs_TE > rule.eps
+    above_TE = num_experts * probs_TE > rule.eps
+    if rule.mode == "threshold":
+        return above_TE
+    k = rule.k if rule.mode == "top_k" else max(1, round(above_TE.sum(-1).float().mean().item()))
+    top_idx_TK = probs_TE.topk(min(k, num_experts), dim=-1).indices
+    return torch.zeros_like(probs_TE, dtype=torch.bool).scatter_(-1, top_idx_TK, True)
+
+
+class Router(nn.Module):
+    """Linear scores over all experts and their softmax, computed in fp32 at least (papers/dsmoe.md)."""
+
+    def __init__(self, d_model: int, num_experts: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_experts, d_model))
+
+    def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
+        dtype = torch.promote_types(x_TD.dtype, torch.float32)
+        return F.softmax(F.linear(x_TD.to(dtype), self.weight.to(dtype)), dim=-1)  # (T, N)
+
+
+def routing_aux(probs_TE: torch.Tensor, active_fraction: torch.Tensor) -> MoEAux:
+    """The MI loss and the detached routing statistics of one layer."""
+    detached = probs_TE.detach()
+    return MoEAux(
+        mi_loss=mutual_information_loss(probs_TE),
+        expert_load=detached.mean(0),
+        router_entropy=-torch.special.xlogy(detached, detached).sum(-1).mean(),
+        active_fraction=active_fraction,
+    )
 
 
 class DSMoE(nn.Module):
@@ -98,14 +147,9 @@ class DSMoE(nn.Module):
         super().__init__()
         self.num_experts, self.expert_hidden, self.activation = num_experts, expert_hidden, activation
         width_in = 2 * expert_hidden if activation == "swiglu" else expert_hidden  # SwiGLU: [gate; up]
-        self.router = nn.Linear(d_model, num_experts, bias=False)
+        self.router = Router(d_model, num_experts)
         self.w_in = nn.Parameter(torch.empty(num_experts, width_in, d_model))  # expert i: x @ w_in[i].T
         self.w_out = nn.Parameter(torch.empty(num_experts, expert_hidden, d_model))  # expert i: h @ w_out[i]
-
-    def router_probs(self, x_TD: torch.Tensor) -> torch.Tensor:
-        """(T, N) softmax over all experts, in fp32 at least, whatever the activation dtype."""
-        dtype = torch.promote_types(x_TD.dtype, torch.float32)
-        return F.softmax(F.linear(x_TD.to(dtype), self.router.weight.to(dtype)), dim=-1)
 
     def expert_forward(self, x_TD: torch.Tensor, expert: int) -> torch.Tensor:
         """One expert on its tokens: act(x W_in_i^T) W_out_i."""
@@ -114,18 +158,12 @@ class DSMoE(nn.Module):
     def forward(self, x: torch.Tensor, routing: RoutingRule = DENSE) -> tuple[torch.Tensor, MoEAux]:
         shape = x.shape
         x_TD = x.reshape(-1, shape[-1])  # (T, D), T = all tokens of the batch
-        probs_TE = self.router_probs(x_TD)
+        probs_TE = self.router(x_TD)
         if routing.mode == "dense":
             y_TD, active = self._dense_forward(x_TD, probs_TE), probs_TE.new_ones(())
         else:
             y_TD, active = self._sparse_forward(x_TD, probs_TE, routing)
-        aux = MoEAux(
-            mi_loss=mutual_information_loss(probs_TE),
-            expert_load=probs_TE.detach().mean(0),
-            router_entropy=-torch.special.xlogy(probs_TE.detach(), probs_TE.detach()).sum(-1).mean(),
-            active_fraction=active,
-        )
-        return y_TD.view(shape), aux
+        return y_TD.view(shape), routing_aux(probs_TE, active)
 
     def _dense_forward(self, x_TD: torch.Tensor, probs_TE: torch.Tensor) -> torch.Tensor:
         T, N, F_ = x_TD.shape[0], self.num_experts, self.expert_hidden

@@ -1,4 +1,4 @@
-"""DecoderLM: a pre-norm causal decoder with RoPE attention and DS-MoE (or dense) MLPs.
+"""DecoderLM: a pre-norm causal decoder with RoPE attention (plain or MoA) and DS-MoE (or dense) MLPs.
 
 Plain single-process PyTorch: nothing here knows about ranks; parallel/ applies parallelism to it.
 """
@@ -15,24 +15,45 @@ from torch import nn
 from dsmoe.config import ModelConfig
 from dsmoe.model.attention import CausalSelfAttention, rope_cos_sin
 from dsmoe.model.mlp import DenseMLP
-from dsmoe.model.moe import DENSE, DSMoE, MoEAux, RoutingRule
+from dsmoe.model.moe import TRAINING, DSMoE, MoEAux, Routing
+
+
+@dataclass
+class RouterStats:
+    """Routing of all mixture layers of one type (MLP or attention), stacked over those layers."""
+
+    mi_loss: torch.Tensor
+    """Sum over the layers of the mutual-information loss (unweighted, differentiable)."""
+    expert_load: torch.Tensor
+    """(L, N) mean router probability per layer and expert (detached)."""
+    router_entropy: torch.Tensor
+    """(L,) mean per-token routing entropy in nats (detached)."""
+    active_fraction: torch.Tensor
+    """(L,) fraction of the experts' parameters computed per token."""
+
+    @classmethod
+    def stack(cls, auxes: list[MoEAux]) -> RouterStats | None:
+        if not auxes:
+            return None
+        return cls(
+            mi_loss=torch.stack([a.mi_loss for a in auxes]).sum(),
+            expert_load=torch.stack([a.expert_load for a in auxes]),
+            router_entropy=torch.stack([a.router_entropy for a in auxes]),
+            active_fraction=torch.stack([a.active_fraction for a in auxes]),
+        )
 
 
 @dataclass
 class DecoderOutput:
-    """Model outputs; `loss` is what the trainer backpropagates (LM loss + alpha * sum of MI losses)."""
+    """Model outputs; `loss` is what the trainer backpropagates: LM loss + alpha-weighted MI losses."""
 
-    logits: torch.Tensor | None
+    logits: torch.Tensor
     loss: torch.Tensor | None = None
     lm_loss: torch.Tensor | None = None
-    mi_loss: torch.Tensor | None = None
-    """Sum over MoE layers of the mutual-information loss (unweighted)."""
-    expert_load: torch.Tensor | None = None
-    """(L, N) mean router probability per MoE layer and expert (detached)."""
-    router_entropy: torch.Tensor | None = None
-    """(L,) mean per-token routing entropy per MoE layer (detached)."""
-    active_fraction: torch.Tensor | None = None
-    """(L,) fraction of expert parameters computed per token, per MoE layer."""
+    mlp: RouterStats | None = None
+    """DS-MoE MLP routing (None for dense MLPs)."""
+    attention: RouterStats | None = None
+    """MoA routing (None for plain attention)."""
 
 
 class Block(nn.Module):
@@ -49,11 +70,12 @@ class Block(nn.Module):
         else:
             self.mlp = DenseMLP(cfg.d_model, cfg.ffn_hidden, m.activation)
 
-    def forward(self, x, cos, sin, routing: RoutingRule) -> tuple[torch.Tensor, MoEAux | None]:
-        x = x + self.attn(self.attn_norm(x), cos, sin)
+    def forward(self, x, cos, sin, routing: Routing) -> tuple[torch.Tensor, MoEAux | None, MoEAux | None]:
+        attn_out, attn_aux = self.attn(self.attn_norm(x), cos, sin, routing.attention)
+        x = x + attn_out
         h = self.mlp_norm(x)
-        mlp_out, aux = self.mlp(h, routing) if isinstance(self.mlp, DSMoE) else self.mlp(h)
-        return x + mlp_out, aux
+        mlp_out, mlp_aux = self.mlp(h, routing.mlp) if isinstance(self.mlp, DSMoE) else self.mlp(h)
+        return x + mlp_out, attn_aux, mlp_aux
 
 
 class DecoderLM(nn.Module):
@@ -88,32 +110,35 @@ class DecoderLM(nn.Module):
     def moe_layers(self) -> list[DSMoE]:
         return [b.mlp for b in self.blocks if isinstance(b.mlp, DSMoE)]
 
+    @property
+    def moa_layers(self) -> list[CausalSelfAttention]:
+        return [b.attn for b in self.blocks if b.attn.router is not None]
+
     def forward(
-        self, idx: torch.Tensor, targets: torch.Tensor | None = None, routing: RoutingRule = DENSE
+        self, idx: torch.Tensor, targets: torch.Tensor | None = None, routing: Routing = TRAINING
     ) -> DecoderOutput:
-        """idx: (B, T) token ids; targets: (B, T) next-token ids or None (then logits are returned)."""
+        """idx: (B, T) token ids; targets: (B, T) next-token ids or None (then only logits are returned)."""
         B, T = idx.shape
         if T > self.cfg.max_seq_len:
             raise ValueError(f"sequence length {T} exceeds model.max_seq_len {self.cfg.max_seq_len}")
         x = self.embed(idx)  # (B, T, D)
         cos, sin = rope_cos_sin(T, self.cfg.head_dim, self.cfg.attention.rope_theta, x.device)
-        auxes = []
+        attn_auxes, mlp_auxes = [], []
         for block in self.blocks:
-            x, aux = block(x, cos, sin, routing)
-            if aux is not None:
-                auxes.append(aux)
+            x, attn_aux, mlp_aux = block(x, cos, sin, routing)
+            attn_auxes += [attn_aux] if attn_aux is not None else []
+            mlp_auxes += [mlp_aux] if mlp_aux is not None else []
         logits = self.lm_head(self.final_norm(x))  # (B, T, V)
-        out = DecoderOutput(logits=logits)
-        if auxes:
-            out.mi_loss = torch.stack([a.mi_loss for a in auxes]).sum()
-            out.expert_load = torch.stack([a.expert_load for a in auxes])
-            out.router_entropy = torch.stack([a.router_entropy for a in auxes])
-            out.active_fraction = torch.stack([a.active_fraction for a in auxes])
+        out = DecoderOutput(
+            logits=logits, mlp=RouterStats.stack(mlp_auxes), attention=RouterStats.stack(attn_auxes)
+        )
         if targets is not None:
             out.lm_loss = F.cross_entropy(logits.float().view(B * T, -1), targets.reshape(-1))
             out.loss = out.lm_loss
-            if out.mi_loss is not None:
-                out.loss = out.loss + self.cfg.moe.alpha * out.mi_loss
+            if out.mlp is not None:
+                out.loss = out.loss + self.cfg.moe.alpha * out.mlp.mi_loss
+            if out.attention is not None:
+                out.loss = out.loss + self.cfg.attention.alpha * out.attention.mi_loss
         return out
 
     def num_params(self, exclude_embedding: bool = False) -> int:
@@ -121,8 +146,15 @@ class DecoderLM(nn.Module):
         return n - self.embed.weight.numel() if exclude_embedding else n
 
     def num_expert_params(self) -> int:
-        """Parameters of the MoE experts (w_in, w_out), the part sparse inference skips."""
+        """Parameters of the MLP experts (w_in, w_out), the part sparse MLP routing skips."""
         return sum(m.w_in.numel() + m.w_out.numel() for m in self.moe_layers)
+
+    def num_attention_expert_params(self) -> int:
+        """Query and output projections of MoA layers, the part sparse attention routing skips.
+
+        The shared K/V projections and the routers always run.
+        """
+        return sum(a.q_proj.weight.numel() + a.o_proj.weight.numel() for a in self.moa_layers)
 
 
 def build(cfg: ModelConfig) -> DecoderLM:

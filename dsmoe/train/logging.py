@@ -76,12 +76,15 @@ class RunLogger:
             f.write(json.dumps(record) + "\n")
         if self.wandb_run is not None:
             scalars = {k: v for k, v in record.items() if isinstance(v, int | float)}
-            # Per-layer, per-expert series are many: log them every log_every steps.
-            routing = record.get("expert_load", []) if record["step"] % self.log_every == 0 else []
-            for layer, load in enumerate(routing):
-                scalars[f"router/entropy/layer{layer}"] = record["router_entropy"][layer]
-                for expert, value in enumerate(load):
-                    scalars[f"expert_load/layer{layer}/expert{expert}"] = value
+            for prefix in ("", "attention_"):
+                for layer, entropy in enumerate(record.get(f"{prefix}router_entropy", [])):
+                    scalars[f"{prefix}router_entropy/layer{layer}"] = entropy
+                # Per-layer, per-expert loads are many series: every log_every steps.
+                for layer, load in enumerate(record.get(f"{prefix}expert_load", [])):
+                    if record["step"] % self.log_every == 0:
+                        scalars.update(
+                            {f"{prefix}expert_load/layer{layer}/expert{e}": v for e, v in enumerate(load)}
+                        )
             self.wandb_run.log(scalars, step=record["step"])
         self.bar.update(1)
         self.bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")

@@ -172,12 +172,11 @@ def run(cfg: Config) -> RunResult:
 
 def _step_stats(out) -> dict[str, torch.Tensor]:
     stats = {"loss": out.loss.detach().float(), "lm_loss": out.lm_loss.detach().float()}
-    if out.mi_loss is not None:
-        stats.update(
-            mi_loss=out.mi_loss.detach().float(),
-            router_entropy=out.router_entropy.float(),
-            expert_load=out.expert_load.float(),
-        )
+    for prefix, routing in (("", out.mlp), ("attention_", out.attention)):
+        if routing is not None:
+            stats[f"{prefix}mi_loss"] = routing.mi_loss.detach().float()
+            stats[f"{prefix}router_entropy"] = routing.router_entropy.float()
+            stats[f"{prefix}expert_load"] = routing.expert_load.float()
     return stats
 
 

@@ -8,24 +8,27 @@ from pathlib import Path
 from dsmoe.config import Config
 from dsmoe.export import export
 from dsmoe.infer import held_out_tokens, load, perplexity
-from dsmoe.model import RoutingRule
+from dsmoe.model import Routing, RoutingRule
 from dsmoe.train.logging import read_metrics
 
 
-def evaluation_rules(cfg: Config) -> list[RoutingRule]:
-    """Dense, then the configured top-K and threshold rules (sparse rules only for DS-MoE models)."""
-    if cfg.model.mlp != "moe":
-        return [RoutingRule()]
-    return [
-        RoutingRule(),
-        RoutingRule("top_k", k=cfg.train.eval_top_k),
-        RoutingRule("threshold", eps=cfg.train.eval_threshold),
-    ]
+def evaluation_rules(cfg: Config) -> list[Routing]:
+    """Dense, then the configured top-K and threshold rules on the MLP with every attention expert kept (as
+    the paper does), then the threshold rule on MoA attention as well, to show what sparse attention costs."""
+    t, rules = cfg.train, [Routing()]
+    threshold = RoutingRule("threshold", eps=t.eval_threshold)
+    if cfg.model.mlp == "moe":
+        rules += [Routing(mlp=RoutingRule("top_k", k=t.eval_top_k)), Routing(mlp=threshold)]
+    if cfg.model.attention.experts:
+        rules.append(Routing(mlp=rules[-1].mlp, attention=threshold))
+    return rules
 
 
 def final_report(run_dir: Path, cfg: Config, logger=None) -> dict:
     rules = evaluation_rules(cfg)
-    export_dir = export(run_dir, run_dir / "export", rules[-1])
+    # The export carries the paper's default: the threshold rule on the MLP, every attention expert kept.
+    default = next((r for r in rules if r.mlp.mode == "threshold" and r.attention.mode == "dense"), rules[0])
+    export_dir = export(run_dir, run_dir / "export", default)
     loaded = load(export_dir)
     tokens = held_out_tokens(loaded.cfg, loaded.tokenizer_path)
     results = [
@@ -65,11 +68,14 @@ def plot_curves(metrics: list[dict], path: Path) -> Path:
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
     axes[0].plot(steps, [m["lm_loss"] for m in metrics])
     axes[0].set(xlabel="step", ylabel="LM loss (nats)", title="training loss")
+    for key, style, kind in (("router_entropy", "-", "MLP"), ("attention_router_entropy", "--", "attention")):
+        if metrics and key in metrics[0]:
+            for layer in range(len(metrics[0][key])):
+                series = [m[key][layer] for m in metrics]
+                axes[1].plot(steps, series, style, color=f"C{layer}", label=f"{kind} layer {layer}")
     if metrics and "router_entropy" in metrics[0]:
-        for layer in range(len(metrics[0]["router_entropy"])):
-            axes[1].plot(steps, [m["router_entropy"][layer] for m in metrics], label=f"layer {layer}")
         axes[1].set(xlabel="step", ylabel="nats", title="mean per-token routing entropy")
-        axes[1].legend(fontsize=7)
+        axes[1].legend(fontsize=6, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
