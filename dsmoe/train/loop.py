@@ -160,6 +160,8 @@ def run(cfg: Config) -> RunResult:
         if exiting:
             break
 
+    if dims.is_main and dims.device.type == "cuda":
+        print(f"peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB", flush=True)
     dist.barrier()
     if dims.is_main and t.export_at_end and result.steps == t.max_steps:
         from dsmoe.train.report import final_report
