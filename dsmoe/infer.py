@@ -59,7 +59,7 @@ class PerplexityResult:
 
     def row(self) -> str:
         return (
-            f"{self.routing:<40} ppl {self.perplexity:8.2f}   MLP experts {100 * self.expert_active_fraction:5.1f}%"
+            f"{self.routing:<52} ppl {self.perplexity:8.2f}   MLP experts {100 * self.expert_active_fraction:5.1f}%"
             f"   attention experts {100 * self.attention_active_fraction:5.1f}%"
             f"   params {100 * self.param_active_fraction:5.1f}%"
         )

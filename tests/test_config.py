@@ -57,7 +57,8 @@ def test_wrong_type_names_key_and_file(tmp_path, yaml_text, key):
 @pytest.mark.parametrize(
     "override, key",
     [
-        ("model.attention.heads=3", "model.attention.heads"),  # 256 not divisible by 3
+        ("model.attention.heads=3", "model.attention.heads"),  # MoA has 4 x 1 heads
+        ("model.attention.heads_per_expert=3", "model.attention.heads"),  # 12 heads do not divide 128
         ("model.attention.kv_heads=3", "model.attention.kv_heads"),  # 4 heads not divisible by 3 kv heads
         ("data.seq_len=4096", "data.seq_len"),  # longer than max_seq_len
         ("train.micro_batch_size=5", "train.global_batch_size"),
@@ -87,6 +88,8 @@ def test_missing_file_and_non_mapping(tmp_path):
 
 
 def test_round_trip_through_dict():
-    cfg = config_lib.load(None, ["model.d_model=96", "model.attention.heads=6", "model.attention.kv_heads=3"])
+    cfg = config_lib.load(
+        None, ["model.d_model=96", "model.attention.experts=3", "model.attention.heads_per_expert=2"]
+    )
     again = config_lib.from_dict(config_lib.to_dict(cfg), source="test")
     assert again == cfg

@@ -12,7 +12,12 @@ from dsmoe.model.attention import apply_rope, eager_attention, rope_cos_sin, sdp
 
 def model_cfg(*overrides: str) -> config_lib.ModelConfig:
     base = ["model.d_model=32", "model.n_layers=2", "model.max_seq_len=32", "model.vocab_size=128"]
-    base += ["model.attention.heads=4", "model.attention.kv_heads=2", "model.moe.num_experts=4"]
+    base += [
+        "model.attention.heads=4",
+        "model.attention.experts=0",
+        "model.attention.kv_heads=2",
+        "model.moe.num_experts=4",
+    ]
     base += ["model.moe.expert_hidden=16", "data.seq_len=32", "data.tokenizer_vocab_size=128"]
     return config_lib.load(None, base + list(overrides)).model
 
