@@ -136,6 +136,10 @@ class TrainConfig:
     log_every: int = 10
     """wandb gets scalars every step and the per-layer, per-expert router series every log_every steps."""
     checkpoint_every: int = 100
+    keep_checkpoints: int = 3
+    """Complete checkpoints kept in run_dir (oldest removed first; 0: keep all)."""
+    max_bad_steps: int = 5
+    """Stop after this many consecutive steps with a non-finite loss or gradient norm (each is skipped)."""
     exit_at_step: int = 0
     """Checkpoint and exit when this step is reached, as a time-sliced job would (0: run to max_steps).
     Running the command again resumes; the schedule still spans max_steps."""
@@ -293,6 +297,8 @@ def validate(cfg: Config, source: str = "config") -> None:
         "and train.log_every must be positive",
     )
     check(t.exit_at_step >= 0, "train.exit_at_step", "must be >= 0 (0: off)")
+    check(t.keep_checkpoints >= 0, "train.keep_checkpoints", "must be >= 0 (0: keep all)")
+    check(t.max_bad_steps >= 1, "train.max_bad_steps", "must be >= 1")
     check(1 <= t.eval_top_k <= e.num_experts, "train.eval_top_k", f"must be in [1, {e.num_experts}]")
 
 

@@ -15,7 +15,13 @@ from safetensors.torch import load_model, save_model
 
 from dsmoe import config as config_lib
 from dsmoe.model import DecoderLM, Routing, build
-from dsmoe.train.checkpoint import CheckpointError, checkpoint_root, consolidated_state_dict, latest_tag
+from dsmoe.train.checkpoint import (
+    CheckpointError,
+    checkpoint_root,
+    consolidated_state_dict,
+    resume_tag,
+    verify,
+)
 
 MODEL_TYPE = "dsmoe"
 
@@ -25,9 +31,12 @@ def load_from_run(
 ) -> tuple[DecoderLM, config_lib.Config, Path, int]:
     """The trained model of a run's checkpoint (latest by default): (model, config, tokenizer path, step)."""
     root = checkpoint_root(run_dir)
-    tag = tag or latest_tag(run_dir)
     if tag is None:
-        raise CheckpointError(f"{run_dir} has no complete checkpoint (no {root / 'latest'})")
+        tag = resume_tag(run_dir)  # latest if intact, else the newest intact one (with a warning)
+        if tag is None:
+            raise CheckpointError(f"{run_dir} has no complete checkpoint (nothing in {root})")
+    elif problems := verify(root / tag):
+        raise CheckpointError(f"{root / tag} is damaged or inconsistent: {'; '.join(problems)}")
     state_dict, ours = consolidated_state_dict(root, tag)
     if "config" not in ours:
         raise CheckpointError(f"{root / tag} was not written by dsmoe (no config in its client state)")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from dsmoe.config import Config
@@ -61,7 +63,7 @@ def initialize(model: torch.nn.Module, cfg: Config, dims: ParallelDims):
 
     t = cfg.train
     model = model.to(dims.device)
-    optimizer = torch.optim.AdamW(
+    optimizer = AdamW(
         param_groups(model, t.weight_decay),
         lr=t.lr,
         betas=(t.beta1, t.beta2),
@@ -76,17 +78,36 @@ def initialize(model: torch.nn.Module, cfg: Config, dims: ParallelDims):
     return engine
 
 
-def boundary_step(engine) -> float | None:
-    """`engine.step()` on the gradient-accumulation boundary; returns the pre-clipping gradient norm.
+class AdamW(torch.optim.AdamW):
+    """torch AdamW that DeepSpeed can tell to skip a step.
 
-    ZeRO and bf16 optimizers report the norm; DeepSpeed's plain fp32 path clips without keeping it, so
-    there we read it before stepping (gradients are already reduced over data-parallel ranks by then).
+    ZeRO and DeepSpeed's bf16 optimizer skip steps with non-finite gradients themselves and expose
+    `overflow`; DeepSpeed's plain fp32 path calls the client optimizer directly and checks nothing. With
+    `overflow` set, this optimizer leaves parameters and moments untouched, and DeepSpeed, reading the
+    same attribute, counts a skipped step and does not advance the LR schedule, as it does under ZeRO.
+    """
+
+    overflow = False
+
+    def step(self, closure=None):
+        return None if self.overflow else super().step(closure)
+
+
+def boundary_step(engine) -> tuple[float | None, bool]:
+    """`engine.step()` on the gradient-accumulation boundary: (pre-clipping gradient norm, update applied).
+
+    A step whose gradients are not finite is skipped. On the plain fp32 path we read the norm before
+    stepping (gradients are already reduced over data-parallel ranks then) and set AdamW.overflow.
     """
     reported = engine.zero_optimization() or engine.bfloat16_enabled()
-    norm = None
+    norm, skipped_before = None, engine.skipped_steps
     if not reported:
         grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
-        norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+        norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+        engine.optimizer.overflow = not math.isfinite(norm)
     engine.step()
-    norm = engine.get_global_grad_norm() if reported else norm
-    return None if norm is None else float(norm)
+    if reported:
+        reported_norm = engine.get_global_grad_norm()
+        norm = None if reported_norm is None else float(reported_norm)
+    applied = engine.skipped_steps == skipped_before and (norm is None or math.isfinite(norm))
+    return norm, applied

@@ -7,13 +7,16 @@ Backend: NCCL when CUDA is present, gloo otherwise.
 from __future__ import annotations
 
 import os
-import socket
+import tempfile
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 from dsmoe.config import ConfigError, ParallelConfig
+
+
+LAUNCHER_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
 @dataclass(frozen=True)
@@ -38,22 +41,26 @@ class ParallelDims:
         return self.rank == 0
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def init(cfg: ParallelConfig, source: str = "config") -> ParallelDims:
     """Initialise torch.distributed if needed and validate `cfg` against the world size."""
     import deepspeed  # deferred: importing deepspeed takes seconds
 
     use_cuda = torch.cuda.is_available()
     if not dist.is_initialized():
-        if "RANK" not in os.environ:  # plain `python launchers/train.py`: a world of one
-            os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(_free_port()))
-        deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo")
+        backend = "nccl" if use_cuda else "gloo"
+        if all(k in os.environ for k in LAUNCHER_ENV):  # started by deepspeed or torchrun
+            deepspeed.init_distributed(dist_backend=backend)
+        else:  # plain `python launchers/train.py`: a world of one, rendezvous through a file (no port to race for)
+            os.environ.setdefault("LOCAL_RANK", "0")
+            store = tempfile.NamedTemporaryFile(prefix="dsmoe-rendezvous-", delete=False).name
+            os.unlink(store)
+            deepspeed.init_distributed(
+                dist_backend=backend,
+                auto_mpi_discovery=False,
+                init_method=f"file://{store}",
+                rank=0,
+                world_size=1,
+            )
     world, rank = dist.get_world_size(), dist.get_rank()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     dp = cfg.dp or world // (cfg.ep * cfg.tp)

@@ -1,18 +1,29 @@
-"""Training checkpoints: the DeepSpeed checkpoint plus our state, and consolidation to one fp32 state dict.
+"""Training checkpoints that are never half-written: the DeepSpeed checkpoint plus our state.
 
 Layout of RUN_DIR/checkpoints/:
-  step_00000100/          one checkpoint (DeepSpeed's model/optimizer/scheduler files and ours)
+  step_00000100/          one complete checkpoint
+    (DeepSpeed's model / optimizer / scheduler files)
     rng_rank{r}.pt        Python, NumPy and torch RNG states of rank r
     tokenizer.json        the tokenizer the run trained
-  latest                  the tag of the newest complete checkpoint, written by DeepSpeed after every
-                          rank finished saving; our files are written before it, so `latest` only ever
-                          names a checkpoint that holds them.
+    manifest.json         every file above with its size and SHA-256; written last
+  step_00000200.partial/  a save in progress (or one a killed process left behind): never loaded
+  latest                  the tag of the newest complete checkpoint
+
+A save writes everything under `<tag>.partial`, fsyncs it, writes the manifest, renames the directory to
+`<tag>` and only then replaces `latest` (write to a temporary file, fsync, rename). A process killed at
+any moment therefore leaves `latest` naming a complete checkpoint. Loading verifies the manifest; if
+`latest` is missing, unreadable or names a damaged checkpoint, the newest complete one is used instead,
+with a warning naming what was skipped.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import random
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -20,10 +31,12 @@ import torch
 import torch.distributed as dist
 
 CHECKPOINTS = "checkpoints"
+MANIFEST = "manifest.json"
+PARTIAL = ".partial"
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint is missing, incomplete, or does not fit the run loading it."""
+    """A checkpoint is missing, incomplete, damaged, or does not fit the run loading it."""
 
 
 def tag_for(step: int) -> str:
@@ -34,15 +47,111 @@ def checkpoint_root(run_dir: str | Path) -> Path:
     return Path(run_dir) / CHECKPOINTS
 
 
-def latest_tag(run_dir: str | Path) -> str | None:
-    """The tag `latest` names, or None when the run has no complete checkpoint."""
-    latest = checkpoint_root(run_dir) / "latest"
-    if not latest.is_file():
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _hash_and_sync(path: Path) -> str:
+    """SHA-256 of a file, after making sure its bytes are on disk."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+        os.fsync(f.fileno())
+    return digest.hexdigest()
+
+
+def write_manifest(directory: Path) -> None:
+    files = sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST)
+    entries = {
+        str(p.relative_to(directory)): {"bytes": p.stat().st_size, "sha256": _hash_and_sync(p)} for p in files
+    }
+    _write_atomic(directory / MANIFEST, json.dumps({"files": entries}, indent=1))
+
+
+def verify(directory: Path) -> list[str]:
+    """What is wrong with a checkpoint directory (empty list: complete and intact)."""
+    manifest = directory / MANIFEST
+    if not directory.is_dir():
+        return [f"{directory.name} does not exist"]
+    if not manifest.is_file():
+        return [f"{directory.name} has no {MANIFEST} (its save never finished)"]
+    try:
+        entries = json.loads(manifest.read_text())["files"]
+    except (ValueError, KeyError) as e:
+        return [f"{manifest} is unreadable ({e})"]
+    problems = []
+    for name, expected in entries.items():
+        path = directory / name
+        if not path.is_file():
+            problems.append(f"{name} is missing")
+        elif path.stat().st_size != expected["bytes"]:
+            problems.append(f"{name} has {path.stat().st_size} bytes, the manifest says {expected['bytes']}")
+        elif _hash_and_sync(path) != expected["sha256"]:
+            problems.append(f"{name} does not match its checksum")
+    return problems
+
+
+def complete_tags(run_dir: str | Path) -> list[str]:
+    """Tags of checkpoint directories that finished saving (have a manifest), newest first."""
+    root = checkpoint_root(run_dir)
+    if not root.is_dir():
+        return []
+    tags = [
+        p.name
+        for p in root.iterdir()
+        if p.is_dir() and p.name.startswith("step_") and not p.name.endswith(PARTIAL)
+    ]
+    return sorted((t for t in tags if (root / t / MANIFEST).is_file()), reverse=True)
+
+
+def _read_latest(root: Path) -> str | None:
+    try:
+        tag = (root / "latest").read_text().strip()
+    except (FileNotFoundError, UnicodeDecodeError):
         return None
-    tag = latest.read_text().strip()
-    if not (checkpoint_root(run_dir) / tag).is_dir():
-        raise CheckpointError(f"{latest} names {tag!r}, which does not exist")
-    return tag
+    return tag or None
+
+
+def resume_tag(run_dir: str | Path) -> str | None:
+    """The checkpoint to resume from: `latest` if intact, else the newest intact one (with a warning).
+
+    None when the run has no checkpoint at all; CheckpointError when checkpoints exist but none is intact
+    (restarting from scratch would silently throw the run away).
+    """
+    root = checkpoint_root(run_dir)
+    named = _read_latest(root)
+    candidates = ([named] if named else []) + [t for t in complete_tags(run_dir) if t != named]
+    if not candidates:
+        return None
+    skipped = []
+    for tag in candidates:
+        problems = verify(root / tag)
+        if not problems:
+            if skipped:
+                warnings.warn(
+                    f"resuming from {root / tag}; skipped damaged checkpoints: {'; '.join(skipped)}",
+                    stacklevel=2,
+                )
+            return tag
+        skipped.append(f"{tag} ({', '.join(problems[:3])})")
+    raise CheckpointError(
+        f"no intact checkpoint in {root}: {'; '.join(skipped)}; move them away to start afresh"
+    )
 
 
 def rng_state() -> dict:
@@ -60,56 +169,103 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def save(engine, run_dir: str | Path, step: int, client_state: dict, tokenizer_path: Path, rank: int) -> str:
-    """Save a checkpoint after `step` optimizer steps (collective: every rank calls it)."""
+def remove_partial_saves(run_dir: str | Path) -> None:
+    """Delete what killed saves left behind (rank 0, before training starts)."""
+    root = checkpoint_root(run_dir)
+    if root.is_dir():
+        for p in root.iterdir():
+            if p.name.endswith(PARTIAL) or p.name == "latest.tmp":
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+
+
+def save(
+    engine, run_dir: str | Path, step: int, client_state: dict, tokenizer_path: Path, rank: int, keep: int
+) -> str:
+    """Save a checkpoint after `step` optimizer steps, atomically (collective: every rank calls it).
+
+    On a failed save (disk full, ...) the partial directory is removed and `latest` still names the
+    previous checkpoint; the error says so.
+    """
     root, tag = checkpoint_root(run_dir), tag_for(step)
-    (root / tag).mkdir(parents=True, exist_ok=True)
-    torch.save(rng_state(), root / tag / f"rng_rank{rank}.pt")
-    if rank == 0:
-        shutil.copyfile(tokenizer_path, root / tag / "tokenizer.json")
+    staging = root / (tag + PARTIAL)
+    try:
+        if rank == 0:
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir(parents=True)
+        dist.barrier()
+        torch.save(rng_state(), staging / f"rng_rank{rank}.pt")
+        if rank == 0:
+            shutil.copyfile(tokenizer_path, staging / "tokenizer.json")
+        engine.save_checkpoint(str(root), tag=staging.name, client_state=client_state, save_latest=False)
+        dist.barrier()
+        if rank == 0:
+            write_manifest(staging)
+            shutil.rmtree(root / tag, ignore_errors=True)  # a save of this step from before a resume
+            os.replace(staging, root / tag)
+            _fsync_dir(root)
+            _write_atomic(root / "latest", tag)
+            prune(run_dir, keep)
+    except OSError as e:
+        if rank == 0:
+            shutil.rmtree(staging, ignore_errors=True)
+        previous = _read_latest(root)
+        raise CheckpointError(
+            f"saving {tag} failed ({e}); `latest` still names {previous or 'no checkpoint'}, "
+            "free space (or fix the error) and run the same command to resume from there"
+        ) from e
     dist.barrier()
-    engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=True)
     return tag
 
 
-def load(engine, run_dir: str | Path, rank: int) -> dict | None:
-    """Load the latest checkpoint into `engine` and this rank's RNG; returns our client state or None."""
-    tag = latest_tag(run_dir)
-    if tag is None:
-        return None
+def prune(run_dir: str | Path, keep: int) -> None:
+    """Keep the newest `keep` complete checkpoints (0: keep all); never the one `latest` names."""
+    if keep <= 0:
+        return
+    root = checkpoint_root(run_dir)
+    latest = _read_latest(root)
+    for tag in complete_tags(run_dir)[keep:]:
+        if tag != latest:
+            shutil.rmtree(root / tag, ignore_errors=True)
+
+
+def load(engine, run_dir: str | Path, tag: str, rank: int) -> dict:
+    """Load checkpoint `tag` into `engine` and this rank's RNG; returns our client state."""
     root = checkpoint_root(run_dir)
     rng_file = root / tag / f"rng_rank{rank}.pt"
     if not rng_file.is_file():
-        raise CheckpointError(
-            f"{root / tag} has no {rng_file.name}: it was saved by a run with fewer ranks; "
-            "resume with the same number of processes"
-        )
+        raise CheckpointError(f"{root / tag} has no {rng_file.name}: it was saved by fewer ranks")
     load_path, client_state = engine.load_checkpoint(str(root), tag=tag)
     if load_path is None:
         raise CheckpointError(f"DeepSpeed could not load {root / tag}")
     set_rng_state(torch.load(rng_file, weights_only=False))
-    return client_state
+    return client_state["dsmoe"]
+
+
+def read_client_state(checkpoint_dir: Path) -> dict:
+    """Our part of a checkpoint's client state (step, config, layout), without loading any weights' copies."""
+    states = _model_states(checkpoint_dir)
+    return torch.load(states, map_location="cpu", weights_only=False, mmap=True).get("dsmoe", {})
+
+
+def _model_states(checkpoint_dir: Path) -> Path:
+    for name in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt"):
+        if (checkpoint_dir / name).is_file():
+            return checkpoint_dir / name
+    raise CheckpointError(f"{checkpoint_dir} holds no DeepSpeed model states: not a complete checkpoint")
 
 
 def consolidated_state_dict(checkpoint_dir: str | Path, tag: str | None = None) -> tuple[dict, dict]:
-    """One fp32 state dict from a checkpoint of any ZeRO stage and rank count, plus our client state.
+    """One fp32 state dict from a checkpoint (verify it first) of any ZeRO stage and rank count, plus our state.
 
     ZeRO 1-3 keep the fp32 master weights in optimizer shards: DeepSpeed's zero_to_fp32 merges them.
     Stage 0 keeps them whole: the module itself in fp32, or (bf16) the optimizer's fp32 groups, which
     we name from the parameter names saved with each optimizer group.
     """
     root = Path(checkpoint_dir)
+    tag = tag or _read_latest(root)
     if tag is None:
-        if not (root / "latest").is_file():
-            raise CheckpointError(f"{root} has no 'latest' checkpoint")
-        tag = (root / "latest").read_text().strip()
-    model_states = root / tag / "mp_rank_00_model_states.pt"
-    if not model_states.is_file():
-        zero3 = root / tag / "zero_pp_rank_0_mp_rank_00_model_states.pt"
-        model_states = zero3 if zero3.is_file() else model_states
-    if not model_states.is_file():
-        raise CheckpointError(f"{root / tag} holds no DeepSpeed model states: not a complete checkpoint")
-    states = torch.load(model_states, map_location="cpu", weights_only=False)
+        raise CheckpointError(f"{root} has no 'latest' checkpoint")
+    states = torch.load(_model_states(root / tag), map_location="cpu", weights_only=False)
     ours = states.get("dsmoe", {})
     config = ours.get("config", {})
     if config.get("parallel", {}).get("zero_stage", 0) > 0:

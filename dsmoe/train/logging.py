@@ -33,7 +33,13 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
     path = Path(run_dir) / METRICS
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            break  # the line a killed process was writing; everything after it is redone on resume
+    return records
 
 
 class RunLogger:
@@ -45,7 +51,9 @@ class RunLogger:
         self.log_every = t.log_every
         # A resumed run redoes the steps after its checkpoint: drop their old lines.
         kept = [m for m in read_metrics(run_dir) if m["step"] <= start_step]
-        self.path.write_text("".join(json.dumps(m) + "\n" for m in kept))
+        tmp = self.path.with_name(METRICS + ".tmp")  # atomic: a kill here must not lose the earlier steps
+        tmp.write_text("".join(json.dumps(m) + "\n" for m in kept))
+        os.replace(tmp, self.path)
         self.wandb_run = None
         if t.wandb:
             import wandb

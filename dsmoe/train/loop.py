@@ -7,6 +7,9 @@ resumes from the last complete checkpoint and continues the same loss curve.
 from __future__ import annotations
 
 import json
+import math
+import os
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +23,7 @@ from dsmoe.data import PackedSampler, open_token_data, pad_vocab, prepare
 from dsmoe.model import build
 from dsmoe.model.attention import resolve_backend
 from dsmoe.train import checkpoint
+from dsmoe.train.checkpoint import CheckpointError
 from dsmoe.train.logging import RunLogger
 from parallel import engine as engine_lib
 from parallel import groups
@@ -35,6 +39,8 @@ class RunResult:
     losses: list[float] = field(default_factory=list)
     """Loss of each step this invocation ran."""
     summary: dict | None = None
+    interrupted: bool = False
+    """Stopped early by a signal or train.exit_at_step (a checkpoint was saved)."""
     engine: object = None
     """The DeepSpeed engine, for callers that continue in-process (tests, notebooks)."""
 
@@ -72,6 +78,61 @@ def _resolved_data(cfg: Config, dims: groups.ParallelDims):
     return open_token_data(Path(path[0]))
 
 
+class TrainingDiverged(RuntimeError):
+    """Too many consecutive steps had a non-finite loss or gradient norm."""
+
+
+class StopSignals:
+    """SIGTERM / SIGINT ask for a checkpoint at the next step boundary and a clean exit; a second one exits
+    at once (safe: a checkpoint is only ever published complete)."""
+
+    def __init__(self):
+        self.received: str | None = None
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def _handle(self, signum, frame) -> None:
+        if self.received is not None:
+            os._exit(128 + signum)
+        self.received = signal.Signals(signum).name
+        print(f"\n{self.received} received: saving a checkpoint after this step, then exiting", flush=True)
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _resume_point(cfg: Config, dims: groups.ParallelDims, run_dir: Path, tokenizer_path: Path) -> str | None:
+    """The verified checkpoint to resume from (rank 0 decides, everyone follows), after checking it fits."""
+    decision: list = [None, None]
+    if dims.is_main:
+        try:
+            tag = checkpoint.resume_tag(run_dir)
+            if tag is not None:
+                check_resume_config(json.loads((run_dir / "config.json").read_text()), cfg, run_dir)
+                ours = checkpoint.read_client_state(checkpoint.checkpoint_root(run_dir) / tag)
+                saved_world = ours.get("world_size", dims.world_size)
+                if saved_world != dims.world_size:
+                    raise CheckpointError(
+                        f"{run_dir}/checkpoints/{tag} was saved by {saved_world} processes, this run has "
+                        f"{dims.world_size}; resume with {saved_world} processes (resharding is not supported yet)"
+                    )
+                saved_tokenizer = checkpoint.checkpoint_root(run_dir) / tag / "tokenizer.json"
+                if saved_tokenizer.read_bytes() != tokenizer_path.read_bytes():
+                    raise CheckpointError(
+                        f"the tokenizer built from this run's data settings differs from {saved_tokenizer} "
+                        "(the corpus or the tokenizers library changed): resume where the checkpoint was made, "
+                        "or start a new train.run_dir"
+                    )
+            checkpoint.remove_partial_saves(run_dir)
+            decision[0] = tag
+        except (ConfigError, CheckpointError) as e:
+            decision[1] = e
+    dist.broadcast_object_list(decision, src=0)
+    if decision[1] is not None:
+        raise decision[1]
+    return decision[0]
+
+
 def run(cfg: Config) -> RunResult:
     dims = groups.init(cfg.parallel)
     t = cfg.train
@@ -84,10 +145,7 @@ def run(cfg: Config) -> RunResult:
             f"model.vocab_size {cfg.model.vocab_size} < tokenizer vocabulary {token_data.vocab_size}"
         )
 
-    resuming = checkpoint.latest_tag(run_dir) is not None
-    if resuming:
-        saved = json.loads((run_dir / "config.json").read_text())
-        check_resume_config(saved, cfg, run_dir)
+    resume_from = _resume_point(cfg, dims, run_dir, token_data.tokenizer_path)
     if dims.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(json.dumps(config_lib.to_dict(cfg), indent=2))
@@ -99,9 +157,8 @@ def run(cfg: Config) -> RunResult:
     engine = engine_lib.initialize(model, cfg, dims)
     gas = engine_lib.gradient_accumulation_steps(cfg, dims)
     start_step = 0
-    if resuming:
-        ours = checkpoint.load(engine, run_dir, dims.rank)["dsmoe"]
-        start_step = int(ours["step"])
+    if resume_from:
+        start_step = int(checkpoint.load(engine, run_dir, resume_from, dims.rank)["step"])
     else:
         torch.manual_seed(t.seed + 1 + dims.rank)  # per-rank stream for anything stochastic in training
 
@@ -113,63 +170,103 @@ def run(cfg: Config) -> RunResult:
             f"dsmoe: {n_params / 1e6:.2f}M params ({n_expert / 1e6:.2f}M in experts), world {dims.world_size} "
             f"(dp {dims.dp}), device {dims.device.type}, attention {resolve_backend(cfg.model.attention.backend)}, "
             f"precision {t.precision}, ZeRO {cfg.parallel.zero_stage}, "
-            + (f"resuming at step {start_step}" if resuming else "starting"),
+            + (f"resuming from {resume_from}" if resume_from else "starting"),
             flush=True,
         )
         logger = RunLogger(run_dir, cfg, start_step)
 
+    def save(step: int) -> None:
+        ours = {
+            "step": step,
+            "samples_consumed": step * t.global_batch_size,
+            "world_size": dims.world_size,
+            "config": config_lib.to_dict(cfg),
+        }
+        checkpoint.save(
+            engine, run_dir, step, {"dsmoe": ours}, token_data.tokenizer_path, dims.rank, t.keep_checkpoints
+        )
+
     result = RunResult(run_dir, start_step, engine=engine)
     tokens_per_step = t.global_batch_size * cfg.data.seq_len
-    for step in range(start_step, t.max_steps):
-        started = time.perf_counter()
-        lr = engine.get_lr()[0]
-        sums = None
-        for micro in range(gas):
-            x, y = sampler.micro_batch(
-                step, micro, dims.dp_rank, dims.dp, t.micro_batch_size, t.global_batch_size
+    signals = StopSignals()
+    bad_steps, last_saved = 0, start_step
+    try:
+        for step in range(start_step, t.max_steps):
+            started = time.perf_counter()
+            lr = engine.get_lr()[0]
+            sums = None
+            for micro in range(gas):
+                x, y = sampler.micro_batch(
+                    step, micro, dims.dp_rank, dims.dp, t.micro_batch_size, t.global_batch_size
+                )
+                out = engine(x.to(dims.device), y.to(dims.device))
+                engine.backward(out.loss)
+                if micro < gas - 1:
+                    engine.step()  # accumulates; DeepSpeed updates only on the boundary
+                else:
+                    grad_norm, applied = engine_lib.boundary_step(engine)
+                stats = _step_stats(out)
+                sums = stats if sums is None else {k: sums[k] + stats[k] for k in sums}
+            # Mean over micro-batches and data-parallel ranks: equal to the single-process mean.
+            packed = torch.cat([v.flatten() for v in sums.values()]) / (gas * dims.dp)
+            dist.all_reduce(packed)
+            record = _unpack(packed, sums, step + 1)
+            record.update(
+                lr=lr,
+                grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
+                tokens_per_s=tokens_per_step / (time.perf_counter() - started),
             )
-            out = engine(x.to(dims.device), y.to(dims.device))
-            engine.backward(out.loss)
-            if micro < gas - 1:
-                engine.step()  # accumulates; DeepSpeed updates only on the boundary
-            else:
-                grad_norm = engine_lib.boundary_step(engine)
-            stats = _step_stats(out)
-            sums = stats if sums is None else {k: sums[k] + stats[k] for k in sums}
-        # Mean over micro-batches and data-parallel ranks: equal to the single-process mean.
-        packed = torch.cat([v.flatten() for v in sums.values()]) / (gas * dims.dp)
-        dist.all_reduce(packed)
-        record = _unpack(packed, sums, step + 1)
-        record.update(
-            lr=lr,
-            grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
-            tokens_per_s=tokens_per_step / (time.perf_counter() - started),
-        )
-        result.losses.append(record["loss"])
-        result.steps = step + 1
-        if logger:
-            logger.log(record)
-        exiting = step + 1 == t.exit_at_step
-        if (step + 1) % t.checkpoint_every == 0 or step + 1 == t.max_steps or exiting:
-            ours = {
-                "step": step + 1,
-                "samples_consumed": (step + 1) * t.global_batch_size,
-                "config": config_lib.to_dict(cfg),
-            }
-            checkpoint.save(engine, run_dir, step + 1, {"dsmoe": ours}, token_data.tokenizer_path, dims.rank)
-        if exiting:
-            break
+            finite = applied and math.isfinite(record["loss"]) and math.isfinite(record["grad_norm"])
+            record["skipped"] = not finite
+            bad_steps = 0 if finite else bad_steps + 1
+            result.losses.append(record["loss"])
+            result.steps = step + 1
+            if logger:
+                logger.log(record)
+                if not finite:
+                    print(f"step {step + 1}: non-finite loss or gradient norm, update skipped", flush=True)
+            if bad_steps >= t.max_bad_steps:
+                raise TrainingDiverged(
+                    f"{bad_steps} consecutive steps up to step {step + 1} had a non-finite loss or gradient norm "
+                    f"(train.max_bad_steps={t.max_bad_steps}); the last good checkpoint is "
+                    f"{checkpoint.resume_tag(run_dir) or 'none'} in {run_dir}; lower train.lr or check the data"
+                )
+            stop = torch.tensor(
+                [signals.received is not None or step + 1 == t.exit_at_step], dtype=torch.int32
+            )
+            stop_now = bool(_all_ranks_max(stop, dims))
+            due = (step + 1) % t.checkpoint_every == 0 or step + 1 == t.max_steps or stop_now
+            if due and bad_steps == 0:  # never publish a state reached through skipped steps
+                save(step + 1)
+                last_saved = step + 1
+            if stop_now:
+                if dims.is_main and signals.received:
+                    print(
+                        f"stopped by {signals.received} after step {step + 1}: run the same command to resume",
+                        flush=True,
+                    )
+                result.interrupted = True
+                break
+    finally:
+        signals.restore()
 
     if dims.is_main and dims.device.type == "cuda":
         print(f"peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB", flush=True)
     dist.barrier()
-    if dims.is_main and t.export_at_end and result.steps == t.max_steps:
+    if dims.is_main and t.export_at_end and result.steps == t.max_steps and last_saved == t.max_steps:
         from dsmoe.train.report import final_report
 
         result.summary = final_report(run_dir, cfg, logger)
     if logger:
         logger.close()
     return result
+
+
+def _all_ranks_max(flag: torch.Tensor, dims: groups.ParallelDims) -> int:
+    """Max of an int flag over all ranks (a signal may reach only some of them)."""
+    flag = flag.to(dims.device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return int(flag.item())
 
 
 def _step_stats(out) -> dict[str, torch.Tensor]:
