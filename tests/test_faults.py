@@ -237,3 +237,26 @@ def test_short_chaos_run_survives_three_kills(tmp_path, cache_dir):
     summary = json.loads(proc.stdout[proc.stdout.index("{") :])
     assert summary["loss_curve_identical"] and summary["weights_identical"] and summary["steps"] == 30
     assert summary["damaged_checkpoints_seen"] == 0 and summary["kills"] == 3
+
+
+@pytest.mark.slow
+def test_resuming_with_another_process_count_is_refused(small_cfg, tmp_path):
+    from tests.test_launcher import free_port
+
+    cfg = small_cfg(NO_EXPORT, "train.exit_at_step=2")
+    run(cfg)
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    overrides = small_overrides(tmp_path / "run", Path(cfg.data.cache_dir)) + [NO_EXPORT]
+    proc = subprocess.run(
+        ["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), "launchers/train.py", *overrides],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode != 0
+    assert "was saved by 1 processes, this run has 2" in proc.stderr + proc.stdout
+    assert (tmp_path / "run" / "checkpoints" / "latest").read_text() == "step_00000002"  # untouched
