@@ -3,7 +3,9 @@
 The directory holds:
   config.json        model_type "dsmoe", the model config, and the inference routing per layer type
   model.safetensors  fp32 weights (tied embeddings stored once)
-  tokenizer.json     the byte-level BPE the run trained
+  tokenizer.json     the byte-level BPE the run trained (+ tokenizer_config.json for AutoTokenizer)
+
+After `import dsmoe.hf`, transformers' AutoModelForCausalLM / AutoTokenizer load the directory.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from pathlib import Path
 from safetensors.torch import load_model, save_model
 
 from dsmoe import config as config_lib
+from dsmoe.data.tokens import EOS
 from dsmoe.model import DecoderLM, Routing, build
 from dsmoe.train.checkpoint import (
     CheckpointError,
@@ -72,6 +75,12 @@ def export(run_dir: str | Path, out_dir: str | Path, routing: Routing, tag: str 
         "trained_steps": step,
     }
     (out / "config.json").write_text(json.dumps(hf_config, indent=2))
+    tokenizer_config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "eos_token": EOS,
+        "model_max_length": cfg.model.max_seq_len,
+    }
+    (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2))
     return out
 
 

@@ -15,7 +15,6 @@ import torch.distributed as dist
 
 from dsmoe.config import ConfigError, ParallelConfig
 
-
 LAUNCHER_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
