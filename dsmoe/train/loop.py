@@ -108,8 +108,8 @@ def _resume_point(cfg: Config, dims: groups.ParallelDims, run_dir: Path, tokeniz
         try:
             tag = checkpoint.resume_tag(run_dir)
             if tag is not None:
-                check_resume_config(json.loads((run_dir / "config.json").read_text()), cfg, run_dir)
                 ours = checkpoint.read_client_state(checkpoint.checkpoint_root(run_dir) / tag)
+                check_resume_config(ours["config"], cfg, run_dir)
                 saved_world = ours.get("world_size", dims.world_size)
                 if saved_world != dims.world_size:
                     raise CheckpointError(
