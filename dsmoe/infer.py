@@ -12,7 +12,7 @@ from tokenizers import Tokenizer
 from dsmoe import config as config_lib
 from dsmoe.data.corpus import load_corpus
 from dsmoe.data.sampler import eval_windows
-from dsmoe.data.tokens import encode_documents
+from dsmoe.data.tokens import encode_documents, open_pretokenized
 from dsmoe.export import is_export, load_export, load_from_run
 from dsmoe.model import DecoderLM, Routing
 
@@ -39,6 +39,8 @@ def load(path: str | Path) -> LoadedModel:
 
 def held_out_tokens(cfg: config_lib.Config, tokenizer_path: Path):
     """The validation works of the model's corpus, tokenised with the model's own tokenizer."""
+    if cfg.data.corpus == "tokens":
+        return open_pretokenized(cfg.data).val
     corpus = load_corpus(cfg.data.corpus, cfg.data.val_works)
     return encode_documents(
         Tokenizer.from_file(str(tokenizer_path)), [corpus.val[k] for k in sorted(corpus.val)]

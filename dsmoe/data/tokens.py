@@ -114,6 +114,31 @@ def prepare(cfg: DataConfig, texts_dir: Path | None = None) -> Path:
     return final
 
 
+def open_pretokenized(cfg: DataConfig) -> TokenData:
+    """corpus=tokens: token files made elsewhere (e.g. base units of tools/ablate_data.py) and their tokenizer."""
+    paths = {
+        key: Path(os.path.expanduser(getattr(cfg, key)))
+        for key in ("train_tokens", "val_tokens", "tokenizer")
+    }
+    for key, path in paths.items():
+        if not path.is_file():
+            raise DataError(f"data.{key}: {path} does not exist")
+    train = np.memmap(paths["train_tokens"], dtype=np.uint16, mode="r")
+    val = np.memmap(paths["val_tokens"], dtype=np.uint16, mode="r")
+    for key, tokens in (("train_tokens", train), ("val_tokens", val)):
+        if len(tokens) == 0:
+            raise DataError(f"data.{key}: {paths[key]} holds no tokens")
+    tok = Tokenizer.from_file(str(paths["tokenizer"]))
+    return TokenData(
+        paths["train_tokens"].parent,
+        paths["tokenizer"],
+        train,
+        val,
+        tok.get_vocab_size(),
+        tok.token_to_id(EOS),
+    )
+
+
 def open_token_data(directory: Path) -> TokenData:
     """Open a prepared cache read-only (memmaps)."""
     meta_path = directory / "meta.json"

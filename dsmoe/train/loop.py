@@ -20,6 +20,7 @@ import torch.distributed as dist
 from dsmoe import config as config_lib
 from dsmoe.config import Config, ConfigError
 from dsmoe.data import PackedSampler, open_token_data, pad_vocab, prepare
+from dsmoe.data.tokens import open_pretokenized
 from dsmoe.model import build
 from dsmoe.model.attention import resolve_backend
 from dsmoe.train import checkpoint
@@ -72,10 +73,26 @@ def check_resume_config(saved: dict, current: Config, run_dir: Path) -> None:
 
 
 def _resolved_data(cfg: Config, dims: groups.ParallelDims):
-    """Prepare the token cache on rank 0, then open it everywhere."""
+    """Prepare the token cache on rank 0, then open it everywhere (or open pre-tokenized files)."""
+    if cfg.data.corpus == "tokens":
+        return open_pretokenized(cfg.data)
     path = [str(prepare(cfg.data))] if dims.is_main else [None]
     dist.broadcast_object_list(path, src=0)
     return open_token_data(Path(path[0]))
+
+
+def _initialise_from(model, export_dir: Path) -> None:
+    """Start from an exported model's weights (continued pretraining); the shapes must match."""
+    from safetensors.torch import load_model
+
+    from dsmoe.export import is_export
+
+    if not is_export(export_dir):
+        raise ConfigError(f"train.init_from: {export_dir} is not an exported dsmoe model directory")
+    try:
+        load_model(model, str(export_dir / "model.safetensors"))
+    except RuntimeError as e:
+        raise ConfigError(f"train.init_from: {export_dir} does not fit this model: {str(e)[:500]}") from None
 
 
 class TrainingDiverged(RuntimeError):
@@ -154,6 +171,8 @@ def run(cfg: Config) -> RunResult:
 
     torch.manual_seed(t.seed)  # the same initial weights on every rank
     model = build(cfg.model)
+    if t.init_from and not resume_from:
+        _initialise_from(model, Path(t.init_from))
     engine = engine_lib.initialize(model, cfg, dims)
     gas = engine_lib.gradient_accumulation_steps(cfg, dims)
     start_step = 0
