@@ -284,11 +284,6 @@ def validate(cfg: Config, source: str = "config") -> None:
     if d.corpus == "tokens":
         for key in ("train_tokens", "val_tokens", "tokenizer"):
             check(bool(getattr(d, key)), f"data.{key}", "must name a file when data.corpus is 'tokens'")
-    check(
-        m.vocab_size == 0 or m.vocab_size >= d.tokenizer_vocab_size,
-        "model.vocab_size",
-        f"({m.vocab_size}) is smaller than data.tokenizer_vocab_size ({d.tokenizer_vocab_size})",
-    )
     check(0 <= p.zero_stage <= 3, "parallel.zero_stage", f"must be 0..3, got {p.zero_stage}")
     check(p.dp >= 0, "parallel.dp", "must be >= 0 (0: world_size / (ep * tp))")
     check(
