@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from dsmoe.data.corpus import DataError
     from dsmoe.train.checkpoint import CheckpointError
-    from dsmoe.train.loop import run
+    from dsmoe.train.loop import TrainingDiverged, run
 
     started = time.perf_counter()
     try:
@@ -48,6 +48,9 @@ def main(argv: list[str] | None = None) -> int:
     except (config_lib.ConfigError, DataError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except TrainingDiverged as e:
+        print(f"training stopped: {e}", file=sys.stderr)
+        return 3
     if result.summary is not None:
         print(f"wall time {time.perf_counter() - started:.0f} s for {result.steps} steps", flush=True)
     import torch.distributed as dist
