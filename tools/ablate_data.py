@@ -87,12 +87,20 @@ def train(config_path: str, overrides: list[str], in_process: bool) -> Path:
     return out
 
 
-def default_mixtures(domains: list[str], units_per_domain: int) -> list[dict[str, int]]:
-    """Every non-empty subset of domains, each domain with all its units."""
+def candidate_mixtures(domains: list[str], units_per_domain: int, mixture_units: int) -> list[dict[str, int]]:
+    """With mixture_units = K > 0: every way to fill a budget of K units from the domains (a fixed-budget
+    question: which composition?). With 0: every non-empty subset of domains, each with all its units."""
+    if mixture_units <= 0:
+        return [
+            {d: units_per_domain for d in subset}
+            for size in range(1, len(domains) + 1)
+            for subset in itertools.combinations(domains, size)
+        ]
+    counts = itertools.product(range(units_per_domain + 1), repeat=len(domains))
     return [
-        {d: units_per_domain for d in subset}
-        for size in range(1, len(domains) + 1)
-        for subset in itertools.combinations(domains, size)
+        {d: n for d, n in zip(domains, c, strict=True) if n}
+        for c in sorted(counts, key=lambda c: (-max(c), c))
+        if sum(c) == mixture_units
     ]
 
 
@@ -128,7 +136,15 @@ def main() -> int:
     )
     parser.add_argument("--seed-epochs", type=int, default=2)
     parser.add_argument("--val-tokens", type=int, default=16384, help="held out per domain")
-    parser.add_argument("--max-mixtures", type=int, default=0, help="0: every subset of domains")
+    parser.add_argument(
+        "--mixture-units",
+        type=int,
+        default=3,
+        help="units per mixture (a fixed budget); 0: every subset of domains",
+    )
+    parser.add_argument(
+        "--max-mixtures", type=int, default=0, help="evaluate only the first N mixtures (0: all)"
+    )
     parser.add_argument("--jobs", type=int, default=1, help="train units as this many parallel processes")
     parser.add_argument("overrides", nargs="*", help="key=value overrides of the model and recipe")
     args = parser.parse_args()
@@ -176,7 +192,7 @@ def main() -> int:
     unit_steps = max(1, pool.unit_tokens // (base.train.global_batch_size * seq_len))
     print(f"{len(unit_exports)} units trained ({time.monotonic() - started:.0f} s)", flush=True)
 
-    mixtures = default_mixtures(pool.domains, args.units_per_domain)
+    mixtures = candidate_mixtures(pool.domains, args.units_per_domain, args.mixture_units)
     if args.max_mixtures:
         mixtures = mixtures[: args.max_mixtures]
     vals = {d: np.memmap(pool.val(d), dtype=np.uint16, mode="r") for d in pool.domains}
