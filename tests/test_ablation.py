@@ -139,3 +139,54 @@ def test_modules_start_from_the_seed_and_trained_units_are_cached(pool, small_cf
     assert ablate_data.train(None, config_args + unit_over, in_process=True) == first
     assert (first / "model.safetensors").stat().st_mtime_ns == stamp
     assert Routing() == load_export(first)[2] and export is not None and run is not None
+
+
+def test_candidate_mixtures():
+    fixed = ablate_data.candidate_mixtures(["a", "b", "c"], 2, 2)
+    assert all(sum(m.values()) == 2 and max(m.values()) <= 2 for m in fixed)
+    assert {"a": 2} in fixed and {"a": 1, "c": 1} in fixed and len(fixed) == 6
+    subsets = ablate_data.candidate_mixtures(["a", "b", "c"], 2, 0)
+    assert len(subsets) == 7 and {"a": 2, "b": 2, "c": 2} in subsets
+
+
+@pytest.mark.slow
+def test_tool_end_to_end(corpus, tmp_path, cache_dir):
+    import subprocess
+
+    from tests.conftest import small_overrides
+
+    model = [
+        o
+        for o in small_overrides(tmp_path / "x", cache_dir)
+        if o.startswith(("model.", "data.seq_len", "train.global", "train.micro"))
+    ]
+    cmd = [
+        sys.executable,
+        "tools/ablate_data.py",
+        "--corpus",
+        str(corpus),
+        "--workdir",
+        str(tmp_path / "w"),
+        "--vocab-size",
+        "300",
+        "--unit-tokens",
+        "1024",
+        "--seed-tokens",
+        "1024",
+        "--val-tokens",
+        "512",
+        "--units-per-domain",
+        "1",
+        "--mixture-units",
+        "2",
+        *model,
+    ]
+    proc = subprocess.run(
+        cmd, cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Pooled over domains" in proc.stdout
+    assert {p.name for p in (tmp_path / "w").iterdir()} >= {"results.md", "results.csv", "scatter.png"}
+    assert (
+        len((tmp_path / "w" / "results.csv").read_text().splitlines()) == 1 + 3 * 3
+    )  # 3 mixtures x 3 domains
