@@ -14,7 +14,7 @@ from dsmoe.data.corpus import load_corpus
 from dsmoe.data.sampler import eval_windows
 from dsmoe.data.tokens import encode_documents, open_pretokenized
 from dsmoe.export import is_export, load_export, load_from_run
-from dsmoe.model import DecoderLM, Routing
+from dsmoe.model import TRAINING, DecoderLM, Routing
 
 
 @dataclass
@@ -99,3 +99,55 @@ def perplexity(
         attention_frac,
         (total - skipped) / total,
     )
+
+
+def sample_next(
+    logits: torch.Tensor, temperature: float, top_k: int, top_p: float, generator=None
+) -> torch.Tensor:
+    """(B, V) last-position logits -> (B, 1) next tokens. temperature 0 is greedy."""
+    if temperature <= 0:
+        return logits.argmax(-1, keepdim=True)
+    logits = logits.float() / temperature
+    if top_k:
+        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:  # nucleus: keep the smallest set of tokens whose probability reaches top_p
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cumulative - sorted_logits.softmax(-1) >= top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator)
+
+
+@torch.no_grad()
+def generate(
+    model: DecoderLM,
+    prompt: torch.Tensor,
+    max_new_tokens: int,
+    routing: Routing = TRAINING,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    eos_id: int | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Batched sampling with a KV cache: one prefill of the (B, T) prompts, then one token per step.
+
+    Prompts in a batch share one length (no padding). Stops early when every sequence emitted eos_id.
+    """
+    model.eval()
+    B, T = prompt.shape
+    total = min(T + max_new_tokens, model.cfg.max_seq_len)
+    cache = model.new_cache(B, total)
+    logits = model(prompt, routing=routing, cache=cache).logits[:, -1]
+    tokens, finished = [prompt], torch.zeros(B, dtype=torch.bool, device=prompt.device)
+    for _ in range(total - T):
+        next_token = sample_next(logits, temperature, top_k, top_p, generator)
+        if eos_id is not None:
+            next_token = next_token.masked_fill(finished.unsqueeze(-1), eos_id)
+            finished |= next_token.squeeze(-1) == eos_id
+        tokens.append(next_token)
+        if bool(finished.all()) or cache.length == total:
+            break
+        logits = model(next_token, routing=routing, cache=cache).logits[:, -1]
+    return torch.cat(tokens, dim=1)

@@ -110,6 +110,17 @@ def test_convert_and_eval_tools(small_cfg, tmp_path):
         dense.splitlines()[-1].split("ppl")[1].split()[0]
         == all_experts.splitlines()[-1].split("ppl")[1].split()[0]
     )
+    text = tool(
+        "tools/generate.py",
+        str(tmp_path / "top1"),
+        "--prompt",
+        "ROMEO:",
+        "--max-new-tokens",
+        "5",
+        "--samples",
+        "2",
+    )
+    assert text.count("--- sample") == 2 and "ROMEO:" in text
     missing = subprocess.run(
         [sys.executable, "tools/eval_ppl.py", str(tmp_path / "nothing")],
         cwd=repo,

@@ -11,8 +11,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 from dsmoe.model import Routing, RoutingRule  # noqa: E402
 
 
-def add_routing_arguments(parser: argparse.ArgumentParser) -> None:
-    for prefix, what in (("", "MLP"), ("attention-", "MoA attention")):
+def add_routing_arguments(parser: argparse.ArgumentParser, mlp_prefix: str = "") -> None:
+    for prefix, what in ((mlp_prefix, "MLP"), ("attention-", "MoA attention")):
         group = parser.add_mutually_exclusive_group()
         group.add_argument(
             f"--{prefix}top-k", type=int, metavar="K", help=f"{what}: keep the K most probable experts"
@@ -44,6 +44,8 @@ def _rule(args: argparse.Namespace, prefix: str, default: RoutingRule) -> Routin
     return default
 
 
-def routing_from_args(args: argparse.Namespace, default: Routing) -> Routing:
+def routing_from_args(args: argparse.Namespace, default: Routing, mlp_prefix: str = "") -> Routing:
     """The routing the flags ask for; a layer type without flags keeps `default`'s rule."""
-    return Routing(mlp=_rule(args, "", default.mlp), attention=_rule(args, "attention_", default.attention))
+    return Routing(
+        mlp=_rule(args, mlp_prefix, default.mlp), attention=_rule(args, "attention_", default.attention)
+    )

@@ -40,8 +40,10 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return out.to(x.dtype)
 
 
-def eager_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True) -> torch.Tensor:
-    """Reference attention. q: (B, H, T, hd); k, v: (B, KV, T, hd) with H a multiple of KV."""
+def eager_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True, mask=None
+) -> torch.Tensor:
+    """Reference attention. q: (B, H, T, hd); k, v: (B, KV, S, hd) with H a multiple of KV; mask: (T, S) bool."""
     group = q.shape[1] // k.shape[1]
     k = k.repeat_interleave(group, dim=1)  # (B, H, T, hd)
     v = v.repeat_interleave(group, dim=1)
@@ -49,13 +51,54 @@ def eager_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
     if causal:
         T = q.shape[2]
         mask = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+    if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
     return (scores.softmax(-1) @ at_least_fp32(v)).to(q.dtype)
 
 
-def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True) -> torch.Tensor:
+def sdpa_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True, mask=None
+) -> torch.Tensor:
     """PyTorch SDPA; grouped-query heads handled by the kernel (enable_gqa) without copying K/V."""
-    return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=q.shape[1] != k.shape[1])
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=q.shape[1] != k.shape[1]
+    )
+
+
+def causal_mask(T: int, start: int, device) -> tuple[bool, torch.Tensor | None]:
+    """(is_causal, mask) for T queries at positions start.. over start + T cached keys."""
+    if start == 0:
+        return True, None
+    if T == 1:
+        return False, None  # one new token sees every cached key
+    keys, queries = torch.arange(start + T, device=device), start + torch.arange(T, device=device)
+    return False, keys[None, :] <= queries[:, None]  # (T, start + T)
+
+
+class KVCache:
+    """Keys and values of every layer for the tokens seen so far, preallocated to max_len.
+
+    MoA experts share K/V, so the cache holds n_kv_heads per layer whatever the number of experts.
+    """
+
+    def __init__(
+        self, n_layers: int, batch: int, n_kv_heads: int, max_len: int, head_dim: int, device, dtype
+    ):
+        shape = (n_layers, batch, n_kv_heads, max_len, head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.length = 0
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[3]
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store the new tokens' (B, KV, T, hd) keys/values; return all keys/values so far."""
+        end = self.length + k.shape[2]
+        self.k[layer, :, :, self.length : end] = k
+        self.v[layer, :, :, self.length : end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
 
 ATTENTION_BACKENDS = {"sdpa": sdpa_attention, "eager": eager_attention}
@@ -93,15 +136,29 @@ class CausalSelfAttention(nn.Module):
         return apply_rope(k, cos, sin), v
 
     def attend(self, q_BTHd: torch.Tensor, k, v, cos, sin) -> torch.Tensor:
-        """Attention of query heads (B, T, H, hd) over the shared K/V; returns (B, T, H, hd)."""
+        """Attention of query heads (B, T, H, hd) over the shared K/V (B, KV, S, hd); returns (B, T, H, hd).
+
+        The T queries are the last T of the S key positions (S > T when earlier tokens are cached).
+        """
+        T = q_BTHd.shape[1]
+        causal, mask = causal_mask(T, k.shape[2] - T, q_BTHd.device)
         q = apply_rope(q_BTHd.transpose(1, 2), cos, sin)  # (B, H, T, hd)
-        return ATTENTION_BACKENDS[self.backend](q, k, v, causal=True).transpose(1, 2)
+        return ATTENTION_BACKENDS[self.backend](q, k, v, causal=causal, mask=mask).transpose(1, 2)
 
     def forward(
-        self, x: torch.Tensor, cos, sin, routing: RoutingRule = DENSE
+        self,
+        x: torch.Tensor,
+        cos,
+        sin,
+        routing: RoutingRule = DENSE,
+        cache: KVCache | None = None,
+        layer: int = 0,
     ) -> tuple[torch.Tensor, MoEAux | None]:
+        """x: (B, T, D); cos/sin for the T new positions; with a cache, earlier tokens' K/V come from it."""
         B, T, D = x.shape
         k, v = self.project_kv(x, cos, sin)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)
         if self.router is None:
             y = self.attend(self.q_proj(x).view(B, T, self.n_heads, self.head_dim), k, v, cos, sin)
             return self.o_proj(y.reshape(B, T, D)), None

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsmoe.config import ModelConfig
-from dsmoe.model.attention import CausalSelfAttention, rope_cos_sin
+from dsmoe.model.attention import CausalSelfAttention, KVCache, rope_cos_sin
 from dsmoe.model.mlp import DenseMLP
 from dsmoe.model.moe import TRAINING, DSMoE, MoEAux, Routing
 
@@ -70,8 +70,10 @@ class Block(nn.Module):
         else:
             self.mlp = DenseMLP(cfg.d_model, cfg.ffn_hidden, m.activation)
 
-    def forward(self, x, cos, sin, routing: Routing) -> tuple[torch.Tensor, MoEAux | None, MoEAux | None]:
-        attn_out, attn_aux = self.attn(self.attn_norm(x), cos, sin, routing.attention)
+    def forward(
+        self, x, cos, sin, routing: Routing, cache: KVCache | None = None, layer: int = 0
+    ) -> tuple[torch.Tensor, MoEAux | None, MoEAux | None]:
+        attn_out, attn_aux = self.attn(self.attn_norm(x), cos, sin, routing.attention, cache, layer)
         x = x + attn_out
         h = self.mlp_norm(x)
         mlp_out, mlp_aux = self.mlp(h, routing.mlp) if isinstance(self.mlp, DSMoE) else self.mlp(h)
@@ -115,19 +117,30 @@ class DecoderLM(nn.Module):
         return [b.attn for b in self.blocks if b.attn.router is not None]
 
     def forward(
-        self, idx: torch.Tensor, targets: torch.Tensor | None = None, routing: Routing = TRAINING
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        routing: Routing = TRAINING,
+        cache: KVCache | None = None,
     ) -> DecoderOutput:
-        """idx: (B, T) token ids; targets: (B, T) next-token ids or None (then only logits are returned)."""
+        """idx: (B, T) token ids; targets: (B, T) next-token ids or None (then only logits are returned).
+
+        With a KV cache, idx continues the tokens already in it (prefill, then decode one token at a time).
+        """
         B, T = idx.shape
-        if T > self.cfg.max_seq_len:
-            raise ValueError(f"sequence length {T} exceeds model.max_seq_len {self.cfg.max_seq_len}")
+        start = cache.length if cache is not None else 0
+        if start + T > self.cfg.max_seq_len:
+            raise ValueError(f"sequence length {start + T} exceeds model.max_seq_len {self.cfg.max_seq_len}")
         x = self.embed(idx)  # (B, T, D)
-        cos, sin = rope_cos_sin(T, self.cfg.head_dim, self.cfg.attention.rope_theta, x.device)
+        cos, sin = rope_cos_sin(start + T, self.cfg.head_dim, self.cfg.attention.rope_theta, x.device)
+        cos, sin = cos[start:], sin[start:]  # positions of the new tokens
         attn_auxes, mlp_auxes = [], []
-        for block in self.blocks:
-            x, attn_aux, mlp_aux = block(x, cos, sin, routing)
+        for layer, block in enumerate(self.blocks):
+            x, attn_aux, mlp_aux = block(x, cos, sin, routing, cache, layer)
             attn_auxes += [attn_aux] if attn_aux is not None else []
             mlp_auxes += [mlp_aux] if mlp_aux is not None else []
+        if cache is not None:
+            cache.length += T
         logits = self.lm_head(self.final_norm(x))  # (B, T, V)
         out = DecoderOutput(
             logits=logits, mlp=RouterStats.stack(mlp_auxes), attention=RouterStats.stack(attn_auxes)
@@ -140,6 +153,19 @@ class DecoderLM(nn.Module):
             if out.attention is not None:
                 out.loss = out.loss + self.cfg.attention.alpha * out.attention.mi_loss
         return out
+
+    def new_cache(self, batch: int, max_len: int | None = None) -> KVCache:
+        """An empty KV cache for generation (one K/V per shared head per layer, whatever the experts)."""
+        weight = self.embed.weight
+        return KVCache(
+            self.cfg.n_layers,
+            batch,
+            self.cfg.attention.num_kv_heads,
+            max_len or self.cfg.max_seq_len,
+            self.cfg.head_dim,
+            weight.device,
+            weight.dtype,
+        )
 
     def num_params(self, exclude_embedding: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())
