@@ -37,6 +37,8 @@ class AttentionConfig:
     """Weight of the mutual-information loss of MoA layers (paper, DS-MoE-1B: 3.5e-4)."""
     rope_theta: float = 10000.0
     """RoPE base frequency."""
+    qk_norm: bool = False
+    """RMSNorm over head_dim on queries and keys before RoPE (Qwen3's QK-norm)."""
     backend: str = "auto"
     """'sdpa' (PyTorch scaled_dot_product_attention), 'eager' (plain reference), or 'auto' (sdpa)."""
 

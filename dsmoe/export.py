@@ -55,6 +55,19 @@ def load_from_run(
     return model.eval(), cfg, root / tag / "tokenizer.json", int(ours["step"])
 
 
+def run_config(run_dir: str | Path, tag: str | None = None) -> tuple[config_lib.Config, int]:
+    """The config and step of a run's checkpoint (latest intact by default), without loading weights."""
+    from dsmoe.train.checkpoint import read_client_state
+
+    tag = tag or resume_tag(run_dir)
+    if tag is None:
+        raise CheckpointError(f"{run_dir} has no complete checkpoint (nothing in {checkpoint_root(run_dir)})")
+    ours = read_client_state(checkpoint_root(run_dir) / tag)
+    return config_lib.from_dict(
+        ours["config"], source=f"{checkpoint_root(run_dir) / tag} (saved config)"
+    ), int(ours["step"])
+
+
 def export(run_dir: str | Path, out_dir: str | Path, routing: Routing, tag: str | None = None) -> Path:
     """Write the sparse-inference model of `run_dir`'s checkpoint to `out_dir`."""
     model, cfg, tokenizer_path, step = load_from_run(run_dir, tag)
@@ -105,3 +118,76 @@ def load_export(path: str | Path) -> tuple[DecoderLM, config_lib.Config, Routing
     model = build(cfg.model)
     load_model(model, str(path / "model.safetensors"))
     return model.eval(), cfg, Routing.from_dict(meta["routing"]), path / "tokenizer.json"
+
+
+def qwen3_moe_incompatibilities(cfg: config_lib.Config) -> list[str]:
+    """What keeps a model from being written as a stock transformers Qwen3-MoE (empty: it can be)."""
+    m, a = cfg.model, cfg.model.attention
+    problems = []
+    if m.mlp != "moe" or m.moe.activation != "swiglu":
+        problems.append(
+            "the MLPs must be DS-MoE layers with SwiGLU experts (model.mlp=moe, model.moe.activation=swiglu)"
+        )
+    if a.experts:
+        problems.append("attention must be plain GQA, not MoA (model.attention.experts=0)")
+    if not a.qk_norm:
+        problems.append("Qwen3 normalises queries and keys (model.attention.qk_norm=true)")
+    return problems
+
+
+def export_qwen3_moe(run_dir: str | Path, out_dir: str | Path, top_k: int, tag: str | None = None) -> Path:
+    """Write the run's model as a stock Qwen3-MoE checkpoint: top-K routing, no renormalisation.
+
+    Qwen3-MoE routes by softmax over all experts and weights the top K by their raw probabilities when
+    norm_topk_prob is false: exactly our top-K rule. The stock model is built, given our weights, and
+    saved by transformers itself, so the files are in the format every Qwen3-MoE loader reads.
+    """
+    import torch
+    from transformers import PreTrainedTokenizerFast, Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    model, cfg, tokenizer_path, _ = load_from_run(run_dir, tag)
+    problems = qwen3_moe_incompatibilities(cfg)
+    if problems:
+        raise CheckpointError("cannot export as qwen3_moe: " + "; ".join(problems))
+    m, a = cfg.model, cfg.model.attention
+    qwen_cfg = Qwen3MoeConfig(
+        vocab_size=m.vocab_size,
+        hidden_size=m.d_model,
+        num_hidden_layers=m.n_layers,
+        num_attention_heads=a.num_heads,
+        num_key_value_heads=a.num_kv_heads,
+        head_dim=m.head_dim,
+        num_experts=m.moe.num_experts,
+        num_experts_per_tok=top_k,
+        moe_intermediate_size=m.moe.expert_hidden,
+        intermediate_size=m.ffn_hidden,
+        norm_topk_prob=False,
+        decoder_sparse_step=1,
+        mlp_only_layers=[],
+        rms_norm_eps=m.norm_eps,
+        rope_parameters={"rope_theta": a.rope_theta, "rope_type": "default"},
+        max_position_embeddings=m.max_seq_len,
+        tie_word_embeddings=m.tie_embeddings,
+        hidden_act="silu",
+        attention_bias=False,
+    )
+    qwen = Qwen3MoeForCausalLM(qwen_cfg)
+    with torch.no_grad():
+        qwen.model.embed_tokens.weight.copy_(model.embed.weight)
+        qwen.model.norm.weight.copy_(model.final_norm.weight)
+        if not m.tie_embeddings:
+            qwen.lm_head.weight.copy_(model.lm_head.weight)
+        for ours, theirs in zip(model.blocks, qwen.model.layers, strict=True):
+            theirs.input_layernorm.weight.copy_(ours.attn_norm.weight)
+            theirs.post_attention_layernorm.weight.copy_(ours.mlp_norm.weight)
+            for name in ("q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm"):
+                getattr(theirs.self_attn, name).weight.copy_(getattr(ours.attn, name).weight)
+            theirs.mlp.gate.weight.copy_(ours.mlp.router.weight)
+            theirs.mlp.experts.gate_up_proj.copy_(ours.mlp.w_in)  # (E, [gate; up], D) in both
+            theirs.mlp.experts.down_proj.copy_(
+                ours.mlp.w_out.transpose(1, 2)
+            )  # ours (E, F, D), theirs (E, D, F)
+    out = Path(out_dir)
+    qwen.save_pretrained(out)
+    PreTrainedTokenizerFast(tokenizer_file=str(tokenizer_path), eos_token=EOS).save_pretrained(out)
+    return out

@@ -10,7 +10,7 @@ from dsmoe.infer import generate, sample_next
 from dsmoe.model import Routing, RoutingRule, build
 
 
-def model_for(moa: bool):
+def model_for(moa: bool, qk_norm: bool = False):
     overrides = ["model.d_model=32", "model.n_layers=2", "model.max_seq_len=48", "model.vocab_size=96"]
     overrides += [
         "data.seq_len=32",
@@ -28,6 +28,7 @@ def model_for(moa: bool):
         if moa
         else ["model.attention.experts=0", "model.attention.heads=4", "model.attention.kv_heads=2"]
     )
+    overrides.append(f"model.attention.qk_norm={str(qk_norm).lower()}")
     torch.manual_seed(0)
     return build(config_lib.load(None, overrides).model).eval()
 
@@ -35,10 +36,10 @@ def model_for(moa: bool):
 ROUTINGS = [Routing(), Routing(RoutingRule("top_k", k=1), RoutingRule("threshold", eps=0.9))]
 
 
-@pytest.mark.parametrize("moa", [False, True])
+@pytest.mark.parametrize("moa, qk_norm", [(False, False), (True, False), (True, True)])
 @pytest.mark.parametrize("routing", ROUTINGS, ids=["dense", "sparse"])
-def test_cached_decoding_equals_full_recompute(moa, routing):
-    model = model_for(moa)
+def test_cached_decoding_equals_full_recompute(moa, qk_norm, routing):
+    model = model_for(moa, qk_norm)
     idx = torch.randint(0, 96, (3, 20))
     with torch.no_grad():
         full = model(idx, routing=routing).logits

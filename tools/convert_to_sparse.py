@@ -1,6 +1,7 @@
 """Export a training run's checkpoint as a sparse-inference model directory.
 
     python tools/convert_to_sparse.py RUN_DIR OUT_DIR [--top-k K | --threshold EPS] [--tag step_00000300]
+    python tools/convert_to_sparse.py RUN_DIR OUT_DIR --format qwen3_moe --top-k K
 
 Consolidates any ZeRO stage and rank count into fp32 safetensors, with config.json (routing rule
 included) and tokenizer.json. Without a rule: the threshold rule (train.eval_threshold) on the MLP and
@@ -14,7 +15,7 @@ import sys
 
 from _cli import add_routing_arguments, routing_from_args
 
-from dsmoe.export import export, load_from_run
+from dsmoe.export import export, export_qwen3_moe, run_config
 from dsmoe.model import Routing, RoutingRule
 from dsmoe.train.checkpoint import CheckpointError
 
@@ -26,10 +27,25 @@ def main() -> int:
     parser.add_argument("run_dir")
     parser.add_argument("out_dir")
     parser.add_argument("--tag", default=None, help="checkpoint tag (default: latest)")
+    parser.add_argument(
+        "--format",
+        choices=["dsmoe", "qwen3_moe"],
+        default="dsmoe",
+        help="dsmoe (any model; load with `import dsmoe.hf`) or qwen3_moe (stock transformers, top-K MLP routing; "
+        "needs SwiGLU experts, plain GQA attention and QK-norm)",
+    )
     add_routing_arguments(parser)
     args = parser.parse_args()
     try:
-        _, cfg, _, step = load_from_run(args.run_dir, args.tag)
+        cfg, step = run_config(args.run_dir, args.tag)
+        if args.format == "qwen3_moe":
+            if args.top_k is None:
+                parser.error("--format qwen3_moe routes the MLP by top-K: give --top-k K")
+            out = export_qwen3_moe(args.run_dir, args.out_dir, args.top_k, args.tag)
+            print(
+                f"exported step {step} of {args.run_dir} to {out} as qwen3_moe (top-{args.top_k}, no renormalisation)"
+            )
+            return 0
         rule = routing_from_args(args, Routing(mlp=RoutingRule("threshold", eps=cfg.train.eval_threshold)))
         for kind, layer_rule, experts in (
             ("MLP", rule.mlp, cfg.model.moe.num_experts),

@@ -125,13 +125,21 @@ class CausalSelfAttention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.d_model, bias=False)
         self.num_experts = a.experts
         self.router = Router(cfg.d_model, a.experts) if a.experts else None
+        self.q_norm = nn.RMSNorm(self.head_dim, eps=cfg.norm_eps) if a.qk_norm else None
+        self.k_norm = nn.RMSNorm(self.head_dim, eps=cfg.norm_eps) if a.qk_norm else None
+
+    def project_q(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """Query heads (..., h, hd) of x for the rows `weight` of q_proj (all heads, or one expert's)."""
+        q = (x @ weight.T).unflatten(-1, (-1, self.head_dim))
+        return self.q_norm(q) if self.q_norm is not None else q
 
     def project_kv(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Shared keys (rotated) and values, (B, KV, T, hd) each: what a KV cache holds."""
         B, T, _ = x.shape
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
+        k = (self.k_norm(k) if self.k_norm is not None else k).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         return apply_rope(k, cos, sin), v
 
@@ -160,11 +168,11 @@ class CausalSelfAttention(nn.Module):
         if cache is not None:
             k, v = cache.update(layer, k, v)
         if self.router is None:
-            y = self.attend(self.q_proj(x).view(B, T, self.n_heads, self.head_dim), k, v, cos, sin)
+            y = self.attend(self.project_q(x, self.q_proj.weight), k, v, cos, sin)
             return self.o_proj(y.reshape(B, T, D)), None
         probs_TE = self.router(x.reshape(B * T, D))  # (B*T, E)
         if routing.mode == "dense":
-            y = self.attend(self.q_proj(x).view(B, T, self.n_heads, self.head_dim), k, v, cos, sin)
+            y = self.attend(self.project_q(x, self.q_proj.weight), k, v, cos, sin)
             y = y.reshape(B, T, self.num_experts, -1) * probs_TE.view(B, T, -1, 1).to(
                 y.dtype
             )  # scale expert e
@@ -191,7 +199,9 @@ class CausalSelfAttention(nn.Module):
             spans.append(tokens)
             start += count
             if count:
-                q_TEW[tokens, e] = x_TD[tokens] @ self.q_proj.weight[e * width : (e + 1) * width].T
+                q_TEW[tokens, e] = self.project_q(
+                    x_TD[tokens], self.q_proj.weight[e * width : (e + 1) * width]
+                ).flatten(-2)
         y_TEW = self.attend(q_TEW.view(B, T, self.n_heads, self.head_dim), k, v, cos, sin).reshape(
             B * T, E, width
         )
