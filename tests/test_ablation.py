@@ -190,3 +190,16 @@ def test_tool_end_to_end(corpus, tmp_path, cache_dir):
     assert (
         len((tmp_path / "w" / "results.csv").read_text().splitlines()) == 1 + 3 * 3
     )  # 3 mixtures x 3 domains
+
+
+def test_prepare_corpus_names_a_missing_debian_package(tmp_path, monkeypatch):
+    import prepare_corpus
+
+    monkeypatch.setattr(prepare_corpus, "PYTHON_INFO", tmp_path / "python3.11.info.gz")
+    monkeypatch.setattr(prepare_corpus, "WORDNET", tmp_path / "wordnet")
+    with pytest.raises(DataError, match=r"apt-get install -y python3.11-doc"):
+        prepare_corpus.python_docs()
+    with pytest.raises(DataError, match=r"apt-get install -y wordnet-base"):
+        prepare_corpus.wordnet()
+    code = prepare_corpus.python_code()
+    assert len(code) > 100 and all(isinstance(d, str) for d in code)  # the stdlib is always there
