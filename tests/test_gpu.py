@@ -39,3 +39,24 @@ def test_training_runs_on_cuda_in_bf16(small_cfg, tmp_path):
     assert next(result.engine.module.parameters()).device.type == "cuda"
     assert all(math.isfinite(loss) for loss in result.losses) and result.losses[-1] < result.losses[0]
     assert result.summary["results"][0]["perplexity"] < 600
+
+
+@pytest.mark.parametrize("activation", ["gelu", "swiglu"])
+def test_grouped_gemm_experts_equal_the_portable_loop(activation):
+    from dsmoe.model.moe import grouped_gemm_available, select_experts
+
+    torch.manual_seed(0)
+    layer = DSMoE(256, 16, 64, activation)
+    for p in layer.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    layer = layer.to("cuda", torch.bfloat16)
+    x = torch.randn(3000, 256, device="cuda", dtype=torch.bfloat16)
+    assert grouped_gemm_available(x), "the H100 path should use torch._grouped_mm"
+    keep = select_experts(layer.router(x), RoutingRule("top_k", k=4))
+    _, token_idx = keep.T.nonzero(as_tuple=True)
+    x_sorted, counts = x[token_idx], keep.sum(0)
+    grouped = layer._grouped_experts(x_sorted, counts)
+    looped = layer._looped_experts(x_sorted, counts.tolist())
+    reference = layer.double()._looped_experts(x_sorted.double(), counts.tolist())
+    assert relative_error(grouped.cpu(), reference.cpu()) < 1e-2
+    assert relative_error(looped.cpu(), reference.cpu()) < 1e-2
