@@ -11,6 +11,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 from dsmoe.model import Routing, RoutingRule  # noqa: E402
 
 
+def load_model_or_exit(path: str):
+    """dsmoe.infer.load, or exit with status 2 and the reason (the tools' common start)."""
+    from dsmoe.infer import load
+    from dsmoe.train.checkpoint import CheckpointError
+
+    try:
+        return load(path)
+    except CheckpointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
 def add_routing_arguments(parser: argparse.ArgumentParser, mlp_prefix: str = "") -> None:
     for prefix, what in ((mlp_prefix, "MLP"), ("attention-", "MoA attention")):
         group = parser.add_mutually_exclusive_group()

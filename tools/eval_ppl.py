@@ -12,10 +12,9 @@ import argparse
 import sys
 
 import torch
-from _cli import add_routing_arguments, routing_from_args
+from _cli import add_routing_arguments, load_model_or_exit, routing_from_args
 
-from dsmoe.infer import held_out_tokens, load, perplexity
-from dsmoe.train.checkpoint import CheckpointError
+from dsmoe.infer import held_out_tokens, perplexity
 
 
 def main() -> int:
@@ -30,11 +29,7 @@ def main() -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     add_routing_arguments(parser)
     args = parser.parse_args()
-    try:
-        loaded = load(args.path)
-    except CheckpointError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    loaded = load_model_or_exit(args.path)
     rule = routing_from_args(args, loaded.routing)
     model = loaded.model.to(args.device)
     tokens = held_out_tokens(loaded.cfg, loaded.tokenizer_path)

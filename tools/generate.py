@@ -14,12 +14,11 @@ import argparse
 import sys
 
 import torch
-from _cli import add_routing_arguments, routing_from_args
+from _cli import add_routing_arguments, load_model_or_exit, routing_from_args
 from tokenizers import Tokenizer
 
 from dsmoe.data.tokens import EOS
-from dsmoe.infer import generate, load
-from dsmoe.train.checkpoint import CheckpointError
+from dsmoe.infer import generate
 
 
 def main() -> int:
@@ -37,11 +36,7 @@ def main() -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     add_routing_arguments(parser, mlp_prefix="mlp-")
     args = parser.parse_args()
-    try:
-        loaded = load(args.path)
-    except CheckpointError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    loaded = load_model_or_exit(args.path)
     routing = routing_from_args(args, loaded.routing, mlp_prefix="mlp_")
     tok = Tokenizer.from_file(str(loaded.tokenizer_path))
     prompt = torch.tensor([tok.encode(args.prompt).ids] * args.samples, device=args.device)
