@@ -18,13 +18,15 @@ from dsmoe.train.loop import run
 pytestmark = pytest.mark.usefixtures("single_process_group")
 
 
-def test_resume_continues_the_same_loss_curve(small_cfg, tmp_path):
-    full = run(small_cfg("train.export_at_end=false", run_dir=tmp_path / "full"))
+@pytest.mark.parametrize("zero_stage", ["0", "3"])
+def test_resume_continues_the_same_loss_curve(small_cfg, tmp_path, zero_stage):
+    common = ["train.export_at_end=false", f"parallel.zero_stage={zero_stage}"]
+    full = run(small_cfg(*common, run_dir=tmp_path / "full"))
     assert len(full.losses) == 8
 
-    first = run(small_cfg("train.export_at_end=false", "train.exit_at_step=3", run_dir=tmp_path / "cut"))
+    first = run(small_cfg(*common, "train.exit_at_step=3", run_dir=tmp_path / "cut"))
     assert first.steps == 3 and (tmp_path / "cut/checkpoints/step_00000003").is_dir()
-    resumed = run(small_cfg("train.export_at_end=false", run_dir=tmp_path / "cut"))
+    resumed = run(small_cfg(*common, run_dir=tmp_path / "cut"))
     assert resumed.steps == 8 and len(resumed.losses) == 5
     torch.testing.assert_close(resumed.losses, full.losses[3:], rtol=0, atol=0)
     logged = read_metrics(tmp_path / "cut")
@@ -39,7 +41,9 @@ def test_resume_refuses_a_different_model(small_cfg, tmp_path):
         run(small_cfg("train.export_at_end=false", "model.n_layers=3", run_dir=tmp_path / "r"))
 
 
-@pytest.mark.parametrize("layout", [("0", "fp32"), ("0", "bf16"), ("2", "bf16")])
+@pytest.mark.parametrize(
+    "layout", [("0", "fp32"), ("0", "bf16"), ("1", "fp32"), ("2", "bf16"), ("3", "bf16")]
+)
 def test_export_holds_exactly_the_trained_weights(small_cfg, tmp_path, layout):
     stage, precision = layout
     cfg = small_cfg(f"parallel.zero_stage={stage}", f"train.precision={precision}", "train.max_steps=4")
