@@ -147,6 +147,7 @@ class TrainConfig:
     log_every: int = 10
     """wandb gets scalars every step and the per-layer, per-expert router series every log_every steps."""
     checkpoint_every: int = 100
+    """Save every this many steps and at the end; 0: never (benchmarks, smoke runs)."""
     keep_checkpoints: int = 3
     """Complete checkpoints kept in run_dir (oldest removed first; 0: keep all)."""
     max_bad_steps: int = 5
@@ -300,10 +301,12 @@ def validate(cfg: Config, source: str = "config") -> None:
     )
     check(0.0 <= t.min_lr_ratio <= 1.0, "train.min_lr_ratio", "must be in [0, 1]")
     check(t.lr > 0, "train.lr", "must be positive")
+    check(t.log_every > 0, "train.log_every", "must be positive")
+    check(t.checkpoint_every >= 0, "train.checkpoint_every", "must be >= 0 (0: never checkpoint)")
     check(
-        t.checkpoint_every > 0 and t.log_every > 0,
+        t.checkpoint_every > 0 or not t.export_at_end,
         "train.checkpoint_every",
-        "and train.log_every must be positive",
+        "is 0 (no checkpoints), so there is nothing to export: set train.export_at_end=false",
     )
     check(t.exit_at_step >= 0, "train.exit_at_step", "must be >= 0 (0: off)")
     check(t.keep_checkpoints >= 0, "train.keep_checkpoints", "must be >= 0 (0: keep all)")

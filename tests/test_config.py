@@ -93,3 +93,14 @@ def test_round_trip_through_dict():
     )
     again = config_lib.from_dict(config_lib.to_dict(cfg), source="test")
     assert again == cfg
+
+
+def test_checkpoint_every_zero_needs_no_export():
+    assert (
+        config_lib.load(
+            None, ["train.checkpoint_every=0", "train.export_at_end=false"]
+        ).train.checkpoint_every
+        == 0
+    )
+    with pytest.raises(ConfigError, match="nothing to export"):
+        config_lib.load(None, ["train.checkpoint_every=0"])

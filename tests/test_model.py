@@ -92,3 +92,12 @@ def test_too_long_input_is_refused():
     model = build(model_cfg())
     with pytest.raises(ValueError, match="max_seq_len"):
         model(torch.zeros(1, 33, dtype=torch.long))
+
+
+def test_flops_per_token_counts_every_expert_and_attention():
+    cfg = model_cfg()
+    model = build(cfg)
+    dense_part = model.num_params(exclude_embedding=True) + model.lm_head.weight.numel()
+    attention = 6 * cfg.n_layers * 16 * cfg.attention.num_heads * cfg.head_dim
+    assert model.flops_per_token(16) == 6 * dense_part + attention
+    assert model.num_expert_params() < dense_part  # the experts are inside the count, all of them

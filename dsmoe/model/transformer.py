@@ -175,6 +175,16 @@ class DecoderLM(nn.Module):
         """Parameters of the MLP experts (w_in, w_out), the part sparse MLP routing skips."""
         return sum(m.w_in.numel() + m.w_out.numel() for m in self.moe_layers)
 
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token (forward + backward), counting every expert, as DS-MoE trains them.
+
+        6 x (parameters touched per token, the LM head included, the embedding lookup not) plus causal
+        attention's score and value products, 6 x L x seq_len x H x head_dim (half of 12: the causal mask).
+        """
+        matmul_params = self.num_params(exclude_embedding=True) + self.lm_head.weight.numel()
+        heads = self.cfg.attention.num_heads
+        return 6.0 * matmul_params + 6.0 * self.cfg.n_layers * seq_len * heads * self.cfg.head_dim
+
     def num_attention_expert_params(self) -> int:
         """Query and output projections of MoA layers, the part sparse attention routing skips.
 

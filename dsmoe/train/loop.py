@@ -254,7 +254,9 @@ def run(cfg: Config) -> RunResult:
                 [signals.received is not None or step + 1 == t.exit_at_step], dtype=torch.int32
             )
             stop_now = bool(_all_ranks_max(stop, dims))
-            due = (step + 1) % t.checkpoint_every == 0 or step + 1 == t.max_steps or stop_now
+            due = t.checkpoint_every and (
+                (step + 1) % t.checkpoint_every == 0 or step + 1 == t.max_steps or stop_now
+            )
             if due and bad_steps == 0:  # never publish a state reached through skipped steps
                 save(step + 1)
                 last_saved = step + 1
