@@ -143,6 +143,8 @@ class TrainConfig:
     beta2: float = 0.95
     grad_clip: float = 1.0
     precision: Literal["fp32", "bf16"] = "fp32"
+    compile: bool = False
+    """torch.compile each transformer block (regional: every layer reuses one compiled graph)."""
     seed: int = 1234
     log_every: int = 10
     """wandb gets scalars every step and the per-layer, per-expert router series every log_every steps."""

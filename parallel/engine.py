@@ -63,6 +63,9 @@ def initialize(model: torch.nn.Module, cfg: Config, dims: ParallelDims):
 
     t = cfg.train
     model = model.to(dims.device)
+    if t.compile:  # regional compilation: blocks share code and shapes, so they share the compiled graph
+        for block in model.blocks:
+            block.compile()
     optimizer = AdamW(
         param_groups(model, t.weight_decay),
         lr=t.lr,

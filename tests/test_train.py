@@ -132,3 +132,14 @@ def test_convert_and_eval_tools(small_cfg, tmp_path):
         text=True,
     )
     assert missing.returncode == 2 and "no complete checkpoint" in missing.stderr
+
+
+@pytest.mark.slow
+def test_compiled_blocks_follow_the_eager_loss_curve(small_cfg, tmp_path):
+    eager = run(small_cfg("train.export_at_end=false", "train.max_steps=3", run_dir=tmp_path / "eager"))
+    compiled = run(
+        small_cfg(
+            "train.export_at_end=false", "train.max_steps=3", "train.compile=true", run_dir=tmp_path / "c"
+        )
+    )
+    torch.testing.assert_close(compiled.losses, eager.losses, rtol=1e-5, atol=1e-5)
