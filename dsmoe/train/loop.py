@@ -226,10 +226,15 @@ def run(cfg: Config) -> RunResult:
                     grad_norm, applied = engine_lib.boundary_step(engine)
                 stats = _step_stats(out)
                 sums = stats if sums is None else {k: sums[k] + stats[k] for k in sums}
-            # Mean over micro-batches and data-parallel ranks: equal to the single-process mean.
-            packed = torch.cat([v.flatten() for v in sums.values()]) / (gas * dims.dp)
+            # Mean over micro-batches and data-parallel ranks: equal to the single-process mean. The stop
+            # request rides along as a last element: its sum is > 0 if any rank was signalled.
+            stop = signals.received is not None or step + 1 == t.exit_at_step
+            packed = torch.cat(
+                [v.flatten() for v in sums.values()] + [sums["loss"].new_tensor([float(stop)])]
+            )
             dist.all_reduce(packed)
-            record = _unpack(packed, sums, step + 1)
+            stop_now = bool(packed[-1] > 0)
+            record = _unpack(packed[:-1] / (gas * dims.dp), sums, step + 1)
             record.update(
                 lr=lr,
                 grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
@@ -250,10 +255,6 @@ def run(cfg: Config) -> RunResult:
                     f"(train.max_bad_steps={t.max_bad_steps}); the last good checkpoint is "
                     f"{checkpoint.resume_tag(run_dir) or 'none'} in {run_dir}; lower train.lr or check the data"
                 )
-            stop = torch.tensor(
-                [signals.received is not None or step + 1 == t.exit_at_step], dtype=torch.int32
-            )
-            stop_now = bool(_all_ranks_max(stop, dims))
             due = t.checkpoint_every and (
                 (step + 1) % t.checkpoint_every == 0 or step + 1 == t.max_steps or stop_now
             )
@@ -281,13 +282,6 @@ def run(cfg: Config) -> RunResult:
     if logger:
         logger.close()
     return result
-
-
-def _all_ranks_max(flag: torch.Tensor, dims: groups.ParallelDims) -> int:
-    """Max of an int flag over all ranks (a signal may reach only some of them)."""
-    flag = flag.to(dims.device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return int(flag.item())
 
 
 def _step_stats(out) -> dict[str, torch.Tensor]:
