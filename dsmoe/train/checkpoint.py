@@ -65,20 +65,22 @@ def _write_atomic(path: Path, text: str) -> None:
     _fsync_dir(path.parent)
 
 
-def _hash_and_sync(path: Path) -> str:
-    """SHA-256 of a file, after making sure its bytes are on disk."""
+def _sha256(path: Path, sync: bool = False) -> str:
+    """SHA-256 of a file; with sync, also make sure its bytes are on disk (when publishing a save)."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 22), b""):
             digest.update(block)
-        os.fsync(f.fileno())
+        if sync:
+            os.fsync(f.fileno())
     return digest.hexdigest()
 
 
 def write_manifest(directory: Path) -> None:
     files = sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST)
     entries = {
-        str(p.relative_to(directory)): {"bytes": p.stat().st_size, "sha256": _hash_and_sync(p)} for p in files
+        str(p.relative_to(directory)): {"bytes": p.stat().st_size, "sha256": _sha256(p, sync=True)}
+        for p in files
     }
     _write_atomic(directory / MANIFEST, json.dumps({"files": entries}, indent=1))
 
@@ -101,7 +103,7 @@ def verify(directory: Path) -> list[str]:
             problems.append(f"{name} is missing")
         elif path.stat().st_size != expected["bytes"]:
             problems.append(f"{name} has {path.stat().st_size} bytes, the manifest says {expected['bytes']}")
-        elif _hash_and_sync(path) != expected["sha256"]:
+        elif _sha256(path) != expected["sha256"]:
             problems.append(f"{name} does not match its checksum")
     return problems
 
