@@ -197,11 +197,12 @@ def main() -> int:
         mixtures = mixtures[: args.max_mixtures]
     vals = {d: np.memmap(pool.val(d), dtype=np.uint16, mode="r") for d in pool.domains}
     unit_models = {u: load_export(e)[0] for u, e in unit_exports.items()}
+    model_cfg = next(iter(unit_models.values())).cfg  # every module has the seed's shape
     unit_loads = {u: expert_load(m, vals[pool.domains[0]], seq_len) for u, m in unit_models.items()}
     rows, mixture_steps = [], 0
     for mixture in mixtures:
         units = mixture_units(pool, mixture)
-        merged_model = build(load_export(seed_export)[1].model)
+        merged_model = build(model_cfg)
         merged_model.load_state_dict(merge([unit_models[u].state_dict() for u in units], [1.0] * len(units)))
         loads = np.stack([unit_loads[u] for u in units])
         drift = float(np.abs(loads - loads.mean(0)).max()) if loads.size else 0.0
