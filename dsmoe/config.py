@@ -291,6 +291,7 @@ def validate(cfg: Config, source: str = "config") -> None:
             check(bool(getattr(d, key)), f"data.{key}", "must name a file when data.corpus is 'tokens'")
     check(0 <= p.zero_stage <= 3, "parallel.zero_stage", f"must be 0..3, got {p.zero_stage}")
     check(p.dp >= 0, "parallel.dp", "must be >= 0 (0: world_size / (ep * tp))")
+    _check_layout(cfg, check)
     check(
         t.global_batch_size % t.micro_batch_size == 0,
         "train.global_batch_size",
@@ -331,3 +332,36 @@ def from_dict(data: dict[str, Any], source: str) -> Config:
     cfg: Config = OmegaConf.to_object(merged)
     validate(cfg, source=source)
     return cfg
+
+
+def _check_layout(cfg: Config, check) -> None:
+    """What tensor and expert parallelism split must divide evenly (vocab_size is checked once known)."""
+    m, a, p = cfg.model, cfg.model.attention, cfg.parallel
+    if p.tp > 1:
+        for key, value in [
+            ("model.attention.heads", a.num_heads),
+            ("model.attention.kv_heads", a.num_kv_heads),
+            ("model.moe.expert_hidden", m.moe.expert_hidden),  # dense MLPs: num_experts x expert_hidden wide
+        ]:
+            check(value % p.tp == 0, key, f"({value}) must be divisible by parallel.tp ({p.tp})")
+        if m.vocab_size:
+            check(
+                m.vocab_size % p.tp == 0,
+                "model.vocab_size",
+                f"({m.vocab_size}) must be divisible by tp ({p.tp})",
+            )
+        check(
+            p.zero_stage < 3, "parallel.zero_stage", "3 is not supported with tensor parallelism (use 1 or 2)"
+        )
+    if p.ep > 1:
+        check(m.mlp == "moe", "parallel.ep", f"({p.ep}) needs DS-MoE MLPs (model.mlp: moe)")
+        check(
+            m.moe.num_experts % p.ep == 0,
+            "model.moe.num_experts",
+            f"({m.moe.num_experts}) must be divisible by parallel.ep ({p.ep})",
+        )
+        check(
+            p.zero_stage < 3,
+            "parallel.zero_stage",
+            "3 does not work with expert parallelism (DeepSpeed partitions expert weights only at stages 1-2)",
+        )

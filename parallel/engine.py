@@ -8,18 +8,24 @@ import torch
 
 from dsmoe.config import Config
 from dsmoe.train.schedule import warmup_cosine
-from parallel.groups import ParallelDims
+from parallel.groups import DeepSpeedMPU, ParallelDims
 
 
 def gradient_accumulation_steps(cfg: Config, dims: ParallelDims) -> int:
     t = cfg.train
-    per_step = t.micro_batch_size * dims.dp
+    per_step = t.micro_batch_size * dims.batch_ranks
     if t.global_batch_size % per_step:
         raise ValueError(
-            f"train.global_batch_size ({t.global_batch_size}) must be a multiple of "
-            f"train.micro_batch_size x dp = {t.micro_batch_size} x {dims.dp}"
+            f"train.global_batch_size ({t.global_batch_size}) must be a multiple of train.micro_batch_size x "
+            f"the ranks that split the batch (dp x ep) = {t.micro_batch_size} x {dims.batch_ranks}"
         )
     return t.global_batch_size // per_step
+
+
+def we_clip(cfg: Config) -> bool:
+    """On DeepSpeed's plain fp32 path we clip ourselves: DeepSpeed's clip_grad_norm_ there averages the
+    ranks' local norms, which is not the global norm once experts are split over ranks."""
+    return cfg.parallel.zero_stage == 0 and cfg.train.precision == "fp32"
 
 
 def deepspeed_config(cfg: Config, dims: ParallelDims) -> dict:
@@ -29,7 +35,7 @@ def deepspeed_config(cfg: Config, dims: ParallelDims) -> dict:
         "train_batch_size": t.global_batch_size,
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": gradient_accumulation_steps(cfg, dims),
-        "gradient_clipping": t.grad_clip,
+        "gradient_clipping": 0.0 if we_clip(cfg) else t.grad_clip,
         "bf16": {"enabled": t.precision == "bf16"},
         "zero_optimization": {"stage": cfg.parallel.zero_stage},
         # We pass torch's AdamW (fused on CUDA): DeepSpeed's FusedAdam needs a JIT-compiled op on CPU.
@@ -40,21 +46,28 @@ def deepspeed_config(cfg: Config, dims: ParallelDims) -> dict:
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on matrices (and stacked expert weights), none on norms.
+    """Weight decay on matrices (and stacked expert weights), none on norms; expert-parallel weights apart.
 
     Each group carries its parameters' names: torch saves them with the optimizer state, which lets
-    a checkpoint's fp32 master copies be matched to names (see dsmoe.train.checkpoint).
+    a checkpoint's fp32 master copies be matched to names (see dsmoe.train.checkpoint). Expert-parallel
+    weights (marked allreduce=False by parallel.expert) go into groups marked as DeepSpeed's MoE groups
+    ('moe': True, 'name': their expert group), which it reduces and partitions over the expert-data group.
     """
-    decay, no_decay = ([], []), ([], [])
+    groups: dict[tuple, dict] = {}
     for name, p in model.named_parameters():
-        if p.requires_grad:
-            params, names = decay if p.dim() >= 2 else no_decay
-            params.append(p)
-            names.append(name)
-    return [
-        {"params": decay[0], "param_names": decay[1], "weight_decay": weight_decay},
-        {"params": no_decay[0], "param_names": no_decay[1], "weight_decay": 0.0},
-    ]
+        if not p.requires_grad:
+            continue
+        decay = p.dim() >= 2
+        expert_group = None if getattr(p, "allreduce", True) else p.group_name
+        key = (decay, expert_group)
+        if key not in groups:
+            groups[key] = {"params": [], "param_names": [], "weight_decay": weight_decay if decay else 0.0}
+            if expert_group is not None:
+                groups[key].update(moe=True, name=expert_group)
+        groups[key]["params"].append(p)
+        groups[key]["param_names"].append(name)
+    order = sorted(groups, key=lambda k: (k[1] is not None, k[1] or "", not k[0]))
+    return [groups[k] for k in order]
 
 
 def initialize(model: torch.nn.Module, cfg: Config, dims: ParallelDims):
@@ -76,8 +89,13 @@ def initialize(model: torch.nn.Module, cfg: Config, dims: ParallelDims):
     # Our schedule as a torch LambdaLR: DeepSpeed steps it at each optimizer step and checkpoints its state.
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_cosine(step, t))
     engine, _, _, _ = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg, dims)
+        model=model,
+        optimizer=optimizer,
+        lr_scheduler=scheduler,
+        config=deepspeed_config(cfg, dims),
+        mpu=DeepSpeedMPU(dims) if dims.world_size > 1 else None,
     )
+    engine.dsmoe_dims, engine.dsmoe_clip = dims, t.grad_clip if we_clip(cfg) else 0.0
     return engine
 
 
@@ -96,18 +114,42 @@ class AdamW(torch.optim.AdamW):
         return None if self.overflow else super().step(closure)
 
 
+def global_grad_norm(module: torch.nn.Module, dims: ParallelDims) -> float:
+    """L2 norm of the whole model's gradient, each parameter counted once across the layout.
+
+    Call after DeepSpeed's data-parallel reduction (every replica then holds the same gradients): sum the
+    squares over the tp x ep ranks of one replica, dividing a tensor's by the number of those ranks that
+    hold a copy of it (replicated over tp unless tensor-parallel, over ep unless an expert weight).
+    """
+    total = torch.zeros((), dtype=torch.float64, device=dims.device)
+    for p in module.parameters():
+        if p.grad is None:
+            continue
+        copies = (1 if getattr(p, "tensor_model_parallel", False) else dims.tp) * (
+            1 if getattr(p, "allreduce", True) is False else dims.ep
+        )
+        total += p.grad.detach().double().pow(2).sum() / copies
+    if dims.tp * dims.ep > 1:
+        torch.distributed.all_reduce(total, group=dims.model_group)
+    return float(total.sqrt())
+
+
 def boundary_step(engine) -> tuple[float | None, bool]:
     """`engine.step()` on the gradient-accumulation boundary: (pre-clipping gradient norm, update applied).
 
-    A step whose gradients are not finite is skipped. On the plain fp32 path we read the norm before
-    stepping (gradients are already reduced over data-parallel ranks then) and set AdamW.overflow.
+    A step whose gradients are not finite is skipped. On the plain fp32 path we compute the global norm
+    (gradients are already reduced over data-parallel ranks then), clip, and set AdamW.overflow.
     """
     reported = engine.zero_optimization() or engine.bfloat16_enabled()
     norm, skipped_before = None, engine.skipped_steps
     if not reported:
-        grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
-        norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+        norm = global_grad_norm(engine.module, engine.dsmoe_dims)
         engine.optimizer.overflow = not math.isfinite(norm)
+        if engine.dsmoe_clip > 0 and math.isfinite(norm):
+            scale = min(1.0, engine.dsmoe_clip / (norm + 1e-6))
+            for p in engine.module.parameters():
+                if p.grad is not None:
+                    p.grad.mul_(scale)
     engine.step()
     if reported:
         reported_norm = engine.get_global_grad_norm()

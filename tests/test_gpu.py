@@ -43,7 +43,7 @@ def test_training_runs_on_cuda_in_bf16(small_cfg, tmp_path):
 
 @pytest.mark.parametrize("activation", ["gelu", "swiglu"])
 def test_grouped_gemm_experts_equal_the_portable_loop(activation):
-    from dsmoe.model.moe import grouped_gemm_available, select_experts
+    from dsmoe.model.moe import grouped_expert_forward, grouped_gemm_available, select_experts
 
     torch.manual_seed(0)
     layer = DSMoE(256, 16, 64, activation)
@@ -55,8 +55,9 @@ def test_grouped_gemm_experts_equal_the_portable_loop(activation):
     keep = select_experts(layer.router(x), RoutingRule("top_k", k=4))
     _, token_idx = keep.T.nonzero(as_tuple=True)
     x_sorted, counts = x[token_idx], keep.sum(0)
-    grouped = layer._grouped_experts(x_sorted, counts)
-    looped = layer._looped_experts(x_sorted, counts.tolist())
-    reference = layer.double()._looped_experts(x_sorted.double(), counts.tolist())
+    grouped = grouped_expert_forward(x_sorted, counts, layer.w_in, layer.w_out, activation, grouped_gemm=True)
+    looped = grouped_expert_forward(x_sorted, counts, layer.w_in, layer.w_out, activation, grouped_gemm=False)
+    layer = layer.double()
+    reference = grouped_expert_forward(x_sorted.double(), counts, layer.w_in, layer.w_out, activation)
     assert relative_error(grouped.cpu(), reference.cpu()) < 1e-2
     assert relative_error(looped.cpu(), reference.cpu()) < 1e-2

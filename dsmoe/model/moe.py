@@ -90,14 +90,15 @@ class MoEAux:
     """Fraction of (token, expert) pairs computed: 1 in dense mode (detached)."""
 
 
-def mutual_information_loss(probs_TE: torch.Tensor) -> torch.Tensor:
+def mutual_information_loss(probs_TE: torch.Tensor, marginal_E: torch.Tensor | None = None) -> torch.Tensor:
     """L_MI = -H(mean_x p(.|x)) + mean_x H(p(.|x)) (ModuleFormer; papers/dsmoe.md).
 
     0 for uniform routing, -log N for one-hot routing spread evenly over N experts, 0 when every
-    token puts all its mass on the same expert.
+    token puts all its mass on the same expert. `marginal_E` replaces mean_x p(.|x) when the batch is
+    split over ranks (parallel.expert passes the whole batch's marginal).
     """
     probs_TE = probs_TE.to(torch.promote_types(probs_TE.dtype, torch.float32))
-    marginal_E = probs_TE.mean(0)
+    marginal_E = probs_TE.mean(0) if marginal_E is None else marginal_E
     marginal_entropy = -torch.special.xlogy(marginal_E, marginal_E).sum()
     conditional_entropy = -torch.special.xlogy(probs_TE, probs_TE).sum(-1).mean()
     return conditional_entropy - marginal_entropy
@@ -129,11 +130,13 @@ class Router(nn.Module):
         return F.softmax(F.linear(x_TD.to(dtype), self.weight.to(dtype)), dim=-1)  # (T, N)
 
 
-def routing_aux(probs_TE: torch.Tensor, active_fraction: torch.Tensor) -> MoEAux:
+def routing_aux(
+    probs_TE: torch.Tensor, active_fraction: torch.Tensor, marginal_E: torch.Tensor | None = None
+) -> MoEAux:
     """The MI loss and the detached routing statistics of one layer."""
     detached = probs_TE.detach()
     return MoEAux(
-        mi_loss=mutual_information_loss(probs_TE),
+        mi_loss=mutual_information_loss(probs_TE, marginal_E),
         expert_load=detached.mean(0),
         router_entropy=-torch.special.xlogy(detached, detached).sum(-1).mean(),
         active_fraction=active_fraction,
@@ -142,6 +145,8 @@ def routing_aux(probs_TE: torch.Tensor, active_fraction: torch.Tensor) -> MoEAux
 
 class DSMoE(nn.Module):
     """DS-MoE MLP layer: router over all experts; dense all-expert forward in training, sparse at inference."""
+
+    routed = True  # Block passes it the routing rule
 
     def __init__(self, d_model: int, num_experts: int, expert_hidden: int, activation: str):
         super().__init__()
@@ -179,31 +184,10 @@ class DSMoE(nn.Module):
         # Group (token, expert) pairs by expert: transposing makes nonzero() come out expert-major.
         expert_idx, token_idx = keep_TE.T.nonzero(as_tuple=True)
         x_sorted = x_TD[token_idx]  # (P, D), P = kept pairs
-        if grouped_gemm_available(x_TD):
-            out_sorted = self._grouped_experts(x_sorted, keep_TE.sum(0))
-        else:
-            out_sorted = self._looped_experts(x_sorted, keep_TE.sum(0).tolist())
+        out_sorted = grouped_expert_forward(x_sorted, keep_TE.sum(0), self.w_in, self.w_out, self.activation)
         weights_P = probs_TE[token_idx, expert_idx].to(x_TD.dtype)  # raw probabilities, not renormalised
         y_TD = torch.zeros_like(x_TD).index_add_(0, token_idx, out_sorted * weights_P.unsqueeze(-1))
         return y_TD, keep_TE.float().mean()
-
-    def _looped_experts(self, x_sorted: torch.Tensor, tokens_per_expert: list[int]) -> torch.Tensor:
-        """Portable path: one GEMM pair per expert with tokens, on views of its weights (no copies)."""
-        out_sorted = torch.empty_like(x_sorted)
-        start = 0
-        for expert, count in enumerate(tokens_per_expert):
-            if count:
-                out_sorted[start : start + count] = self.expert_forward(
-                    x_sorted[start : start + count], expert
-                )
-                start += count
-        return out_sorted
-
-    def _grouped_experts(self, x_sorted: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
-        """CUDA path: two grouped GEMMs over all experts at once (torch._grouped_mm), no host sync."""
-        offsets_E = tokens_per_expert_E.cumsum(0).to(torch.int32)
-        h = torch._grouped_mm(x_sorted, self.w_in.transpose(1, 2), offs=offsets_E)  # (P, F_in)
-        return torch._grouped_mm(activate(h, self.activation), self.w_out, offs=offsets_E)  # (P, D)
 
 
 def grouped_gemm_available(x: torch.Tensor) -> bool:
@@ -214,3 +198,28 @@ def grouped_gemm_available(x: torch.Tensor) -> bool:
         and hasattr(torch, "_grouped_mm")
         and torch.cuda.get_device_capability(x.device)[0] >= 9
     )
+
+
+def grouped_expert_forward(
+    x_sorted: torch.Tensor,
+    tokens_per_expert_E: torch.Tensor,
+    w_in: torch.Tensor,
+    w_out: torch.Tensor,
+    activation: str,
+    grouped_gemm: bool | None = None,
+) -> torch.Tensor:
+    """act(x W_in_e^T) W_out_e for rows grouped by expert (counts per expert given), on the experts' weights
+    in place: two grouped GEMMs on Hopper (torch._grouped_mm, no host sync), else a loop over experts.
+    `grouped_gemm` forces the choice (None: the fastest available)."""
+    if grouped_gemm_available(x_sorted) if grouped_gemm is None else grouped_gemm:
+        offsets_E = tokens_per_expert_E.cumsum(0).to(torch.int32)
+        h = torch._grouped_mm(x_sorted, w_in.transpose(1, 2), offs=offsets_E)  # (P, F_in)
+        return torch._grouped_mm(activate(h, activation), w_out, offs=offsets_E)  # (P, D)
+    out_sorted = torch.empty_like(x_sorted)
+    start = 0
+    for expert, count in enumerate(tokens_per_expert_E.tolist()):
+        if count:
+            rows = slice(start, start + count)
+            out_sorted[rows] = activate(x_sorted[rows] @ w_in[expert].T, activation) @ w_out[expert]
+            start += count
+    return out_sorted

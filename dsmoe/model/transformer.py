@@ -56,6 +56,13 @@ class DecoderOutput:
     """MoA routing (None for plain attention)."""
 
 
+class CrossEntropy(nn.Module):
+    """Mean next-token cross-entropy of (N, V) logits, computed in fp32."""
+
+    def forward(self, logits_NV: torch.Tensor, targets_N: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits_NV.float(), targets_N)
+
+
 class Block(nn.Module):
     """x + attn(norm(x)), then + mlp(norm(x))."""
 
@@ -76,7 +83,7 @@ class Block(nn.Module):
         attn_out, attn_aux = self.attn(self.attn_norm(x), cos, sin, routing.attention, cache, layer)
         x = x + attn_out
         h = self.mlp_norm(x)
-        mlp_out, mlp_aux = self.mlp(h, routing.mlp) if isinstance(self.mlp, DSMoE) else self.mlp(h)
+        mlp_out, mlp_aux = self.mlp(h, routing.mlp) if getattr(self.mlp, "routed", False) else self.mlp(h)
         return x + mlp_out, attn_aux, mlp_aux
 
 
@@ -94,6 +101,7 @@ class DecoderLM(nn.Module):
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
+        self.cross_entropy = CrossEntropy()  # tensor parallelism swaps in the vocab-parallel one
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -110,7 +118,7 @@ class DecoderLM(nn.Module):
 
     @property
     def moe_layers(self) -> list[DSMoE]:
-        return [b.mlp for b in self.blocks if isinstance(b.mlp, DSMoE)]
+        return [b.mlp for b in self.blocks if getattr(b.mlp, "routed", False)]
 
     @property
     def moa_layers(self) -> list[CausalSelfAttention]:
@@ -146,7 +154,7 @@ class DecoderLM(nn.Module):
             logits=logits, mlp=RouterStats.stack(mlp_auxes), attention=RouterStats.stack(attn_auxes)
         )
         if targets is not None:
-            out.lm_loss = F.cross_entropy(logits.float().view(B * T, -1), targets.reshape(-1))
+            out.lm_loss = self.cross_entropy(logits.view(B * T, -1), targets.reshape(-1))
             out.loss = out.lm_loss
             if out.mlp is not None:
                 out.loss = out.loss + self.cfg.moe.alpha * out.mlp.mi_loss

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+import parallel
 from dsmoe import config as config_lib
 from dsmoe.config import Config, ConfigError
 from dsmoe.data import PackedSampler, open_token_data, pad_vocab, prepare
@@ -173,6 +174,7 @@ def run(cfg: Config) -> RunResult:
     model = build(cfg.model)
     if t.init_from and not resume_from:
         _initialise_from(model, Path(t.init_from))
+    parallel.apply(model, dims)
     engine = engine_lib.initialize(model, cfg, dims)
     gas = engine_lib.gradient_accumulation_steps(cfg, dims)
     start_step = 0
@@ -187,7 +189,7 @@ def run(cfg: Config) -> RunResult:
         n_params, n_expert = model.num_params(), model.num_expert_params()
         print(
             f"dsmoe: {n_params / 1e6:.2f}M params ({n_expert / 1e6:.2f}M in experts), world {dims.world_size} "
-            f"(dp {dims.dp}), device {dims.device.type}, attention {resolve_backend(cfg.model.attention.backend)}, "
+            f"(dp {dims.dp} x ep {dims.ep} x tp {dims.tp}), device {dims.device.type}, attention {resolve_backend(cfg.model.attention.backend)}, "
             f"precision {t.precision}, ZeRO {cfg.parallel.zero_stage}, "
             + (f"resuming from {resume_from}" if resume_from else "starting"),
             flush=True,
@@ -216,7 +218,7 @@ def run(cfg: Config) -> RunResult:
             sums = None
             for micro in range(gas):
                 x, y = sampler.micro_batch(
-                    step, micro, dims.dp_rank, dims.dp, t.micro_batch_size, t.global_batch_size
+                    step, micro, dims.batch_rank, dims.batch_ranks, t.micro_batch_size, t.global_batch_size
                 )
                 out = engine(x.to(dims.device), y.to(dims.device))
                 engine.backward(out.loss)
@@ -226,7 +228,8 @@ def run(cfg: Config) -> RunResult:
                     grad_norm, applied = engine_lib.boundary_step(engine)
                 stats = _step_stats(out)
                 sums = stats if sums is None else {k: sums[k] + stats[k] for k in sums}
-            # Mean over micro-batches and data-parallel ranks: equal to the single-process mean. The stop
+            # Mean over micro-batches and ranks (tensor-parallel ranks hold copies of their batch slice's
+            # values, every slice equally many): equal to the single-process mean. The stop
             # request rides along as a last element: its sum is > 0 if any rank was signalled.
             stop = signals.received is not None or step + 1 == t.exit_at_step
             packed = torch.cat(
@@ -234,7 +237,7 @@ def run(cfg: Config) -> RunResult:
             )
             dist.all_reduce(packed)
             stop_now = bool(packed[-1] > 0)
-            record = _unpack(packed[:-1] / (gas * dims.dp), sums, step + 1)
+            record = _unpack(packed[:-1] / (gas * dims.world_size), sums, step + 1)
             record.update(
                 lr=lr,
                 grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
