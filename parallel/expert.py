@@ -224,7 +224,7 @@ def _expert_parallel_class():
                 list(ds_groups._get_expert_parallel_group_ranks(self.expert_group_name)),
                 list(ds_groups._get_expert_data_parallel_group_ranks(self.expert_group_name)),
             )
-            if [list(r) for r in ours] != theirs:
+            if tuple(list(r) for r in ours) != theirs:
                 raise RuntimeError(f"DeepSpeed's expert groups {theirs} differ from megatron-core's {ours}")
 
     return ExpertParallelDSMoE

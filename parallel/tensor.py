@@ -42,10 +42,13 @@ def _no_init(_weight) -> None:
 def _load(
     layer_weight: nn.Parameter, full: torch.Tensor, name: str, dims: ParallelDims, activation: str
 ) -> None:
+    """Copy this rank's shard of the plain weight in, and mark the parameter as tensor-parallel
+    (megatron sets its attributes only when it initialises the weight itself)."""
+    where = placement(name, activation)
     with torch.no_grad():
-        layer_weight.copy_(
-            shard(full, placement(name, activation), dims.tp_rank, dims.tp, dims.ep_rank, dims.ep)
-        )
+        layer_weight.copy_(shard(full, where, dims.tp_rank, dims.tp, dims.ep_rank, dims.ep))
+    if where.tp_dim is not None:
+        _mark_tensor_parallel(layer_weight, where.tp_dim, dims)
 
 
 def column_parallel(linear: nn.Linear, name: str, dims: ParallelDims, activation: str = "gelu"):
@@ -180,7 +183,6 @@ class VocabParallelHead(nn.Module):
         else:
             self.weight = nn.Parameter(torch.empty(plain.out_features // dims.tp, plain.in_features))
             _load(self.weight, plain.weight, "lm_head.weight", dims, "gelu")
-            _mark_tensor_parallel(self.weight, dim=0, dims=dims)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return F.linear(copy_to_tensor_parallel(h, self.dims), self.weight)
@@ -198,12 +200,13 @@ class VocabParallelCrossEntropy(nn.Module):
 
 
 def gather_logits(logits: torch.Tensor, dims: ParallelDims) -> torch.Tensor:
-    """Whole-vocabulary logits from vocab-sharded ones (for evaluation and tests)."""
+    """Whole-vocabulary logits from vocab-sharded ones, for evaluation (no gradient; megatron's gather
+    allocates on CUDA, this one runs over gloo too)."""
     if dims.tp == 1:
         return logits
-    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
-
-    return gather_from_tensor_model_parallel_region(logits, group=dims.tp_group)
+    pieces = [torch.empty_like(logits) for _ in range(dims.tp)]
+    torch.distributed.all_gather(pieces, logits.contiguous(), group=dims.tp_group)
+    return torch.cat(pieces, dim=-1)
 
 
 def _mark_tensor_parallel(p: nn.Parameter, dim: int, dims: ParallelDims) -> None:
