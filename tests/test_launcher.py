@@ -43,14 +43,15 @@ def launch(ranks: int, overrides: list[str], launcher: str = "deepspeed", timeou
 def test_two_ranks_zero2_follow_the_one_rank_loss_curve(tmp_path, cache_dir):
     """Two ranks under `deepspeed` against one rank under `torchrun`: both launchers, one curve."""
     common = ["parallel.zero_stage=2", "train.max_steps=6", "train.checkpoint_every=3"]
-    one = launch(1, small_overrides(tmp_path / "one", cache_dir) + common + ["train.wandb=true"], "torchrun")
+    # One rank takes the global batch of 8 whole, two ranks 4 each: the same batch for the MI marginal.
+    one_rank = ["train.wandb=true", "train.micro_batch_size=8"]
+    one = launch(1, small_overrides(tmp_path / "one", cache_dir) + common + one_rank, "torchrun")
     two = launch(2, small_overrides(tmp_path / "two", cache_dir) + common)
     curve_one = [m["loss"] for m in read_metrics(tmp_path / "one")]
     curve_two = [m["loss"] for m in read_metrics(tmp_path / "two")]
     assert len(curve_one) == len(curve_two) == 6
-    # Same global batch of 8: one rank accumulates 2 micro-batches of 4, two ranks take one each.
     torch.testing.assert_close(curve_two, curve_one, rtol=1e-5, atol=1e-5)
-    assert "world 2 (dp 2)" in two.stdout and "world 1 (dp 1)" in one.stdout
+    assert "world 2 (dp 2 x ep 1 x tp 1)" in two.stdout and "world 1 (dp 1 x ep 1 x tp 1)" in one.stdout
     assert "held-out perplexity" in two.stdout and "threshold N*p>0.48" in two.stdout
     # The export of the two-rank ZeRO-2 checkpoint holds the same model as the one-rank run's.
     model_one, *_ = load_export(tmp_path / "one" / "export")
@@ -68,3 +69,34 @@ def test_config_errors_exit_before_any_compute(tmp_path):
     )
     assert proc.returncode == 2
     assert "model.num_experts" in proc.stderr and str(bad) in proc.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "ranks, layout",
+    [
+        (4, ["parallel.ep=2", "parallel.tp=2", "parallel.zero_stage=1"]),
+        (2, ["parallel.ep=2", "parallel.zero_stage=0"]),  # expert ranks' optimizer states in our files
+    ],
+    ids=["ep2xtp2-zero1", "ep2-zero0"],
+)
+def test_parallel_run_resumes_and_exports_the_one_rank_model(ranks, layout, tmp_path, cache_dir):
+    """`deepspeed --num_gpus N launchers/train.py parallel.ep=2 ...`, stopped after step 3 and resumed:
+    the loss curve and the exported model are those of one uninterrupted rank."""
+    common = ["train.max_steps=6", "train.checkpoint_every=3"]
+    one = ["train.micro_batch_size=8"]  # the whole global batch at once, as the parallel ranks together
+    launch(1, small_overrides(tmp_path / "one", cache_dir) + common + one, "torchrun")
+    run = small_overrides(tmp_path / "par", cache_dir) + common + layout  # 2 expert ranks x 4 sequences
+    first = launch(ranks, [*run, "train.exit_at_step=3"])
+    assert f"world {ranks} (dp 1 x ep 2 x tp {ranks // 2})" in first.stdout
+    assert not (tmp_path / "par" / "export").exists()
+    resumed = launch(ranks, run)
+    assert "resuming from step_00000003" in resumed.stdout
+    curve_one = [m["loss"] for m in read_metrics(tmp_path / "one")]
+    curve_par = [m["loss"] for m in read_metrics(tmp_path / "par")]
+    assert len(curve_par) == 6
+    torch.testing.assert_close(curve_par, curve_one, rtol=1e-5, atol=1e-5)
+    model_one, *_ = load_export(tmp_path / "one" / "export")
+    model_par, *_ = load_export(tmp_path / "par" / "export")
+    for (name, a), (_, b) in zip(model_one.named_parameters(), model_par.named_parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)

@@ -4,6 +4,9 @@ Layout of RUN_DIR/checkpoints/:
   step_00000100/          one complete checkpoint
     (DeepSpeed's model / optimizer / scheduler files)
     rng_rank{r}.pt        Python, NumPy and torch RNG states of rank r
+    shard_tp{t}_ep{e}.safetensors   under tensor/expert parallelism: the parameters (fp32 masters) held at
+                          tensor rank t, expert rank e, named as in the plain model (parallel/layout.py
+                          says how they join); with ep > 1 and no ZeRO also optim_tp{t}_ep{e}.pt
     tokenizer.json        the tokenizer the run trained
     manifest.json         every file above with its size and SHA-256; written last
   step_00000200.partial/  a save in progress (or one a killed process left behind): never loaded
@@ -18,6 +21,7 @@ with a warning naming what was skipped.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -198,7 +202,9 @@ def save(
         torch.save(rng_state(), staging / f"rng_rank{rank}.pt")
         if rank == 0:
             shutil.copyfile(tokenizer_path, staging / "tokenizer.json")
-        engine.save_checkpoint(str(root), tag=staging.name, client_state=client_state, save_latest=False)
+        with _as_plain_deepspeed(engine):
+            engine.save_checkpoint(str(root), tag=staging.name, client_state=client_state, save_latest=False)
+        _save_shards(engine, staging)
         dist.barrier()
         if rank == 0:
             write_manifest(staging)
@@ -236,11 +242,114 @@ def load(engine, run_dir: str | Path, tag: str, rank: int) -> dict:
     rng_file = root / tag / f"rng_rank{rank}.pt"
     if not rng_file.is_file():
         raise CheckpointError(f"{root / tag} has no {rng_file.name}: it was saved by fewer ranks")
-    load_path, client_state = engine.load_checkpoint(str(root), tag=tag)
+    with _as_plain_deepspeed(engine):
+        load_path, client_state = engine.load_checkpoint(str(root), tag=tag)
     if load_path is None:
         raise CheckpointError(f"DeepSpeed could not load {root / tag}")
+    _load_shards(engine, root / tag)
     set_rng_state(torch.load(rng_file, weights_only=False))
     return client_state["dsmoe"]
+
+
+def _dims(engine):
+    dims = getattr(engine, "dsmoe_dims", None)
+    return dims if dims is not None and dims.tp * dims.ep > 1 else None
+
+
+def _shard_name(dims) -> str:
+    return f"shard_tp{dims.tp_rank}_ep{dims.ep_rank}.safetensors"
+
+
+@contextlib.contextmanager
+def _as_plain_deepspeed(engine):
+    """DeepSpeed's MoE checkpoint path expects its own expert modules (one per expert, named
+    deepspeed_moe.experts...) and would drop our stacked expert shards; DeepSpeed saves and loads everything
+    else, while the expert shards (and, without ZeRO, each expert rank's optimizer state) go into our own
+    files (_save_shards). ZeRO's per-rank optimizer partitions are per rank either way."""
+    has_moe = engine.has_moe_layers
+    engine.has_moe_layers = False
+    try:
+        yield
+    finally:
+        engine.has_moe_layers = has_moe
+
+
+def _save_shards(engine, staging: Path) -> None:
+    """Under tp/ep: every parameter this position of the layout holds, as fp32 masters where DeepSpeed
+    keeps them (collective under ZeRO: every rank takes part; the first data-parallel replica writes)."""
+    from deepspeed.utils import safe_get_full_fp32_param
+    from safetensors.torch import save_file
+
+    dims = _dims(engine)
+    if dims is None:
+        return
+    tensors = {}
+    for name, p in engine.module.named_parameters():
+        master = safe_get_full_fp32_param(p)
+        tensors[name] = (master if master is not None else p).detach().float().cpu().contiguous()
+    if dims.dp_rank == 0:
+        layout = {
+            "tp": str(dims.tp),
+            "ep": str(dims.ep),
+            "tp_rank": str(dims.tp_rank),
+            "ep_rank": str(dims.ep_rank),
+        }
+        save_file(tensors, staging / _shard_name(dims), metadata=layout)
+        if dims.ep > 1 and not engine.zero_optimization():
+            torch.save(engine.optimizer.state_dict(), staging / f"optim_tp{dims.tp_rank}_ep{dims.ep_rank}.pt")
+
+
+def _load_shards(engine, directory: Path) -> None:
+    """Put this position's parameters (and optimizer state, see _save_shards) back after DeepSpeed's load,
+    which restored the first expert rank's copies everywhere."""
+    from deepspeed.utils import safe_set_full_fp32_param
+    from safetensors.torch import load_file
+
+    dims = _dims(engine)
+    if dims is None:
+        return
+    path = directory / _shard_name(dims)
+    if not path.is_file():
+        raise CheckpointError(f"{directory} has no {path.name}: it was saved with another parallel layout")
+    tensors = load_file(path)
+    params = dict(engine.module.named_parameters())
+    if missing := params.keys() - tensors.keys():
+        raise CheckpointError(f"{path} lacks {sorted(missing)[:5]}: it does not fit this model")
+    with torch.no_grad():
+        for name, p in params.items():
+            value = tensors[name].to(p.device)
+            if hasattr(p, "_hp_mapping") or hasattr(p, "ds_id"):
+                safe_set_full_fp32_param(p, value)
+            p.copy_(value.to(p.dtype))
+    optim = directory / f"optim_tp{dims.tp_rank}_ep{dims.ep_rank}.pt"
+    if dims.ep > 1 and not engine.zero_optimization():
+        engine.optimizer.load_state_dict(torch.load(optim, map_location=dims.device, weights_only=False))
+
+
+def shard_files(checkpoint_dir: Path) -> list[Path]:
+    return sorted(checkpoint_dir.glob("shard_tp*_ep*.safetensors"))
+
+
+def _unshard_checkpoint(files: list[Path], activation: str) -> dict:
+    """The plain model's state dict from the shards of every (tp, ep) position."""
+    from safetensors import safe_open
+
+    from parallel.layout import placement, unshard
+
+    pieces: dict[str, dict] = {}
+    tp = ep = 1
+    for path in files:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata()
+            tp, ep = int(meta["tp"]), int(meta["ep"])
+            where = (int(meta["tp_rank"]), int(meta["ep_rank"]))
+            for name in f.keys():
+                pieces.setdefault(name, {})[where] = f.get_tensor(name)
+    if len(files) != tp * ep:
+        raise CheckpointError(
+            f"{files[0].parent} holds {len(files)} shards, its layout tp {tp} x ep {ep} needs {tp * ep}"
+        )
+    return {name: unshard(p, placement(name, activation), tp, ep) for name, p in pieces.items()}
 
 
 def read_client_state(checkpoint_dir: Path) -> dict:
@@ -270,6 +379,10 @@ def consolidated_state_dict(checkpoint_dir: str | Path, tag: str | None = None) 
     states = torch.load(_model_states(root / tag), map_location="cpu", weights_only=False)
     ours = states.get("dsmoe", {})
     config = ours.get("config", {})
+    if files := shard_files(root / tag):  # tensor/expert-parallel layout: join the shards
+        return _unshard_checkpoint(
+            files, config.get("model", {}).get("moe", {}).get("activation", "gelu")
+        ), ours
     if config.get("parallel", {}).get("zero_stage", 0) > 0:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
