@@ -100,6 +100,9 @@ class ParallelConfig:
     """Tensor-parallel degree."""
     zero_stage: int = 0
     """DeepSpeed ZeRO stage (0-3) over the data-parallel group."""
+    expert_dispatch: str = "auto"
+    """Dense training under ep > 1: 'tokens' (gather the expert group's tokens to the experts), 'weights'
+    (gather the experts to the tokens), or 'auto' (whichever moves less data; parallel/README.md)."""
 
 
 @dataclass(kw_only=True)
@@ -353,6 +356,11 @@ def _check_layout(cfg: Config, check) -> None:
         check(
             p.zero_stage < 3, "parallel.zero_stage", "3 is not supported with tensor parallelism (use 1 or 2)"
         )
+    check(
+        p.expert_dispatch in ("auto", "tokens", "weights"),
+        "parallel.expert_dispatch",
+        f"must be auto|tokens|weights, got {p.expert_dispatch!r}",
+    )
     if p.ep > 1:
         check(m.mlp == "moe", "parallel.ep", f"({p.ep}) needs DS-MoE MLPs (model.mlp: moe)")
         check(

@@ -109,9 +109,9 @@ class ParallelDSMoE(nn.Module):
 
     routed = True
 
-    def __init__(self, plain: DSMoE, prefix: str, dims: ParallelDims):
+    def __init__(self, plain: DSMoE, prefix: str, dims: ParallelDims, dispatch: str = "tokens"):
         nn.Module.__init__(self)
-        self.dims = dims
+        self.dims, self.dispatch = dims, dispatch
         self.num_experts, self.activation = plain.num_experts, plain.activation
         self.num_local_experts = plain.num_experts // dims.ep
         self.first_expert = dims.ep_rank * self.num_local_experts
@@ -142,6 +142,8 @@ class ParallelDSMoE(nn.Module):
         return y_TD.view(shape), routing_aux_over(probs_TE, active, self.dims)
 
     def _dense_forward(self, x_TD: torch.Tensor, probs_TE: torch.Tensor) -> torch.Tensor:
+        if self.dispatch == "weights" and self.dims.ep > 1:
+            return self._dense_forward_gathering_weights(x_TD, probs_TE)
         local = slice(self.first_expert, self.first_expert + self.num_local_experts)
         x_all = _gather_tokens(copy_to_tensor_parallel(x_TD, self.dims), self.dims)  # (ep*T, D)
         # every rank's tokens' probabilities for this rank's experts (N columns travel: each rank wants others)
@@ -153,6 +155,18 @@ class ParallelDSMoE(nn.Module):
             -1, x_all.shape[1]
         )  # partial: local experts, local width
         return reduce_from_tensor_parallel(_scatter_sums(y_all, self.dims), self.dims)
+
+    def _dense_forward_gathering_weights(self, x_TD: torch.Tensor, probs_TE: torch.Tensor) -> torch.Tensor:
+        """The other path: all-gather every expert's weights (backward: reduce-scatter their gradients to
+        the experts' ranks) and run all N experts on this rank's own tokens, as the plain layer does."""
+        x_TD = copy_to_tensor_parallel(x_TD, self.dims)
+        probs_TE = copy_to_tensor_parallel(probs_TE, self.dims)
+        w_in, w_out = _gather_tokens(self.w_in, self.dims), _gather_tokens(self.w_out, self.dims)  # (N, ., D)
+        T, N = x_TD.shape[0], self.num_experts
+        h = activate_scaled(
+            (x_TD @ w_in.reshape(-1, x_TD.shape[1]).T).view(T, N, -1), probs_TE, self.activation
+        )
+        return reduce_from_tensor_parallel(h.reshape(T, -1) @ w_out.reshape(-1, x_TD.shape[1]), self.dims)
 
     @torch.no_grad()
     def _sparse_forward(self, x_TD, probs_TE, routing: RoutingRule) -> tuple[torch.Tensor, torch.Tensor]:
@@ -205,8 +219,8 @@ def _expert_parallel_class():
     from deepspeed.moe.layer import MoE
 
     class ExpertParallelDSMoE(ParallelDSMoE, MoE):
-        def __init__(self, plain: DSMoE, prefix: str, dims: ParallelDims):
-            ParallelDSMoE.__init__(self, plain, prefix, dims)
+        def __init__(self, plain: DSMoE, prefix: str, dims: ParallelDims, dispatch: str):
+            ParallelDSMoE.__init__(self, plain, prefix, dims, dispatch)
             self.ep_size = dims.ep
             self.expert_group_name = f"ep_size_{dims.ep}"
 
@@ -230,13 +244,27 @@ def _expert_parallel_class():
     return ExpertParallelDSMoE
 
 
-def make_parallel_moe(plain: DSMoE, prefix: str, dims: ParallelDims) -> ParallelDSMoE:
-    cls = _expert_parallel_class() if dims.ep > 1 else ParallelDSMoE
-    return cls(plain, prefix, dims)
+def choose_dispatch(setting: str, tokens: int, d_model: int, expert_params: int, dims: ParallelDims) -> str:
+    """'tokens' or 'weights' for dense training under ep > 1 (parallel/README.md): per rank and layer the
+    token path moves 4(ep-1)·T·D elements, the weight path 3(ep-1)/ep·W (W: the layer's expert parameters
+    on this tensor rank); 'auto' takes the smaller."""
+    if setting != "auto" or dims.ep == 1:
+        return setting if dims.ep > 1 else "tokens"
+    token_volume = 4 * (dims.ep - 1) * tokens * d_model
+    weight_volume = 3 * (dims.ep - 1) / dims.ep * expert_params / dims.tp
+    return "weights" if weight_volume < token_volume else "tokens"
 
 
-def apply(model, dims: ParallelDims) -> None:
+def make_parallel_moe(
+    plain: DSMoE, prefix: str, dims: ParallelDims, dispatch: str = "tokens"
+) -> ParallelDSMoE:
+    if dims.ep > 1:
+        return _expert_parallel_class()(plain, prefix, dims, dispatch)
+    return ParallelDSMoE(plain, prefix, dims, dispatch)
+
+
+def apply(model, dims: ParallelDims, dispatch: str = "tokens") -> None:
     """Replace every DS-MoE layer by its expert/tensor-parallel form (in place)."""
     for i, block in enumerate(model.blocks):
         if isinstance(block.mlp, DSMoE):
-            block.mlp = make_parallel_moe(block.mlp, f"blocks.{i}.mlp", dims)
+            block.mlp = make_parallel_moe(block.mlp, f"blocks.{i}.mlp", dims, dispatch)

@@ -60,7 +60,9 @@ def batches():
     ]
 
 
-def run_rank(rank: int, world: int, port: int, layout: tuple, zero_stage: int, activation: str, out: str):
+def run_rank(
+    rank: int, world: int, port: int, layout: tuple, zero_stage: int, activation: str, dispatch: str, out: str
+):
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
@@ -81,7 +83,7 @@ def run_rank(rank: int, world: int, port: int, layout: tuple, zero_stage: int, a
     dims = groups.init(cfg.parallel)
     torch.manual_seed(0)
     model = build(cfg.model)
-    parallel.apply(model, dims)
+    parallel.apply(model, dims, dispatch)
     engine = engine_lib.initialize(model, cfg, dims)
     rows = slice(
         dims.batch_rank * cfg.train.micro_batch_size, (dims.batch_rank + 1) * cfg.train.micro_batch_size
@@ -121,7 +123,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(layout: tuple, zero_stage: int, activation: str, out: Path) -> list[dict]:
+def launch(
+    layout: tuple, zero_stage: int, activation: str, out: Path, dispatch: str = "tokens"
+) -> list[dict]:
     """Run every rank of `layout` as a process (gloo, one thread each); their results by rank."""
     import torch.multiprocessing as mp
 
@@ -129,7 +133,7 @@ def launch(layout: tuple, zero_stage: int, activation: str, out: Path) -> list[d
     out.mkdir(parents=True, exist_ok=True)
     mp.start_processes(
         run_rank,
-        args=(world, free_port(), layout, zero_stage, activation, str(out)),
+        args=(world, free_port(), layout, zero_stage, activation, dispatch, str(out)),
         nprocs=world,
         start_method="spawn",
     )

@@ -65,11 +65,20 @@ def test_wrong_type_names_key_and_file(tmp_path, yaml_text, key):
         ("train.eval_top_k=99", "train.eval_top_k"),
         ("parallel.zero_stage=4", "parallel.zero_stage"),
         ("model.moe.num_experts=0", "model.moe.num_experts"),
+        # Layouts: what tensor and expert parallelism split must divide evenly (tiny: 4 MoA heads, 2 KV
+        # heads, 8 experts x 64).
+        ("parallel.tp=4 model.attention.kv_heads=2", "model.attention.kv_heads"),
+        ("parallel.tp=8", "model.attention.heads"),
+        ("parallel.ep=3", "model.moe.num_experts"),
+        ("parallel.ep=2 parallel.zero_stage=3", "parallel.zero_stage"),
+        ("parallel.tp=2 model.moe.expert_hidden=63", "model.moe.expert_hidden"),
+        ("parallel.ep=2 model.mlp=dense", "parallel.ep"),
+        ("parallel.expert_dispatch=both", "parallel.expert_dispatch"),
     ],
 )
 def test_impossible_combination_names_key_and_file(override, key):
     with pytest.raises(ConfigError) as err:
-        config_lib.load(None, [override])
+        config_lib.load(None, override.split())
     assert key in str(err.value) and "tiny.yaml" in str(err.value)
 
 
@@ -104,3 +113,18 @@ def test_checkpoint_every_zero_needs_no_export():
     )
     with pytest.raises(ConfigError, match="nothing to export"):
         config_lib.load(None, ["train.checkpoint_every=0"])
+
+
+def test_expert_dispatch_takes_the_path_that_moves_less():
+    """parallel/README.md: tokens move 4(ep-1)TD, weights 3(ep-1)/ep W; DS-MoE-1B's crossover at ep 2 is
+    T = 3W / (4 ep D) = 6144 tokens per rank."""
+    from parallel.expert import choose_dispatch
+    from parallel.groups import ParallelDims
+
+    dims = ParallelDims(world_size=2, rank=0, local_rank=0, dp=1, ep=2, tp=1, device=None)
+    d, w = 2048, 2 * 32 * 256 * 2048  # DS-MoE-1B: GeLU experts, w_in + w_out
+    assert choose_dispatch("auto", 4096, d, w, dims) == "tokens"
+    assert choose_dispatch("auto", 8192, d, w, dims) == "weights"
+    assert choose_dispatch("tokens", 8192, d, w, dims) == "tokens"
+    one = ParallelDims(world_size=1, rank=0, local_rank=0, dp=1, ep=1, tp=1, device=None)
+    assert choose_dispatch("weights", 8192, d, w, one) == "tokens"  # nothing to gather without ep

@@ -16,15 +16,17 @@ from tests.parallel_worker import launch
 
 TOL = 1e-5
 
-LAYOUTS = {  # (dp, ep, tp), ZeRO stage, activation
-    "dp2": ((2, 1, 1), 0, "gelu"),
-    "ep2": ((1, 2, 1), 0, "swiglu"),
-    "tp2": ((1, 1, 2), 0, "swiglu"),
-    "dp2xep2": ((2, 2, 1), 0, "gelu"),
-    "dp2xtp2": ((2, 1, 2), 0, "gelu"),
-    "ep2xtp2": ((1, 2, 2), 0, "swiglu"),
-    "dp2xep2-zero2": ((2, 2, 1), 2, "gelu"),
-    "ep2xtp2-zero1": ((1, 2, 2), 1, "swiglu"),
+LAYOUTS = {  # (dp, ep, tp), ZeRO stage, activation, how dense training reaches the experts under ep
+    "dp2": ((2, 1, 1), 0, "gelu", "tokens"),
+    "ep2": ((1, 2, 1), 0, "swiglu", "tokens"),
+    "tp2": ((1, 1, 2), 0, "swiglu", "tokens"),
+    "dp2xep2": ((2, 2, 1), 0, "gelu", "tokens"),
+    "dp2xtp2": ((2, 1, 2), 0, "gelu", "tokens"),
+    "ep2xtp2": ((1, 2, 2), 0, "swiglu", "tokens"),
+    "dp2xep2-zero2": ((2, 2, 1), 2, "gelu", "tokens"),
+    "ep2xtp2-zero1": ((1, 2, 2), 1, "swiglu", "tokens"),
+    "ep2xtp2-weights": ((1, 2, 2), 0, "swiglu", "weights"),
+    "dp2xep2-weights-zero2": ((2, 2, 1), 2, "gelu", "weights"),
 }
 
 
@@ -60,9 +62,9 @@ def gathered(ranks: list[dict], key: str, activation: str, tp: int, ep: int) -> 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_layout_trains_like_one_process(name, references, tmp_path):
-    (dp, ep, tp), zero_stage, activation = LAYOUTS[name]
+    (dp, ep, tp), zero_stage, activation, dispatch = LAYOUTS[name]
     reference = references(activation)
-    ranks = launch((dp, ep, tp), zero_stage, activation, tmp_path)
+    ranks = launch((dp, ep, tp), zero_stage, activation, tmp_path, dispatch)
 
     for r in ranks:
         assert r["loss"] == pytest.approx(reference["loss"], rel=TOL)

@@ -23,7 +23,6 @@ from dsmoe.config import Config, ConfigError
 from dsmoe.data import PackedSampler, open_token_data, pad_vocab, prepare
 from dsmoe.data.tokens import open_pretokenized
 from dsmoe.model import build
-from dsmoe.model.attention import resolve_backend
 from dsmoe.train import checkpoint
 from dsmoe.train.checkpoint import CheckpointError
 from dsmoe.train.logging import RunLogger
@@ -174,7 +173,8 @@ def run(cfg: Config) -> RunResult:
     model = build(cfg.model)
     if t.init_from and not resume_from:
         _initialise_from(model, Path(t.init_from))
-    parallel.apply(model, dims)
+    dispatch = _expert_dispatch(cfg, model, dims)
+    parallel.apply(model, dims, dispatch)
     engine = engine_lib.initialize(model, cfg, dims)
     gas = engine_lib.gradient_accumulation_steps(cfg, dims)
     start_step = 0
@@ -189,7 +189,9 @@ def run(cfg: Config) -> RunResult:
         n_params, n_expert = model.num_params(), model.num_expert_params()
         print(
             f"dsmoe: {n_params / 1e6:.2f}M params ({n_expert / 1e6:.2f}M in experts), world {dims.world_size} "
-            f"(dp {dims.dp} x ep {dims.ep} x tp {dims.tp}), device {dims.device.type}, attention {resolve_backend(cfg.model.attention.backend)}, "
+            f"(dp {dims.dp} x ep {dims.ep} x tp {dims.tp}"
+            + (f", experts reached by gathering {dispatch}" if dims.ep > 1 else "")
+            + "), device {dims.device.type}, attention {resolve_backend(cfg.model.attention.backend)}, "
             f"precision {t.precision}, ZeRO {cfg.parallel.zero_stage}, "
             + (f"resuming from {resume_from}" if resume_from else "starting"),
             flush=True,
@@ -285,6 +287,17 @@ def run(cfg: Config) -> RunResult:
     if logger:
         logger.close()
     return result
+
+
+def _expert_dispatch(cfg: Config, model, dims: groups.ParallelDims) -> str:
+    from parallel.expert import choose_dispatch
+
+    layers = model.moe_layers
+    if not layers:
+        return "tokens"
+    params = layers[0].w_in.numel() + layers[0].w_out.numel()
+    tokens = cfg.train.micro_batch_size * cfg.data.seq_len
+    return choose_dispatch(cfg.parallel.expert_dispatch, tokens, cfg.model.d_model, params, dims)
 
 
 def _step_stats(out) -> dict[str, torch.Tensor]:
