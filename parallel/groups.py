@@ -79,7 +79,8 @@ def init(cfg: ParallelConfig, source: str = "config") -> ParallelDims:
     """Initialise torch.distributed if needed, validate `cfg` against the world size, build the groups."""
     import deepspeed  # deferred: importing deepspeed takes seconds
 
-    use_cuda = torch.cuda.is_available()
+    # DeepSpeed's own switch to CPU also keeps us on gloo where GPUs exist (tests with more ranks than GPUs)
+    use_cuda = torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR") != "cpu"
     if not dist.is_initialized():
         backend = "nccl" if use_cuda else "gloo"
         if all(k in os.environ for k in LAUNCHER_ENV):  # started by deepspeed or torchrun

@@ -71,6 +71,10 @@ def run_rank(
         LOCAL_RANK=str(rank),
         LOCAL_WORLD_SIZE=str(world),
     )
+    if not torch.cuda.is_available() or torch.cuda.device_count() < world:
+        os.environ["DS_ACCELERATOR"] = (
+            "cpu"  # gloo processes (NCCL with one GPU per rank where there are enough)
+        )
     torch.set_num_threads(1)
     import parallel
     from dsmoe.model import build
@@ -95,23 +99,24 @@ def run_rank(
         "norm": [],
     }
     for step, (x, y) in enumerate(batches()):
-        o = engine(x[rows], y[rows])
+        o = engine(x[rows].to(dims.device), y[rows].to(dims.device))
         engine.backward(o.loss)
         if step == 0 and zero_stage == 0:  # DeepSpeed has reduced the gradients over the data groups now
-            result["grads"] = {n: p.grad.clone() for n, p in engine.module.named_parameters()}
+            result["grads"] = {n: p.grad.cpu() for n, p in engine.module.named_parameters()}
         norm, _ = engine_lib.boundary_step(engine)
         stats = torch.stack([o.loss.detach(), o.mlp.mi_loss.detach(), o.attention.mi_loss.detach()])
         torch.distributed.all_reduce(stats)
+        stats = stats.cpu()
         stats /= world
         result["loss"].append(float(stats[0]))
         result["mi"].append((float(stats[1]), float(stats[2])))
         result["norm"].append(norm)
-    result["weights"] = {n: p.detach().clone() for n, p in engine.module.named_parameters()}
+    result["weights"] = {n: p.detach().cpu() for n, p in engine.module.named_parameters()}
     engine.module.eval()
     with torch.no_grad():
         sparse = Routing(RoutingRule("top_k", k=2), RoutingRule("top_k", k=2))
-        logits = engine.module(batches()[0][0][rows], routing=sparse).logits
-        result["sparse_logits"] = gather_logits(logits, dims)
+        logits = engine.module(batches()[0][0][rows].to(dims.device), routing=sparse).logits
+        result["sparse_logits"] = gather_logits(logits, dims).cpu()
     torch.save(result, Path(out) / f"rank{rank}.pt")
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
