@@ -102,7 +102,8 @@ def run_rank(
         o = engine(x[rows].to(dims.device), y[rows].to(dims.device))
         engine.backward(o.loss)
         if step == 0 and zero_stage == 0:  # DeepSpeed has reduced the gradients over the data groups now
-            result["grads"] = {n: p.grad.cpu() for n, p in engine.module.named_parameters()}
+            # a copy: on CPU .cpu() would alias the gradient that later steps overwrite
+            result["grads"] = {n: p.grad.to("cpu", copy=True) for n, p in engine.module.named_parameters()}
         norm, _ = engine_lib.boundary_step(engine)
         stats = torch.stack([o.loss.detach(), o.mlp.mi_loss.detach(), o.attention.mi_loss.detach()])
         torch.distributed.all_reduce(stats)
@@ -111,7 +112,7 @@ def run_rank(
         result["loss"].append(float(stats[0]))
         result["mi"].append((float(stats[1]), float(stats[2])))
         result["norm"].append(norm)
-    result["weights"] = {n: p.detach().cpu() for n, p in engine.module.named_parameters()}
+    result["weights"] = {n: p.detach().to("cpu", copy=True) for n, p in engine.module.named_parameters()}
     engine.module.eval()
     with torch.no_grad():
         sparse = Routing(RoutingRule("top_k", k=2), RoutingRule("top_k", k=2))

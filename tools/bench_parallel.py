@@ -87,7 +87,7 @@ def _train_worker(args) -> None:
         shutil.rmtree(run_dir, ignore_errors=True)
     result = run(cfg)
     memory = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
-    peak = torch.tensor([memory])
+    peak = torch.tensor([memory], device="cuda" if torch.cuda.is_available() else "cpu")
     dist.all_reduce(peak, op=dist.ReduceOp.MAX)
     if dist.get_rank() == 0:
         metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

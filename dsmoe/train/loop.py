@@ -23,6 +23,7 @@ from dsmoe.config import Config, ConfigError
 from dsmoe.data import PackedSampler, open_token_data, pad_vocab, prepare
 from dsmoe.data.tokens import open_pretokenized
 from dsmoe.model import build
+from dsmoe.model.attention import resolve_backend
 from dsmoe.train import checkpoint
 from dsmoe.train.checkpoint import CheckpointError
 from dsmoe.train.logging import RunLogger
@@ -191,7 +192,7 @@ def run(cfg: Config) -> RunResult:
             f"dsmoe: {n_params / 1e6:.2f}M params ({n_expert / 1e6:.2f}M in experts), world {dims.world_size} "
             f"(dp {dims.dp} x ep {dims.ep} x tp {dims.tp}"
             + (f", experts reached by gathering {dispatch}" if dims.ep > 1 else "")
-            + "), device {dims.device.type}, attention {resolve_backend(cfg.model.attention.backend)}, "
+            + f"), device {dims.device.type}, attention {resolve_backend(cfg.model.attention.backend)}, "
             f"precision {t.precision}, ZeRO {cfg.parallel.zero_stage}, "
             + (f"resuming from {resume_from}" if resume_from else "starting"),
             flush=True,
