@@ -71,6 +71,18 @@ def run_config(run_dir: str | Path, tag: str | None = None) -> tuple[config_lib.
 def export(run_dir: str | Path, out_dir: str | Path, routing: Routing, tag: str | None = None) -> Path:
     """Write the sparse-inference model of `run_dir`'s checkpoint to `out_dir`."""
     model, cfg, tokenizer_path, step = load_from_run(run_dir, tag)
+    return write_export(model, cfg, tokenizer_path, out_dir, routing, step)
+
+
+def write_export(
+    model: DecoderLM,
+    cfg: config_lib.Config,
+    tokenizer_path: Path,
+    out_dir: str | Path,
+    routing: Routing,
+    step: int,
+) -> Path:
+    """Write a model, its config and tokenizer as an exported model directory."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_model(model, str(out / "model.safetensors"))
