@@ -202,6 +202,7 @@ def save(
         torch.save(rng_state(), staging / f"rng_rank{rank}.pt")
         if rank == 0:
             shutil.copyfile(tokenizer_path, staging / "tokenizer.json")
+        client_state["dsmoe"]["engine"] = engine_counters(engine)
         with _as_plain_deepspeed(engine):
             engine.save_checkpoint(str(root), tag=staging.name, client_state=client_state, save_latest=False)
         _save_shards(engine, staging)
@@ -236,9 +237,19 @@ def prune(run_dir: str | Path, keep: int) -> None:
             shutil.rmtree(root / tag, ignore_errors=True)
 
 
-def load(engine, run_dir: str | Path, tag: str, rank: int) -> dict:
-    """Load checkpoint `tag` into `engine` and this rank's RNG; returns our client state."""
+def load(engine, run_dir: str | Path, tag: str, rank: int, same_layout: bool = True) -> dict:
+    """Load checkpoint `tag` into `engine` and this rank's RNG; returns our client state.
+
+    In another layout (world size, dp/ep/tp, ZeRO stage) DeepSpeed's files cannot be read: the
+    layout-free shards are (load_resharded); RNG streams then restart from rank 0's saved state.
+    """
     root = checkpoint_root(run_dir)
+    if not same_layout:
+        ours = read_client_state(root / tag)
+        activation = ours["config"]["model"]["moe"]["activation"]
+        load_resharded(engine, root / tag, ours["engine"], activation)
+        set_rng_state(torch.load(root / tag / "rng_rank0.pt", weights_only=False))
+        return ours
     rng_file = root / tag / f"rng_rank{rank}.pt"
     if not rng_file.is_file():
         raise CheckpointError(f"{root / tag} has no {rng_file.name}: it was saved by fewer ranks")
@@ -274,19 +285,58 @@ def _as_plain_deepspeed(engine):
         engine.has_moe_layers = has_moe
 
 
+MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
+def _inner_optimizer(engine):
+    """torch's optimizer: DeepSpeed's ZeRO and bf16 optimizers wrap it, the plain path is it."""
+    return getattr(engine.optimizer, "optimizer", engine.optimizer)
+
+
+def _adam_step(engine) -> float:
+    for state in _inner_optimizer(engine).state.values():
+        if "step" in state:
+            return float(state["step"])
+    return 0.0
+
+
+def _moment(engine, p, key: str) -> torch.Tensor:
+    from deepspeed.utils import safe_get_full_optimizer_state
+
+    value = safe_get_full_optimizer_state(p, key)  # ZeRO / bf16 optimizer: collective over p's data group
+    if value is None:
+        value = engine.optimizer.state.get(p, {}).get(key)  # our AdamW on the plain path
+    return torch.zeros(p.shape, dtype=torch.float32) if value is None else value
+
+
+def engine_counters(engine) -> dict:
+    """What a resume in another layout needs besides the shards (layout-free scalars)."""
+    return {
+        "global_steps": engine.global_steps,
+        "global_samples": engine.global_samples,
+        "skipped_steps": engine.skipped_steps,
+        "adam_step": _adam_step(engine),
+        "lr_scheduler": engine.lr_scheduler.state_dict() if engine.lr_scheduler is not None else None,
+    }
+
+
 def _save_shards(engine, staging: Path) -> None:
-    """Under tp/ep: every parameter this position of the layout holds, as fp32 masters where DeepSpeed
-    keeps them (collective under ZeRO: every rank takes part; the first data-parallel replica writes)."""
+    """Every parameter this (tp, ep) position of the layout holds, with its Adam moments, as fp32 under the
+    plain model's names (moments as '<moment>/<name>'): with parallel/layout.py any layout can read them.
+    Collective under ZeRO (every rank takes part); the first data-parallel replica writes."""
     from deepspeed.utils import safe_get_full_fp32_param
     from safetensors.torch import save_file
 
-    dims = _dims(engine)
+    dims = getattr(engine, "dsmoe_dims", None)
     if dims is None:
         return
+    _link_optimizer_state(engine)
     tensors = {}
     for name, p in engine.module.named_parameters():
         master = safe_get_full_fp32_param(p)
         tensors[name] = (master if master is not None else p).detach().float().cpu().contiguous()
+        for key in MOMENTS:
+            tensors[f"{key}/{name}"] = _moment(engine, p, key).detach().float().cpu().contiguous()
     if dims.dp_rank == 0:
         layout = {
             "tp": str(dims.tp),
@@ -311,7 +361,7 @@ def _load_shards(engine, directory: Path) -> None:
     path = directory / _shard_name(dims)
     if not path.is_file():
         raise CheckpointError(f"{directory} has no {path.name}: it was saved with another parallel layout")
-    tensors = load_file(path)
+    tensors = {k: v for k, v in load_file(path).items() if "/" not in k}
     params = dict(engine.module.named_parameters())
     if missing := params.keys() - tensors.keys():
         raise CheckpointError(f"{path} lacks {sorted(missing)[:5]}: it does not fit this model")
@@ -326,12 +376,90 @@ def _load_shards(engine, directory: Path) -> None:
         engine.optimizer.load_state_dict(torch.load(optim, map_location=dims.device, weights_only=False))
 
 
+def load_resharded(engine, directory: Path, counters: dict, activation: str) -> None:
+    """Load a checkpoint saved under another layout (or ZeRO stage): join each tensor from the saved shards,
+    cut this rank's piece, and set the fp32 master, the Adam moments and the engine's counters. Every
+    parameter must be found and every saved tensor placed: anything else is an error naming the keys."""
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+    from parallel.layout import placement, shard
+
+    files = shard_files(directory)
+    if not files:
+        raise CheckpointError(
+            f"{directory} has no parameter shards (shard_tp*_ep*.safetensors): it can only be "
+            "resumed in the layout that saved it"
+        )
+    saved = _unshard_checkpoint(files, activation, moments=True)
+    dims = engine.dsmoe_dims
+    params = dict(engine.module.named_parameters())
+    wanted = {k for n in params for k in (n, *(f"{m}/{n}" for m in MOMENTS))}
+    if missing := sorted(wanted - saved.keys()):
+        raise CheckpointError(f"{directory} lacks {len(missing)} tensors this model needs: {missing[:8]}")
+    if unexpected := sorted(saved.keys() - wanted):
+        raise CheckpointError(
+            f"{directory} holds {len(unexpected)} tensors this model has no place for: {unexpected[:8]}"
+        )
+    _create_optimizer_state(engine, counters["adam_step"])
+    with torch.no_grad():
+        for name, p in params.items():
+            where = placement(name, activation)
+            local = {
+                key: shard(saved[key], where, dims.tp_rank, dims.tp, dims.ep_rank, dims.ep).to(p.device)
+                for key in (name, *(f"{m}/{name}" for m in MOMENTS))
+            }
+            value = local[name]
+            if hasattr(p, "_hp_mapping") or hasattr(p, "ds_id"):
+                safe_set_full_fp32_param(p, value)
+                for key in MOMENTS:
+                    safe_set_full_optimizer_state(p, local[f"{key}/{name}"], key)
+            else:
+                state = engine.optimizer.state[p]
+                for key in MOMENTS:
+                    state[key] = local[f"{key}/{name}"].to(p.dtype)
+            p.copy_(value.to(p.dtype))
+    engine.global_steps = counters["global_steps"]
+    engine.global_samples = counters["global_samples"]
+    engine.skipped_steps = counters["skipped_steps"]
+    scheduler = engine.lr_scheduler
+    if scheduler is not None and counters["lr_scheduler"] is not None:
+        # Only the position: the parameter groups (and their base rates) are this layout's own.
+        scheduler.last_epoch = counters["lr_scheduler"]["last_epoch"]
+        scheduler._step_count = counters["lr_scheduler"]["_step_count"]
+        for group, base, factor in zip(
+            scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas, strict=True
+        ):
+            group["lr"] = base * factor(scheduler.last_epoch)
+        scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
+
+
+def _link_optimizer_state(engine) -> None:
+    """(Re)build DeepSpeed's links from parameters to their pieces of the Adam state. DeepSpeed links them
+    once, right after the first parameter group's first step, when the later groups have no state yet."""
+    if hasattr(engine.optimizer, "_lazy_init_hp_params_optimizer_state"):  # ZeRO 1-2, bf16 optimizer
+        engine.optimizer._hp_optimizer_states_linked = False
+        engine.optimizer._lazy_init_hp_params_optimizer_state()
+
+
+def _create_optimizer_state(engine, adam_step: float) -> None:
+    """torch's Adam state for every tensor it updates (zeros, with the saved step count), as its first step
+    would create it, and DeepSpeed's links from parameters to their pieces of it."""
+    inner = _inner_optimizer(engine)
+    for group in inner.param_groups:
+        on_device = group.get("fused") or group.get("capturable")
+        for p in group["params"]:
+            step = torch.tensor(adam_step, dtype=torch.float32, device=p.device if on_device else "cpu")
+            inner.state[p] = {"step": step, "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
+    _link_optimizer_state(engine)
+
+
 def shard_files(checkpoint_dir: Path) -> list[Path]:
     return sorted(checkpoint_dir.glob("shard_tp*_ep*.safetensors"))
 
 
-def _unshard_checkpoint(files: list[Path], activation: str) -> dict:
-    """The plain model's state dict from the shards of every (tp, ep) position."""
+def _unshard_checkpoint(files: list[Path], activation: str, moments: bool = False) -> dict:
+    """The plain model's state dict from the shards of every (tp, ep) position (with moments: also the
+    Adam moments, as '<moment>/<name>')."""
     from safetensors import safe_open
 
     from parallel.layout import placement, unshard
@@ -344,12 +472,15 @@ def _unshard_checkpoint(files: list[Path], activation: str) -> dict:
             tp, ep = int(meta["tp"]), int(meta["ep"])
             where = (int(meta["tp_rank"]), int(meta["ep_rank"]))
             for name in f.keys():
-                pieces.setdefault(name, {})[where] = f.get_tensor(name)
+                if "/" not in name or moments:
+                    pieces.setdefault(name, {})[where] = f.get_tensor(name)
     if len(files) != tp * ep:
         raise CheckpointError(
             f"{files[0].parent} holds {len(files)} shards, its layout tp {tp} x ep {ep} needs {tp * ep}"
         )
-    return {name: unshard(p, placement(name, activation), tp, ep) for name, p in pieces.items()}
+    return {
+        name: unshard(p, placement(name.split("/")[-1], activation), tp, ep) for name, p in pieces.items()
+    }
 
 
 def read_client_state(checkpoint_dir: Path) -> dict:

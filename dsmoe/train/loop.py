@@ -31,7 +31,19 @@ from parallel import engine as engine_lib
 from parallel import groups
 
 # Sections a resumed run must share with the checkpoint it resumes; train.* may change (e.g. max_steps).
-RESUME_MUST_MATCH = ("model", "data", "parallel")
+RESUME_MUST_MATCH = ("model", "data")  # the layout may change: checkpoints are resharded (checkpoint.py)
+
+
+def _layout(config: dict, world_size: int) -> dict:
+    """What DeepSpeed's own files depend on; a resume that changes any of it goes through our shards."""
+    p = config["parallel"]
+    return {
+        "world_size": world_size,
+        "ep": p["ep"],
+        "tp": p["tp"],
+        "zero_stage": p["zero_stage"],
+        "precision": config["train"]["precision"],
+    }
 
 
 @dataclass
@@ -119,21 +131,26 @@ class StopSignals:
             signal.signal(sig, handler)
 
 
-def _resume_point(cfg: Config, dims: groups.ParallelDims, run_dir: Path, tokenizer_path: Path) -> str | None:
-    """The verified checkpoint to resume from (rank 0 decides, everyone follows), after checking it fits."""
-    decision: list = [None, None]
+def _resume_point(
+    cfg: Config, dims: groups.ParallelDims, run_dir: Path, tokenizer_path: Path
+) -> tuple[str | None, bool]:
+    """The verified checkpoint to resume from and whether it was saved in this layout (rank 0 decides,
+    everyone follows), after checking it fits."""
+    decision: list = [None, None, True]
     if dims.is_main:
         try:
             tag = checkpoint.resume_tag(run_dir)
             if tag is not None:
                 ours = checkpoint.read_client_state(checkpoint.checkpoint_root(run_dir) / tag)
                 check_resume_config(ours["config"], cfg, run_dir)
-                saved_world = ours.get("world_size", dims.world_size)
-                if saved_world != dims.world_size:
-                    raise CheckpointError(
-                        f"{run_dir}/checkpoints/{tag} was saved by {saved_world} processes, this run has "
-                        f"{dims.world_size}; resume with {saved_world} processes (resharding is not supported yet)"
+                saved = _layout(ours["config"], ours.get("world_size", dims.world_size))
+                now = _layout(config_lib.to_dict(cfg), dims.world_size)
+                if saved != now:
+                    changes = ", ".join(f"{k} {saved[k]} -> {now[k]}" for k in saved if saved[k] != now[k])
+                    print(
+                        f"resuming {tag} in another layout ({changes}): resharding its checkpoint", flush=True
                     )
+                    decision[2] = False
                 saved_tokenizer = checkpoint.checkpoint_root(run_dir) / tag / "tokenizer.json"
                 if saved_tokenizer.read_bytes() != tokenizer_path.read_bytes():
                     raise CheckpointError(
@@ -148,7 +165,7 @@ def _resume_point(cfg: Config, dims: groups.ParallelDims, run_dir: Path, tokeniz
     dist.broadcast_object_list(decision, src=0)
     if decision[1] is not None:
         raise decision[1]
-    return decision[0]
+    return decision[0], decision[2]
 
 
 def run(cfg: Config) -> RunResult:
@@ -163,7 +180,7 @@ def run(cfg: Config) -> RunResult:
             f"model.vocab_size {cfg.model.vocab_size} < tokenizer vocabulary {token_data.vocab_size}"
         )
 
-    resume_from = _resume_point(cfg, dims, run_dir, token_data.tokenizer_path)
+    resume_from, same_layout = _resume_point(cfg, dims, run_dir, token_data.tokenizer_path)
     if dims.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(json.dumps(config_lib.to_dict(cfg), indent=2))
@@ -180,7 +197,7 @@ def run(cfg: Config) -> RunResult:
     gas = engine_lib.gradient_accumulation_steps(cfg, dims)
     start_step = 0
     if resume_from:
-        start_step = int(checkpoint.load(engine, run_dir, resume_from, dims.rank)["step"])
+        start_step = int(checkpoint.load(engine, run_dir, resume_from, dims.rank, same_layout)["step"])
     else:
         torch.manual_seed(t.seed + 1 + dims.rank)  # per-rank stream for anything stochastic in training
 
