@@ -4,9 +4,10 @@ Layout of RUN_DIR/checkpoints/:
   step_00000100/          one complete checkpoint
     (DeepSpeed's model / optimizer / scheduler files)
     rng_rank{r}.pt        Python, NumPy and torch RNG states of rank r
-    shard_tp{t}_ep{e}.safetensors   under tensor/expert parallelism: the parameters (fp32 masters) held at
-                          tensor rank t, expert rank e, named as in the plain model (parallel/layout.py
-                          says how they join); with ep > 1 and no ZeRO also optim_tp{t}_ep{e}.pt
+    shard_tp{t}_ep{e}.safetensors   the parameters (fp32 masters) and Adam moments ('exp_avg/<name>',
+                          'exp_avg_sq/<name>') held at tensor rank t, expert rank e, named as in the plain
+                          model: parallel/layout.py joins them, so any layout can resume from them
+                          (load_resharded); with ep > 1 and no ZeRO also optim_tp{t}_ep{e}.pt
     tokenizer.json        the tokenizer the run trained
     manifest.json         every file above with its size and SHA-256; written last
   step_00000200.partial/  a save in progress (or one a killed process left behind): never loaded
