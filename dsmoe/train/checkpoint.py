@@ -7,7 +7,8 @@ Layout of RUN_DIR/checkpoints/:
     shard_tp{t}_ep{e}.safetensors   the parameters (fp32 masters) and Adam moments ('exp_avg/<name>',
                           'exp_avg_sq/<name>') held at tensor rank t, expert rank e, named as in the plain
                           model: parallel/layout.py joins them, so any layout can resume from them
-                          (load_resharded); with ep > 1 and no ZeRO also optim_tp{t}_ep{e}.pt
+                          (load_resharded; also the way back for ep > 1 without ZeRO, where DeepSpeed's
+                          files hold only the first expert rank's optimizer state)
     tokenizer.json        the tokenizer the run trained
     manifest.json         every file above with its size and SHA-256; written last
   step_00000200.partial/  a save in progress (or one a killed process left behind): never loaded
@@ -245,11 +246,15 @@ def load(engine, run_dir: str | Path, tag: str, rank: int, same_layout: bool = T
     layout-free shards are (load_resharded); RNG streams then restart from rank 0's saved state.
     """
     root = checkpoint_root(run_dir)
-    if not same_layout:
+    dims = getattr(engine, "dsmoe_dims", None)
+    # Without ZeRO, DeepSpeed keeps one optimizer state (the first expert rank's): expert ranks read ours.
+    experts_apart = dims is not None and dims.ep > 1 and not engine.zero_optimization()
+    if not same_layout or experts_apart:
         ours = read_client_state(root / tag)
         activation = ours["config"]["model"]["moe"]["activation"]
         load_resharded(engine, root / tag, ours["engine"], activation)
-        set_rng_state(torch.load(root / tag / "rng_rank0.pt", weights_only=False))
+        own_rng = root / tag / f"rng_rank{rank}.pt"
+        set_rng_state(torch.load(own_rng if same_layout else root / tag / "rng_rank0.pt", weights_only=False))
         return ours
     rng_file = root / tag / f"rng_rank{rank}.pt"
     if not rng_file.is_file():
@@ -276,8 +281,7 @@ def _shard_name(dims) -> str:
 def _as_plain_deepspeed(engine):
     """DeepSpeed's MoE checkpoint path expects its own expert modules (one per expert, named
     deepspeed_moe.experts...) and would drop our stacked expert shards; DeepSpeed saves and loads everything
-    else, while the expert shards (and, without ZeRO, each expert rank's optimizer state) go into our own
-    files (_save_shards). ZeRO's per-rank optimizer partitions are per rank either way."""
+    else, while the expert shards go into our own files (_save_shards). ZeRO's per-rank optimizer partitions are per rank either way."""
     has_moe = engine.has_moe_layers
     engine.has_moe_layers = False
     try:
@@ -346,8 +350,6 @@ def _save_shards(engine, staging: Path) -> None:
             "ep_rank": str(dims.ep_rank),
         }
         save_file(tensors, staging / _shard_name(dims), metadata=layout)
-        if dims.ep > 1 and not engine.zero_optimization():
-            torch.save(engine.optimizer.state_dict(), staging / f"optim_tp{dims.tp_rank}_ep{dims.ep_rank}.pt")
 
 
 def _load_shards(engine, directory: Path) -> None:
@@ -372,9 +374,6 @@ def _load_shards(engine, directory: Path) -> None:
             if hasattr(p, "_hp_mapping") or hasattr(p, "ds_id"):
                 safe_set_full_fp32_param(p, value)
             p.copy_(value.to(p.dtype))
-    optim = directory / f"optim_tp{dims.tp_rank}_ep{dims.ep_rank}.pt"
-    if dims.ep > 1 and not engine.zero_optimization():
-        engine.optimizer.load_state_dict(torch.load(optim, map_location=dims.device, weights_only=False))
 
 
 def load_resharded(engine, directory: Path, counters: dict, activation: str) -> None:
