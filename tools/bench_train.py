@@ -6,7 +6,10 @@ Runs the real training loop (DeepSpeed engine, our model) for --steps steps with
 the median tokens/s of the steps after --warmup, and writes benchmarks/train_<config>_<device>.md with
 device, date, commit and command. MFU = tokens/s x model.flops_per_token / the device's bf16 dense peak
 (H100 SXM 989 TFLOP/s, H200 989; the 8192^3 matmul measured 771-798 here, see the device notes).
-Not yet: the time split between attention, MLP, router, optimizer and communication (#5).
+On a GPU it then times the parts of a step (time_split): one block's attention, its MLP without the
+router, the router + MI loss (each forward + backward on the run's micro-batch, eager, times the layers),
+embedding + head + loss, and one optimizer step; the rest of the measured step time is 'other' (launch
+gaps, Python, copies, and on several ranks communication).
 """
 
 from __future__ import annotations
@@ -84,11 +87,108 @@ def main() -> int:
         f"(model.flops_per_token); MFU against the {peak or 'unknown'} TFLOP/s bf16 dense datasheet peak.",
         "",
     ]
+    if torch.cuda.is_available():
+        step_ms = 1000 * cfg.train.global_batch_size * cfg.data.seq_len / tokens_per_s
+        parts = time_split(result.engine, cfg)
+        parts["other (launch gaps, Python, copies, communication)"] = step_ms - sum(parts.values())
+        lines += [
+            f"Time split of a step ({step_ms:.1f} ms at the median tokens/s; parts timed with CUDA events, "
+            "forward + backward on one micro-batch, eager, scaled by layers and micro-batches per step):",
+            "",
+            "| part | ms per step | share |",
+            "|---|---|---|",
+            *(f"| {name} | {ms:.1f} | {ms / step_ms:.1%} |" for name, ms in parts.items()),
+            "",
+        ]
     tag = next((k.lower() for k in PEAK_BF16_TFLOPS if k in device), "cpu")
     out = REPO / "benchmarks" / f"train_{Path(args.config).stem}_{tag}.md"
     out.write_text("\n".join(lines))
     print("\n".join(lines))
     return 0
+
+
+def _cuda_ms(fn, repeats: int = 5) -> float:
+    times = []
+    for i in range(repeats + 2):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        if i >= 2:
+            times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def time_split(engine, cfg) -> dict[str, float]:
+    """Milliseconds per optimizer step of each part, timed apart on the run's micro-batch shape."""
+    import torch.nn.functional as F
+    from torch import nn
+
+    from dsmoe.model.attention import rope_cos_sin
+    from dsmoe.model.moe import mutual_information_loss
+    from dsmoe.model.transformer import Block
+    from parallel.engine import boundary_step
+
+    model, t = engine.module, cfg.train
+    micro_steps = t.global_batch_size // t.micro_batch_size  # one rank: every micro-batch is ours
+    dtype = next(model.parameters()).dtype
+    # Fresh modules of the model's shapes: the engine's own parameters carry ZeRO's gradient hooks, which
+    # allow one backward per step.
+    block, layers = Block(cfg.model).to("cuda", dtype), len(model.blocks)
+    head_norm = nn.RMSNorm(cfg.model.d_model).to("cuda", dtype)
+    lm_head = nn.Linear(cfg.model.d_model, cfg.model.vocab_size, bias=False).to("cuda", dtype)
+    for p in [*block.parameters(), *lm_head.parameters()]:
+        if p.dim() >= 2:
+            nn.init.normal_(p, std=cfg.model.init_std)
+    shape = (t.micro_batch_size, cfg.data.seq_len, cfg.model.d_model)
+    x = torch.randn(shape, device="cuda", dtype=dtype, requires_grad=True)
+    cos, sin = rope_cos_sin(cfg.data.seq_len, cfg.model.head_dim, cfg.model.attention.rope_theta, x.device)
+
+    def backward(out, aux) -> None:
+        loss = out.float().square().mean() + (aux.mi_loss if aux is not None else 0)
+        loss.backward()
+
+    def attention() -> None:
+        backward(*block.attn(block.attn_norm(x), cos, sin))
+
+    def mlp() -> None:
+        h = block.mlp_norm(x)
+        out = block.mlp(h)
+        backward(*out) if isinstance(out, tuple) else backward(out, None)
+
+    def router() -> None:
+        mutual_information_loss(block.mlp.router(block.mlp_norm(x).reshape(-1, shape[-1]))).backward()
+
+    def head() -> None:
+        logits = lm_head(head_norm(x))
+        targets = torch.randint(0, logits.shape[-1], logits.shape[:-1], device="cuda")
+        F.cross_entropy(logits.float().flatten(0, 1), targets.flatten()).backward()
+
+    per_micro = {"attention (incl. MoA router)": _cuda_ms(attention) * layers}
+    has_router = getattr(block.mlp, "router", None) is not None
+    router_ms = _cuda_ms(router) * layers if has_router else 0.0
+    per_micro["MLP (experts; router apart)"] = _cuda_ms(mlp) * layers - router_ms
+    if has_router:
+        per_micro["router + MI loss"] = router_ms
+    per_micro["embedding, final norm, LM head, loss"] = _cuda_ms(head)
+    parts = {name: ms * micro_steps for name, ms in per_micro.items()}
+    model.zero_grad(set_to_none=True)
+    idx = torch.randint(0, cfg.model.vocab_size, shape[:2], device="cuda")
+
+    def optimizer() -> None:
+        engine.backward(engine(idx, idx).loss)  # gradients to step with (not timed: only the step is)
+
+    if hasattr(engine, "set_gradient_accumulation_boundary"):
+        engine.set_gradient_accumulation_boundary(True)  # reduce and step now, whatever the accumulation count
+    optimizer()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    boundary_step(engine)
+    end.record()
+    torch.cuda.synchronize()
+    parts["optimizer step (incl. clipping)"] = start.elapsed_time(end)
+    return parts
 
 
 if __name__ == "__main__":

@@ -305,12 +305,27 @@ def _adam_step(engine) -> float:
     return 0.0
 
 
+def _master(engine, p) -> torch.Tensor:
+    """The tensor torch's optimizer updates for `p` where DeepSpeed keeps no fragment links: `p` itself
+    (fp32, no ZeRO), or its fp32 copy (bf16 without ZeRO on CPU: DeepSpeed's FP16_UnfusedOptimizer)."""
+    fp16_groups, fp32_groups = (
+        getattr(engine.optimizer, "fp16_groups", None),
+        getattr(engine.optimizer, "fp32_groups", None),
+    )
+    if fp16_groups is not None and fp32_groups is not None:
+        for low, high in zip(fp16_groups, fp32_groups, strict=True):
+            for lp, hp in zip(low, high, strict=True):
+                if lp is p:
+                    return hp
+    return p
+
+
 def _moment(engine, p, key: str) -> torch.Tensor:
     from deepspeed.utils import safe_get_full_optimizer_state
 
     value = safe_get_full_optimizer_state(p, key)  # ZeRO / bf16 optimizer: collective over p's data group
     if value is None:
-        value = engine.optimizer.state.get(p, {}).get(key)  # our AdamW on the plain path
+        value = _inner_optimizer(engine).state.get(_master(engine, p), {}).get(key)
     return torch.zeros(p.shape, dtype=torch.float32) if value is None else value
 
 
@@ -339,7 +354,9 @@ def _save_shards(engine, staging: Path) -> None:
     tensors = {}
     for name, p in engine.module.named_parameters():
         master = safe_get_full_fp32_param(p)
-        tensors[name] = (master if master is not None else p).detach().float().cpu().contiguous()
+        tensors[name] = (
+            (master if master is not None else _master(engine, p)).detach().float().cpu().contiguous()
+        )
         for key in MOMENTS:
             tensors[f"{key}/{name}"] = _moment(engine, p, key).detach().float().cpu().contiguous()
     if dims.dp_rank == 0:
@@ -414,9 +431,11 @@ def load_resharded(engine, directory: Path, counters: dict, activation: str) -> 
                 for key in MOMENTS:
                     safe_set_full_optimizer_state(p, local[f"{key}/{name}"], key)
             else:
-                state = engine.optimizer.state[p]
+                master = _master(engine, p)
+                master.copy_(value.to(master.dtype))
+                state = _inner_optimizer(engine).state[master]
                 for key in MOMENTS:
-                    state[key] = local[f"{key}/{name}"].to(p.dtype)
+                    state[key] = local[f"{key}/{name}"].to(master.dtype)
             p.copy_(value.to(p.dtype))
     engine.global_steps = counters["global_steps"]
     engine.global_samples = counters["global_samples"]
