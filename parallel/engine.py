@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from dsmoe.config import Config
+from dsmoe.config import Config, ConfigError
 from dsmoe.train.schedule import warmup_cosine
 from parallel.groups import DeepSpeedMPU, ParallelDims
 
@@ -15,9 +15,10 @@ def gradient_accumulation_steps(cfg: Config, dims: ParallelDims) -> int:
     t = cfg.train
     per_step = t.micro_batch_size * dims.batch_ranks
     if t.global_batch_size % per_step:
-        raise ValueError(
+        raise ConfigError(
             f"train.global_batch_size ({t.global_batch_size}) must be a multiple of train.micro_batch_size x "
-            f"the ranks that split the batch (dp x ep) = {t.micro_batch_size} x {dims.batch_ranks}"
+            f"the ranks that split the batch (dp x ep = {dims.dp} x {dims.ep}) = {t.micro_batch_size} x "
+            f"{dims.batch_ranks}: lower train.micro_batch_size or raise train.global_batch_size"
         )
     return t.global_batch_size // per_step
 
