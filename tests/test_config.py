@@ -128,3 +128,15 @@ def test_expert_dispatch_takes_the_path_that_moves_less():
     assert choose_dispatch("tokens", 8192, d, w, dims) == "tokens"
     one = ParallelDims(world_size=1, rank=0, local_rank=0, dp=1, ep=1, tp=1, device=None)
     assert choose_dispatch("weights", 8192, d, w, one) == "tokens"  # nothing to gather without ep
+
+
+def test_a_batch_the_layout_cannot_split_names_the_keys():
+    from parallel.engine import gradient_accumulation_steps
+    from parallel.groups import ParallelDims
+
+    cfg = config_lib.load(None, ["train.global_batch_size=16", "train.micro_batch_size=16"])
+    dims = ParallelDims(world_size=4, rank=0, local_rank=0, dp=1, ep=2, tp=2, device=None)
+    with pytest.raises(ConfigError, match=r"train.global_batch_size \(16\).*dp x ep = 1 x 2"):
+        gradient_accumulation_steps(cfg, dims)
+    cfg.train.micro_batch_size = 8
+    assert gradient_accumulation_steps(cfg, dims) == 1
