@@ -61,6 +61,13 @@ class MoEConfig:
     """Expert activation: GeLU as in the paper, SwiGLU as an option."""
     alpha: float = 6.3e-4
     """Weight of the mutual-information loss for MLP layers (paper, DS-MoE-1B: 6.3e-4)."""
+    training: Literal["dense", "sparse"] = "dense"
+    """'dense': DS-MoE (every expert trains on every token); 'sparse': the sparse-trained MoE baseline
+    (SMoE): each token trains only its top `train_top_k` experts, with the Switch load-balancing loss."""
+    train_top_k: int = 2
+    """Experts per token when training sparse (dropless: no capacity limit)."""
+    balance_alpha: float = 0.01
+    """Weight of the Switch load-balancing loss when training sparse (Fedus et al. 2021)."""
 
 
 @dataclass(kw_only=True)
@@ -362,6 +369,16 @@ def _check_layout(cfg: Config, check) -> None:
         p.expert_dispatch in ("auto", "tokens", "weights"),
         "parallel.expert_dispatch",
         f"must be auto|tokens|weights, got {p.expert_dispatch!r}",
+    )
+    check(
+        1 <= m.moe.train_top_k <= m.moe.num_experts,
+        "model.moe.train_top_k",
+        f"({m.moe.train_top_k}) must be in [1, model.moe.num_experts={m.moe.num_experts}]",
+    )
+    check(
+        m.moe.training == "dense" or (p.ep == 1 and p.tp == 1),
+        "model.moe.training",
+        "'sparse' (the SMoE baseline) runs without expert and tensor parallelism in this version",
     )
     if p.ep > 1:
         check(m.mlp == "moe", "parallel.ep", f"({p.ep}) needs DS-MoE MLPs (model.mlp: moe)")

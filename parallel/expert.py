@@ -267,4 +267,6 @@ def apply(model, dims: ParallelDims, dispatch: str = "tokens") -> None:
     """Replace every DS-MoE layer by its expert/tensor-parallel form (in place)."""
     for i, block in enumerate(model.blocks):
         if isinstance(block.mlp, DSMoE):
+            if block.mlp.train_top_k:  # the SMoE baseline: plain layers under data parallelism (config.py
+                continue  # refuses ep/tp for it); its balance loss uses each rank's batch, as Switch does
             block.mlp = make_parallel_moe(block.mlp, f"blocks.{i}.mlp", dims, dispatch)

@@ -142,3 +142,38 @@ def test_select_experts_rules():
         RoutingRule("top_k", k=0)
     with pytest.raises(ValueError):
         RoutingRule("sometimes")
+
+
+def test_sparse_training_baseline_trains_only_the_top_k_experts():
+    """The SMoE baseline (model.moe.training: sparse): top-K experts per token in training, raw router
+    weights, Switch balance loss; with K = N it is the DS-MoE layer exactly."""
+    from dsmoe.model.moe import switch_balance_loss
+
+    torch.manual_seed(0)
+    dense = DSMoE(16, 4, 8, "gelu")
+    for p in dense.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    full = DSMoE(16, 4, 8, "gelu", train_top_k=4)
+    full.load_state_dict(dense.state_dict())
+    x = torch.randn(32, 16)
+    y_dense, _ = dense(x)
+    y_full, aux = full(x)
+    torch.testing.assert_close(y_full, y_dense, rtol=1e-5, atol=1e-6)
+    (y_dense.square().sum()).backward()
+    (y_full.square().sum()).backward()
+    for a, b in zip(full.parameters(), dense.parameters(), strict=True):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6)
+    assert aux.balance_loss is not None and aux.active_fraction == 1
+
+    top1 = DSMoE(16, 4, 8, "gelu", train_top_k=1)
+    top1.load_state_dict(dense.state_dict())
+    x = torch.randn(3, 16)
+    y, aux = top1(x)
+    y.sum().backward()
+    chosen = top1.router(x).argmax(-1).unique()
+    untouched = [e for e in range(4) if e not in chosen.tolist()]
+    assert untouched and all(top1.w_in.grad[e].abs().sum() == 0 for e in untouched)
+    assert aux.active_fraction == 0.25
+    uniform = torch.full((8, 4), 0.25)
+    keep = torch.eye(4, dtype=torch.bool).repeat(2, 1)
+    assert switch_balance_loss(uniform, keep).item() == pytest.approx(1.0)

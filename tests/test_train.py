@@ -143,3 +143,18 @@ def test_compiled_blocks_follow_the_eager_loss_curve(small_cfg, tmp_path):
         )
     )
     torch.testing.assert_close(compiled.losses, eager.losses, rtol=1e-5, atol=1e-5)
+
+
+def test_sparse_trained_baseline_trains_and_exports(small_cfg, tmp_path):
+    """model.moe.training=sparse (SMoE): top-2 of 4 experts per token, balance loss, the same loop,
+    checkpoints and export; half the expert work per token."""
+    cfg = small_cfg("model.moe.training=sparse", "model.moe.alpha=0", "train.max_steps=8")
+    result = run(cfg)
+    assert result.losses[-1] < result.losses[0]
+    metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert all(m["lm_loss"] < m["loss"] for m in metrics), "the balance loss is part of the loss"
+    model, loaded_cfg, _, _ = load_export(tmp_path / "run" / "export")
+    assert loaded_cfg.model.moe.training == "sparse" and model.blocks[0].mlp.train_top_k == 2
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    mlp_top2 = next(r for r in summary["results"] if r["routing"] == "mlp top-2")
+    assert mlp_top2["expert_active_fraction"] == pytest.approx(0.5)

@@ -88,6 +88,8 @@ class MoEAux:
     """Mean per-token routing entropy in nats (detached)."""
     active_fraction: torch.Tensor
     """Fraction of (token, expert) pairs computed: 1 in dense mode (detached)."""
+    balance_loss: torch.Tensor | None = None
+    """Switch load-balancing loss (sparse training only, differentiable)."""
 
 
 def mutual_information_loss(probs_TE: torch.Tensor, marginal_E: torch.Tensor | None = None) -> torch.Tensor:
@@ -102,6 +104,13 @@ def mutual_information_loss(probs_TE: torch.Tensor, marginal_E: torch.Tensor | N
     marginal_entropy = -torch.special.xlogy(marginal_E, marginal_E).sum()
     conditional_entropy = -torch.special.xlogy(probs_TE, probs_TE).sum(-1).mean()
     return conditional_entropy - marginal_entropy
+
+
+def switch_balance_loss(probs_TE: torch.Tensor, keep_TE: torch.Tensor) -> torch.Tensor:
+    """N * sum_i f_i * P_i: f_i the share of routed (token, expert) pairs that go to expert i, P_i its mean
+    router probability (Fedus et al. 2021, with top-K assignments); 1 when routing is balanced."""
+    f_E = keep_TE.float().sum(0) / keep_TE.sum().clamp_min(1)
+    return probs_TE.shape[-1] * (f_E * probs_TE.float().mean(0)).sum()
 
 
 def select_experts(probs_TE: torch.Tensor, rule: RoutingRule) -> torch.Tensor:
@@ -148,9 +157,12 @@ class DSMoE(nn.Module):
 
     routed = True  # Block passes it the routing rule
 
-    def __init__(self, d_model: int, num_experts: int, expert_hidden: int, activation: str):
+    def __init__(
+        self, d_model: int, num_experts: int, expert_hidden: int, activation: str, train_top_k: int = 0
+    ):
         super().__init__()
         self.num_experts, self.expert_hidden, self.activation = num_experts, expert_hidden, activation
+        self.train_top_k = train_top_k  # > 0: the sparse-trained baseline (SMoE), top-K experts per token
         width_in = 2 * expert_hidden if activation == "swiglu" else expert_hidden  # SwiGLU: [gate; up]
         self.router = Router(d_model, num_experts)
         self.w_in = nn.Parameter(torch.empty(num_experts, width_in, d_model))  # expert i: x @ w_in[i].T
@@ -164,6 +176,12 @@ class DSMoE(nn.Module):
         shape = x.shape
         x_TD = x.reshape(-1, shape[-1])  # (T, D), T = all tokens of the batch
         probs_TE = self.router(x_TD)
+        if routing.mode == "dense" and self.train_top_k:  # SMoE: train (and by default run) top-K
+            routing = RoutingRule("top_k", k=self.train_top_k)
+            y_TD, active = self._sparse_forward(x_TD, probs_TE, routing)
+            aux = routing_aux(probs_TE, active)
+            aux.balance_loss = switch_balance_loss(probs_TE, select_experts(probs_TE.detach(), routing))
+            return y_TD.view(shape), aux
         if routing.mode == "dense":
             y_TD, active = self._dense_forward(x_TD, probs_TE), probs_TE.new_ones(())
         else:

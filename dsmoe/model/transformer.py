@@ -30,6 +30,8 @@ class RouterStats:
     """(L,) mean per-token routing entropy in nats (detached)."""
     active_fraction: torch.Tensor
     """(L,) fraction of the experts' parameters computed per token."""
+    balance_loss: torch.Tensor | None = None
+    """Sum over the layers of the Switch load-balancing loss (sparse training only)."""
 
     @classmethod
     def stack(cls, auxes: list[MoEAux]) -> RouterStats | None:
@@ -40,6 +42,9 @@ class RouterStats:
             expert_load=torch.stack([a.expert_load for a in auxes]),
             router_entropy=torch.stack([a.router_entropy for a in auxes]),
             active_fraction=torch.stack([a.active_fraction for a in auxes]),
+            balance_loss=torch.stack([a.balance_loss for a in auxes]).sum()
+            if all(a.balance_loss is not None for a in auxes)
+            else None,
         )
 
 
@@ -73,7 +78,8 @@ class Block(nn.Module):
         self.mlp_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         m = cfg.moe
         if cfg.mlp == "moe":
-            self.mlp = DSMoE(cfg.d_model, m.num_experts, m.expert_hidden, m.activation)
+            top_k = m.train_top_k if m.training == "sparse" else 0
+            self.mlp = DSMoE(cfg.d_model, m.num_experts, m.expert_hidden, m.activation, top_k)
         else:
             self.mlp = DenseMLP(cfg.d_model, cfg.ffn_hidden, m.activation)
 
@@ -158,6 +164,8 @@ class DecoderLM(nn.Module):
             out.loss = out.lm_loss
             if out.mlp is not None:
                 out.loss = out.loss + self.cfg.moe.alpha * out.mlp.mi_loss
+                if out.mlp.balance_loss is not None:
+                    out.loss = out.loss + self.cfg.moe.balance_alpha * out.mlp.balance_loss
             if out.attention is not None:
                 out.loss = out.loss + self.cfg.attention.alpha * out.attention.mi_loss
         return out

@@ -170,7 +170,9 @@ def _resume_point(
 
 def run(cfg: Config) -> RunResult:
     dims = groups.init(cfg.parallel)
-    engine_lib.gradient_accumulation_steps(cfg, dims)  # a batch the layout cannot split: say so before any work
+    engine_lib.gradient_accumulation_steps(
+        cfg, dims
+    )  # a batch the layout cannot split: say so before any work
     t = cfg.train
     run_dir = Path(t.run_dir)
     token_data = _resolved_data(cfg, dims)
