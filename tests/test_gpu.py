@@ -70,11 +70,11 @@ def test_sparse_training_backward_through_grouped_gemm():
     layer = DSMoE(256, 16, 64, "gelu", train_top_k=2)
     for p in layer.parameters():
         torch.nn.init.normal_(p, std=0.05)
-    reference = DSMoE(256, 16, 64, "gelu", train_top_k=2).double()
-    reference.load_state_dict(layer.state_dict())
     layer = layer.to("cuda", torch.bfloat16)
-    x = torch.randn(2048, 256)
-    y, aux = layer(x.to("cuda", torch.bfloat16))
+    reference = DSMoE(256, 16, 64, "gelu", train_top_k=2).double()  # the same bf16 values, in fp64
+    reference.load_state_dict({k: v.double().cpu() for k, v in layer.state_dict().items()})
+    x = torch.randn(2048, 256).bfloat16()
+    y, aux = layer(x.cuda())
     (y.float().square().mean() + aux.balance_loss).backward()
     y_ref, aux_ref = reference(x.double())
     (y_ref.square().mean() + aux_ref.balance_loss).backward()
