@@ -371,7 +371,7 @@ def _check_layout(cfg: Config, check) -> None:
         f"must be auto|tokens|weights, got {p.expert_dispatch!r}",
     )
     check(
-        1 <= m.moe.train_top_k <= m.moe.num_experts,
+        m.moe.training == "dense" or 1 <= m.moe.train_top_k <= m.moe.num_experts,
         "model.moe.train_top_k",
         f"({m.moe.train_top_k}) must be in [1, model.moe.num_experts={m.moe.num_experts}]",
     )

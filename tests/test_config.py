@@ -75,7 +75,7 @@ def test_wrong_type_names_key_and_file(tmp_path, yaml_text, key):
         ("parallel.ep=2 model.mlp=dense", "parallel.ep"),
         ("parallel.expert_dispatch=both", "parallel.expert_dispatch"),
         ("model.moe.training=sparse parallel.ep=2", "model.moe.training"),
-        ("model.moe.train_top_k=9", "model.moe.train_top_k"),
+        ("model.moe.training=sparse model.moe.train_top_k=9", "model.moe.train_top_k"),
     ],
 )
 def test_impossible_combination_names_key_and_file(override, key):
