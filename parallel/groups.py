@@ -81,6 +81,8 @@ def init(cfg: ParallelConfig, source: str = "config") -> ParallelDims:
 
     # DeepSpeed's own switch to CPU also keeps us on gloo where GPUs exist (tests with more ranks than GPUs)
     use_cuda = torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR") != "cpu"
+    if not use_cuda:
+        _skip_shared_memory_op()
     if not dist.is_initialized():
         backend = "nccl" if use_cuda else "gloo"
         if all(k in os.environ for k in LAUNCHER_ENV):  # started by deepspeed or torchrun
@@ -115,6 +117,19 @@ def init(cfg: ParallelConfig, source: str = "config") -> ParallelDims:
     return ParallelDims(
         world, rank, local_rank, dp, cfg.ep, cfg.tp, device, **_megatron_groups(cfg.tp, cfg.ep)
     )
+
+
+def _skip_shared_memory_op() -> None:
+    """Keep DeepSpeed from JIT-compiling its CPU shared-memory all-reduce when its comm backend starts.
+
+    Only DeepSpeed's inference_all_reduce uses that op (we reduce through gloo groups), yet building it
+    costs a minute of C++ on a small machine, and a build killed midway leaves a lock file under
+    ~/.cache/torch_extensions that makes every later start wait on it forever.
+    """
+    import deepspeed.ops
+    from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
+
+    deepspeed.ops.__compatible_ops__[ShareMemCommBuilder.NAME] = False
 
 
 def _megatron_groups(tp: int, ep: int) -> dict:
