@@ -21,8 +21,6 @@ from __future__ import annotations
 import argparse
 import csv
 import itertools
-import json
-import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -34,9 +32,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from dsmoe import config as config_lib  # noqa: E402
 from dsmoe.ablation import build_unit_pool, merge, mixture_units, pearson, spearman  # noqa: E402
-from dsmoe.export import export, is_export, load_export  # noqa: E402
+from dsmoe.export import load_export  # noqa: E402
 from dsmoe.infer import perplexity  # noqa: E402
 from dsmoe.model import Routing, build  # noqa: E402
+from dsmoe.train.cached import train_and_export as train  # noqa: E402
 
 
 def train_overrides(
@@ -59,32 +58,6 @@ def train_overrides(
         "train.progress=false",
         *([f"train.init_from={init_from}"] if init_from else []),
     ]
-
-
-def train(config_path: str, overrides: list[str], in_process: bool) -> Path:
-    """Train (or find cached) and export; returns the export directory."""
-    cfg = config_lib.load(config_path, overrides)
-    run_dir = Path(cfg.train.run_dir)
-    out = run_dir / "export"
-    recipe = json.dumps(config_lib.to_dict(cfg), sort_keys=True)
-    if (
-        is_export(out)
-        and (run_dir / "recipe.json").is_file()
-        and (run_dir / "recipe.json").read_text() == recipe
-    ):
-        return out  # cached: same recipe, same data files
-    if in_process:
-        from dsmoe.train.loop import run
-
-        run(cfg)
-    else:
-        cmd = [sys.executable, "launchers/train.py", "--config", config_path, *overrides]
-        proc = subprocess.run(cmd, cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise SystemExit(f"training {run_dir} failed:\n{proc.stderr[-3000:]}")
-    export(run_dir, out, Routing())
-    (run_dir / "recipe.json").write_text(recipe)
-    return out
 
 
 def candidate_mixtures(domains: list[str], units_per_domain: int, mixture_units: int) -> list[dict[str, int]]:

@@ -1,0 +1,54 @@
+"""Train-or-reuse for the research tools: a run whose export exists with the same recipe is not trained again."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from dsmoe import config as config_lib
+from dsmoe.export import export, is_export
+from dsmoe.model import Routing
+
+REPO = Path(__file__).resolve().parent.parent.parent
+
+
+def recipe(config_path: str | None, overrides: list[str]) -> str:
+    """The resolved config of a run, as the text its cache is keyed on."""
+    return json.dumps(config_lib.to_dict(config_lib.load(config_path, overrides)), sort_keys=True)
+
+
+def train_and_export(config_path: str | None, overrides: list[str], in_process: bool = True) -> Path:
+    """Train the run `overrides` describe (resuming it if it stopped) and export it with dense routing;
+    returns the export directory. Cached: the same resolved config over the same data files is not trained
+    again, so tools that train many runs pick up where a previous invocation stopped."""
+    cfg = config_lib.load(config_path, overrides)
+    run_dir = Path(cfg.train.run_dir)
+    out = run_dir / "export"
+    resolved = json.dumps(config_lib.to_dict(cfg), sort_keys=True)
+    if (
+        is_export(out)
+        and (run_dir / "recipe.json").is_file()
+        and (run_dir / "recipe.json").read_text() == resolved
+    ):
+        return out
+    if in_process:
+        from dsmoe.train.loop import run
+
+        result = run(cfg)
+        if result.steps < cfg.train.max_steps:
+            raise RuntimeError(f"training {run_dir} stopped at step {result.steps} of {cfg.train.max_steps}")
+    else:
+        cmd = [
+            sys.executable,
+            "launchers/train.py",
+            *(["--config", config_path] if config_path else []),
+            *overrides,
+        ]
+        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise SystemExit(f"training {run_dir} failed:\n{proc.stderr[-3000:]}")
+    export(run_dir, out, Routing())
+    (run_dir / "recipe.json").write_text(resolved)
+    return out
