@@ -66,6 +66,10 @@ class MoEConfig:
     (SMoE): each token trains only its top `train_top_k` experts, with the Switch load-balancing loss."""
     train_top_k: int = 2
     """Experts per token when training sparse (dropless: no capacity limit)."""
+    train_renormalize: bool = True
+    """Sparse training: weight the K selected experts by their probabilities renormalised to sum to 1
+    (Mixtral's gate). False keeps the raw probabilities (DS-MoE's inference rule), which scales the MLP
+    output by about K/N while the router is still uniform."""
     balance_alpha: float = 0.01
     """Weight of the Switch load-balancing loss when training sparse (Fedus et al. 2021)."""
 

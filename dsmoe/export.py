@@ -151,8 +151,8 @@ def export_qwen3_moe(run_dir: str | Path, out_dir: str | Path, top_k: int, tag: 
     """Write the run's model as a stock Qwen3-MoE checkpoint: top-K routing, no renormalisation.
 
     Qwen3-MoE routes by softmax over all experts and weights the top K by their raw probabilities when
-    norm_topk_prob is false: exactly our top-K rule. The stock model is built, given our weights, and
-    saved by transformers itself, so the files are in the format every Qwen3-MoE loader reads.
+    norm_topk_prob is false: exactly our top-K rule (an SMoE trained with renormalised gates sets it true).
+    The stock model is built, given our weights, and saved by transformers itself, so the files are in the format every Qwen3-MoE loader reads.
     """
     import torch
     from transformers import PreTrainedTokenizerFast, Qwen3MoeConfig, Qwen3MoeForCausalLM
@@ -173,7 +173,7 @@ def export_qwen3_moe(run_dir: str | Path, out_dir: str | Path, top_k: int, tag: 
         num_experts_per_tok=top_k,
         moe_intermediate_size=m.moe.expert_hidden,
         intermediate_size=m.ffn_hidden,
-        norm_topk_prob=False,
+        norm_topk_prob=m.moe.training == "sparse" and m.moe.train_renormalize,
         decoder_sparse_step=1,
         mlp_only_layers=[],
         rms_norm_eps=m.norm_eps,

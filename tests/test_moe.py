@@ -145,15 +145,15 @@ def test_select_experts_rules():
 
 
 def test_sparse_training_baseline_trains_only_the_top_k_experts():
-    """The SMoE baseline (model.moe.training: sparse): top-K experts per token in training, raw router
-    weights, Switch balance loss; with K = N it is the DS-MoE layer exactly."""
+    """The SMoE baseline (model.moe.training: sparse): top-K experts per token in training, Switch balance
+    loss; with K = N it is the DS-MoE layer exactly (renormalising probabilities that sum to 1 changes nothing)."""
     from dsmoe.model.moe import switch_balance_loss
 
     torch.manual_seed(0)
     dense = DSMoE(16, 4, 8, "gelu")
     for p in dense.parameters():
         torch.nn.init.normal_(p, std=0.3)
-    full = DSMoE(16, 4, 8, "gelu", train_top_k=4)
+    full = DSMoE(16, 4, 8, "gelu", train_top_k=4, renormalize=True)
     full.load_state_dict(dense.state_dict())
     x = torch.randn(32, 16)
     y_dense, _ = dense(x)
@@ -177,3 +177,34 @@ def test_sparse_training_baseline_trains_only_the_top_k_experts():
     uniform = torch.full((8, 4), 0.25)
     keep = torch.eye(4, dtype=torch.bool).repeat(2, 1)
     assert switch_balance_loss(uniform, keep).item() == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("renormalize", [True, False])
+def test_sparse_training_equals_a_per_expert_reference(renormalize):
+    """SMoE top-2 of 6: y = sum over the two most probable experts of w_i E_i(x), with w_i = p_i / (p_a + p_b)
+    (Mixtral's gate) or the raw p_i; gradients of weights and router equal the reference's."""
+    torch.manual_seed(1)
+    layer = DSMoE(16, 6, 8, "gelu", train_top_k=2, renormalize=renormalize)
+    for p in layer.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    reference = DSMoE(16, 6, 8, "gelu")
+    reference.load_state_dict(layer.state_dict())
+    x = torch.randn(20, 16)
+    y, _ = layer(x)
+    probs = reference.router(x)
+    top = probs.topk(2, dim=-1)
+    weights = top.values / top.values.sum(-1, keepdim=True) if renormalize else top.values
+    y_ref = torch.stack(
+        [
+            sum(
+                weights[t, j] * reference.expert_forward(x[t : t + 1], int(top.indices[t, j]))[0]
+                for j in range(2)
+            )
+            for t in range(x.shape[0])
+        ]
+    )
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-6)
+    y.square().sum().backward()
+    y_ref.square().sum().backward()
+    for (name, a), b in zip(layer.named_parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6, msg=name)

@@ -182,7 +182,7 @@ def _m(n: float) -> str:
     return f"{n / 1e6:.1f}M"
 
 
-def write_report(args, results: dict, domains: list[str], started: float) -> None:
+def write_report(args, results: dict, domains: list[str], started: float, echo: bool = True) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     lines = [
@@ -244,7 +244,8 @@ def write_report(args, results: dict, domains: list[str], started: float) -> Non
         s: {v: {k: x for k, x in r.items() if k != "key"} for v, r in d.items()} for s, d in results.items()
     }
     (out / "results.json").write_text(json.dumps(slim, indent=1))
-    print("\n".join(lines))
+    if echo:
+        print("\n".join(lines))
 
 
 def targets(by_variant: dict) -> list[str]:
@@ -427,6 +428,7 @@ def main() -> int:
                     f"{scale_name}/{variant}: trained and evaluated in {time.time() - t0:.0f} s", flush=True
                 )
             results[scale_name][variant] = result
+            write_report(args, results, pool.domains, started, echo=False)  # a killed slice keeps its table
     write_report(args, results, pool.domains, started)
     if stopped:
         print("time budget reached: run the same command again to finish the table", flush=True)

@@ -158,11 +158,18 @@ class DSMoE(nn.Module):
     routed = True  # Block passes it the routing rule
 
     def __init__(
-        self, d_model: int, num_experts: int, expert_hidden: int, activation: str, train_top_k: int = 0
+        self,
+        d_model: int,
+        num_experts: int,
+        expert_hidden: int,
+        activation: str,
+        train_top_k: int = 0,
+        renormalize: bool = False,
     ):
         super().__init__()
         self.num_experts, self.expert_hidden, self.activation = num_experts, expert_hidden, activation
         self.train_top_k = train_top_k  # > 0: the sparse-trained baseline (SMoE), top-K experts per token
+        self.renormalize = renormalize  # SMoE: selected experts' weights sum to 1 (DS-MoE never renormalises)
         width_in = 2 * expert_hidden if activation == "swiglu" else expert_hidden  # SwiGLU: [gate; up]
         self.router = Router(d_model, num_experts)
         self.w_in = nn.Parameter(torch.empty(num_experts, width_in, d_model))  # expert i: x @ w_in[i].T
@@ -178,14 +185,14 @@ class DSMoE(nn.Module):
         probs_TE = self.router(x_TD)
         if routing.mode == "dense" and self.train_top_k:  # SMoE: train (and by default run) top-K
             routing = RoutingRule("top_k", k=self.train_top_k)
-            y_TD, active = self._sparse_forward(x_TD, probs_TE, routing)
+            y_TD, active = self._sparse_forward(x_TD, probs_TE, routing, self.renormalize)
             aux = routing_aux(probs_TE, active)
             aux.balance_loss = switch_balance_loss(probs_TE, select_experts(probs_TE.detach(), routing))
             return y_TD.view(shape), aux
         if routing.mode == "dense":
             y_TD, active = self._dense_forward(x_TD, probs_TE), probs_TE.new_ones(())
-        else:
-            y_TD, active = self._sparse_forward(x_TD, probs_TE, routing)
+        else:  # an SMoE renormalises under any sparse rule, as it was trained
+            y_TD, active = self._sparse_forward(x_TD, probs_TE, routing, self.renormalize)
         return y_TD.view(shape), routing_aux(probs_TE, active)
 
     def _dense_forward(self, x_TD: torch.Tensor, probs_TE: torch.Tensor) -> torch.Tensor:
@@ -196,14 +203,17 @@ class DSMoE(nn.Module):
         return h_TNF.reshape(T, N * F_) @ self.w_out.view(N * F_, -1)  # one GEMM sums over experts
 
     def _sparse_forward(
-        self, x_TD: torch.Tensor, probs_TE: torch.Tensor, routing: RoutingRule
+        self, x_TD: torch.Tensor, probs_TE: torch.Tensor, routing: RoutingRule, renormalize: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor]:
         keep_TE = select_experts(probs_TE, routing)
+        if renormalize:  # the kept probabilities of each token sum to 1 (differentiable, as in Mixtral)
+            kept_TE = probs_TE * keep_TE
+            probs_TE = kept_TE / kept_TE.sum(-1, keepdim=True).clamp_min(1e-20)  # a token may keep none
         # Group (token, expert) pairs by expert: transposing makes nonzero() come out expert-major.
         expert_idx, token_idx = keep_TE.T.nonzero(as_tuple=True)
         x_sorted = x_TD[token_idx]  # (P, D), P = kept pairs
         out_sorted = grouped_expert_forward(x_sorted, keep_TE.sum(0), self.w_in, self.w_out, self.activation)
-        weights_P = probs_TE[token_idx, expert_idx].to(x_TD.dtype)  # raw probabilities, not renormalised
+        weights_P = probs_TE[token_idx, expert_idx].to(x_TD.dtype)  # DS-MoE: raw probabilities (paper)
         y_TD = torch.zeros_like(x_TD).index_add_(0, token_idx, out_sorted * weights_P.unsqueeze(-1))
         return y_TD, keep_TE.float().mean()
 

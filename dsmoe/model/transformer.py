@@ -78,8 +78,16 @@ class Block(nn.Module):
         self.mlp_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         m = cfg.moe
         if cfg.mlp == "moe":
-            top_k = m.train_top_k if m.training == "sparse" else 0
-            self.mlp = DSMoE(cfg.d_model, m.num_experts, m.expert_hidden, m.activation, top_k)
+            sparse = m.training == "sparse"  # the SMoE baseline; DS-MoE never renormalises (paper)
+            top_k = m.train_top_k if sparse else 0
+            self.mlp = DSMoE(
+                cfg.d_model,
+                m.num_experts,
+                m.expert_hidden,
+                m.activation,
+                top_k,
+                sparse and m.train_renormalize,
+            )
         else:
             self.mlp = DenseMLP(cfg.d_model, cfg.ffn_hidden, m.activation)
 
