@@ -63,7 +63,7 @@ def run_overrides(args, scale, variant, pool, train_tokens: Path) -> list[str]:
         f"data.val_tokens={pool.val_all}",
         f"data.tokenizer={pool.tokenizer}",
         f"train.run_dir={run_dir}",
-        f"train.precision={'bf16' if args.device == 'cuda' else 'fp32'}",
+        f"train.precision={args.precision}",
         "train.eval_tokens=8192",
         "train.wandb=false",
         *args.overrides,
@@ -112,21 +112,28 @@ def eval_key(args, run_recipe: str) -> str:
     return hashlib.sha256(json.dumps(settings).encode()).hexdigest()
 
 
-def cached_eval(run_dir: Path, key: str) -> dict | None:
-    """A finished run's evaluation. It alone lets the report be rebuilt (and the run skipped) on a machine
-    that has not got the run's checkpoints: GPU slices pass on eval.json files, not checkpoints."""
-    cache = run_dir / "eval.json"
-    if cache.is_file():
-        result = json.loads(cache.read_text())
-        if result.get("key") == key:
-            return result
+def eval_files(args, scale_name: str, variant: str) -> list[Path]:
+    """Where a run's evaluation is kept: next to the run, and in --out (committed with the report, so the
+    next GPU slice, which has none of the checkpoints, carries on from the report directory)."""
+    return [
+        Path(args.workdir) / scale_name / variant / "eval.json",
+        Path(args.out) / "evals" / f"{scale_name}_{variant}.json",
+    ]
+
+
+def cached_eval(files: list[Path], key: str) -> dict | None:
+    """A finished run's evaluation, if one was made with this recipe and these evaluation settings."""
+    for cache in files:
+        if cache.is_file():
+            result = json.loads(cache.read_text())
+            if result.get("key") == key:
+                return result
     return None
 
 
 def evaluate(args, scale, variant, export_dir: Path, vals: dict, key: str) -> dict:
-    """Everything the report needs from one trained run, written to eval.json next to it."""
+    """Everything the report needs from one trained run, written to eval_files()."""
     run_dir = export_dir.parent
-    cache = run_dir / "eval.json"
     model, cfg, _, _ = load_export(export_dir)
     model = model.to(args.device)
     seq, bs, n_tok = cfg.data.seq_len, args.eval_batch_size, args.eval_tokens
@@ -134,6 +141,9 @@ def evaluate(args, scale, variant, export_dir: Path, vals: dict, key: str) -> di
         "key": key,
         "scale": scale.name,
         "variant": variant,
+        "device": device_name(args.device),
+        "date": time.strftime("%Y-%m-%d"),
+        "commit": git_commit(),
         "params": {
             "total": model.num_params(),
             "non_embedding": model.num_params(exclude_embedding=True),
@@ -168,7 +178,9 @@ def evaluate(args, scale, variant, export_dir: Path, vals: dict, key: str) -> di
         result["rows"]["top_k"] = domain_row(
             model, vals, seq, Routing(mlp=RoutingRule("top_k", k=k)), n_tok, bs, f"top-{k} (MLP)"
         )
-    cache.write_text(json.dumps(result, indent=1))
+    for cache in eval_files(args, scale.name, variant):
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        cache.write_text(json.dumps(result, indent=1))
     del model
     if args.device == "cuda":
         torch.cuda.empty_cache()
@@ -182,16 +194,16 @@ def _m(n: float) -> str:
     return f"{n / 1e6:.1f}M"
 
 
-def write_report(args, results: dict, domains: list[str], started: float, echo: bool = True) -> None:
+def write_report(args, results: dict, domains: list[str], echo: bool = True) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     lines = [
         "# DS-MoE's result table in miniature",
         "",
-        f"Command: `{' '.join(['python', *sys.argv])}`  ",
-        f"Device: {device_name(args.device)}; date {time.strftime('%Y-%m-%d')}; "
-        f"tokens: {args.corpus} ({', '.join(domains)}), {args.val_tokens} held-out tokens per domain, "
-        f"evaluated on the first {args.eval_tokens}.",
+        f"Command: `{' '.join(['python', *(a for a in sys.argv if a != '--report-only')])}`  ",
+        f"Tokens: {args.corpus} ({', '.join(domains)}), {args.val_tokens} held-out tokens per domain, "
+        f"evaluated on the first {args.eval_tokens}; training precision {args.precision}. Where and when each "
+        "run trained: the table at the end.",
         "",
         "Perplexity on each domain's held-out text (lower is better). Active: non-embedding parameters "
         "computed per token (routers and shared K/V always run). DS-MoE rows: all experts; the threshold rule "
@@ -238,7 +250,17 @@ def write_report(args, results: dict, domains: list[str], started: float, echo: 
         plot_sparsity(out / f"sparsity_{scale_name}.png", scale_name, by_variant)
         plot_losses(out / f"loss_{scale_name}.png", scale_name, by_variant)
         lines += ["", f"![sparsity](sparsity_{scale_name}.png) ![loss](loss_{scale_name}.png)"]
-    lines += ["", f"Report written after {time.time() - started:.0f} s of this invocation."]
+    lines += [
+        "",
+        "| run | device | date | commit | training tokens/s (median step) |",
+        "|---|---|---|---|---|",
+    ]
+    for scale_name, by_variant in results.items():
+        for variant, r in by_variant.items():
+            lines.append(
+                f"| {scale_name} {variant} | {r.get('device', '?')} | {r.get('date', '?')} | {r.get('commit', '?')} "
+                f"| {r['train']['median_tokens_per_s']:,.0f} |"
+            )
     (out / "results.md").write_text("\n".join(lines) + "\n")
     slim = {
         s: {v: {k: x for k, x in r.items() if k != "key"} for v, r in d.items()} for s, d in results.items()
@@ -378,6 +400,22 @@ def plot_losses(path: Path, scale_name: str, by_variant: dict) -> None:
     plt.close(fig)
 
 
+def git_commit() -> str:
+    """The checkout's commit (+ 'dirty' with uncommitted changes), or 'unknown' outside git."""
+    import subprocess
+
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+        )
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True
+        )
+        return head.stdout.strip() + (" dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
 def device_name(device: str) -> str:
     return torch.cuda.get_device_name() if device == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
 
@@ -400,9 +438,16 @@ def main() -> int:
         "--time-budget", type=float, default=0, help="seconds: start no new run after this (0: no limit)"
     )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--precision", choices=["bf16", "fp32"], help="training (default: bf16 on a GPU)")
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="rebuild the report from finished evaluations; train nothing",
+    )
     parser.add_argument("overrides", nargs="*", help="key=value config overrides for every run")
     args = parser.parse_args()
     started = time.time()
+    args.precision = args.precision or ("bf16" if args.device == "cuda" else "fp32")
     if args.device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # evaluation of the fp32 exports
     pool, train_tokens, vals = prepare_tokens(args)
@@ -413,12 +458,11 @@ def main() -> int:
         results[scale_name] = {}
         # Most telling first, so a short GPU slice still compares dense, DS-MoE and SMoE.
         for variant in sorted(args.variants, key=rep.RUN_ORDER.index):
-            run_dir = Path(args.workdir) / scale_name / variant
             over = run_overrides(args, scale, variant, pool, train_tokens)
             key = eval_key(args, recipe(None, over))
-            result = cached_eval(run_dir, key)
+            result = cached_eval(eval_files(args, scale_name, variant), key)
             if result is None:
-                if args.time_budget and time.time() - started > args.time_budget:
+                if args.report_only or (args.time_budget and time.time() - started > args.time_budget):
                     stopped = True
                     continue
                 t0 = time.time()
@@ -428,10 +472,11 @@ def main() -> int:
                     f"{scale_name}/{variant}: trained and evaluated in {time.time() - t0:.0f} s", flush=True
                 )
             results[scale_name][variant] = result
-            write_report(args, results, pool.domains, started, echo=False)  # a killed slice keeps its table
-    write_report(args, results, pool.domains, started)
+            write_report(args, results, pool.domains, echo=False)  # a killed slice keeps its table
+    write_report(args, results, pool.domains)
     if stopped:
-        print("time budget reached: run the same command again to finish the table", flush=True)
+        why = "--report-only" if args.report_only else "time budget reached"
+        print(f"{why}: runs not trained yet are marked in the table; run without --report-only to train them")
     return 0
 
 
