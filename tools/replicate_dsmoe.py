@@ -106,9 +106,25 @@ def default_label(cfg) -> str:
     return "all experts"
 
 
-def eval_key(args, run_recipe: str) -> str:
-    """What an evaluation depends on: the run's resolved config and the evaluation's settings."""
-    settings = [run_recipe, args.eval_tokens, rep.THRESHOLDS, rep.TARGET_MLP_ACTIVE, rep.top_k_values(64)]
+def data_fingerprint(pool, train_tokens: Path) -> str:
+    """The tokens themselves (the config names only their files): another corpus in the same workdir
+    must not reuse evaluations."""
+    digest = hashlib.sha256()
+    for path in (pool.tokenizer, pool.val_all, train_tokens):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def eval_key(args, run_recipe: str, data: str) -> str:
+    """What an evaluation depends on: the run's resolved config, its tokens and the evaluation's settings."""
+    settings = [
+        run_recipe,
+        data,
+        args.eval_tokens,
+        rep.THRESHOLDS,
+        rep.TARGET_MLP_ACTIVE,
+        rep.top_k_values(64),
+    ]
     return hashlib.sha256(json.dumps(settings).encode()).hexdigest()
 
 
@@ -451,6 +467,7 @@ def main() -> int:
     if args.device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # evaluation of the fp32 exports
     pool, train_tokens, vals = prepare_tokens(args)
+    data = data_fingerprint(pool, train_tokens)
     results: dict[str, dict] = {}
     stopped = False
     for scale_name in args.scales:
@@ -459,7 +476,7 @@ def main() -> int:
         # Most telling first, so a short GPU slice still compares dense, DS-MoE and SMoE.
         for variant in sorted(args.variants, key=rep.RUN_ORDER.index):
             over = run_overrides(args, scale, variant, pool, train_tokens)
-            key = eval_key(args, recipe(None, over))
+            key = eval_key(args, recipe(None, over), data)
             result = cached_eval(eval_files(args, scale_name, variant), key)
             if result is None:
                 if args.report_only or (args.time_budget and time.time() - started > args.time_budget):
