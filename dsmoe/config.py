@@ -33,6 +33,9 @@ class AttentionConfig:
     owning heads_per_expert query heads and its slice of the output projection, all sharing K/V."""
     heads_per_expert: int = 1
     """Query heads of one attention expert (DS-MoE-1B: 2; 3B and 6B: 4)."""
+    head_dim: int = 0
+    """Width of one head; 0: model.d_model / query heads. Set it when heads x head_dim != d_model (Qwen3;
+    a model whose hidden size grew while its heads kept their width)."""
     alpha: float = 3.5e-4
     """Weight of the mutual-information loss of MoA layers (paper, DS-MoE-1B: 3.5e-4)."""
     rope_theta: float = 10000.0
@@ -93,7 +96,7 @@ class ModelConfig:
 
     @property
     def head_dim(self) -> int:
-        return self.d_model // self.attention.num_heads
+        return self.attention.head_dim or self.d_model // self.attention.num_heads
 
     @property
     def ffn_hidden(self) -> int:
@@ -271,8 +274,9 @@ def validate(cfg: Config, source: str = "config") -> None:
         )
     check(a.alpha >= 0, "model.attention.alpha", "must be >= 0")
     heads = a.num_heads
+    check(a.head_dim >= 0, "model.attention.head_dim", "must be >= 0")
     check(
-        m.d_model % heads == 0,
+        a.head_dim > 0 or m.d_model % heads == 0,
         "model.attention.heads",
         f"({heads} query heads) must divide model.d_model ({m.d_model})",
     )

@@ -169,14 +169,14 @@ class CausalSelfAttention(nn.Module):
             k, v = cache.update(layer, k, v)
         if self.router is None:
             y = self.attend(self.project_q(x, self.q_proj.weight), k, v, cos, sin)
-            return self.o_proj(y.reshape(B, T, D)), None
+            return self.o_proj(y.reshape(B, T, -1)), None
         probs_TE = self.router(x.reshape(B * T, D))  # (B*T, E)
         if routing.mode == "dense":
             y = self.attend(self.project_q(x, self.q_proj.weight), k, v, cos, sin)
             y = y.reshape(B, T, self.num_experts, -1) * probs_TE.view(B, T, -1, 1).to(
                 y.dtype
             )  # scale expert e
-            return self.o_proj(y.reshape(B, T, D)), routing_aux(probs_TE, probs_TE.new_ones(()))
+            return self.o_proj(y.reshape(B, T, -1)), routing_aux(probs_TE, probs_TE.new_ones(()))
         out, active = self._sparse_forward(x, k, v, cos, sin, probs_TE, routing)
         return out, routing_aux(probs_TE, active)
 

@@ -24,6 +24,8 @@ class DenseMLP(nn.Module):
         width_in = 2 * hidden if activation == "swiglu" else hidden
         self.w_in = nn.Linear(d_model, width_in, bias=False)
         self.w_out = nn.Linear(hidden, d_model, bias=False)
+        self.unit_mask: torch.Tensor | None = None  # MSG growth: (hidden,), c on new units (dsmoe/growth.py)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:
-        return self.w_out(activate(self.w_in(x), self.activation)), None
+        h = activate(self.w_in(x), self.activation)
+        return self.w_out(h if self.unit_mask is None else h * self.unit_mask), None

@@ -133,10 +133,14 @@ class Router(nn.Module):
     def __init__(self, d_model: int, num_experts: int):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(num_experts, d_model))
+        self.logit_bias: torch.Tensor | None = None  # MSG growth: log c on new experts (dsmoe/growth.py)
 
     def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
         dtype = torch.promote_types(x_TD.dtype, torch.float32)
-        return F.softmax(F.linear(x_TD.to(dtype), self.weight.to(dtype)), dim=-1)  # (T, N)
+        logits = F.linear(x_TD.to(dtype), self.weight.to(dtype))
+        if self.logit_bias is not None:
+            logits = logits + self.logit_bias
+        return F.softmax(logits, dim=-1)  # (T, N)
 
 
 def routing_aux(
@@ -174,10 +178,15 @@ class DSMoE(nn.Module):
         self.router = Router(d_model, num_experts)
         self.w_in = nn.Parameter(torch.empty(num_experts, width_in, d_model))  # expert i: x @ w_in[i].T
         self.w_out = nn.Parameter(torch.empty(num_experts, expert_hidden, d_model))  # expert i: h @ w_out[i]
+        self.unit_mask: torch.Tensor | None = None  # MSG growth: (N, F), c on new hidden units
+
+    def expert_w_out(self) -> torch.Tensor:
+        """w_out with new hidden units scaled by their growth mask (h_f * c_f * w_f = h_f * (c_f w_f))."""
+        return self.w_out if self.unit_mask is None else self.w_out * self.unit_mask.unsqueeze(-1)
 
     def expert_forward(self, x_TD: torch.Tensor, expert: int) -> torch.Tensor:
         """One expert on its tokens: act(x W_in_i^T) W_out_i."""
-        return activate(x_TD @ self.w_in[expert].T, self.activation) @ self.w_out[expert]
+        return activate(x_TD @ self.w_in[expert].T, self.activation) @ self.expert_w_out()[expert]
 
     def forward(self, x: torch.Tensor, routing: RoutingRule = DENSE) -> tuple[torch.Tensor, MoEAux]:
         shape = x.shape
@@ -200,7 +209,7 @@ class DSMoE(nn.Module):
         h_TNFin = (x_TD @ self.w_in.view(-1, x_TD.shape[1]).T).view(T, N, -1)  # one GEMM, width N*F_in
         h_TNF = activate(h_TNFin, self.activation)  # (T, N, F)
         h_TNF = h_TNF * probs_TE.to(h_TNF.dtype).unsqueeze(-1)  # scale expert i's block by p_i
-        return h_TNF.reshape(T, N * F_) @ self.w_out.view(N * F_, -1)  # one GEMM sums over experts
+        return h_TNF.reshape(T, N * F_) @ self.expert_w_out().reshape(N * F_, -1)  # one GEMM sums experts
 
     def _sparse_forward(
         self, x_TD: torch.Tensor, probs_TE: torch.Tensor, routing: RoutingRule, renormalize: bool = False
@@ -212,7 +221,9 @@ class DSMoE(nn.Module):
         # Group (token, expert) pairs by expert: transposing makes nonzero() come out expert-major.
         expert_idx, token_idx = keep_TE.T.nonzero(as_tuple=True)
         x_sorted = x_TD[token_idx]  # (P, D), P = kept pairs
-        out_sorted = grouped_expert_forward(x_sorted, keep_TE.sum(0), self.w_in, self.w_out, self.activation)
+        out_sorted = grouped_expert_forward(
+            x_sorted, keep_TE.sum(0), self.w_in, self.expert_w_out(), self.activation
+        )
         weights_P = probs_TE[token_idx, expert_idx].to(x_TD.dtype)  # DS-MoE: raw probabilities (paper)
         y_TD = torch.zeros_like(x_TD).index_add_(0, token_idx, out_sorted * weights_P.unsqueeze(-1))
         return y_TD, keep_TE.float().mean()

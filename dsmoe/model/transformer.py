@@ -101,6 +101,29 @@ class Block(nn.Module):
         return x + mlp_out, attn_aux, mlp_aux
 
 
+class GrowthBlock(Block):
+    """A Block while MSG growth ramps (dsmoe/growth.py): new hidden channels of its outputs are scaled by
+    `channel_mask`, and a newly inserted block is gated, x + c * (Block(x) - x), its MI losses scaled by c
+    too, so at c = 0 the model and its loss are the small one's."""
+
+    channel_mask: torch.Tensor | None = None
+    gate: float | None = None
+
+    def forward(self, x, cos, sin, routing: Routing, cache: KVCache | None = None, layer: int = 0):
+        mask = self.channel_mask
+        attn_out, attn_aux = self.attn(self.attn_norm(x), cos, sin, routing.attention, cache, layer)
+        y = x + (attn_out if mask is None else attn_out * mask)
+        h = self.mlp_norm(y)
+        mlp_out, mlp_aux = self.mlp(h, routing.mlp) if getattr(self.mlp, "routed", False) else self.mlp(h)
+        y = y + (mlp_out if mask is None else mlp_out * mask)
+        if self.gate is None:
+            return y, attn_aux, mlp_aux
+        for aux in (attn_aux, mlp_aux):
+            if aux is not None:
+                aux.mi_loss = aux.mi_loss * self.gate
+        return x + self.gate * (y - x), attn_aux, mlp_aux
+
+
 class DecoderLM(nn.Module):
     """Causal language model: token embedding, N blocks, final norm, (tied) LM head."""
 
@@ -116,6 +139,7 @@ class DecoderLM(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
         self.cross_entropy = CrossEntropy()  # tensor parallelism swaps in the vocab-parallel one
+        self.channel_mask: torch.Tensor | None = None  # MSG hidden growth (dsmoe/growth.py)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -154,6 +178,8 @@ class DecoderLM(nn.Module):
         if start + T > self.cfg.max_seq_len:
             raise ValueError(f"sequence length {start + T} exceeds model.max_seq_len {self.cfg.max_seq_len}")
         x = self.embed(idx)  # (B, T, D)
+        if self.channel_mask is not None:  # MSG hidden growth: new channels enter scaled by c
+            x = x * self.channel_mask
         cos, sin = rope_cos_sin(start + T, self.cfg.head_dim, self.cfg.attention.rope_theta, x.device)
         cos, sin = cos[start:], sin[start:]  # positions of the new tokens
         attn_auxes, mlp_auxes = [], []

@@ -1,0 +1,369 @@
+"""MSG growth operators (Yao et al. 2024, papers/msg.md): enlarge a DecoderLM mid-run, exactly preserving
+its function whatever the new weights are.
+
+Every new structure enters scaled by a mask c that ramps 0 -> 1 (`Growth.set_c`); at c = 0 the grown model
+computes the small model's logits and loss, and at c = 1 `Growth.finish` removes the masks. Operators:
+
+  grow_ffn(model, width)         dense MLP width, or each DS-MoE expert's width: new hidden units x c
+  grow_experts(model, n, ...)    new DS-MoE (or MoA) experts: router logits + log c, so at c = 0 the new
+                                 experts get probability 0 and the old ones keep theirs
+  grow_layers(model, n, where)   new blocks, gated x + c * (Block(x) - x); stacked on top or interleaved
+  grow_hidden(model, d)          d_model: new channels x c after the embedding and after every block
+                                 output, and a masked RMSNorm whose statistics count new channels by c
+
+Each operator replaces parameters by larger ones holding the old values, and returns, per new parameter
+name, where its old values came from (`Transfer`), for carrying optimizer state across.
+Plain modules carry only inert hooks for this (`unit_mask`, `logit_bias`, `channel_mask`); while a ramp
+runs, blocks and norms take the Growth* classes that apply them, and `finish` restores the plain ones.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from dsmoe.model.mlp import DenseMLP
+from dsmoe.model.moe import DSMoE
+from dsmoe.model.transformer import Block, DecoderLM, GrowthBlock
+
+
+class GrowthRMSNorm(nn.RMSNorm):
+    """RMSNorm whose mean square counts channel i with weight m_i (MSG's masked norm, for RMS): at c = 0
+    the old channels see exactly the small model's statistics. Computed in fp32 (papers/msg.md)."""
+
+    channel_mask: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        m = self.channel_mask
+        if m is None:
+            return super().forward(x)
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))
+        mean_square = (xf.square() * m).sum(-1, keepdim=True) / m.sum()
+        return (xf * torch.rsqrt(mean_square + (self.eps or 0.0))).to(x.dtype) * self.weight
+
+
+@dataclass
+class Transfer:
+    """Old values of a grown parameter: from `old_name`, placed at `index` along `dim` (None: same shape)."""
+
+    old_name: str
+    dim: int | None = None
+    index: torch.Tensor | None = None
+
+
+@dataclass
+class Growth:
+    """One growth event's masks; `set_c` moves them all, `finish` removes them at c = 1."""
+
+    model: DecoderLM
+    transfers: dict[str, Transfer]
+    masks: list[tuple[object, str, torch.Tensor]] = field(default_factory=list)
+    """(module, attribute, bool tensor of the new entries): attribute = where(new, c, 1) (or log of it)."""
+    gates: list[GrowthBlock] = field(default_factory=list)
+    c: float = 0.0
+
+    def set_c(self, c: float) -> None:
+        self.c = float(c)
+        for module, attr, new in self.masks:
+            mask = torch.where(
+                new, torch.tensor(self.c, device=new.device), torch.tensor(1.0, device=new.device)
+            )
+            setattr(module, attr, torch.log(mask) if attr == "logit_bias" else mask)
+        for block in self.gates:
+            block.gate = self.c
+
+    def finish(self) -> None:
+        """c must have reached 1: the masks are all ones and go, the plain classes come back."""
+        if self.c != 1.0:
+            raise ValueError(f"growth can only finish at c = 1 (c = {self.c})")
+        for module, attr, _ in self.masks:
+            setattr(module, attr, None)
+        for module in self.model.modules():
+            if isinstance(module, GrowthBlock):
+                module.__class__ = Block
+                module.__dict__.pop("gate", None)
+                module.__dict__.pop("channel_mask", None)
+            elif isinstance(module, GrowthRMSNorm):
+                module.__class__ = nn.RMSNorm
+                module.__dict__.pop("channel_mask", None)
+        self.masks, self.gates = [], []
+
+
+def _grow(param: nn.Parameter, dim: int, new_size: int, old_index: torch.Tensor, init_std: float, fill=None):
+    """A larger parameter: old values at old_index along dim, new entries N(0, init_std) (or `fill`)."""
+    shape = list(param.shape)
+    shape[dim] = new_size
+    data = torch.empty(shape, dtype=param.dtype, device=param.device)
+    if fill is None:
+        nn.init.normal_(data, std=init_std)
+    else:
+        data.fill_(fill)
+    data.index_copy_(dim, old_index, param.data)
+    return nn.Parameter(data, requires_grad=param.requires_grad)
+
+
+def _new_mask(size: int, old_index: torch.Tensor) -> torch.Tensor:
+    new = torch.ones(size, dtype=torch.bool, device=old_index.device)
+    new[old_index] = False
+    return new
+
+
+def _set_param(model: nn.Module, name: str, value: nn.Parameter) -> None:
+    owner, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(owner) if owner else model, attr, value)
+
+
+def _growth(model: DecoderLM, grown: dict[str, Transfer]) -> Growth:
+    transfers = {name: grown.get(name, Transfer(name)) for name, _ in model.named_parameters()}
+    return Growth(model, transfers)
+
+
+def _to_growth_blocks(model: DecoderLM) -> None:
+    for block in model.blocks:
+        if type(block) is Block:
+            block.__class__ = GrowthBlock  # same parameters and names; the forward applies the masks
+
+
+def grow_ffn(model: DecoderLM, width: int, init_std: float = 0.02) -> Growth:
+    """Widen every MLP: a dense MLP to `width` hidden units, or every DS-MoE expert to `width`."""
+    grown: dict[str, Transfer] = {}
+    masks = []
+    m = model.cfg.moe
+    for i, block in enumerate(model.blocks):
+        mlp, prefix = block.mlp, f"blocks.{i}.mlp"
+        if isinstance(mlp, DenseMLP):
+            old = mlp.w_out.weight.shape[1]
+            glu = mlp.activation == "swiglu"
+            idx = torch.arange(old, device=mlp.w_out.weight.device)
+            in_idx = torch.cat([idx, idx + width]) if glu else idx  # [gate; up] halves each keep their rows
+            mlp.w_in.weight = _grow(mlp.w_in.weight, 0, (2 if glu else 1) * width, in_idx, init_std)
+            mlp.w_out.weight = _grow(mlp.w_out.weight, 1, width, idx, init_std)
+            grown[f"{prefix}.w_in.weight"] = Transfer(f"{prefix}.w_in.weight", 0, in_idx)
+            grown[f"{prefix}.w_out.weight"] = Transfer(f"{prefix}.w_out.weight", 1, idx)
+            masks.append((mlp, "unit_mask", _new_mask(width, idx)))
+        elif isinstance(mlp, DSMoE):
+            old = mlp.expert_hidden
+            glu = mlp.activation == "swiglu"
+            idx = torch.arange(old, device=mlp.w_out.device)
+            in_idx = torch.cat([idx, idx + width]) if glu else idx
+            mlp.w_in = _grow(mlp.w_in, 1, (2 if glu else 1) * width, in_idx, init_std)
+            mlp.w_out = _grow(mlp.w_out, 1, width, idx, init_std)
+            mlp.expert_hidden = width
+            grown[f"{prefix}.w_in"] = Transfer(f"{prefix}.w_in", 1, in_idx)
+            grown[f"{prefix}.w_out"] = Transfer(f"{prefix}.w_out", 1, idx)
+            masks.append((mlp, "unit_mask", _new_mask(width, idx).expand(mlp.num_experts, width)))
+        else:
+            raise TypeError(
+                f"{prefix}: cannot grow a {type(mlp).__name__} (parallel layers grow before apply)"
+            )
+    if model.cfg.mlp == "moe":
+        m.expert_hidden = width
+    else:
+        m.expert_hidden = width // m.num_experts
+        if width % m.num_experts:
+            raise ValueError(
+                f"dense width {width} must stay a multiple of model.moe.num_experts ({m.num_experts})"
+            )
+    growth = _growth(model, grown)
+    growth.masks = masks
+    growth.set_c(0.0)
+    return growth
+
+
+def grow_experts(model: DecoderLM, n: int, attention: bool = False, init_std: float = 0.02) -> Growth:
+    """Add experts up to `n` per layer: DS-MoE MLP experts, or MoA attention experts (`attention=True`,
+    each with heads_per_expert new query heads and their output columns; shared K/V unchanged). New
+    experts' router logits get + log c: at c = 0 their probability is 0 and the old ones' are unchanged."""
+    grown: dict[str, Transfer] = {}
+    masks = []
+    for i, block in enumerate(model.blocks):
+        if attention:
+            attn, prefix = block.attn, f"blocks.{i}.attn"
+            if attn.router is None:
+                raise ValueError(
+                    "grow_experts(attention=True) needs MoA attention (model.attention.experts > 0)"
+                )
+            old, width = attn.num_experts, attn.n_heads * attn.head_dim // attn.num_experts
+            # Query head h reads K/V head h // group: new heads must come in whole new groups (with new K/V
+            # heads) so that every old head keeps its K/V head.
+            group = attn.n_heads // attn.n_kv_heads
+            new_heads = (n - old) * width // attn.head_dim
+            if new_heads % group:
+                raise ValueError(
+                    f"{prefix}: {n - old} new attention experts add {new_heads} query heads, not a multiple of "
+                    f"the {group} query heads per K/V head; grow by a multiple of {group * attn.head_dim // width}"
+                )
+            kv_width = (attn.n_kv_heads + new_heads // group) * attn.head_dim
+            dev = attn.q_proj.weight.device
+            rows = torch.arange(old * width, device=dev)
+            kv_rows = torch.arange(attn.n_kv_heads * attn.head_dim, device=dev)
+            attn.q_proj.weight = _grow(attn.q_proj.weight, 0, n * width, rows, init_std)
+            attn.o_proj.weight = _grow(attn.o_proj.weight, 1, n * width, rows, init_std)
+            attn.k_proj.weight = _grow(attn.k_proj.weight, 0, kv_width, kv_rows, init_std)
+            attn.v_proj.weight = _grow(attn.v_proj.weight, 0, kv_width, kv_rows, init_std)
+            attn.router.weight = _grow(attn.router.weight, 0, n, torch.arange(old, device=dev), init_std)
+            attn.n_heads, attn.num_experts = n * width // attn.head_dim, n
+            attn.n_kv_heads = kv_width // attn.head_dim
+            attn.q_proj.out_features = attn.o_proj.in_features = n * width
+            attn.k_proj.out_features = attn.v_proj.out_features = kv_width
+            grown[f"{prefix}.q_proj.weight"] = Transfer(f"{prefix}.q_proj.weight", 0, rows)
+            grown[f"{prefix}.o_proj.weight"] = Transfer(f"{prefix}.o_proj.weight", 1, rows)
+            grown[f"{prefix}.k_proj.weight"] = Transfer(f"{prefix}.k_proj.weight", 0, kv_rows)
+            grown[f"{prefix}.v_proj.weight"] = Transfer(f"{prefix}.v_proj.weight", 0, kv_rows)
+            grown[f"{prefix}.router.weight"] = Transfer(
+                f"{prefix}.router.weight", 0, torch.arange(old, device=dev)
+            )
+            masks.append((attn.router, "logit_bias", _new_mask(n, torch.arange(old, device=dev))))
+        else:
+            mlp, prefix = block.mlp, f"blocks.{i}.mlp"
+            if not isinstance(mlp, DSMoE):
+                raise ValueError(f"{prefix} is not a DS-MoE layer: grow_experts needs model.mlp=moe")
+            old = mlp.num_experts
+            idx = torch.arange(old, device=mlp.w_in.device)
+            mlp.w_in = _grow(mlp.w_in, 0, n, idx, init_std)
+            mlp.w_out = _grow(mlp.w_out, 0, n, idx, init_std)
+            mlp.router.weight = _grow(mlp.router.weight, 0, n, idx, init_std)
+            mlp.num_experts = n
+            for name in ("w_in", "w_out", "router.weight"):
+                grown[f"{prefix}.{name}"] = Transfer(f"{prefix}.{name}", 0, idx)
+            masks.append((mlp.router, "logit_bias", _new_mask(n, idx)))
+    a = model.cfg.attention
+    if attention:
+        if a.heads:
+            a.heads = n * a.heads_per_expert
+        a.head_dim = a.head_dim or model.blocks[0].attn.head_dim
+        if a.kv_heads:
+            a.kv_heads = model.blocks[0].attn.n_kv_heads
+        a.experts = n
+    else:
+        model.cfg.moe.num_experts = n
+    growth = _growth(model, grown)
+    growth.masks = masks
+    growth.set_c(0.0)
+    return growth
+
+
+def grow_layers(model: DecoderLM, n: int, where: str = "stack", init_std: float = 0.02) -> Growth:
+    """Grow to `n` blocks: new ones stacked on top (`stack`) or each inserted after an old one
+    (`interleave`, from the bottom), gated by c. New blocks are freshly initialised (any init preserves)."""
+    old = len(model.blocks)
+    if n <= old:
+        raise ValueError(f"grow_layers: {n} layers is not more than the current {old}")
+    if where == "stack":
+        order = list(range(old)) + [None] * (n - old)
+    elif where == "interleave":
+        extra = n - old
+        order = []
+        for i in range(old):
+            order += [i] + ([None] if i < extra else [])
+        order += [None] * (n - len(order))
+    else:
+        raise ValueError(f"grow_layers: where must be 'stack' or 'interleave', got {where!r}")
+    device = model.embed.weight.device
+    blocks, grown, new_blocks = [], {}, []
+    for position, source in enumerate(order):
+        if source is None:
+            block = Block(model.cfg).to(device=device, dtype=model.embed.weight.dtype)
+            for p in block.parameters():
+                nn.init.ones_(p) if p.dim() < 2 else nn.init.normal_(p, std=init_std)
+            block.__class__ = GrowthBlock
+            new_blocks.append(block)
+        else:
+            block = model.blocks[source]
+            for name, _ in block.named_parameters():
+                grown[f"blocks.{position}.{name}"] = Transfer(f"blocks.{source}.{name}")
+        blocks.append(block)
+    model.blocks = nn.ModuleList(blocks)
+    model.cfg.n_layers = n
+    growth = Growth(model, {k: grown.get(k) for k, _ in model.named_parameters() if k in grown})
+    growth.transfers.update(
+        {"embed.weight": Transfer("embed.weight"), "final_norm.weight": Transfer("final_norm.weight")}
+    )
+    if not model.cfg.tie_embeddings:
+        growth.transfers["lm_head.weight"] = Transfer("lm_head.weight")
+    growth.gates = new_blocks
+    growth.set_c(0.0)
+    return growth
+
+
+def grow_hidden(model: DecoderLM, d: int, init_std: float = 0.02) -> Growth:
+    """Grow d_model to `d` (heads keep their width: model.attention.head_dim is pinned)."""
+    old = model.cfg.d_model
+    if d <= old:
+        raise ValueError(f"grow_hidden: {d} is not more than the current d_model {old}")
+    dev = model.embed.weight.device
+    idx = torch.arange(old, device=dev)
+    new = _new_mask(d, idx)
+    grown: dict[str, Transfer] = {}
+    model.cfg.attention.head_dim = model.cfg.head_dim  # pin before d_model changes
+    for name, p in list(model.named_parameters()):
+        if name == "lm_head.weight" and model.cfg.tie_embeddings:
+            continue
+        if name.endswith("attn.q_norm.weight") or name.endswith("attn.k_norm.weight"):
+            continue  # over head_dim, not d_model
+        dim = _hidden_dim(name, p, old)
+        if dim is None:
+            continue
+        fill = 1.0 if p.dim() == 1 else None  # norm weights; any value preserves, 1 is the usual start
+        _set_param(model, name, _grow(p, dim, d, idx, init_std, fill))
+        grown[name] = Transfer(name, dim, idx)
+    if model.cfg.tie_embeddings:
+        model.lm_head.weight = model.embed.weight
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            module.in_features, module.out_features = module.weight.shape[1], module.weight.shape[0]
+        elif isinstance(module, nn.RMSNorm) and module.normalized_shape == (old,):
+            module.normalized_shape = (d,)
+    model.embed.embedding_dim = d
+    model.cfg.d_model = d
+    _to_growth_blocks(model)
+    masks = [(model, "channel_mask", new)]
+    for block in model.blocks:
+        masks.append((block, "channel_mask", new))
+        for norm in (block.attn_norm, block.mlp_norm):
+            norm.__class__ = GrowthRMSNorm
+            masks.append((norm, "channel_mask", new))
+    model.final_norm.__class__ = GrowthRMSNorm
+    masks.append((model.final_norm, "channel_mask", new))
+    growth = _growth(model, grown)
+    growth.masks = masks
+    growth.set_c(0.0)
+    return growth
+
+
+def _hidden_dim(name: str, p: torch.Tensor, old: int) -> int | None:
+    """Which dimension of parameter `name` is d_model (None: it has none)."""
+    if name == "embed.weight" or name == "lm_head.weight":
+        return 1
+    if p.dim() == 1:
+        return 0 if name.endswith("norm.weight") and p.shape[0] == old else None
+    if name.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight", "router.weight")):
+        return 1  # (out, d)
+    if name.endswith("o_proj.weight"):
+        return 0  # (d, heads x head_dim)
+    if name.endswith("mlp.w_in.weight"):
+        return 1  # dense (F_in, d)
+    if name.endswith("mlp.w_out.weight"):
+        return 0  # dense (d, F)
+    if name.endswith(("mlp.w_in", "mlp.w_out")):
+        return 2  # experts (N, F, d)
+    raise ValueError(f"grow_hidden does not know where d_model sits in {name} {tuple(p.shape)}")
+
+
+def ramp(step: int, start: int, steps: int) -> float:
+    """The mask c of a growth event that started at `start` and ramps over `steps`: linear 0 -> 1."""
+    return min(1.0, max(0.0, (step - start) / max(1, steps)))
+
+
+__all__ = [
+    "Growth",
+    "GrowthRMSNorm",
+    "Transfer",
+    "grow_experts",
+    "grow_ffn",
+    "grow_hidden",
+    "grow_layers",
+    "ramp",
+]
