@@ -352,6 +352,21 @@ def _hidden_dim(name: str, p: torch.Tensor, old: int) -> int | None:
     raise ValueError(f"grow_hidden does not know where d_model sits in {name} {tuple(p.shape)}")
 
 
+def carry_state(growth: Growth, old_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Per-parameter optimizer state (e.g. Adam's exp_avg, by plain parameter name, as the checkpoint shards
+    hold it) for the grown model: old values in their new places, zeros for new entries and new parameters
+    (MSG's transfer_states: old slices keep their moments, new ones start fresh)."""
+    carried = {}
+    for name, p in growth.model.named_parameters():
+        t = growth.transfers.get(name)
+        state = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+        if t is not None and t.old_name in old_state:
+            old = old_state[t.old_name].to(device=p.device, dtype=state.dtype)
+            state = old.clone() if t.dim is None else state.index_copy_(t.dim, t.index, old)
+        carried[name] = state
+    return carried
+
+
 def ramp(step: int, start: int, steps: int) -> float:
     """The mask c of a growth event that started at `start` and ramps over `steps`: linear 0 -> 1."""
     return min(1.0, max(0.0, (step - start) / max(1, steps)))
@@ -359,6 +374,7 @@ def ramp(step: int, start: int, steps: int) -> float:
 
 __all__ = [
     "Growth",
+    "carry_state",
     "GrowthRMSNorm",
     "Transfer",
     "grow_experts",

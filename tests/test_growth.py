@@ -145,3 +145,32 @@ def test_ramp_is_linear_and_gradients_reach_new_weights():
     assert model.blocks[2].mlp.w_in.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="c = 1"):
         g.finish()
+
+
+@pytest.mark.parametrize("op", ["ffn", "experts", "attention_experts", "layers_interleave", "hidden"])
+def test_old_optimizer_moments_survive_growth_unchanged(op):
+    """Adam state after one step, carried through growth: old slices equal, new entries start at zero."""
+    model = small_model("dsmoe_moa_gelu")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    idx = torch.randint(0, 97, (2, 12))
+    model(idx, idx).loss.backward()
+    optimizer.step()
+    names = {id(p): n for n, p in model.named_parameters()}
+    exp_avg = {names[id(p)]: s["exp_avg"].clone() for p, s in optimizer.state.items()}
+    g = OPS[op](model)
+    carried = growth.carry_state(g, exp_avg)
+    assert set(carried) == {n for n, _ in model.named_parameters()}
+    new_entries = 0
+    for name, p in model.named_parameters():
+        assert carried[name].shape == p.shape
+        t = g.transfers.get(name)
+        if t is None:
+            assert carried[name].abs().sum() == 0  # a new parameter starts fresh
+            new_entries += p.numel()
+            continue
+        old = exp_avg[t.old_name].float()
+        kept = carried[name] if t.dim is None else carried[name].index_select(t.dim, t.index)
+        torch.testing.assert_close(kept, old, rtol=0, atol=0)
+        new_entries += p.numel() - old.numel()
+    grown_numel = sum(p.numel() for p in model.parameters())
+    assert new_entries == grown_numel - sum(v.numel() for v in exp_avg.values())
