@@ -245,6 +245,51 @@ def grow_experts(model: DecoderLM, n: int, attention: bool = False, init_std: fl
     return growth
 
 
+def grow_heads(model: DecoderLM, n: int, init_std: float = 0.02) -> Growth:
+    """Grow plain attention to `n` query heads of the same width. Query head h reads K/V head h // group,
+    so new heads come in whole groups with new K/V heads and every old head keeps its K/V head; the new
+    heads' outputs enter the output projection scaled by c. (MoA grows heads by experts: grow_experts.)"""
+    grown: dict[str, Transfer] = {}
+    masks = []
+    for i, block in enumerate(model.blocks):
+        attn, prefix = block.attn, f"blocks.{i}.attn"
+        if attn.router is not None:
+            raise ValueError(
+                "grow_heads is for plain attention; MoA grows by experts (grow_experts(attention=True))"
+            )
+        group, hd = attn.n_heads // attn.n_kv_heads, attn.head_dim
+        if n <= attn.n_heads or (n - attn.n_heads) % group:
+            raise ValueError(
+                f"{prefix}: grow_heads to {n} needs more than {attn.n_heads} heads, in whole groups of {group} "
+                "query heads per K/V head"
+            )
+        kv = attn.n_kv_heads + (n - attn.n_heads) // group
+        dev = attn.q_proj.weight.device
+        rows, kv_rows = (
+            torch.arange(attn.n_heads * hd, device=dev),
+            torch.arange(attn.n_kv_heads * hd, device=dev),
+        )
+        attn.q_proj.weight = _grow(attn.q_proj.weight, 0, n * hd, rows, init_std)
+        attn.o_proj.weight = _grow(attn.o_proj.weight, 1, n * hd, rows, init_std)
+        attn.k_proj.weight = _grow(attn.k_proj.weight, 0, kv * hd, kv_rows, init_std)
+        attn.v_proj.weight = _grow(attn.v_proj.weight, 0, kv * hd, kv_rows, init_std)
+        attn.n_heads, attn.n_kv_heads = n, kv
+        attn.q_proj.out_features = attn.o_proj.in_features = n * hd
+        attn.k_proj.out_features = attn.v_proj.out_features = kv * hd
+        for name, index in (("q_proj", rows), ("k_proj", kv_rows), ("v_proj", kv_rows)):
+            grown[f"{prefix}.{name}.weight"] = Transfer(f"{prefix}.{name}.weight", 0, index)
+        grown[f"{prefix}.o_proj.weight"] = Transfer(f"{prefix}.o_proj.weight", 1, rows)
+        masks.append((attn, "head_mask", _new_mask(n * hd, rows)))
+    a = model.cfg.attention
+    a.head_dim = a.head_dim or model.blocks[0].attn.head_dim
+    a.kv_heads = model.blocks[0].attn.n_kv_heads if a.kv_heads else 0
+    a.heads = n
+    growth = _growth(model, grown)
+    growth.masks = masks
+    growth.set_c(0.0)
+    return growth
+
+
 def grow_layers(model: DecoderLM, n: int, where: str = "stack", init_std: float = 0.02) -> Growth:
     """Grow to `n` blocks: new ones stacked on top (`stack`) or each inserted after an old one
     (`interleave`, from the bottom), gated by c. New blocks are freshly initialised (any init preserves)."""
@@ -379,6 +424,7 @@ __all__ = [
     "Transfer",
     "grow_experts",
     "grow_ffn",
+    "grow_heads",
     "grow_hidden",
     "grow_layers",
     "ramp",

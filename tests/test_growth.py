@@ -27,8 +27,13 @@ BACKBONES = {
         "model.attention.heads_per_expert=2",
         "model.moe.activation=gelu",
     ],
-    "dense_swiglu": ["model.mlp=dense", "model.attention.heads=4", "model.moe.activation=swiglu"],
-    "dsmoe_swiglu": ["model.attention.heads=4", "model.moe.activation=swiglu"],
+    "dense_swiglu": [
+        "model.mlp=dense",
+        "model.attention.experts=0",
+        "model.attention.heads=4",
+        "model.moe.activation=swiglu",
+    ],
+    "dsmoe_swiglu": ["model.attention.experts=0", "model.attention.heads=4", "model.moe.activation=swiglu"],
 }
 BIG = 1.0  # new weights 50x the usual init: preservation must not depend on them
 
@@ -57,6 +62,7 @@ OPS = {
     "attention_experts": lambda m: growth.grow_experts(
         m, m.cfg.attention.experts + 1, attention=True, init_std=BIG
     ),
+    "heads": lambda m: growth.grow_heads(m, 6, BIG),  # 4 heads over 2 K/V heads -> 6 over 3
     "layers_stack": lambda m: growth.grow_layers(m, 4, "stack", BIG),
     "layers_interleave": lambda m: growth.grow_layers(m, 3, "interleave", BIG),
     "hidden": lambda m: growth.grow_hidden(m, 48, BIG),
@@ -68,11 +74,19 @@ def applicable(op: str, backbone: str) -> bool:
         return backbone != "dense_swiglu"
     if op == "attention_experts":
         return backbone == "dsmoe_moa_gelu"
+    if op == "heads":
+        return backbone != "dsmoe_moa_gelu"
     return True
 
 
 CASES = [(op, b) for op in OPS for b in BACKBONES if applicable(op, b)]
-PAIRS = [("ffn", "hidden"), ("layers_stack", "experts"), ("hidden", "attention_experts"), ("experts", "ffn")]
+PAIRS = [
+    ("ffn", "hidden"),
+    ("heads", "hidden"),
+    ("layers_stack", "experts"),
+    ("hidden", "attention_experts"),
+    ("experts", "ffn"),
+]
 
 
 @pytest.mark.parametrize("op,backbone", CASES)
@@ -112,7 +126,7 @@ def test_each_operator_preserves_the_function(op, backbone):
 
 @pytest.mark.parametrize("first,second", PAIRS)
 def test_two_operators_at_once_preserve_the_function(first, second):
-    model = small_model("dsmoe_moa_gelu")
+    model = small_model("dense_swiglu" if "heads" in (first, second) else "dsmoe_moa_gelu")
     idx = torch.randint(0, 97, (2, 12))
     logits, loss = outputs(model, idx)
     OPS[first](model)
@@ -125,7 +139,8 @@ def test_two_operators_at_once_preserve_the_function(first, second):
 def test_fp32_preservation_bound(op):
     """The issue's bound in fp32: max |logit difference| <= 1e-6 right after growth."""
     torch.manual_seed(0)
-    model = build(config_lib.load(None, BASE + BACKBONES["dsmoe_moa_gelu"]).model).eval()
+    backbone = "dsmoe_swiglu" if op == "heads" else "dsmoe_moa_gelu"
+    model = build(config_lib.load(None, BASE + BACKBONES[backbone]).model).eval()
     idx = torch.randint(0, 97, (2, 12))
     with torch.no_grad():
         before = model(idx).logits

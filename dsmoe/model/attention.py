@@ -125,6 +125,7 @@ class CausalSelfAttention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.d_model, bias=False)
         self.num_experts = a.experts
         self.router = Router(cfg.d_model, a.experts) if a.experts else None
+        self.head_mask: torch.Tensor | None = None  # MSG head growth: (heads x head_dim,), c on new heads
         self.q_norm = nn.RMSNorm(self.head_dim, eps=cfg.norm_eps) if a.qk_norm else None
         self.k_norm = nn.RMSNorm(self.head_dim, eps=cfg.norm_eps) if a.qk_norm else None
 
@@ -168,8 +169,8 @@ class CausalSelfAttention(nn.Module):
         if cache is not None:
             k, v = cache.update(layer, k, v)
         if self.router is None:
-            y = self.attend(self.project_q(x, self.q_proj.weight), k, v, cos, sin)
-            return self.o_proj(y.reshape(B, T, -1)), None
+            y = self.attend(self.project_q(x, self.q_proj.weight), k, v, cos, sin).reshape(B, T, -1)
+            return self.o_proj(y if self.head_mask is None else y * self.head_mask), None
         probs_TE = self.router(x.reshape(B * T, D))  # (B*T, E)
         if routing.mode == "dense":
             y = self.attend(self.project_q(x, self.q_proj.weight), k, v, cos, sin)
