@@ -180,7 +180,9 @@ def time_split(engine, cfg) -> dict[str, float]:
         engine.backward(engine(idx, idx).loss)  # gradients to step with (not timed: only the step is)
 
     if hasattr(engine, "set_gradient_accumulation_boundary"):
-        engine.set_gradient_accumulation_boundary(True)  # reduce and step now, whatever the accumulation count
+        engine.set_gradient_accumulation_boundary(
+            True
+        )  # reduce and step now, whatever the accumulation count
     optimizer()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
