@@ -191,12 +191,39 @@ class TrainConfig:
     """Show a progress bar on rank 0."""
 
 
+GROWTH_DIMS = ("hidden", "ffn", "heads", "layers", "experts", "attention_experts")
+
+
+@dataclass(kw_only=True)
+class GrowthEvent:
+    """One MSG growth event (papers/msg.md): before optimizer step `step`, grow `dim` to `size`; the new
+    parts' mask rises linearly from 0 to 1 over `ramp_steps` steps, then the masks are removed."""
+
+    step: int
+    dim: str
+    """hidden (d_model) | ffn (dense MLP width, or each expert's width) | heads (plain attention query heads)
+    | layers | experts (DS-MoE MLP experts per layer) | attention_experts (MoA experts per layer)."""
+    size: int
+    ramp_steps: int = 100
+    where: Literal["stack", "interleave"] = "stack"
+    """New layers: on top of the old ones, or each after an old one (layers only)."""
+
+
+@dataclass(kw_only=True)
+class GrowthConfig:
+    events: list[GrowthEvent] = field(default_factory=list)
+    """Growth events in step order; one ramps at a time. `model` gives the starting shape."""
+    init_std: float = 0.02
+    """Std of the new weights (function preservation holds for any init)."""
+
+
 @dataclass(kw_only=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    growth: GrowthConfig = field(default_factory=GrowthConfig)
 
 
 def load(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
@@ -312,6 +339,7 @@ def validate(cfg: Config, source: str = "config") -> None:
     check(0 <= p.zero_stage <= 3, "parallel.zero_stage", f"must be 0..3, got {p.zero_stage}")
     check(p.dp >= 0, "parallel.dp", "must be >= 0 (0: world_size / (ep * tp))")
     _check_layout(cfg, check)
+    _check_growth(cfg, check)
     check(
         t.global_batch_size % t.micro_batch_size == 0,
         "train.global_batch_size",
@@ -352,6 +380,66 @@ def from_dict(data: dict[str, Any], source: str) -> Config:
     cfg: Config = OmegaConf.to_object(merged)
     validate(cfg, source=source)
     return cfg
+
+
+def _check_growth(cfg: Config, check) -> None:
+    """Events in order, one ramp at a time, each finished before the run ends, each a real enlargement."""
+    g, t, p = cfg.growth, cfg.train, cfg.parallel
+    check(g.init_std >= 0, "growth.init_std", "must be >= 0")
+    if not g.events:
+        return
+    check(
+        p.ep == 1 and p.tp == 1,
+        "growth.events",
+        "run under data parallelism only in this version (grow first, then shard: parallel.ep = parallel.tp = 1)",
+    )
+    m = cfg.model
+    size = {
+        "hidden": m.d_model,
+        "ffn": m.moe.expert_hidden if m.mlp == "moe" else m.ffn_hidden,
+        "heads": m.attention.num_heads,
+        "layers": m.n_layers,
+        "experts": m.moe.num_experts,
+        "attention_experts": m.attention.experts,
+    }
+    previous_end = 0
+    for i, event in enumerate(g.events):
+        key = f"growth.events[{i}]"
+        check(
+            event.dim in GROWTH_DIMS, f"{key}.dim", f"({event.dim!r}) must be one of {', '.join(GROWTH_DIMS)}"
+        )
+        check(
+            event.size > size[event.dim],
+            f"{key}.size",
+            f"({event.size}) must be larger than the {event.dim} it grows from ({size[event.dim]})",
+        )
+        size[event.dim] = event.size
+        if event.dim == "experts":
+            check(m.mlp == "moe", f"{key}.dim", "'experts' needs DS-MoE MLPs (model.mlp: moe)")
+        if event.dim == "attention_experts":
+            check(
+                m.attention.experts > 0,
+                f"{key}.dim",
+                "'attention_experts' needs MoA (model.attention.experts > 0)",
+            )
+        if event.dim == "heads":
+            check(
+                m.attention.experts == 0,
+                f"{key}.dim",
+                "'heads' is for plain attention; MoA grows attention_experts",
+            )
+        check(event.ramp_steps >= 1, f"{key}.ramp_steps", "must be >= 1")
+        check(
+            event.step >= previous_end,
+            f"{key}.step",
+            f"({event.step}) starts before the previous event's ramp ends (step {previous_end}): one at a time",
+        )
+        previous_end = event.step + event.ramp_steps
+        check(
+            previous_end <= t.max_steps,
+            f"{key}.step",
+            f"+ ramp_steps ({previous_end}) must end by train.max_steps ({t.max_steps}): the final model has no masks",
+        )
 
 
 def _check_layout(cfg: Config, check) -> None:

@@ -10,12 +10,14 @@ After `import dsmoe.hf`, transformers' AutoModelForCausalLM / AutoTokenizer load
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
 from safetensors.torch import load_model, save_model
 
 from dsmoe import config as config_lib
+from dsmoe import growth
 from dsmoe.data.tokens import EOS
 from dsmoe.model import DecoderLM, Routing, build
 from dsmoe.train.checkpoint import (
@@ -44,7 +46,15 @@ def load_from_run(
     if "config" not in ours:
         raise CheckpointError(f"{root / tag} was not written by dsmoe (no config in its client state)")
     cfg = config_lib.from_dict(ours["config"], source=f"{root / tag} (saved config)")
-    model = build(cfg.model)
+    model = build(copy.deepcopy(cfg.model))
+    step = int(ours["step"])
+    ramping = growth.replay(model, cfg.growth, step, cfg.train.seed) is not None  # the saved shapes
+    if cfg.growth.events and not ramping:  # the grown model, described as a plain one
+        cfg = copy.deepcopy(cfg)
+        cfg.model, cfg.growth = (
+            copy.deepcopy(model.cfg),
+            config_lib.GrowthConfig(init_std=cfg.growth.init_std),
+        )
     if cfg.model.tie_embeddings:
         state_dict.setdefault("lm_head.weight", state_dict["embed.weight"])
     missing, unexpected = model.load_state_dict(state_dict, strict=False)
@@ -52,7 +62,7 @@ def load_from_run(
         raise CheckpointError(
             f"{root / tag}: weights do not fit the saved config: missing {missing}, unexpected {unexpected}"
         )
-    return model.eval(), cfg, root / tag / "tokenizer.json", int(ours["step"])
+    return model.eval(), cfg, root / tag / "tokenizer.json", step
 
 
 def run_config(run_dir: str | Path, tag: str | None = None) -> tuple[config_lib.Config, int]:
@@ -83,6 +93,11 @@ def write_export(
     step: int,
 ) -> Path:
     """Write a model, its config and tokenizer as an exported model directory."""
+    if growth.in_progress(model):
+        raise CheckpointError(
+            f"the checkpoint of step {step} is in the middle of a growth ramp (growth.events): export one "
+            "saved after the ramp ends"
+        )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_model(model, str(out / "model.safetensors"))

@@ -63,6 +63,8 @@ class Growth:
     """(module, attribute, bool tensor of the new entries): attribute = where(new, c, 1) (or log of it)."""
     gates: list[GrowthBlock] = field(default_factory=list)
     c: float = 0.0
+    event: object = None
+    """The config GrowthEvent this growth came from (apply_event), if any."""
 
     def set_c(self, c: float) -> None:
         self.c = float(c)
@@ -417,9 +419,61 @@ def ramp(step: int, start: int, steps: int) -> float:
     return min(1.0, max(0.0, (step - start) / max(1, steps)))
 
 
+def apply_event(model: DecoderLM, event, init_std: float, seed: int) -> Growth:
+    """Grow `model` as a config GrowthEvent says. The new weights come from their own seeded stream, so
+    every data-parallel rank (and a run replaying its schedule on resume) grows the same weights."""
+    operators = {
+        "hidden": lambda: grow_hidden(model, event.size, init_std),
+        "ffn": lambda: grow_ffn(model, event.size, init_std),
+        "heads": lambda: grow_heads(model, event.size, init_std),
+        "layers": lambda: grow_layers(model, event.size, event.where, init_std),
+        "experts": lambda: grow_experts(model, event.size, init_std=init_std),
+        "attention_experts": lambda: grow_experts(model, event.size, attention=True, init_std=init_std),
+    }
+    if event.dim not in operators:
+        raise ValueError(f"unknown growth dimension {event.dim!r}")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        grown = operators[event.dim]()
+    grown.event = event
+    return grown
+
+
+def event_seed(base_seed: int, index: int) -> int:
+    return base_seed * 1_000_003 + 7919 * (index + 1)
+
+
+def replay(model: DecoderLM, growth_cfg, steps_done: int, base_seed: int) -> Growth | None:
+    """The model as it was after `steps_done` optimizer steps: every event that started before that grown,
+    finished ramps finished, and the ramp in progress (returned) at its c. For resuming and exporting:
+    shapes and masks are replayed, weights come from the checkpoint."""
+    active = None
+    for i, event in enumerate(growth_cfg.events):
+        if event.step >= steps_done:
+            break
+        active = apply_event(model, event, growth_cfg.init_std, event_seed(base_seed, i))
+        active.set_c(ramp(steps_done, event.step, event.ramp_steps))
+        if active.c == 1.0:
+            active.finish()
+            active = None
+    return active
+
+
+def in_progress(model: nn.Module) -> bool:
+    """Whether a growth ramp is under way in `model` (masks present)."""
+    return any(isinstance(m, (GrowthBlock, GrowthRMSNorm)) for m in model.modules()) or any(
+        getattr(m, attr, None) is not None
+        for m in model.modules()
+        for attr in ("unit_mask", "logit_bias", "head_mask", "channel_mask")
+    )
+
+
 __all__ = [
     "Growth",
+    "apply_event",
     "carry_state",
+    "in_progress",
+    "replay",
     "GrowthRMSNorm",
     "Transfer",
     "grow_experts",

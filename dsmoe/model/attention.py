@@ -170,7 +170,7 @@ class CausalSelfAttention(nn.Module):
             k, v = cache.update(layer, k, v)
         if self.router is None:
             y = self.attend(self.project_q(x, self.q_proj.weight), k, v, cos, sin).reshape(B, T, -1)
-            return self.o_proj(y if self.head_mask is None else y * self.head_mask), None
+            return self.o_proj(y if self.head_mask is None else y * self.head_mask.to(y.dtype)), None
         probs_TE = self.router(x.reshape(B * T, D))  # (B*T, E)
         if routing.mode == "dense":
             y = self.attend(self.project_q(x, self.q_proj.weight), k, v, cos, sin)

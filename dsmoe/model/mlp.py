@@ -28,4 +28,4 @@ class DenseMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:
         h = activate(self.w_in(x), self.activation)
-        return self.w_out(h if self.unit_mask is None else h * self.unit_mask), None
+        return self.w_out(h if self.unit_mask is None else h * self.unit_mask.to(h.dtype)), None

@@ -182,7 +182,11 @@ class DSMoE(nn.Module):
 
     def expert_w_out(self) -> torch.Tensor:
         """w_out with new hidden units scaled by their growth mask (h_f * c_f * w_f = h_f * (c_f w_f))."""
-        return self.w_out if self.unit_mask is None else self.w_out * self.unit_mask.unsqueeze(-1)
+        return (
+            self.w_out
+            if self.unit_mask is None
+            else self.w_out * self.unit_mask.to(self.w_out.dtype).unsqueeze(-1)
+        )
 
     def expert_forward(self, x_TD: torch.Tensor, expert: int) -> torch.Tensor:
         """One expert on its tokens: act(x W_in_i^T) W_out_i."""

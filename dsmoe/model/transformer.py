@@ -112,6 +112,7 @@ class GrowthBlock(Block):
     def forward(self, x, cos, sin, routing: Routing, cache: KVCache | None = None, layer: int = 0):
         mask = self.channel_mask
         attn_out, attn_aux = self.attn(self.attn_norm(x), cos, sin, routing.attention, cache, layer)
+        mask = None if mask is None else mask.to(x.dtype)
         y = x + (attn_out if mask is None else attn_out * mask)
         h = self.mlp_norm(y)
         mlp_out, mlp_aux = self.mlp(h, routing.mlp) if getattr(self.mlp, "routed", False) else self.mlp(h)
@@ -179,7 +180,7 @@ class DecoderLM(nn.Module):
             raise ValueError(f"sequence length {start + T} exceeds model.max_seq_len {self.cfg.max_seq_len}")
         x = self.embed(idx)  # (B, T, D)
         if self.channel_mask is not None:  # MSG hidden growth: new channels enter scaled by c
-            x = x * self.channel_mask
+            x = x * self.channel_mask.to(x.dtype)
         cos, sin = rope_cos_sin(start + T, self.cfg.head_dim, self.cfg.attention.rope_theta, x.device)
         cos, sin = cos[start:], sin[start:]  # positions of the new tokens
         attn_auxes, mlp_auxes = [], []

@@ -340,16 +340,11 @@ def engine_counters(engine) -> dict:
     }
 
 
-def _save_shards(engine, staging: Path) -> None:
-    """Every parameter this (tp, ep) position of the layout holds, with its Adam moments, as fp32 under the
-    plain model's names (moments as '<moment>/<name>'): with parallel/layout.py any layout can read them.
-    Collective under ZeRO (every rank takes part); the first data-parallel replica writes."""
+def full_state(engine) -> dict[str, torch.Tensor]:
+    """This rank's parameters as fp32 masters under their plain names, with their Adam moments as
+    '<moment>/<name>', on the CPU. Collective under ZeRO and the bf16 optimizer (every rank calls it)."""
     from deepspeed.utils import safe_get_full_fp32_param
-    from safetensors.torch import save_file
 
-    dims = getattr(engine, "dsmoe_dims", None)
-    if dims is None:
-        return
     _link_optimizer_state(engine)
     tensors = {}
     for name, p in engine.module.named_parameters():
@@ -359,6 +354,19 @@ def _save_shards(engine, staging: Path) -> None:
         )
         for key in MOMENTS:
             tensors[f"{key}/{name}"] = _moment(engine, p, key).detach().float().cpu().contiguous()
+    return tensors
+
+
+def _save_shards(engine, staging: Path) -> None:
+    """Every parameter this (tp, ep) position of the layout holds, with its Adam moments, as fp32 under the
+    plain model's names (moments as '<moment>/<name>'): with parallel/layout.py any layout can read them.
+    Collective under ZeRO (every rank takes part); the first data-parallel replica writes."""
+    from safetensors.torch import save_file
+
+    dims = getattr(engine, "dsmoe_dims", None)
+    if dims is None:
+        return
+    tensors = full_state(engine)
     if dims.dp_rank == 0:
         layout = {
             "tp": str(dims.tp),
@@ -397,7 +405,6 @@ def load_resharded(engine, directory: Path, counters: dict, activation: str) -> 
     """Load a checkpoint saved under another layout (or ZeRO stage): join each tensor from the saved shards,
     cut this rank's piece, and set the fp32 master, the Adam moments and the engine's counters. Every
     parameter must be found and every saved tensor placed: anything else is an error naming the keys."""
-    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
     from parallel.layout import placement, shard
 
@@ -417,25 +424,33 @@ def load_resharded(engine, directory: Path, counters: dict, activation: str) -> 
         raise CheckpointError(
             f"{directory} holds {len(unexpected)} tensors this model has no place for: {unexpected[:8]}"
         )
+    local = {}
+    for name in params:
+        where = placement(name, activation)
+        for key in (name, *(f"{m}/{name}" for m in MOMENTS)):
+            local[key] = shard(saved[key], where, dims.tp_rank, dims.tp, dims.ep_rank, dims.ep)
+    set_state(engine, local, counters)
+
+
+def set_state(engine, local: dict[str, torch.Tensor], counters: dict) -> None:
+    """Set every parameter's fp32 master and Adam moments from this rank's pieces (`full_state`'s keys),
+    and the engine's counters and schedule position (`engine_counters`)."""
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
     _create_optimizer_state(engine, counters["adam_step"])
     with torch.no_grad():
-        for name, p in params.items():
-            where = placement(name, activation)
-            local = {
-                key: shard(saved[key], where, dims.tp_rank, dims.tp, dims.ep_rank, dims.ep).to(p.device)
-                for key in (name, *(f"{m}/{name}" for m in MOMENTS))
-            }
-            value = local[name]
+        for name, p in engine.module.named_parameters():
+            value = local[name].to(p.device)
             if hasattr(p, "_hp_mapping") or hasattr(p, "ds_id"):
                 safe_set_full_fp32_param(p, value)
                 for key in MOMENTS:
-                    safe_set_full_optimizer_state(p, local[f"{key}/{name}"], key)
+                    safe_set_full_optimizer_state(p, local[f"{key}/{name}"].to(p.device), key)
             else:
                 master = _master(engine, p)
                 master.copy_(value.to(master.dtype))
                 state = _inner_optimizer(engine).state[master]
                 for key in MOMENTS:
-                    state[key] = local[f"{key}/{name}"].to(master.dtype)
+                    state[key] = local[f"{key}/{name}"].to(device=master.device, dtype=master.dtype)
             p.copy_(value.to(p.dtype))
     engine.global_steps = counters["global_steps"]
     engine.global_samples = counters["global_samples"]

@@ -6,6 +6,7 @@ resumes from the last complete checkpoint and continues the same loss curve.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -19,6 +20,7 @@ import torch.distributed as dist
 
 import parallel
 from dsmoe import config as config_lib
+from dsmoe import growth
 from dsmoe.config import Config, ConfigError
 from dsmoe.data import PackedSampler, open_token_data, pad_vocab, prepare
 from dsmoe.data.tokens import open_pretokenized
@@ -26,6 +28,7 @@ from dsmoe.model import build
 from dsmoe.model.attention import resolve_backend
 from dsmoe.train import checkpoint
 from dsmoe.train.checkpoint import CheckpointError
+from dsmoe.train.grow import grow_engine
 from dsmoe.train.logging import RunLogger
 from parallel import engine as engine_lib
 from parallel import groups
@@ -191,9 +194,15 @@ def run(cfg: Config) -> RunResult:
     dist.barrier()
 
     torch.manual_seed(t.seed)  # the same initial weights on every rank
-    model = build(cfg.model)
+    model = build(copy.deepcopy(cfg.model))  # growth changes the model's own config, never the run's
     if t.init_from and not resume_from:
         _initialise_from(model, Path(t.init_from))
+    active_growth = None
+    if resume_from and cfg.growth.events:  # the shapes (and masks) the checkpoint was saved with
+        steps_done = int(
+            checkpoint.read_client_state(checkpoint.checkpoint_root(run_dir) / resume_from)["step"]
+        )
+        active_growth = growth.replay(model, cfg.growth, steps_done, t.seed)
     dispatch = _expert_dispatch(cfg, model, dims)
     parallel.apply(model, dims, dispatch)
     engine = engine_lib.initialize(model, cfg, dims)
@@ -236,6 +245,22 @@ def run(cfg: Config) -> RunResult:
     bad_steps, last_saved = 0, start_step
     try:
         for step in range(start_step, t.max_steps):
+            if active_growth is not None:  # c for this step; at 1 the masks go (before any next event)
+                e = active_growth.event
+                active_growth.set_c(growth.ramp(step, e.step, e.ramp_steps))
+                if active_growth.c == 1.0:
+                    active_growth.finish()
+                    active_growth = None
+            for index, event in enumerate(cfg.growth.events):
+                if event.step == step:  # the new parts start at c = 0
+                    engine, active_growth = grow_engine(engine, cfg, dims, index)
+                    result.engine = engine
+                    if dims.is_main:
+                        print(
+                            f"step {step}: grew {event.dim} to {event.size} "
+                            f"({engine.module.num_params() / 1e6:.2f}M params), ramp over {event.ramp_steps} steps",
+                            flush=True,
+                        )
             started = time.perf_counter()
             lr = engine.get_lr()[0]
             sums = None

@@ -1,0 +1,107 @@
+"""MSG growth in the training loop: the engine is rebuilt around the grown model without a jump in the
+loss, a run stopped in the middle of a ramp resumes on the same curve, and the end of the run exports the
+grown model as a plain one."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from dsmoe.export import export, load_export, load_from_run
+from dsmoe.model import Routing
+from dsmoe.train.checkpoint import CheckpointError
+from dsmoe.train.logging import read_metrics
+from dsmoe.train.loop import run
+
+pytestmark = pytest.mark.usefixtures("single_process_group")
+
+# 2 layers x 4 experts of 32 -> experts of 48 at step 2 (ramp 2), then 3 layers at step 4 (ramp 3: c = 0,
+# 1/3, 2/3 at steps 4-6, masks gone at step 7). Checkpoints at 3 and 6 (mid-ramp).
+SCHEDULE = [
+    "growth.events=[{step: 2, dim: ffn, size: 48, ramp_steps: 2}, {step: 4, dim: layers, size: 3, ramp_steps: 3}]",
+    "train.checkpoint_every=3",
+    "train.export_at_end=false",
+]
+
+
+@pytest.fixture(scope="module")
+def grown_run(tmp_path_factory, cache_dir):
+    from dsmoe import config as config_lib
+    from tests.conftest import small_overrides
+
+    run_dir = tmp_path_factory.mktemp("grown") / "run"
+    result = run(config_lib.load(None, small_overrides(run_dir, cache_dir) + SCHEDULE))
+    return run_dir, result
+
+
+def test_growth_keeps_the_loss_and_the_schedule(grown_run, small_cfg, tmp_path):
+    run_dir, grown = grown_run
+    plain = run(small_cfg("train.checkpoint_every=3", "train.export_at_end=false", "train.max_steps=3"))
+    # Steps 0-1 are the same run; step 2 computes with the grown model at c = 0: the small model's loss.
+    assert grown.losses[:2] == plain.losses[:2]
+    assert grown.losses[2] == pytest.approx(plain.losses[2], rel=1e-5)
+    grown_lr = [r["lr"] for r in read_metrics(run_dir)]
+    plain_lr = [r["lr"] for r in read_metrics(tmp_path / "run")]
+    assert grown_lr[:3] == plain_lr[:3] and grown.steps == 8  # the schedule carries on through growth
+    model = grown.engine.module
+    assert len(model.blocks) == 3 and model.blocks[0].mlp.expert_hidden == 48
+
+
+def test_a_run_stopped_mid_ramp_resumes_on_the_same_curve(grown_run, small_cfg, tmp_path):
+    _, grown = grown_run
+    first = run(small_cfg(*SCHEDULE, "train.exit_at_step=6"))  # saved at step 6: c = 2/3 on the new layer
+    assert first.interrupted and first.losses == pytest.approx(grown.losses[:6], rel=1e-6)
+    with pytest.raises(CheckpointError, match="middle of a growth ramp"):
+        export(tmp_path / "run", tmp_path / "mid", Routing())
+    resumed = run(small_cfg(*SCHEDULE))
+    assert resumed.losses == pytest.approx(grown.losses[6:], rel=1e-6)
+
+
+def test_the_grown_model_exports_as_a_plain_model(grown_run, tmp_path):
+    run_dir, grown = grown_run
+    out = export(run_dir, tmp_path / "export", Routing())
+    model, cfg, _, _ = load_export(out)
+    assert cfg.model.n_layers == 3 and cfg.model.moe.expert_hidden == 48 and not cfg.growth.events
+    trained, _, _, step = load_from_run(run_dir)
+    assert step == 8
+    idx = torch.randint(0, cfg.model.vocab_size, (2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx).logits, trained(idx).logits, rtol=0, atol=0)
+        engine_logits = grown.engine.module.float().eval()(idx).logits
+    torch.testing.assert_close(model(idx).logits, engine_logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "events,extra,key",
+    [
+        (
+            "[{step: 2, dim: ffn, size: 48, ramp_steps: 4}, {step: 4, dim: layers, size: 3}]",
+            [],
+            "growth.events[1].step",
+        ),
+        ("[{step: 6, dim: ffn, size: 48, ramp_steps: 4}]", [], "growth.events[0].step"),
+        ("[{step: 2, dim: ffn, size: 16}]", [], "growth.events[0].size"),
+        ("[{step: 2, dim: width, size: 96}]", [], "growth.events[0].dim"),
+        ("[{step: 2, dim: heads, size: 8}]", [], "growth.events[0].dim"),  # MoA grows attention_experts
+        ("[{step: 2, dim: ffn, size: 48}]", ["parallel.ep=2"], "growth.events"),
+    ],
+)
+def test_a_bad_schedule_names_the_key(small_cfg, events, extra, key):
+    from dsmoe.config import ConfigError
+
+    with pytest.raises(ConfigError, match=re.escape(f"'{key}'")):
+        small_cfg(f"growth.events={events}", "train.max_steps=8", *extra)
+
+
+@pytest.mark.parametrize("extra,rel", [(["parallel.zero_stage=2"], 1e-5), (["train.precision=bf16"], 2e-3)])
+def test_growth_under_zero_and_bf16_keeps_the_loss(small_cfg, tmp_path, extra, rel):
+    """The rebuilt engine gets the exact fp32 masters back (ZeRO partitions, bf16 optimizer's copies)."""
+    schedule = ["growth.events=[{step: 2, dim: hidden, size: 96, ramp_steps: 1}]", "train.max_steps=4"]
+    grown = run(small_cfg(*schedule, "train.export_at_end=false", *extra))
+    plain = run(
+        small_cfg("train.max_steps=3", "train.export_at_end=false", *extra, run_dir=tmp_path / "plain")
+    )
+    assert grown.losses[:2] == plain.losses[:2]
+    assert grown.losses[2] == pytest.approx(plain.losses[2], rel=rel)
