@@ -189,3 +189,14 @@ def test_old_optimizer_moments_survive_growth_unchanged(op):
         new_entries += p.numel() - old.numel()
     grown_numel = sum(p.numel() for p in model.parameters())
     assert new_entries == grown_numel - sum(v.numel() for v in exp_avg.values())
+
+
+def test_new_experts_at_c0_give_finite_gradients():
+    """A new expert's probability is exactly 0 at c = 0; the MI loss's entropy must still differentiate."""
+    model = small_model("dsmoe_moa_gelu")
+    model.train()
+    growth.grow_experts(model, 5, init_std=BIG)
+    growth.grow_experts(model, 3, attention=True, init_std=BIG)
+    idx = torch.randint(0, 97, (2, 12))
+    model(idx, idx).loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)

@@ -101,9 +101,15 @@ def mutual_information_loss(probs_TE: torch.Tensor, marginal_E: torch.Tensor | N
     """
     probs_TE = probs_TE.to(torch.promote_types(probs_TE.dtype, torch.float32))
     marginal_E = probs_TE.mean(0) if marginal_E is None else marginal_E
-    marginal_entropy = -torch.special.xlogy(marginal_E, marginal_E).sum()
-    conditional_entropy = -torch.special.xlogy(probs_TE, probs_TE).sum(-1).mean()
+    marginal_entropy = -p_log_p(marginal_E).sum()
+    conditional_entropy = -p_log_p(probs_TE).sum(-1).mean()
     return conditional_entropy - marginal_entropy
+
+
+def p_log_p(p: torch.Tensor) -> torch.Tensor:
+    """p log p, 0 at p = 0 with a finite gradient there (xlogy's is 0/0 = NaN). Probabilities of exactly 0
+    occur: an expert added by growth starts with router logit bias log 0 (dsmoe/growth.py)."""
+    return p * torch.log(p.clamp_min(torch.finfo(p.dtype).tiny))
 
 
 def switch_balance_loss(probs_TE: torch.Tensor, keep_TE: torch.Tensor) -> torch.Tensor:
