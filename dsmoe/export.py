@@ -167,7 +167,8 @@ def export_qwen3_moe(run_dir: str | Path, out_dir: str | Path, top_k: int, tag: 
 
     Qwen3-MoE routes by softmax over all experts and weights the top K by their raw probabilities when
     norm_topk_prob is false: exactly our top-K rule (an SMoE trained with renormalised gates sets it true).
-    The stock model is built, given our weights, and saved by transformers itself, so the files are in the format every Qwen3-MoE loader reads.
+    The stock model is built, given our weights, and saved by transformers itself, so the files are in the
+    format every Qwen3-MoE loader reads.
     """
     import torch
     from transformers import PreTrainedTokenizerFast, Qwen3MoeConfig, Qwen3MoeForCausalLM

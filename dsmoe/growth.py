@@ -117,9 +117,12 @@ def _set_param(model: nn.Module, name: str, value: nn.Parameter) -> None:
     setattr(model.get_submodule(owner) if owner else model, attr, value)
 
 
-def _growth(model: DecoderLM, grown: dict[str, Transfer]) -> Growth:
+def _growth(model: DecoderLM, grown: dict[str, Transfer], masks: list) -> Growth:
+    """The Growth of an operator that kept every parameter's name (unlisted ones keep their shape), at c = 0."""
     transfers = {name: grown.get(name, Transfer(name)) for name, _ in model.named_parameters()}
-    return Growth(model, transfers)
+    growth = Growth(model, transfers, masks)
+    growth.set_c(0.0)
+    return growth
 
 
 def _to_growth_blocks(model: DecoderLM) -> None:
@@ -168,10 +171,7 @@ def grow_ffn(model: DecoderLM, width: int, init_std: float = 0.02) -> Growth:
             raise ValueError(
                 f"dense width {width} must stay a multiple of model.moe.num_experts ({m.num_experts})"
             )
-    growth = _growth(model, grown)
-    growth.masks = masks
-    growth.set_c(0.0)
-    return growth
+    return _growth(model, grown, masks)
 
 
 def grow_experts(model: DecoderLM, n: int, attention: bool = False, init_std: float = 0.02) -> Growth:
@@ -188,36 +188,12 @@ def grow_experts(model: DecoderLM, n: int, attention: bool = False, init_std: fl
                     "grow_experts(attention=True) needs MoA attention (model.attention.experts > 0)"
                 )
             old, width = attn.num_experts, attn.n_heads * attn.head_dim // attn.num_experts
-            # Query head h reads K/V head h // group: new heads must come in whole new groups (with new K/V
-            # heads) so that every old head keeps its K/V head.
-            group = attn.n_heads // attn.n_kv_heads
-            new_heads = (n - old) * width // attn.head_dim
-            if new_heads % group:
-                raise ValueError(
-                    f"{prefix}: {n - old} new attention experts add {new_heads} query heads, not a multiple of "
-                    f"the {group} query heads per K/V head; grow by a multiple of {group * attn.head_dim // width}"
-                )
-            kv_width = (attn.n_kv_heads + new_heads // group) * attn.head_dim
-            dev = attn.q_proj.weight.device
-            rows = torch.arange(old * width, device=dev)
-            kv_rows = torch.arange(attn.n_kv_heads * attn.head_dim, device=dev)
-            attn.q_proj.weight = _grow(attn.q_proj.weight, 0, n * width, rows, init_std)
-            attn.o_proj.weight = _grow(attn.o_proj.weight, 1, n * width, rows, init_std)
-            attn.k_proj.weight = _grow(attn.k_proj.weight, 0, kv_width, kv_rows, init_std)
-            attn.v_proj.weight = _grow(attn.v_proj.weight, 0, kv_width, kv_rows, init_std)
-            attn.router.weight = _grow(attn.router.weight, 0, n, torch.arange(old, device=dev), init_std)
-            attn.n_heads, attn.num_experts = n * width // attn.head_dim, n
-            attn.n_kv_heads = kv_width // attn.head_dim
-            attn.q_proj.out_features = attn.o_proj.in_features = n * width
-            attn.k_proj.out_features = attn.v_proj.out_features = kv_width
-            grown[f"{prefix}.q_proj.weight"] = Transfer(f"{prefix}.q_proj.weight", 0, rows)
-            grown[f"{prefix}.o_proj.weight"] = Transfer(f"{prefix}.o_proj.weight", 1, rows)
-            grown[f"{prefix}.k_proj.weight"] = Transfer(f"{prefix}.k_proj.weight", 0, kv_rows)
-            grown[f"{prefix}.v_proj.weight"] = Transfer(f"{prefix}.v_proj.weight", 0, kv_rows)
-            grown[f"{prefix}.router.weight"] = Transfer(
-                f"{prefix}.router.weight", 0, torch.arange(old, device=dev)
-            )
-            masks.append((attn.router, "logit_bias", _new_mask(n, torch.arange(old, device=dev))))
+            _grow_attention_heads(attn, prefix, n * width // attn.head_dim, init_std, grown)
+            idx = torch.arange(old, device=attn.router.weight.device)
+            attn.router.weight = _grow(attn.router.weight, 0, n, idx, init_std)
+            attn.num_experts = n
+            grown[f"{prefix}.router.weight"] = Transfer(f"{prefix}.router.weight", 0, idx)
+            masks.append((attn.router, "logit_bias", _new_mask(n, idx)))
         else:
             mlp, prefix = block.mlp, f"blocks.{i}.mlp"
             if not isinstance(mlp, DSMoE):
@@ -241,10 +217,36 @@ def grow_experts(model: DecoderLM, n: int, attention: bool = False, init_std: fl
         a.experts = n
     else:
         model.cfg.moe.num_experts = n
-    growth = _growth(model, grown)
-    growth.masks = masks
-    growth.set_c(0.0)
-    return growth
+    return _growth(model, grown, masks)
+
+
+def _grow_attention_heads(attn, prefix: str, n_heads: int, init_std: float, grown: dict) -> torch.Tensor:
+    """Grow q/o to `n_heads` query heads of the same width. Query head h reads K/V head h // group, so new
+    heads come in whole new groups with new K/V heads and every old head keeps its K/V head. Records the
+    transfers in `grown`; returns the old rows of q_proj (the old heads' channels)."""
+    group, hd = attn.n_heads // attn.n_kv_heads, attn.head_dim
+    if n_heads <= attn.n_heads or (n_heads - attn.n_heads) % group:
+        raise ValueError(
+            f"{prefix}: growing to {n_heads} query heads needs more than {attn.n_heads}, in whole groups of "
+            f"{group} query heads per K/V head"
+        )
+    kv = attn.n_kv_heads + (n_heads - attn.n_heads) // group
+    dev = attn.q_proj.weight.device
+    rows, kv_rows = (
+        torch.arange(attn.n_heads * hd, device=dev),
+        torch.arange(attn.n_kv_heads * hd, device=dev),
+    )
+    attn.q_proj.weight = _grow(attn.q_proj.weight, 0, n_heads * hd, rows, init_std)
+    attn.o_proj.weight = _grow(attn.o_proj.weight, 1, n_heads * hd, rows, init_std)
+    attn.k_proj.weight = _grow(attn.k_proj.weight, 0, kv * hd, kv_rows, init_std)
+    attn.v_proj.weight = _grow(attn.v_proj.weight, 0, kv * hd, kv_rows, init_std)
+    attn.n_heads, attn.n_kv_heads = n_heads, kv
+    attn.q_proj.out_features = attn.o_proj.in_features = n_heads * hd
+    attn.k_proj.out_features = attn.v_proj.out_features = kv * hd
+    for name, index in (("q_proj", rows), ("k_proj", kv_rows), ("v_proj", kv_rows)):
+        grown[f"{prefix}.{name}.weight"] = Transfer(f"{prefix}.{name}.weight", 0, index)
+    grown[f"{prefix}.o_proj.weight"] = Transfer(f"{prefix}.o_proj.weight", 1, rows)
+    return rows
 
 
 def grow_heads(model: DecoderLM, n: int, init_std: float = 0.02) -> Growth:
@@ -259,37 +261,13 @@ def grow_heads(model: DecoderLM, n: int, init_std: float = 0.02) -> Growth:
             raise ValueError(
                 "grow_heads is for plain attention; MoA grows by experts (grow_experts(attention=True))"
             )
-        group, hd = attn.n_heads // attn.n_kv_heads, attn.head_dim
-        if n <= attn.n_heads or (n - attn.n_heads) % group:
-            raise ValueError(
-                f"{prefix}: grow_heads to {n} needs more than {attn.n_heads} heads, in whole groups of {group} "
-                "query heads per K/V head"
-            )
-        kv = attn.n_kv_heads + (n - attn.n_heads) // group
-        dev = attn.q_proj.weight.device
-        rows, kv_rows = (
-            torch.arange(attn.n_heads * hd, device=dev),
-            torch.arange(attn.n_kv_heads * hd, device=dev),
-        )
-        attn.q_proj.weight = _grow(attn.q_proj.weight, 0, n * hd, rows, init_std)
-        attn.o_proj.weight = _grow(attn.o_proj.weight, 1, n * hd, rows, init_std)
-        attn.k_proj.weight = _grow(attn.k_proj.weight, 0, kv * hd, kv_rows, init_std)
-        attn.v_proj.weight = _grow(attn.v_proj.weight, 0, kv * hd, kv_rows, init_std)
-        attn.n_heads, attn.n_kv_heads = n, kv
-        attn.q_proj.out_features = attn.o_proj.in_features = n * hd
-        attn.k_proj.out_features = attn.v_proj.out_features = kv * hd
-        for name, index in (("q_proj", rows), ("k_proj", kv_rows), ("v_proj", kv_rows)):
-            grown[f"{prefix}.{name}.weight"] = Transfer(f"{prefix}.{name}.weight", 0, index)
-        grown[f"{prefix}.o_proj.weight"] = Transfer(f"{prefix}.o_proj.weight", 1, rows)
-        masks.append((attn, "head_mask", _new_mask(n * hd, rows)))
+        rows = _grow_attention_heads(attn, prefix, n, init_std, grown)
+        masks.append((attn, "head_mask", _new_mask(n * attn.head_dim, rows)))
     a = model.cfg.attention
     a.head_dim = a.head_dim or model.blocks[0].attn.head_dim
     a.kv_heads = model.blocks[0].attn.n_kv_heads if a.kv_heads else 0
     a.heads = n
-    growth = _growth(model, grown)
-    growth.masks = masks
-    growth.set_c(0.0)
-    return growth
+    return _growth(model, grown, masks)
 
 
 def grow_layers(model: DecoderLM, n: int, where: str = "stack", init_std: float = 0.02) -> Growth:
@@ -374,10 +352,7 @@ def grow_hidden(model: DecoderLM, d: int, init_std: float = 0.02) -> Growth:
             masks.append((norm, "channel_mask", new))
     model.final_norm.__class__ = GrowthRMSNorm
     masks.append((model.final_norm, "channel_mask", new))
-    growth = _growth(model, grown)
-    growth.masks = masks
-    growth.set_c(0.0)
-    return growth
+    return _growth(model, grown, masks)
 
 
 def _hidden_dim(name: str, p: torch.Tensor, old: int) -> int | None:

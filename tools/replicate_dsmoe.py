@@ -344,13 +344,30 @@ def alpha_table(by_variant: dict) -> list[str]:
     return lines
 
 
-def plot_sparsity(path: Path, scale_name: str, by_variant: dict) -> None:
+def _axes():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    return plt.subplots(figsize=(7, 4.5))
+
+
+def _save(fig, ax, path: Path, xlabel: str, ylabel: str, title: str, legend_size: int = 8) -> None:
+    import matplotlib.pyplot as plt
+
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=legend_size)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_sparsity(path: Path, scale_name: str, by_variant: dict) -> None:
+    fig, ax = _axes()
     colors = {"dsmoe": "C0", "dsmoe_alpha0": "C3", "dsmoe_alpha2x": "C2"}
     for v, r in by_variant.items():
         ne = r["params"]["non_embedding"]
@@ -384,36 +401,32 @@ def plot_sparsity(path: Path, scale_name: str, by_variant: dict) -> None:
     ]
     if ys:
         ax.set_ylim(min(ys) * 0.97, min(max(ys), 2.0 * min(ys)))
-    ax.set_xlabel("active non-embedding parameters per token (M)")
-    ax.set_ylabel("held-out perplexity (all domains)")
-    ax.set_title(f"Perplexity vs active parameters, scale {scale_name}")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(
+        fig,
+        ax,
+        path,
+        "active non-embedding parameters per token (M)",
+        "held-out perplexity (all domains)",
+        f"Perplexity vs active parameters, scale {scale_name}",
+        legend_size=7,
+    )
 
 
 def plot_losses(path: Path, scale_name: str, by_variant: dict) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = _axes()
     for v, r in by_variant.items():
         curve = np.array(r["train"]["curve"])
         w = max(1, len(curve) // 30)
         smooth = np.convolve(curve[:, 1], np.ones(w) / w, mode="valid")
         ax.plot(curve[w - 1 :, 0] / 1e6, smooth, label=rep.LABELS[v])
-    ax.set_xlabel("training tokens (M)")
-    ax.set_ylabel("training LM loss (smoothed)")
-    ax.set_title(f"Training curves, scale {scale_name}")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(
+        fig,
+        ax,
+        path,
+        "training tokens (M)",
+        "training LM loss (smoothed)",
+        f"Training curves, scale {scale_name}",
+    )
 
 
 def git_commit() -> str:

@@ -136,16 +136,17 @@ class StopSignals:
 
 def _resume_point(
     cfg: Config, dims: groups.ParallelDims, run_dir: Path, tokenizer_path: Path
-) -> tuple[str | None, bool]:
-    """The verified checkpoint to resume from and whether it was saved in this layout (rank 0 decides,
-    everyone follows), after checking it fits."""
-    decision: list = [None, None, True]
+) -> tuple[str | None, bool, int]:
+    """The verified checkpoint to resume from, whether it was saved in this layout, and its step (rank 0
+    decides, everyone follows), after checking it fits."""
+    decision: list = [None, None, True, 0]
     if dims.is_main:
         try:
             tag = checkpoint.resume_tag(run_dir)
             if tag is not None:
                 ours = checkpoint.read_client_state(checkpoint.checkpoint_root(run_dir) / tag)
                 check_resume_config(ours["config"], cfg, run_dir)
+                decision[3] = int(ours["step"])
                 saved = _layout(ours["config"], ours.get("world_size", dims.world_size))
                 now = _layout(config_lib.to_dict(cfg), dims.world_size)
                 if saved != now:
@@ -168,7 +169,7 @@ def _resume_point(
     dist.broadcast_object_list(decision, src=0)
     if decision[1] is not None:
         raise decision[1]
-    return decision[0], decision[2]
+    return decision[0], decision[2], decision[3]
 
 
 def run(cfg: Config) -> RunResult:
@@ -186,7 +187,7 @@ def run(cfg: Config) -> RunResult:
             f"model.vocab_size {cfg.model.vocab_size} < tokenizer vocabulary {token_data.vocab_size}"
         )
 
-    resume_from, same_layout = _resume_point(cfg, dims, run_dir, token_data.tokenizer_path)
+    resume_from, same_layout, steps_done = _resume_point(cfg, dims, run_dir, token_data.tokenizer_path)
     if dims.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(json.dumps(config_lib.to_dict(cfg), indent=2))
@@ -199,9 +200,6 @@ def run(cfg: Config) -> RunResult:
         _initialise_from(model, Path(t.init_from))
     active_growth = None
     if resume_from and cfg.growth.events:  # the shapes (and masks) the checkpoint was saved with
-        steps_done = int(
-            checkpoint.read_client_state(checkpoint.checkpoint_root(run_dir) / resume_from)["step"]
-        )
         active_growth = growth.replay(model, cfg.growth, steps_done, t.seed)
     dispatch = _expert_dispatch(cfg, model, dims)
     parallel.apply(model, dims, dispatch)
