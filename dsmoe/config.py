@@ -8,6 +8,7 @@ compute starts.
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -368,6 +369,28 @@ def validate(cfg: Config, source: str = "config") -> None:
 def to_dict(cfg: Config) -> dict[str, Any]:
     """Plain nested dict (for YAML, wandb and checkpoints)."""
     return dataclasses.asdict(cfg)
+
+
+def identity(cfg: Config) -> str:
+    """The config as a cache key (research tools reuse runs with the same key): every resolved value,
+    except options left at an off default (0, false, empty, None) and growth without events. So adding
+    an option that defaults to off keeps earlier runs valid, while any value a run sets still counts."""
+
+    def prune(obj: Any) -> Any:
+        if not dataclasses.is_dataclass(obj):
+            return obj
+        out = {}
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            if not default and default is not dataclasses.MISSING and value == default:
+                continue
+            if isinstance(value, GrowthConfig) and not value.events:
+                continue
+            out[f.name] = [prune(v) for v in value] if isinstance(value, list) else prune(value)
+        return out
+
+    return json.dumps(prune(cfg), sort_keys=True)
 
 
 def to_yaml(cfg: Config) -> str:

@@ -142,3 +142,17 @@ def test_a_batch_the_layout_cannot_split_names_the_keys():
         gradient_accumulation_steps(cfg, dims)
     cfg.train.micro_batch_size = 8
     assert gradient_accumulation_steps(cfg, dims) == 1
+
+
+def test_identity_keeps_every_set_value_and_drops_off_defaults():
+    """Research tools reuse runs with the same identity: any set value must change it, an option left at an
+    off default must not appear (so adding such an option keeps earlier runs valid)."""
+    base = config_lib.load(None, [])
+    key = config_lib.identity(base)
+    assert '"growth"' not in key and '"head_dim"' not in key
+    assert config_lib.identity(config_lib.load(None, [])) == key
+    for override in ["train.lr=0.0005", "model.attention.head_dim=16", "model.moe.alpha=0.0"]:
+        assert config_lib.identity(config_lib.load(None, [override])) != key, override
+    grown = config_lib.load(None, [])
+    grown.growth.events = [config_lib.GrowthEvent(step=2, dim="ffn", size=64, ramp_steps=2)]
+    assert '"growth"' in config_lib.identity(grown)

@@ -3,12 +3,31 @@
 from __future__ import annotations
 
 import argparse
+import os
+import subprocess
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
 from dsmoe.model import Routing, RoutingRule  # noqa: E402
+
+
+def git_commit() -> str:
+    """The commit a result was measured at, for the benchmark files. $DSMOE_COMMIT wins: the lent GPU gets
+    a copy of the working tree whose .git may name an older commit (device calls set it); else HEAD, with
+    ' dirty' when tracked files differ from it."""
+    if os.environ.get("DSMOE_COMMIT"):
+        return os.environ["DSMOE_COMMIT"]
+    repo = Path(__file__).resolve().parent.parent
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], capture_output=True, text=True, cwd=repo).stdout.strip()
+
+    head = git("rev-parse", "--short", "HEAD")
+    if not head:
+        return "unknown (no git here: name it when committing the result)"
+    return head + (" dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
 
 
 def load_model_or_exit(path: str):

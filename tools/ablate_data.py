@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from _cli import git_commit  # noqa: E402
 
 from dsmoe import config as config_lib  # noqa: E402
 from dsmoe.ablation import build_unit_pool, merge, mixture_units, pearson, spearman  # noqa: E402
@@ -220,7 +221,6 @@ def report(
     work: Path, rows: list[dict], pool, unit_steps: int, mixture_steps: int, seconds: float, argv: list[str]
 ) -> None:
     import datetime
-    import subprocess as sp
 
     import matplotlib
 
@@ -243,7 +243,7 @@ def report(
         per_domain.append(
             f"| {domain} | {pearson(np.log(m), np.log(t)):.3f} | {spearman(m, t):.3f} | {best_m} | {best_t} |"
         )
-    commit = sp.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    commit = git_commit()
     lines += [
         "# Data-mixture ablation: merged unit models vs models trained on the mixture",
         "",

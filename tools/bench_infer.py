@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import subprocess
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from _cli import git_commit  # noqa: E402
 
 from dsmoe.model.moe import DSMoE, RoutingRule, grouped_gemm_available  # noqa: E402
 
@@ -76,9 +76,7 @@ def main() -> int:
         else "per-expert loop"
     )
     name = torch.cuda.get_device_name() if device == "cuda" else "CPU"
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO
-    ).stdout.strip()
+    commit = git_commit()
     lines = [
         f"# Sparse vs dense inference of one DS-MoE MLP layer ({name})",
         "",

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -19,6 +18,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from _cli import git_commit  # noqa: E402
 
 from dsmoe import config as config_lib  # noqa: E402
 from dsmoe.model.attention import CausalSelfAttention, rope_cos_sin  # noqa: E402
@@ -80,9 +80,7 @@ def main() -> int:
             seconds = timed(lambda rule=rule: layer(x, cos, sin, rule), args.device, args.repeats)
             dense_time = dense_time or seconds
             rows.append((str(rule), seconds * 1e3, dense_time / seconds))
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-    ).stdout.strip()
+    commit = git_commit()
     device_name = (
         torch.cuda.get_device_name()
         if args.device == "cuda"

@@ -30,8 +30,9 @@ sys.path.insert(0, str(REPO))
 
 
 def _commit() -> str:
-    git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO)
-    return git.stdout.strip() or "unknown (no git here: name it when committing the result)"
+    from _cli import git_commit
+
+    return git_commit()
 
 
 def _device_name() -> str:

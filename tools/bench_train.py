@@ -18,7 +18,6 @@ import argparse
 import datetime
 import json
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 
@@ -26,6 +25,7 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+from _cli import git_commit  # noqa: E402
 
 from dsmoe import config as config_lib  # noqa: E402
 
@@ -67,8 +67,7 @@ def main() -> int:
     peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in device), None)
     achieved = tokens_per_s * flops / 1e12
     memory = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
-    git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO)
-    commit = git.stdout.strip() or "unknown (no git here: name it when committing the result)"
+    commit = git_commit()
     m = cfg.model
     lines = [
         f"# Training speed: {Path(args.config).stem} on {device}",

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from _cli import git_commit  # noqa: E402
 
 from dsmoe import replicate as rep  # noqa: E402
 from dsmoe.ablation import build_unit_pool  # noqa: E402
@@ -137,17 +138,20 @@ def eval_files(args, scale_name: str, variant: str) -> list[Path]:
     ]
 
 
-def cached_eval(files: list[Path], key: str) -> dict | None:
-    """A finished run's evaluation, if one was made with this recipe and these evaluation settings."""
+def cached_eval(files: list[Path], key: str, data: str) -> dict | None:
+    """A finished run's evaluation, if one was made with this recipe, these tokens and these evaluation
+    settings. One that is not reused says why, so a table that retrains everything is never a surprise."""
     for cache in files:
         if cache.is_file():
             result = json.loads(cache.read_text())
             if result.get("key") == key:
                 return result
+            why = "other tokens" if result.get("data", data) != data else "another recipe or eval settings"
+            print(f"{cache}: made with {why}; not reused", flush=True)
     return None
 
 
-def evaluate(args, scale, variant, export_dir: Path, vals: dict, key: str) -> dict:
+def evaluate(args, scale, variant, export_dir: Path, vals: dict, key: str, data: str) -> dict:
     """Everything the report needs from one trained run, written to eval_files()."""
     run_dir = export_dir.parent
     model, cfg, _, _ = load_export(export_dir)
@@ -155,6 +159,7 @@ def evaluate(args, scale, variant, export_dir: Path, vals: dict, key: str) -> di
     seq, bs, n_tok = cfg.data.seq_len, args.eval_batch_size, args.eval_tokens
     result = {
         "key": key,
+        "data": data,
         "scale": scale.name,
         "variant": variant,
         "device": device_name(args.device),
@@ -213,13 +218,15 @@ def _m(n: float) -> str:
 def write_report(args, results: dict, domains: list[str], echo: bool = True) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    # sha256 of tokenizer + tokens: a later rebuild of the corpus that differs shows here (and retrains)
+    prints = sorted({r["data"][:12] for d in results.values() for r in d.values() if r.get("data")})
     lines = [
         "# DS-MoE's result table in miniature",
         "",
         f"Command: `{' '.join(['python', *(a for a in sys.argv if a != '--report-only')])}`  ",
         f"Tokens: {args.corpus} ({', '.join(domains)}), {args.val_tokens} held-out tokens per domain, "
-        f"evaluated on the first {args.eval_tokens}; training precision {args.precision}. Where and when each "
-        "run trained: the table at the end.",
+        f"evaluated on the first {args.eval_tokens}; training precision {args.precision}; token fingerprint "
+        f"{', '.join(prints) or '-'}. Where and when each run trained: the table at the end.",
         "",
         "Perplexity on each domain's held-out text (lower is better). Active: non-embedding parameters "
         "computed per token (routers and shared K/V always run). DS-MoE rows: all experts; the threshold rule "
@@ -429,22 +436,6 @@ def plot_losses(path: Path, scale_name: str, by_variant: dict) -> None:
     )
 
 
-def git_commit() -> str:
-    """The checkout's commit (+ 'dirty' with uncommitted changes), or 'unknown' outside git."""
-    import subprocess
-
-    try:
-        head = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
-        )
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True
-        )
-        return head.stdout.strip() + (" dirty" if dirty.stdout.strip() else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def device_name(device: str) -> str:
     return torch.cuda.get_device_name() if device == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
 
@@ -490,14 +481,14 @@ def main() -> int:
         for variant in sorted(args.variants, key=rep.RUN_ORDER.index):
             over = run_overrides(args, scale, variant, pool, train_tokens)
             key = eval_key(args, recipe(None, over), data)
-            result = cached_eval(eval_files(args, scale_name, variant), key)
+            result = cached_eval(eval_files(args, scale_name, variant), key, data)
             if result is None:
                 if args.report_only or (args.time_budget and time.time() - started > args.time_budget):
                     stopped = True
                     continue
                 t0 = time.time()
                 export_dir = train_and_export(None, over, in_process=True)
-                result = evaluate(args, scale, variant, export_dir, vals, key)
+                result = evaluate(args, scale, variant, export_dir, vals, key, data)
                 print(
                     f"{scale_name}/{variant}: trained and evaluated in {time.time() - t0:.0f} s", flush=True
                 )

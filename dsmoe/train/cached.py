@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parent.parent.parent
 
 def recipe(config_path: str | None, overrides: list[str]) -> str:
     """The resolved config of a run, as the text its cache is keyed on."""
-    return json.dumps(config_lib.to_dict(config_lib.load(config_path, overrides)), sort_keys=True)
+    return config_lib.identity(config_lib.load(config_path, overrides))
 
 
 def train_and_export(config_path: str | None, overrides: list[str], in_process: bool = True) -> Path:
@@ -26,7 +26,7 @@ def train_and_export(config_path: str | None, overrides: list[str], in_process: 
     cfg = config_lib.load(config_path, overrides)
     run_dir = Path(cfg.train.run_dir)
     out = run_dir / "export"
-    resolved = json.dumps(config_lib.to_dict(cfg), sort_keys=True)
+    resolved = config_lib.identity(cfg)
     if (
         is_export(out)
         and (run_dir / "recipe.json").is_file()
