@@ -458,3 +458,23 @@ __all__ = [
     "grow_layers",
     "ramp",
 ]
+
+
+def final_model_config(cfg):
+    """The ModelConfig a growth schedule ends at (every event applied): the shape a from-scratch baseline of
+    the grown run must have. Built on CPU and thrown away; only the config is kept."""
+    import copy
+
+    from dsmoe.model import build
+
+    start = copy.deepcopy(cfg.model)
+    start.vocab_size = start.vocab_size or 64  # set from the tokenizer later; growth never changes it
+    with torch.random.fork_rng(devices=[]):
+        model = build(start)
+        for i, event in enumerate(cfg.growth.events):
+            grown = apply_event(model, event, cfg.growth.init_std, event_seed(cfg.train.seed, i))
+            grown.set_c(1.0)
+            grown.finish()
+    final = copy.deepcopy(model.cfg)
+    final.vocab_size = cfg.model.vocab_size
+    return final

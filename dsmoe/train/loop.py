@@ -243,6 +243,7 @@ def run(cfg: Config) -> RunResult:
     bad_steps, last_saved = 0, start_step
     try:
         for step in range(start_step, t.max_steps):
+            started = time.perf_counter()  # a growth event's engine rebuild counts in its step's time
             if active_growth is not None:  # c for this step; at 1 the masks go (before any next event)
                 e = active_growth.event
                 active_growth.set_c(growth.ramp(step, e.step, e.ramp_steps))
@@ -259,7 +260,6 @@ def run(cfg: Config) -> RunResult:
                             f"({engine.module.num_params() / 1e6:.2f}M params), ramp over {event.ramp_steps} steps",
                             flush=True,
                         )
-            started = time.perf_counter()
             lr = engine.get_lr()[0]
             sums = None
             for micro in range(gas):
