@@ -44,7 +44,10 @@ class AttentionConfig:
     qk_norm: bool = False
     """RMSNorm over head_dim on queries and keys before RoPE (Qwen3's QK-norm)."""
     backend: str = "auto"
-    """'sdpa' (PyTorch scaled_dot_product_attention), 'eager' (plain reference), or 'auto' (sdpa)."""
+    """'sdpa' (PyTorch scaled_dot_product_attention), 'eager' (plain reference), or 'auto' (sdpa). The
+    encoder also takes 'flash' (flash-attn varlen with ALiBi slopes) and 'flex' (FlexAttention with an ALiBi
+    score_mod and a document mask); its 'auto' takes flash-attn when installed, else FlexAttention on CUDA,
+    else SDPA (dsmoe.model.attention.resolve_backend)."""
 
     @property
     def num_heads(self) -> int:
@@ -61,8 +64,9 @@ class MoEConfig:
     """N: experts per MLP layer; the router is a softmax over all of them (papers/dsmoe.md)."""
     expert_hidden: int = 128
     """Hidden width of one expert; the MLP's total width is num_experts * expert_hidden."""
-    activation: Literal["gelu", "swiglu"] = "gelu"
-    """Expert activation: GeLU as in the paper, SwiGLU as an option."""
+    activation: Literal["gelu", "swiglu", "geglu"] = "gelu"
+    """Expert activation: GeLU as in the paper, SwiGLU as an option. 'geglu' (GELU(gate) * value,
+    MosaicBERT's FFN) is the encoder's dense FFN (model.mlp: dense)."""
     alpha: float = 6.3e-4
     """Weight of the mutual-information loss for MLP layers (paper, DS-MoE-1B: 6.3e-4)."""
     training: Literal["dense", "sparse"] = "dense"
@@ -80,8 +84,9 @@ class MoEConfig:
 
 @dataclass(kw_only=True)
 class ModelConfig:
-    backbone: Literal["decoder"] = "decoder"
-    """'decoder': causal LM (DecoderLM)."""
+    backbone: Literal["decoder", "encoder"] = "decoder"
+    """'decoder': causal LM (DecoderLM); 'encoder': MosaicBERT-style masked LM (EncoderMLM: ALiBi, unpadded,
+    bidirectional; papers/mosaicbert.md)."""
     d_model: int = 256
     n_layers: int = 4
     vocab_size: int = 0
@@ -92,12 +97,22 @@ class ModelConfig:
     tie_embeddings: bool = True
     norm_eps: float = 1e-5
     init_std: float = 0.02
+    post_norm: bool = False
+    """Encoder: BERT's post-LN, x = LN(x + f(x)) (MosaicBERT); false: pre-LN with a final norm. The decoder
+    is always pre-norm."""
+    dropout: float = 0.0
+    """Encoder: dropout on the embeddings and on each sublayer's output (BERT: 0.1). Attention-probability
+    dropout is always 0: the fused kernels (flash-attn with ALiBi) need it off (papers/mosaicbert.md)."""
     attention: AttentionConfig = field(default_factory=AttentionConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
 
     @property
     def head_dim(self) -> int:
         return self.attention.head_dim or self.d_model // self.attention.num_heads
+
+    @property
+    def is_encoder(self) -> bool:
+        return self.backbone == "encoder"
 
     @property
     def ffn_hidden(self) -> int:
@@ -161,6 +176,12 @@ class TrainConfig:
     weight_decay: float = 0.01
     beta1: float = 0.9
     beta2: float = 0.95
+    adam_eps: float = 1e-8
+    """AdamW epsilon (MosaicBERT: 1e-6)."""
+    schedule: Literal["cosine", "linear"] = "cosine"
+    """After the linear warmup, decay to lr * min_lr_ratio by a cosine or linearly (MosaicBERT: linear to
+    0.02, warmup 6% of the run). Weight decay is torch AdamW's, multiplied by the scheduled lr: Composer's
+    DecoupledAdamW decay wd_d is weight_decay = wd_d / lr here (MosaicBERT 1e-5 at lr 5e-4: 0.02)."""
     grad_clip: float = 1.0
     precision: Literal["fp32", "bf16"] = "fp32"
     compile: bool = False
@@ -219,12 +240,30 @@ class GrowthConfig:
 
 
 @dataclass(kw_only=True)
+class MLMConfig:
+    """Masked-language-model pretraining of the encoder (model.backbone: encoder; papers/mosaicbert.md)."""
+
+    probability: float = 0.30
+    """Share of each row's real tokens masked in training (MosaicBERT: 30%; BERT: 15%). Of those, 80% become
+    the mask token, 10% a random token, 10% stay; the loss is taken at all of them."""
+    eval_probability: float = 0.15
+    """Masking rate of the held-out evaluation (MosaicBERT evaluates at 15%)."""
+    min_seq_len: int = 0
+    """Rows of mixed lengths: training row s keeps a length drawn uniformly from [min_seq_len, data.seq_len]
+    (a pure function of s and the seed) and is padded after it; 0 keeps every row full."""
+    eval_seq_lens: list[int] = field(default_factory=list)
+    """Extra held-out lengths evaluated at the end (ALiBi extrapolation: train at 128, evaluate at 512)."""
+
+
+@dataclass(kw_only=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
     growth: GrowthConfig = field(default_factory=GrowthConfig)
+    mlm: MLMConfig = field(default_factory=MLMConfig)
+    """Read only by the encoder."""
 
 
 def load(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
@@ -318,9 +357,9 @@ def validate(cfg: Config, source: str = "config") -> None:
         f"({a.num_kv_heads}) must divide the query heads ({heads})",
     )
     check(
-        a.backend in ("auto", "sdpa", "eager"),
+        a.backend in ("auto", "sdpa", "eager", "flex", "flash"),
         "model.attention.backend",
-        f"must be auto|sdpa|eager, got {a.backend!r}",
+        f"must be auto|sdpa|eager|flex|flash, got {a.backend!r}",
     )
     check(e.alpha >= 0, "model.moe.alpha", "must be >= 0")
     check(
@@ -341,6 +380,7 @@ def validate(cfg: Config, source: str = "config") -> None:
     check(p.dp >= 0, "parallel.dp", "must be >= 0 (0: world_size / (ep * tp))")
     _check_layout(cfg, check)
     _check_growth(cfg, check)
+    _check_backbone(cfg, check)
     check(
         t.global_batch_size % t.micro_batch_size == 0,
         "train.global_batch_size",
@@ -371,6 +411,18 @@ def to_dict(cfg: Config) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
+def with_defaults(data: dict[str, Any], source: str) -> dict[str, Any]:
+    """A saved config dict completed with today's defaults for keys added since it was saved (so a run
+    saved before an option existed compares equal to the same run now), without validating it."""
+    merged = _merge(OmegaConf.structured(Config), OmegaConf.create(data), source=source)
+    return to_dict(OmegaConf.to_object(merged))
+
+
+# Options added after runs were cached whose default is what every run did before they existed: at their
+# default they stay out of the cache key, like the options that default to off.
+KEYLESS_DEFAULTS = {("TrainConfig", "adam_eps"), ("TrainConfig", "schedule")}
+
+
 def identity(cfg: Config) -> str:
     """The config as a cache key (research tools reuse runs with the same key): every resolved value,
     except options left at an off default (0, false, empty, None) and growth without events. So adding
@@ -385,8 +437,12 @@ def identity(cfg: Config) -> str:
             default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
             if not default and default is not dataclasses.MISSING and value == default:
                 continue
+            if (type(obj).__name__, f.name) in KEYLESS_DEFAULTS and value == default:
+                continue
             if isinstance(value, GrowthConfig) and not value.events:
                 continue
+            if isinstance(value, MLMConfig) and not cfg.model.is_encoder:
+                continue  # read only by the encoder
             out[f.name] = [prune(v) for v in value] if isinstance(value, list) else prune(value)
         return out
 
@@ -511,3 +567,62 @@ def _check_layout(cfg: Config, check) -> None:
             "parallel.zero_stage",
             "3 does not work with expert parallelism (DeepSpeed partitions expert weights only at stages 1-2)",
         )
+
+
+def _check_backbone(cfg: Config, check) -> None:
+    """What the encoder supports in this version, and the encoder-only options a decoder must leave off."""
+    m, a, p, mlm = cfg.model, cfg.model.attention, cfg.parallel, cfg.mlm
+    check(0.0 <= m.dropout < 1.0, "model.dropout", f"must be in [0, 1), got {m.dropout}")
+    check(cfg.train.adam_eps > 0, "train.adam_eps", "must be positive")
+    if not m.is_encoder:
+        check(not m.post_norm, "model.post_norm", "is for the encoder (model.backbone: encoder)")
+        check(m.dropout == 0.0, "model.dropout", "is for the encoder (model.backbone: encoder)")
+        check(
+            a.backend in ("auto", "sdpa", "eager"),
+            "model.attention.backend",
+            f"{a.backend!r} runs the encoder's unpadded attention; the decoder takes auto|sdpa|eager",
+        )
+        check(
+            m.moe.activation != "geglu",
+            "model.moe.activation",
+            "'geglu' is the encoder's dense FFN (model.backbone: encoder, model.mlp: dense)",
+        )
+        return
+    check(a.experts == 0, "model.attention.experts", "must be 0: the encoder has plain attention (no MoA)")
+    check(
+        a.num_kv_heads == a.num_heads,
+        "model.attention.kv_heads",
+        "must be 0 or equal to heads: the encoder's fused QKV projection has one K/V head per query head",
+    )
+    check(not a.qk_norm, "model.attention.qk_norm", "is not supported by the encoder")
+    check(
+        m.mlp == "dense" or m.moe.activation != "geglu",
+        "model.moe.activation",
+        "'geglu' is the dense FFN's; DS-MoE experts in this version are gelu or swiglu (model.mlp: moe)",
+    )
+    check(
+        m.moe.training == "dense",
+        "model.moe.training",
+        "must be 'dense' for the encoder (DS-MoE; the SMoE baseline is decoder-only in this version)",
+    )
+    for key, value in (("parallel.ep", p.ep), ("parallel.tp", p.tp)):
+        check(
+            value == 1,
+            key,
+            f"({value}) must be 1 for the encoder in this version: it trains under data parallelism (ZeRO) "
+            "only; its unpadded batches give every rank a different token count, which the expert and "
+            "tensor-parallel paths do not handle",
+        )
+    check(not cfg.growth.events, "growth.events", "are for the decoder in this version (dsmoe/growth.py)")
+    check(0.0 < mlm.probability < 1.0, "mlm.probability", f"must be in (0, 1), got {mlm.probability}")
+    check(
+        0.0 < mlm.eval_probability < 1.0,
+        "mlm.eval_probability",
+        f"must be in (0, 1), got {mlm.eval_probability}",
+    )
+    check(
+        0 <= mlm.min_seq_len <= cfg.data.seq_len,
+        "mlm.min_seq_len",
+        f"({mlm.min_seq_len}) must be in [0, data.seq_len={cfg.data.seq_len}]",
+    )
+    check(all(n > 0 for n in mlm.eval_seq_lens), "mlm.eval_seq_lens", "must be positive lengths")

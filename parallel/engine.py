@@ -7,7 +7,7 @@ import math
 import torch
 
 from dsmoe.config import Config, ConfigError
-from dsmoe.train.schedule import warmup_cosine
+from dsmoe.train.schedule import lr_multiplier
 from parallel.groups import DeepSpeedMPU, ParallelDims
 
 
@@ -84,11 +84,11 @@ def initialize(model: torch.nn.Module, cfg: Config, dims: ParallelDims):
         param_groups(model, t.weight_decay),
         lr=t.lr,
         betas=(t.beta1, t.beta2),
-        eps=1e-8,
+        eps=t.adam_eps,
         fused=dims.device.type == "cuda",
     )
     # Our schedule as a torch LambdaLR: DeepSpeed steps it at each optimizer step and checkpoints its state.
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_cosine(step, t))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_multiplier(step, t))
     engine, _, _, _ = deepspeed.initialize(
         model=model,
         optimizer=optimizer,
