@@ -1,13 +1,25 @@
-"""Causal self-attention with RoPE and grouped-query heads, behind one interface with two backends.
+"""Self-attention behind one interface: the decoder's causal RoPE attention and the encoder's unpadded
+bidirectional ALiBi attention.
 
-Backends: 'sdpa' (torch.nn.functional.scaled_dot_product_attention, which dispatches to flash /
+Decoder backends: 'sdpa' (torch.nn.functional.scaled_dot_product_attention, which dispatches to flash /
 memory-efficient kernels where the device has them) and 'eager' (the plain reference the tests hold the
-fast path to). 'auto' picks sdpa. `attention_backend_name` says which one runs, for the logs.
+fast path to). 'auto' picks sdpa.
+
+Encoder backends (all take the packed real tokens of a batch, (T, H, hd), and its cu_seqlens):
+  'flash'  flash-attn's varlen kernel with its native ALiBi slopes (when flash_attn imports; CUDA);
+  'flex'   FlexAttention on the packed tokens: an ALiBi score_mod and a document mask from cu_seqlens
+           (compiled on CUDA; forward-only on CPU, where torch has no FlexAttention backward);
+  'sdpa'   SDPA on the batch padded back to max_seqlen around the call, with an explicit ALiBi +
+           key-padding bias (the portable path);
+  'eager'  the plain reference: the same padding and bias, scores and softmax in fp32.
+'auto' takes flash, else flex on CUDA, else sdpa. `resolve_backend` says which one runs, for the logs.
 """
 
 from __future__ import annotations
 
+import functools
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -17,9 +29,16 @@ from dsmoe.config import ModelConfig
 from dsmoe.model.moe import DENSE, MoEAux, Router, RoutingRule, routing_aux, select_experts
 
 
-def resolve_backend(name: str) -> str:
-    """The backend that will actually run for a configured name."""
-    return "sdpa" if name == "auto" else name
+def resolve_backend(name: str, encoder: bool = False, device: torch.device | str | None = None) -> str:
+    """The backend that will actually run for a configured name (the encoder's 'auto' depends on the device)."""
+    if name != "auto":
+        return name
+    if not encoder:
+        return "sdpa"
+    on_cuda = torch.device(device).type == "cuda" if device is not None else torch.cuda.is_available()
+    if on_cuda and flash_attn_varlen() is not None:
+        return "flash"
+    return "flex" if on_cuda else "sdpa"
 
 
 def rope_cos_sin(seq_len: int, head_dim: int, theta: float, device, dtype=torch.float32):
@@ -215,3 +234,220 @@ class CausalSelfAttention(nn.Module):
                 )  # raw probabilities, no renormalisation
                 out_TD.index_add_(0, tokens, expert_out * weights)
         return out_TD.view(B, T, D), keep_TE.float().mean()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The encoder: ALiBi, unpadding, varlen backends (MosaicBERT, papers/mosaicbert.md)
+
+
+def alibi_slopes(n_heads: int) -> torch.Tensor:
+    """ALiBi head slopes (Press et al. 2022), fp32 (H,): m_h = 2^(-8h/n) for h = 1..n when n is a power of
+    two; otherwise the p = 2^floor(log2 n) slopes of p heads, then the first n - p of the even-indexed slopes
+    of 2p heads (12 heads: 2^-1 .. 2^-8, then 2^-0.5, 2^-1.5, 2^-2.5, 2^-3.5)."""
+
+    def power_of_two(n: int) -> list[float]:
+        return [2.0 ** (-8.0 * h / n) for h in range(1, n + 1)]
+
+    p = 2 ** math.floor(math.log2(n_heads))
+    slopes = power_of_two(p) + power_of_two(2 * p)[0::2][: n_heads - p]
+    return torch.tensor(slopes, dtype=torch.float32)
+
+
+def alibi_bias(slopes_H: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """The symmetric bidirectional ALiBi bias -m_h |i - j|, (H, S, S) fp32, zero on the diagonal. Built for
+    the batch at hand, so it grows with the input: a model trained at 128 tokens runs at 512."""
+    pos = torch.arange(seq_len, device=slopes_H.device)
+    distance = (pos[None, :] - pos[:, None]).abs().float()  # (S, S)
+    return -slopes_H.float()[:, None, None] * distance
+
+
+@dataclass
+class Varlen:
+    """Where the real tokens of a padded (B, S) batch sit once packed row after row (papers/mosaicbert.md).
+
+    A row's real tokens keep their order, and ALiBi distances count real tokens: with right padding (the
+    usual case) they are the positions of the padded batch.
+    """
+
+    indices: torch.Tensor
+    """(T,) flat index into B*S of each real token, row-major."""
+    cu_seqlens: torch.Tensor
+    """(B+1,) int32 exclusive prefix sum of the row lengths; cu_seqlens[-1] = T."""
+    max_seqlen: int
+    row: torch.Tensor
+    """(T,) the row each packed token came from (its 'document')."""
+    position: torch.Tensor
+    """(T,) its position among its row's real tokens."""
+    batch_size: int
+    padded_len: int
+
+    @classmethod
+    def from_mask(cls, attention_mask_BS: torch.Tensor) -> Varlen:
+        B, S = attention_mask_BS.shape
+        mask = attention_mask_BS.bool()
+        lengths_B = mask.sum(1)
+        indices = mask.flatten().nonzero().squeeze(1)  # (T,)
+        cu_seqlens = F.pad(lengths_B.cumsum(0, dtype=torch.int32), (1, 0))
+        row = torch.repeat_interleave(torch.arange(B, device=mask.device), lengths_B)
+        position = torch.arange(len(indices), device=mask.device) - cu_seqlens[row].long()
+        max_seqlen = int(lengths_B.max()) if B else 0  # one host sync per batch: kernels need it
+        return cls(indices, cu_seqlens, max_seqlen, row, position, B, S)
+
+    def unpad(self, x_BS: torch.Tensor) -> torch.Tensor:
+        """(B, S, ...) -> (T, ...) real tokens only."""
+        return x_BS.flatten(0, 1)[self.indices]
+
+    def pad(self, x_T: torch.Tensor, value: float = 0.0) -> torch.Tensor:
+        """(T, ...) -> (B, S, ...) with `value` at the padding."""
+        out = x_T.new_full((self.batch_size * self.padded_len, *x_T.shape[1:]), value)
+        out[self.indices] = x_T
+        return out.view(self.batch_size, self.padded_len, *x_T.shape[1:])
+
+    def pad_dense(self, x_T: torch.Tensor) -> torch.Tensor:
+        """(T, ...) -> (B, max_seqlen, ...), left-aligned rows, zeros after each row's end."""
+        out = x_T.new_zeros(self.batch_size, self.max_seqlen, *x_T.shape[1:])
+        out[self.row, self.position] = x_T
+        return out
+
+
+@functools.cache
+def flash_attn_varlen():
+    """flash_attn.flash_attn_varlen_func when flash-attn is installed, else None."""
+    try:
+        from flash_attn import flash_attn_varlen_func
+    except ImportError:
+        return None
+    return flash_attn_varlen_func
+
+
+@functools.cache
+def compiled_flex_attention():
+    """FlexAttention compiled once per process (eager FlexAttention materialises the scores); dynamic
+    shapes, since the packed token count changes every batch."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=True)
+
+
+@dataclass
+class AttentionPlan:
+    """What every layer's attention needs for one batch, built once per forward: the backend, the packing,
+    the ALiBi slopes, and the backend's own mask (bias for sdpa/eager, block mask for flex)."""
+
+    backend: str
+    varlen: Varlen
+    slopes: torch.Tensor
+    """(H,) fp32 ALiBi slopes."""
+    bias: torch.Tensor | None = None
+    """sdpa/eager: (B, H, L, L) ALiBi plus -inf at padded keys, L = max_seqlen."""
+    block_mask: object = None
+    """flex: the document mask as a BlockMask."""
+    score_mod: object = None
+    """flex: the ALiBi score_mod."""
+
+
+def plan_attention(backend: str, varlen: Varlen, n_heads: int, dtype: torch.dtype) -> AttentionPlan:
+    """The per-batch attention inputs for `backend` (a resolved name)."""
+    device = varlen.indices.device
+    slopes = alibi_slopes(n_heads).to(device)
+    plan = AttentionPlan(backend, varlen, slopes)
+    if backend in ("sdpa", "eager"):
+        L = varlen.max_seqlen
+        keys_real_BL = torch.arange(L, device=device)[None, :] < varlen.cu_seqlens.diff()[:, None]
+        bias = alibi_bias(slopes, L)[None].masked_fill(~keys_real_BL[:, None, None, :], float("-inf"))
+        plan.bias = bias if backend == "eager" else bias.to(dtype)  # (B, H, L, L)
+    elif backend == "flex":
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        if device.type == "cpu" and torch.is_grad_enabled():
+            raise RuntimeError(
+                "model.attention.backend 'flex': torch has no FlexAttention backward on CPU; train on CPU "
+                "with 'sdpa' (or 'auto')"
+            )
+        row = varlen.row.int()
+
+        def document_mask(b, h, q_idx, kv_idx):
+            return row[q_idx] == row[kv_idx]
+
+        def alibi(score, b, h, q_idx, kv_idx):
+            return score - slopes[h] * (q_idx - kv_idx).abs()  # same row: packed distance = distance
+
+        T = len(varlen.indices)
+        plan.block_mask = create_block_mask(
+            document_mask, None, None, T, T, device=device, _compile=device.type == "cuda"
+        )
+        plan.score_mod = alibi
+    elif backend == "flash":
+        if flash_attn_varlen() is None:
+            raise RuntimeError("model.attention.backend 'flash' needs flash-attn (pip install flash-attn)")
+    else:
+        raise ValueError(f"unknown encoder attention backend {backend!r}")
+    return plan
+
+
+def varlen_eager(q_THd, k_THd, v_THd, plan: AttentionPlan) -> torch.Tensor:
+    """Reference: pad to (B, H, L, hd), fp32 scores + ALiBi + key padding, softmax, back to (T, H, hd)."""
+    vl = plan.varlen
+    q, k, v = (at_least_fp32(vl.pad_dense(t)).transpose(1, 2) for t in (q_THd, k_THd, v_THd))
+    scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1]) + plan.bias  # (B, H, L, L)
+    out = (scores.softmax(-1) @ v).transpose(1, 2)  # (B, L, H, hd)
+    return out[vl.row, vl.position].to(q_THd.dtype)
+
+
+def varlen_sdpa(q_THd, k_THd, v_THd, plan: AttentionPlan) -> torch.Tensor:
+    """SDPA with the explicit bias on the batch padded back to max_seqlen around the call."""
+    vl = plan.varlen
+    q, k, v = (vl.pad_dense(t).transpose(1, 2) for t in (q_THd, k_THd, v_THd))  # (B, H, L, hd)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=plan.bias).transpose(1, 2)  # (B, L, H, hd)
+    return out[vl.row, vl.position]
+
+
+def varlen_flex(q_THd, k_THd, v_THd, plan: AttentionPlan) -> torch.Tensor:
+    """FlexAttention over the packed tokens as one sequence, (1, H, T, hd): the block mask keeps each token
+    to its own row, the score_mod adds ALiBi; compiled on CUDA."""
+    if q_THd.is_cuda:
+        flex = compiled_flex_attention()
+    else:
+        from torch.nn.attention.flex_attention import flex_attention as flex
+    q, k, v = (t.transpose(0, 1).unsqueeze(0) for t in (q_THd, k_THd, v_THd))  # (1, H, T, hd)
+    out = flex(q, k, v, score_mod=plan.score_mod, block_mask=plan.block_mask)
+    return out.squeeze(0).transpose(0, 1)
+
+
+def varlen_flash(q_THd, k_THd, v_THd, plan: AttentionPlan) -> torch.Tensor:
+    """flash-attn's varlen kernel: bias -m_h |i - j| from its native alibi_slopes (non-causal, equal lengths)."""
+    vl = plan.varlen
+    return flash_attn_varlen()(
+        q_THd,
+        k_THd,
+        v_THd,
+        vl.cu_seqlens,
+        vl.cu_seqlens,
+        vl.max_seqlen,
+        vl.max_seqlen,
+        dropout_p=0.0,
+        causal=False,
+        alibi_slopes=plan.slopes,
+    )
+
+
+VARLEN_BACKENDS = {"eager": varlen_eager, "sdpa": varlen_sdpa, "flex": varlen_flex, "flash": varlen_flash}
+
+
+class BidirectionalSelfAttention(nn.Module):
+    """The encoder's attention on packed real tokens: fused QKV projection, ALiBi (no position embedding),
+    every token attending to every real token of its own row. Biases on the projections, as in BERT."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.head_dim = cfg.attention.num_heads, cfg.head_dim
+        width = self.n_heads * self.head_dim
+        self.qkv_proj = nn.Linear(cfg.d_model, 3 * width)  # [q; k; v] in one GEMM
+        self.o_proj = nn.Linear(width, cfg.d_model)
+        self.router = None  # no MoA in the encoder (growth and the loop look for it)
+
+    def forward(self, x_TD: torch.Tensor, plan: AttentionPlan) -> tuple[torch.Tensor, None]:
+        qkv = self.qkv_proj(x_TD).view(-1, 3, self.n_heads, self.head_dim)  # (T, 3, H, hd)
+        q, k, v = qkv.unbind(1)
+        out = VARLEN_BACKENDS[plan.backend](q, k, v, plan)  # (T, H, hd)
+        return self.o_proj(out.reshape(out.shape[0], -1)), None
