@@ -5,7 +5,9 @@ The directory holds:
   model.safetensors  fp32 weights (tied embeddings stored once)
   tokenizer.json     the byte-level BPE the run trained (+ tokenizer_config.json for AutoTokenizer)
 
-After `import dsmoe.hf`, transformers' AutoModelForCausalLM / AutoTokenizer load the directory.
+After `import dsmoe.hf`, transformers' AutoModelForCausalLM / AutoTokenizer load the directory; an encoder's
+(model_type "dsmoe_encoder") loads with AutoModelForMaskedLM, and its tokenizer carries the mask and
+padding tokens (dsmoe.data.mlm).
 """
 
 from __future__ import annotations
@@ -18,8 +20,9 @@ from safetensors.torch import load_model, save_model
 
 from dsmoe import config as config_lib
 from dsmoe import growth
+from dsmoe.data.mlm import MASK_TOKEN, PAD_TOKEN, special_ids
 from dsmoe.data.tokens import EOS
-from dsmoe.model import DecoderLM, Routing, build
+from dsmoe.model import DecoderLM, EncoderMLM, Routing, build
 from dsmoe.train.checkpoint import (
     CheckpointError,
     checkpoint_root,
@@ -29,11 +32,13 @@ from dsmoe.train.checkpoint import (
 )
 
 MODEL_TYPE = "dsmoe"
+ENCODER_MODEL_TYPE = "dsmoe_encoder"
+MODEL_TYPES = (MODEL_TYPE, ENCODER_MODEL_TYPE)
 
 
 def load_from_run(
     run_dir: str | Path, tag: str | None = None
-) -> tuple[DecoderLM, config_lib.Config, Path, int]:
+) -> tuple[DecoderLM | EncoderMLM, config_lib.Config, Path, int]:
     """The trained model of a run's checkpoint (latest by default): (model, config, tokenizer path, step)."""
     root = checkpoint_root(run_dir)
     if tag is None:
@@ -85,7 +90,7 @@ def export(run_dir: str | Path, out_dir: str | Path, routing: Routing, tag: str 
 
 
 def write_export(
-    model: DecoderLM,
+    model: DecoderLM | EncoderMLM,
     cfg: config_lib.Config,
     tokenizer_path: Path,
     out_dir: str | Path,
@@ -101,10 +106,14 @@ def write_export(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_model(model, str(out / "model.safetensors"))
-    (out / "tokenizer.json").write_bytes(tokenizer_path.read_bytes())
+    encoder = cfg.model.is_encoder
+    if encoder:
+        _write_encoder_tokenizer(tokenizer_path, out / "tokenizer.json")
+    else:
+        (out / "tokenizer.json").write_bytes(tokenizer_path.read_bytes())
     hf_config = {
-        "model_type": MODEL_TYPE,
-        "architectures": ["DSMoEForCausalLM"],
+        "model_type": ENCODER_MODEL_TYPE if encoder else MODEL_TYPE,
+        "architectures": ["DSMoEEncoderForMaskedLM" if encoder else "DSMoEForCausalLM"],
         "vocab_size": cfg.model.vocab_size,
         "hidden_size": cfg.model.d_model,
         "num_hidden_layers": cfg.model.n_layers,
@@ -120,26 +129,42 @@ def write_export(
         "eos_token": EOS,
         "model_max_length": cfg.model.max_seq_len,
     }
+    if encoder:
+        tokenizer_config.update(mask_token=MASK_TOKEN, pad_token=PAD_TOKEN)
     (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2))
     return out
+
+
+def _write_encoder_tokenizer(tokenizer_path: Path, out_path: Path) -> None:
+    """The run's tokenizer with the encoder's mask and padding tokens added, at the ids training used."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(tokenizer_path))
+    n = tok.get_vocab_size()
+    tok.add_special_tokens([MASK_TOKEN, PAD_TOKEN])
+    if (tok.token_to_id(MASK_TOKEN), tok.token_to_id(PAD_TOKEN)) != special_ids(n):
+        raise CheckpointError(
+            f"{tokenizer_path}: the mask and padding tokens did not land at {special_ids(n)}"
+        )
+    tok.save(str(out_path))
 
 
 def is_export(path: str | Path) -> bool:
     """Whether `path` is an exported dsmoe model directory (a run directory has config.json too)."""
     config_file = Path(path) / "config.json"
-    return config_file.is_file() and json.loads(config_file.read_text()).get("model_type") == MODEL_TYPE
+    return config_file.is_file() and json.loads(config_file.read_text()).get("model_type") in MODEL_TYPES
 
 
-def load_export(path: str | Path) -> tuple[DecoderLM, config_lib.Config, Routing, Path]:
+def load_export(path: str | Path) -> tuple[DecoderLM | EncoderMLM, config_lib.Config, Routing, Path]:
     """An exported model directory: (model, config, its routing rule, tokenizer path)."""
     path = Path(path)
     config_file = path / "config.json"
     if not config_file.is_file():
         raise CheckpointError(f"{path} is not an exported dsmoe model (no config.json)")
     meta = json.loads(config_file.read_text())
-    if meta.get("model_type") != MODEL_TYPE:
+    if meta.get("model_type") not in MODEL_TYPES:
         raise CheckpointError(
-            f"{config_file}: model_type is {meta.get('model_type')!r}, expected {MODEL_TYPE!r}"
+            f"{config_file}: model_type is {meta.get('model_type')!r}, expected one of {MODEL_TYPES}"
         )
     cfg = config_lib.from_dict(meta["dsmoe"], source=str(config_file))
     model = build(cfg.model)

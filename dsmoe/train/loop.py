@@ -17,12 +17,14 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from tokenizers import Tokenizer
 
 import parallel
 from dsmoe import config as config_lib
 from dsmoe import growth
 from dsmoe.config import Config, ConfigError
 from dsmoe.data import PackedSampler, open_token_data, pad_vocab, prepare
+from dsmoe.data.mlm import MLMBatches
 from dsmoe.data.tokens import open_pretokenized
 from dsmoe.model import build
 from dsmoe.model.attention import resolve_backend
@@ -73,8 +75,9 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 def check_resume_config(saved: dict, current: Config, run_dir: Path) -> None:
     """A resumed run must train the same model on the same data with the same layout."""
     now = config_lib.to_dict(current)
+    saved = config_lib.with_defaults(saved, source=f"{run_dir} (saved config)")  # options added since
     diffs = []
-    for section in RESUME_MUST_MATCH:
+    for section in RESUME_MUST_MATCH + (("mlm",) if current.model.is_encoder else ()):
         a, b = _flatten(saved.get(section, {}), section + "."), _flatten(now[section], section + ".")
         diffs += [
             f"{k}: checkpoint {a.get(k)!r}, now {b.get(k)!r}"
@@ -180,11 +183,14 @@ def run(cfg: Config) -> RunResult:
     t = cfg.train
     run_dir = Path(t.run_dir)
     token_data = _resolved_data(cfg, dims)
+    # The encoder adds its mask and padding tokens after the tokenizer's (dsmoe.data.mlm).
+    needed = token_data.vocab_size + (2 if cfg.model.is_encoder else 0)
     if cfg.model.vocab_size == 0:
-        cfg.model.vocab_size = pad_vocab(token_data.vocab_size)
-    elif cfg.model.vocab_size < token_data.vocab_size:
+        cfg.model.vocab_size = pad_vocab(needed)
+    elif cfg.model.vocab_size < needed:
         raise ConfigError(
             f"model.vocab_size {cfg.model.vocab_size} < tokenizer vocabulary {token_data.vocab_size}"
+            + (" + the mask and padding tokens" if cfg.model.is_encoder else "")
         )
 
     resume_from, same_layout, steps_done = _resume_point(cfg, dims, run_dir, token_data.tokenizer_path)
@@ -212,6 +218,13 @@ def run(cfg: Config) -> RunResult:
         torch.manual_seed(t.seed + 1 + dims.rank)  # per-rank stream for anything stochastic in training
 
     sampler = PackedSampler(token_data.train, cfg.data.seq_len, t.seed)
+    if cfg.model.is_encoder:  # (input_ids, attention_mask, labels): mixed lengths, masked
+        sampler = MLMBatches(sampler, token_data.vocab_size, cfg.mlm, t.seed)
+    backend = (
+        model.attention_backend(dims.device)
+        if cfg.model.is_encoder
+        else resolve_backend(cfg.model.attention.backend)
+    )
     logger = None
     if dims.is_main:
         n_params, n_expert = model.num_params(), model.num_expert_params()
@@ -219,7 +232,7 @@ def run(cfg: Config) -> RunResult:
             f"dsmoe: {n_params / 1e6:.2f}M params ({n_expert / 1e6:.2f}M in experts), world {dims.world_size} "
             f"(dp {dims.dp} x ep {dims.ep} x tp {dims.tp}"
             + (f", experts reached by gathering {dispatch}" if dims.ep > 1 else "")
-            + f"), device {dims.device.type}, attention {resolve_backend(cfg.model.attention.backend)}, "
+            + f"), device {dims.device.type}, attention {backend}, "
             f"precision {t.precision}, ZeRO {cfg.parallel.zero_stage}, "
             + (f"resuming from {resume_from}" if resume_from else "starting"),
             flush=True,
@@ -238,7 +251,6 @@ def run(cfg: Config) -> RunResult:
         )
 
     result = RunResult(run_dir, start_step, engine=engine)
-    tokens_per_step = t.global_batch_size * cfg.data.seq_len
     signals = StopSignals()
     bad_steps, last_saved = 0, start_step
     try:
@@ -261,12 +273,14 @@ def run(cfg: Config) -> RunResult:
                             flush=True,
                         )
             lr = engine.get_lr()[0]
-            sums = None
+            sums, real_tokens = None, 0
             for micro in range(gas):
-                x, y = sampler.micro_batch(
+                batch = sampler.micro_batch(
                     step, micro, dims.batch_rank, dims.batch_ranks, t.micro_batch_size, t.global_batch_size
                 )
-                out = engine(x.to(dims.device), y.to(dims.device))
+                # decoder: (inputs, targets); encoder: (input_ids, attention_mask, labels)
+                real_tokens += int(batch[1].sum()) if cfg.model.is_encoder else batch[0].numel()
+                out = engine(*(part.to(dims.device) for part in batch))
                 engine.backward(out.loss)
                 if micro < gas - 1:
                     engine.step()  # accumulates; DeepSpeed updates only on the boundary
@@ -276,18 +290,20 @@ def run(cfg: Config) -> RunResult:
                 sums = stats if sums is None else {k: sums[k] + stats[k] for k in sums}
             # Mean over micro-batches and ranks (tensor-parallel ranks hold copies of their batch slice's
             # values, every slice equally many): equal to the single-process mean. The stop
-            # request rides along as a last element: its sum is > 0 if any rank was signalled.
+            # request rides along as a last element: its sum is > 0 if any rank was signalled; before it, the
+            # real (non-padding) tokens each rank trained on, summed (tensor-parallel ranks share theirs).
             stop = signals.received is not None or step + 1 == t.exit_at_step
             packed = torch.cat(
-                [v.flatten() for v in sums.values()] + [sums["loss"].new_tensor([float(stop)])]
+                [v.flatten() for v in sums.values()]
+                + [sums["loss"].new_tensor([real_tokens / dims.tp, float(stop)])]
             )
             dist.all_reduce(packed)
             stop_now = bool(packed[-1] > 0)
-            record = _unpack(packed[:-1] / (gas * dims.world_size), sums, step + 1)
+            record = _unpack(packed[:-2] / (gas * dims.world_size), sums, step + 1)
             record.update(
                 lr=lr,
                 grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
-                tokens_per_s=tokens_per_step / (time.perf_counter() - started),
+                tokens_per_s=float(packed[-2]) / (time.perf_counter() - started),
             )
             finite = applied and math.isfinite(record["loss"]) and math.isfinite(record["grad_norm"])
             record["skipped"] = not finite
@@ -325,9 +341,12 @@ def run(cfg: Config) -> RunResult:
         print(f"peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB", flush=True)
     dist.barrier()
     if dims.is_main and t.export_at_end and result.steps == t.max_steps and last_saved == t.max_steps:
-        from dsmoe.train.report import final_report
+        if cfg.model.is_encoder:
+            result.summary = encoder_report(run_dir, cfg, logger)
+        else:
+            from dsmoe.train.report import final_report
 
-        result.summary = final_report(run_dir, cfg, logger)
+            result.summary = final_report(run_dir, cfg, logger)
     if logger:
         logger.close()
     return result
@@ -346,6 +365,8 @@ def _expert_dispatch(cfg: Config, model, dims: groups.ParallelDims) -> str:
 
 def _step_stats(out) -> dict[str, torch.Tensor]:
     stats = {"loss": out.loss.detach().float(), "lm_loss": out.lm_loss.detach().float()}
+    if getattr(out, "masked_tokens", 0):  # encoder: accuracy at the masked positions
+        stats["mlm_accuracy"] = out.correct.float() / out.masked_tokens
     for prefix, routing in (("", out.mlp), ("attention_", out.attention)):
         if routing is not None:
             stats[f"{prefix}mi_loss"] = routing.mi_loss.detach().float()
@@ -361,3 +382,58 @@ def _unpack(packed: torch.Tensor, like: dict[str, torch.Tensor], step: int) -> d
         offset += value.numel()
         record[name] = chunk.item() if value.dim() == 0 else chunk.tolist()
     return record
+
+
+def encoder_report(run_dir: Path, cfg: Config, logger=None) -> dict:
+    """The encoder's end of run: export, then held-out MLM loss at 15% masking (mlm.eval_probability) at the
+    training length and at mlm.eval_seq_lens (ALiBi extrapolation), dense and, for DS-MoE, under the
+    configured top-K and threshold rules."""
+    from dsmoe.data.mlm import eval_batches
+    from dsmoe.export import export
+    from dsmoe.infer import held_out_tokens, load, mlm_loss
+    from dsmoe.train.logging import read_metrics
+    from dsmoe.train.report import evaluation_rules, plot_curves
+
+    rules = evaluation_rules(cfg)
+    default = next((r for r in rules if r.mlp.mode == "threshold"), rules[0])
+    export_dir = export(run_dir, run_dir / "export", default)
+    loaded = load(export_dir)
+    tokens = held_out_tokens(loaded.cfg, loaded.tokenizer_path)
+    tokenizer_vocab = Tokenizer.from_file(str(loaded.tokenizer_path)).get_vocab_size()
+    results = []
+    for seq_len in [cfg.data.seq_len, *cfg.mlm.eval_seq_lens]:
+        batches = eval_batches(
+            tokens,
+            seq_len,
+            cfg.mlm.eval_probability,
+            tokenizer_vocab,
+            cfg.train.eval_tokens,
+            seed=cfg.train.seed,
+        )
+        results += [mlm_loss(loaded.model, batches, rule, seq_len) for rule in rules]
+    metrics = read_metrics(run_dir)
+    summary = {
+        "run_dir": str(run_dir),
+        "export_dir": str(export_dir),
+        "steps": metrics[-1]["step"] if metrics else 0,
+        "final_train_loss": metrics[-1]["loss"] if metrics else None,
+        "eval_masking": cfg.mlm.eval_probability,
+        "results": [dict(r.__dict__, perplexity=r.perplexity) for r in results],
+    }
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    plot_path = plot_curves(metrics, run_dir / "loss_curve.png")
+    print(
+        "\n".join(
+            [
+                "",
+                f"held-out MLM ({', '.join(cfg.data.val_works)}; {cfg.mlm.eval_probability:.0%} masked), "
+                f"exported to {export_dir}:",
+                *("  " + r.row() for r in results),
+                f"loss curve: {plot_path}",
+            ]
+        ),
+        flush=True,
+    )
+    if logger is not None:
+        logger.log_summary({f"eval/mlm_loss/{r.routing}/seq{r.seq_len}": r.loss for r in results})
+    return summary
