@@ -211,3 +211,41 @@ def test_clock_state_resumes_and_refuses_another_budget():
     assert resumed.spent_ns == clock.spent_ns and resumed.charges == clock.charges
     with pytest.raises(BudgetError, match="same budget"):
         RstClock(t, 6.0).load_state_dict(clock.state_dict())
+
+
+@pytest.mark.usefixtures("single_process_group")
+def test_calibrate_rst_times_every_configuration_of_a_config(small_cfg, tmp_path, monkeypatch):
+    """tools/calibrate_rst.py on the small test model: real engine steps, a table the clock reads."""
+    import argparse
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "tools" / "calibrate_rst.py"
+    monkeypatch.syspath_prepend(str(path.parent))  # as when run as a script: tools/_cli.py importable
+    spec = importlib.util.spec_from_file_location("calibrate_rst", path)
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    cfg = small_cfg("model.vocab_size=512")
+    args = argparse.Namespace(
+        repeats=2, warmup=1, layers=None, forward_batches=[2], optimizers=["adamw", "sophia"], routings=None
+    )
+    table = tool.calibrate(cfg, args, "test")
+    saved = RstTable.load(table.save(tmp_path / "rst.json"))
+    kinds = sorted((e.step.kind, e.step.optimizer, e.step.active_layers) for e in saved.entries)
+    assert kinds == [
+        ("forward", "none", 1),
+        ("forward", "none", 2),
+        ("hessian", "sophia", 1),
+        ("hessian", "sophia", 2),
+        ("train", "adamw", 1),
+        ("train", "adamw", 2),
+        ("train", "sophia", 1),
+        ("train", "sophia", 2),
+    ]
+    assert all(len(e.samples) == 2 and min(e.samples) <= e.seconds <= max(e.samples) for e in saved.entries)
+    assert saved.commit and saved.torch_version == torch.__version__ and saved.model["d_model"] == 64
+    train = StepConfig(kind="train", active_layers=2, batch_size=8, micro_batch_size=4, seq_len=32)
+    forward = StepConfig(kind="forward", active_layers=2, batch_size=16, micro_batch_size=4, seq_len=32)
+    clock = RstClock(saved, budget_seconds=60)
+    clock.charge([forward, train])
+    assert clock.spent_s == pytest.approx(saved.seconds(forward) + saved.seconds(train), abs=1e-9)
