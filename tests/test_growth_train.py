@@ -105,3 +105,46 @@ def test_growth_under_zero_and_bf16_keeps_the_loss(small_cfg, tmp_path, extra, r
     )
     assert grown.losses[:2] == plain.losses[:2]
     assert grown.losses[2] == pytest.approx(plain.losses[2], rel=rel)
+
+
+def test_bench_growth_compares_the_schedule_with_its_final_shape(tmp_path, cache_dir):
+    """tools/bench_growth.py end to end on CPU: both runs train the same steps, the from-scratch run has the
+    shape the schedule ends at, and the report holds the curves, the ratio and the plot."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.conftest import small_overrides
+
+    overrides = [
+        o for o in small_overrides(tmp_path / "unused", cache_dir) if not o.startswith("train.run_dir")
+    ]
+    events = "growth.events=[{step: 2, dim: experts, size: 6, ramp_steps: 2}, {step: 4, dim: layers, size: 3, ramp_steps: 2}]"
+    out = tmp_path / "out"
+    cmd = [
+        sys.executable,
+        "tools/bench_growth.py",
+        "--config",
+        "configs/tiny_growth.yaml",
+        "--workdir",
+        str(tmp_path / "work"),
+        "--out",
+        str(out),
+        "--warmup-steps",
+        "0",
+        *overrides,
+        "model.attention.head_dim=0",
+        events,
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((out / "tiny_growth.json").read_text())
+    for name in ("fixed", "grown"):
+        assert summary["curves"][name]["step"] == list(range(1, 9))
+    fixed_model = json.loads((tmp_path / "work" / "fixed" / "export" / "config.json").read_text())["dsmoe"][
+        "model"
+    ]
+    assert "time to the from-scratch final loss" in (out / "tiny_growth.md").read_text()
+    assert (out / "tiny_growth.png").stat().st_size > 0
+    assert summary["grown"]["held_out_ppl"] > 1 and summary["fixed"]["held_out_ppl"] > 1
+    assert (fixed_model["n_layers"], fixed_model["moe"]["num_experts"], fixed_model["d_model"]) == (3, 6, 64)

@@ -105,6 +105,11 @@ def main() -> int:
     parser.add_argument("--workdir", default="runs/bench_growth")
     parser.add_argument("--out", default="benchmarks/growth")
     parser.add_argument("--warmup-steps", type=int, default=5, help="discarded run first (0: none)")
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="rebuild the .md/.png from <out>/<config>.json; train nothing",
+    )
     parser.add_argument("overrides", nargs="*", help="key=value config overrides for both runs")
     args = parser.parse_args()
     workdir = Path(args.workdir)
@@ -120,6 +125,10 @@ def main() -> int:
     fixed_cfg.growth = config_lib.GrowthConfig()
     fixed_cfg.train.run_dir = str(workdir / "fixed")
     tokens_per_step = t.global_batch_size * grown_cfg.data.seq_len
+    if args.report_only:
+        saved = json.loads((Path(args.out) / f"{Path(args.config).stem}.json").read_text())
+        write_report(saved, grown_cfg, fixed_cfg, Path(args.out))
+        return 0
 
     from dsmoe.train.loop import run
 
@@ -143,80 +152,112 @@ def main() -> int:
     window = max(1, t.max_steps // 20)
     fixed = curve(Path(fixed_cfg.train.run_dir), tokens_per_step, window)
     grown = curve(Path(grown_cfg.train.run_dir), tokens_per_step, window)
-    target = fixed["smooth"][-1]
-    reach_s, reach_step = time_to_reach(grown, target)
-    fixed_total, grown_total = fixed["seconds"][-1], grown["seconds"][-1]
     device = (
         torch.cuda.get_device_name()
         if torch.cuda.is_available()
         else f"CPU ({torch.get_num_threads()} threads)"
     )
-    stem = Path(args.config).stem
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    command = " ".join(["python", "tools/bench_growth.py", *sys.argv[1:]])
     summary = {
         "config": args.config,
         "device": device,
         "date": str(datetime.date.today()),
         "commit": git_commit(),
-        "command": command,
+        "command": " ".join(["python", "tools/bench_growth.py", *sys.argv[1:]]),
+        "torch": torch.__version__,
+        "precision": t.precision,
         "steps": t.max_steps,
-        "tokens": t.max_steps * tokens_per_step,
+        "tokens_per_step": tokens_per_step,
         "window_steps": window,
-        "target_loss": target,
-        "fixed": {
-            "seconds": fixed_total,
-            "final_loss": fixed["smooth"][-1],
-            "held_out_ppl": held_out(results["fixed"]),
-        },
-        "grown": {
-            "seconds": grown_total,
-            "final_loss": grown["smooth"][-1],
-            "held_out_ppl": held_out(results["grown"]),
-            "reach_seconds": reach_s,
-            "reach_step": reach_step,
-        },
-        "time_ratio": reach_s / fixed_total if reach_s is not None else None,
+        "fixed": {"held_out_ppl": held_out(results["fixed"])},
+        "grown": {"held_out_ppl": held_out(results["grown"])},
         "curves": {"fixed": fixed, "grown": grown},
     }
-    (out / f"{stem}.json").write_text(json.dumps(summary, indent=1))
-    title = f"{stem}: MSG growth vs from scratch ({device})"
-    plot(fixed, grown, grown_cfg.growth.events, tokens_per_step, target, title, out / f"{stem}.png")
-    f, g = summary["fixed"], summary["grown"]
-    events = ", ".join(
-        f"step {e.step}: {e.dim} -> {e.size} (ramp {e.ramp_steps})" for e in grown_cfg.growth.events
+    write_report(summary, grown_cfg, fixed_cfg, Path(args.out))
+    return 0
+
+
+def loss_at(c: dict, seconds: float) -> float:
+    """A curve's smoothed loss at the last step finished by `seconds` of training."""
+    done = [v for s, v in zip(c["seconds"], c["smooth"], strict=True) if s <= seconds]
+    return done[-1] if done else float("nan")
+
+
+def median_step_ms(c: dict, first: int, last: int) -> float:
+    """Median wall milliseconds of steps first..last (1-based, inclusive)."""
+    seconds = np.diff([0.0, *c["seconds"]])
+    picked = [x for step, x in zip(c["step"], seconds, strict=True) if first <= step <= last]
+    return 1e3 * float(np.median(picked)) if picked else float("nan")
+
+
+def write_report(summary: dict, grown_cfg, fixed_cfg, out: Path) -> None:
+    """Derived figures, <stem>.json/.md/.png from the measured curves (also from a saved JSON: --report-only)."""
+    fixed, grown = summary["curves"]["fixed"], summary["curves"]["grown"]
+    events = grown_cfg.growth.events
+    target = fixed["smooth"][-1]
+    reach_s, reach_step = time_to_reach(grown, target)
+    fixed_total, grown_total = fixed["seconds"][-1], grown["seconds"][-1]
+    last_ramp_end = max(e.step + e.ramp_steps for e in events)
+    summary["target_loss"] = target
+    summary["fixed"].update(seconds=fixed_total, final_loss=target)
+    summary["grown"].update(
+        seconds=grown_total, final_loss=grown["smooth"][-1], reach_seconds=reach_s, reach_step=reach_step
     )
-    ratio = f"{summary['time_ratio']:.2f}x" if reach_s is not None else "never (within the run)"
+    summary["time_ratio"] = reach_s / fixed_total if reach_s is not None else None
+    summary["fixed_loss_at_grown_end"] = loss_at(fixed, grown_total)
+    summary["step_ms"] = {
+        "fixed": median_step_ms(fixed, 11, summary["steps"]),
+        "grown_before_first_event": median_step_ms(grown, 11, events[0].step),
+        "grown_after_last_ramp": median_step_ms(grown, last_ramp_end + 10, summary["steps"]),
+    }
+    stem = Path(summary["config"]).stem
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps(summary, indent=1))
+    device = summary["device"]
+    tokens_per_step = summary["tokens_per_step"]
+    plot(
+        fixed,
+        grown,
+        events,
+        tokens_per_step,
+        target,
+        f"{stem}: MSG growth vs from scratch ({device})",
+        out / f"{stem}.png",
+    )
+    f, g, ms = summary["fixed"], summary["grown"], summary["step_ms"]
+    described = ", ".join(f"step {e.step}: {e.dim} -> {e.size} (ramp {e.ramp_steps})" for e in events)
+    ratio = f"{summary['time_ratio']:.2f}x" if reach_s is not None else "not reached within the run"
     ppl = lambda v: f"{v:.2f}" if v is not None else "-"  # noqa: E731
+    shape = lambda m: f"d_model {m.d_model}, {m.n_layers} layers, {m.moe.num_experts} experts"  # noqa: E731
     lines = [
         f"# MSG growth vs from scratch: {stem}",
         "",
-        f"- device {device}, date {summary['date']}, commit {summary['commit']}, torch {torch.__version__}, "
-        f"precision {t.precision}",
-        f"- command: `{command}`",
-        f"- both runs: {t.max_steps} steps x {tokens_per_step} tokens = {summary['tokens'] / 1e6:.1f}M tokens, "
-        f"same data order, lr schedule and seed; loss = mean of the trailing {window} steps",
-        f"- grown: d_model {grown_cfg.model.d_model}, {grown_cfg.model.n_layers} layers, "
-        f"{grown_cfg.model.moe.num_experts} experts; events: {events}",
-        f"- from scratch: d_model {fixed_cfg.model.d_model}, {fixed_cfg.model.n_layers} layers, "
-        f"{fixed_cfg.model.moe.num_experts} experts",
+        f"- device {device}, date {summary['date']}, commit {summary['commit']}, torch {summary['torch']}, "
+        f"precision {summary['precision']}",
+        f"- command: `{summary['command']}`",
+        f"- both runs: {summary['steps']} steps x {tokens_per_step} tokens = "
+        f"{summary['steps'] * tokens_per_step / 1e6:.1f}M tokens, same data order, lr schedule and seed; "
+        f"loss = mean training loss of the trailing {summary['window_steps']} steps",
+        f"- grown: starts at {shape(grown_cfg.model)}; events: {described}",
+        f"- from scratch: {shape(fixed_cfg.model)} (the shape the schedule ends at)",
         "",
-        "| run | training wall s | final training loss | held-out ppl (all experts) | wall s to reach the from-scratch final loss |",
+        "| run | training wall s | final loss | held-out ppl (all experts) | wall s to the from-scratch final loss |",
         "|---|---|---|---|---|",
         f"| from scratch | {fixed_total:.1f} | {f['final_loss']:.4f} | {ppl(f['held_out_ppl'])} | {fixed_total:.1f} |",
         f"| MSG growth | {grown_total:.1f} | {g['final_loss']:.4f} | {ppl(g['held_out_ppl'])} | "
         + (f"{reach_s:.1f} (step {reach_step})" if reach_s is not None else "not reached")
         + " |",
         "",
-        f"Time to the from-scratch model's final loss, grown / from scratch: **{ratio}** (target <= 0.7x).",
+        f"- time to the from-scratch final loss, grown / from scratch: **{ratio}** (target <= 0.7x)",
+        f"- at equal wall time ({grown_total:.1f} s, the grown run's end) the from-scratch run's loss is "
+        f"{summary['fixed_loss_at_grown_end']:.4f} (grown: {g['final_loss']:.4f})",
+        f"- median step: from scratch {ms['fixed']:.1f} ms; grown {ms['grown_before_first_event']:.1f} ms "
+        f"before its first event, {ms['grown_after_last_ramp']:.1f} ms after its last ramp",
         "",
         f"![curves]({stem}.png)",
         "",
     ]
     (out / f"{stem}.md").write_text("\n".join(lines))
     print("\n".join(lines), flush=True)
-    return 0
 
 
 if __name__ == "__main__":
