@@ -227,7 +227,13 @@ def test_calibrate_rst_times_every_configuration_of_a_config(small_cfg, tmp_path
     spec.loader.exec_module(tool)
     cfg = small_cfg("model.vocab_size=512")
     args = argparse.Namespace(
-        repeats=2, warmup=1, layers=None, forward_batches=[2], optimizers=["adamw", "sophia"], routings=None
+        repeats=2,
+        warmup=1,
+        layers=None,
+        forward_batches=[2],
+        optimizers=["adamw", "sophia"],
+        routings=None,
+        statistic="median",
     )
     table = tool.calibrate(cfg, args, "test")
     saved = RstTable.load(table.save(tmp_path / "rst.json"))
