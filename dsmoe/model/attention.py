@@ -402,9 +402,12 @@ def varlen_sdpa(q_THd, k_THd, v_THd, plan: AttentionPlan) -> torch.Tensor:
     return out[vl.row, vl.position]
 
 
+# Not traced into a compiled block: the score_mod and mask are new closures every batch, so the block would
+# recompile; the separately compiled kernel runs instead.
+@torch.compiler.disable
 def varlen_flex(q_THd, k_THd, v_THd, plan: AttentionPlan) -> torch.Tensor:
     """FlexAttention over the packed tokens as one sequence, (1, H, T, hd): the block mask keeps each token
-    to its own row, the score_mod adds ALiBi; compiled on CUDA."""
+    to its own row, the score_mod adds ALiBi; compiled on CUDA (once per process, dynamic shapes)."""
     if q_THd.is_cuda:
         flex = compiled_flex_attention()
     else:

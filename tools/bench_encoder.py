@@ -1,0 +1,362 @@
+"""MLM training-step throughput of our encoder against transformers' BertForMaskedLM, on the same batches.
+
+    python tools/bench_encoder.py                        # CUDA: Base shapes, seq 128 (half the rows padded to
+                                                         # 64) and seq 512; writes benchmarks/encoder/
+    python tools/bench_encoder.py --device cpu --tiny --out /tmp/bench_encoder   # end-to-end check on a CPU
+
+Both models are built here, without downloads: ours from configs/mosaicbert_base.yaml (ALiBi, GeGLU,
+post-LN, unpadded, MLM head at masked positions only; attention backend as that config resolves it on the
+device: flash-attn varlen if installed, else compiled FlexAttention), BertForMaskedLM from
+transformers' BertConfig() (BERT-Base: learned positions, GELU FFN, SDPA attention on the padded batch,
+head at every position). Both in bf16 (parameters and compute; `--precision amp` keeps fp32 parameters
+under bf16 autocast instead), both stepped by torch AdamW (fused on CUDA), on the same list of batches:
+random token ids, 30% of each row's real tokens masked (80/10/10), rows of mixed lengths
+(`--pad-rows` of the rows keep `--pad-len` of the sequence's tokens, the rest are full).
+Throughput counts real (non-padding) tokens: sum(attention_mask) / step time.
+
+Then the attention kernels alone, forward + backward, on the Base heads (12 x 64): compiled FlexAttention
+with the ALiBi score_mod against SDPA without any bias on the same dense (B, H, S, hd) shapes, and
+FlexAttention with ALiBi + the document mask over the packed real tokens of the benchmark batch against
+SDPA without bias on its padded batch. (On CPU, torch has no FlexAttention backward: forward only there.)
+
+Writes encoder_<device>.json and .md with device, date, commit and command to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+from _cli import git_commit  # noqa: E402
+
+from dsmoe import config as config_lib  # noqa: E402
+from dsmoe.data.mlm import IGNORE_INDEX, encoder_vocab_size  # noqa: E402
+from dsmoe.model import build  # noqa: E402
+from dsmoe.model.attention import Varlen, alibi_slopes, plan_attention, resolve_backend  # noqa: E402
+
+BERT_VOCAB = 30522
+BERT_MASK_ID = 103  # [MASK] in BERT's vocabulary (the ids are synthetic; any valid id times the same)
+TINY = [  # --tiny: shapes for a CPU check of the whole script
+    "model.d_model=64",
+    "model.n_layers=2",
+    "model.attention.heads=4",
+    "model.moe.num_experts=2",
+    "model.moe.expert_hidden=64",
+]
+
+
+@dataclass
+class Setting:
+    batch: int
+    seq_len: int
+    pad_rows: float
+    pad_len: int
+
+    def label(self) -> str:
+        padded = f", {self.pad_rows:.0%} of rows padded to {self.pad_len}" if self.pad_rows else ", full rows"
+        return f"{self.batch} x {self.seq_len}{padded}"
+
+
+def make_batches(s: Setting, vocab: int, count: int, seed: int, device) -> list[tuple[torch.Tensor, ...]]:
+    """(input_ids, attention_mask, labels) batches: random ids, mixed lengths, 30% of real tokens masked."""
+    gen = torch.Generator().manual_seed(seed)
+    batches = []
+    for _ in range(count):
+        ids = torch.randint(1000, vocab, (s.batch, s.seq_len), generator=gen)
+        lengths = torch.full((s.batch,), s.seq_len)
+        short = torch.randperm(s.batch, generator=gen)[: round(s.pad_rows * s.batch)]
+        lengths[short] = s.pad_len
+        mask = torch.arange(s.seq_len)[None, :] < lengths[:, None]
+        predicted = (torch.rand(s.batch, s.seq_len, generator=gen) < 0.30) & mask
+        labels = torch.where(predicted, ids, IGNORE_INDEX)
+        replace = torch.rand(s.batch, s.seq_len, generator=gen)
+        inputs = torch.where(predicted & (replace < 0.8), BERT_MASK_ID, ids)
+        inputs = torch.where(
+            predicted & (replace >= 0.8) & (replace < 0.9), torch.randint_like(ids, 1000, vocab), inputs
+        )
+        inputs = inputs.masked_fill(~mask, 0)  # BERT's [PAD]
+        batches.append(tuple(t.to(device) for t in (inputs, mask, labels)))
+    return batches
+
+
+def synchronize(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_training(step_fn, batches, warmup: int, steps: int, device) -> list[float]:
+    """Seconds per step for `steps` steps after `warmup` (compilation included there), cycling the batches."""
+    for i in range(warmup):
+        step_fn(batches[i % len(batches)])
+    synchronize(device)
+    times = []
+    for i in range(steps):
+        start = time.perf_counter()
+        step_fn(batches[i % len(batches)])
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def our_encoder(args, device, dtype):
+    overrides = [f"model.attention.backend={args.backend}", f"model.dropout={args.dropout}"]
+    cfg = config_lib.load(args.config, (TINY if args.tiny else []) + overrides)
+    cfg.model.vocab_size = encoder_vocab_size(BERT_VOCAB)  # 30522 + mask, pad -> 30528
+    torch.manual_seed(0)
+    model = build(cfg.model).to(device, dtype).train()
+    if args.compile:  # regional, as train.compile does
+        for block in model.blocks:
+            block.compile(dynamic=True)
+    return model, cfg
+
+
+def bert(args, device, dtype, cfg):
+    from transformers import BertConfig, BertForMaskedLM
+
+    m = cfg.model
+    bert_cfg = BertConfig(
+        vocab_size=BERT_VOCAB,
+        hidden_size=m.d_model,
+        num_hidden_layers=m.n_layers,
+        num_attention_heads=m.attention.num_heads,
+        intermediate_size=m.ffn_hidden,
+        max_position_embeddings=max(512, args.seq_lens[-1]),
+    )
+    bert_cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    model = BertForMaskedLM(bert_cfg).to(device, dtype).train()
+    return model, bert_cfg
+
+
+def optimizer(model, device):
+    return torch.optim.AdamW(
+        model.parameters(), lr=1e-4, betas=(0.9, 0.98), eps=1e-6, fused=device.type == "cuda"
+    )
+
+
+def step_function(model, opt, kind: str, amp: bool, device):
+    def step(batch):
+        ids, mask, labels = batch
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            if kind == "ours":
+                loss = model(ids, mask, labels).loss
+            else:
+                loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def attention_timing(s: Setting, batches, heads: int, head_dim: int, device, dtype, warmup, steps) -> dict:
+    """Milliseconds of forward + backward (forward only on CPU) of the attention kernels alone."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    backward = device.type == "cuda"
+    flex = torch.compile(flex_attention, dynamic=True) if device.type == "cuda" else flex_attention
+    slopes = alibi_slopes(heads).to(device)
+
+    def alibi(score, b, h, q_idx, kv_idx):
+        return score - slopes[h] * (q_idx - kv_idx).abs()
+
+    def timed(fn, *inputs) -> float:
+        def run():
+            with torch.set_grad_enabled(backward):
+                out = fn(*inputs)
+                if backward:
+                    out.backward(torch.ones_like(out))
+
+        return 1000 * statistics.median(time_training(lambda _: run(), [None], warmup, steps, device))
+
+    def tensors(*shape):
+        return [torch.randn(*shape, device=device, dtype=dtype, requires_grad=backward) for _ in range(3)]
+
+    dense = tensors(s.batch, heads, s.seq_len, head_dim)  # (B, H, S, hd)
+    result = {
+        "sdpa_no_bias_ms": timed(lambda q, k, v: F.scaled_dot_product_attention(q, k, v), *dense),
+        "flex_alibi_ms": timed(lambda q, k, v: flex(q, k, v, score_mod=alibi), *dense),
+    }
+    # The benchmark batch's real tokens packed: FlexAttention with ALiBi and the document mask.
+    varlen = Varlen.from_mask(batches[0][1])
+    T = len(varlen.indices)
+    plan = plan_attention("flex", varlen, heads, dtype) if backward else None
+    if plan is not None:
+        packed = tensors(1, heads, T, head_dim)
+        result["flex_alibi_packed_ms"] = timed(
+            lambda q, k, v: flex(q, k, v, score_mod=plan.score_mod, block_mask=plan.block_mask), *packed
+        )
+    result["flex_over_sdpa"] = result["flex_alibi_ms"] / result["sdpa_no_bias_ms"]
+    result["real_tokens"] = T
+    return result
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--tiny", action="store_true", help="tiny shapes and batches (a CPU check of the script)"
+    )
+    parser.add_argument("--config", default="configs/mosaicbert_base.yaml")
+    parser.add_argument(
+        "--backend", default="auto", help="our attention backend (auto: flash, else flex on CUDA)"
+    )
+    parser.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="torch.compile our blocks (default: on CUDA)",
+    )
+    parser.add_argument("--precision", choices=["bf16", "amp"], default="bf16")
+    parser.add_argument("--dropout", type=float, default=0.1, help="our hidden dropout (BERT's default 0.1)")
+    parser.add_argument("--seq-lens", type=int, nargs="+", default=[128, 512])
+    parser.add_argument("--batch", type=int, nargs="+", default=[256, 64], help="rows per batch, per seq len")
+    parser.add_argument(
+        "--pad-rows", type=float, nargs="+", default=[0.5, 0.5], help="share of rows padded, per seq len"
+    )
+    parser.add_argument(
+        "--pad-len", type=int, nargs="+", default=[64, 256], help="their real tokens, per seq len"
+    )
+    parser.add_argument("--batches", type=int, default=8, help="distinct batches, cycled")
+    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--out", default=str(REPO / "benchmarks" / "encoder"))
+    args = parser.parse_args()
+    if args.tiny:
+        args.seq_lens, args.batch, args.pad_len = [32, 64], [8, 4], [16, 32]
+        args.warmup, args.steps, args.batches = min(args.warmup, 2), min(args.steps, 3), min(args.batches, 2)
+    device = torch.device(args.device)
+    args.compile = device.type == "cuda" if args.compile is None else args.compile
+    amp = args.precision == "amp"
+    dtype = torch.float32 if amp else torch.bfloat16
+
+    ours, cfg = our_encoder(args, device, dtype)
+    theirs, _ = bert(args, device, dtype, cfg)
+    backend = resolve_backend(args.backend, encoder=True, device=device)
+    print(
+        f"ours: {ours.num_params() / 1e6:.1f}M params, attention {backend}, compile {args.compile}; "
+        f"BertForMaskedLM: {theirs.num_parameters() / 1e6:.1f}M params, attention "
+        f"{theirs.config._attn_implementation}; {args.precision} on {device}",
+        flush=True,
+    )
+    steps = {
+        "ours": step_function(ours, optimizer(ours, device), "ours", amp, device),
+        "bert": step_function(theirs, optimizer(theirs, device), "bert", amp, device),
+    }
+    settings = [Setting(*v) for v in zip(args.batch, args.seq_lens, args.pad_rows, args.pad_len, strict=True)]
+    rows = []
+    for s in settings:
+        batches = make_batches(s, BERT_VOCAB, args.batches, seed=s.seq_len, device=device)
+        real_tokens = statistics.mean(int(b[1].sum()) for b in batches)
+        row = {"setting": s.label(), **s.__dict__, "real_tokens_per_batch": real_tokens}
+        for name, fn in steps.items():  # the same batches, one model after the other
+            times = time_training(fn, batches, args.warmup, args.steps, device)
+            row[f"{name}_ms"] = 1000 * statistics.median(times)
+            row[f"{name}_real_tokens_per_s"] = real_tokens / statistics.median(times)
+            print(
+                f"{s.label()}: {name} {row[f'{name}_ms']:.1f} ms/step, "
+                f"{row[f'{name}_real_tokens_per_s']:,.0f} real tokens/s",
+                flush=True,
+            )
+        row["speedup"] = row["ours_real_tokens_per_s"] / row["bert_real_tokens_per_s"]
+        attn_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        row["attention"] = attention_timing(
+            s,
+            batches,
+            cfg.model.attention.num_heads,
+            cfg.model.head_dim,
+            device,
+            attn_dtype,
+            args.warmup,
+            args.steps,
+        )
+        rows.append(row)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    tag = next(
+        (k for k in ("H100", "H200", "A100") if k in device_name), "cpu" if device.type == "cpu" else "gpu"
+    )
+    tag = tag.lower() + ("_tiny" if args.tiny else "")
+    command = "python tools/bench_encoder.py " + " ".join(sys.argv[1:])
+    result = {
+        "device": device_name,
+        "date": str(datetime.date.today()),
+        "commit": git_commit(),
+        "command": command,
+        "torch": torch.__version__,
+        "precision": args.precision,
+        "our_backend": backend,
+        "compile": args.compile,
+        "our_params": ours.num_params(),
+        "bert_params": theirs.num_parameters(),
+        "rows": rows,
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"encoder_{tag}.json").write_text(json.dumps(result, indent=2))
+    (out / f"encoder_{tag}.md").write_text(report(result, cfg))
+    print(report(result, cfg))
+    return 0
+
+
+def report(r: dict, cfg) -> str:
+    attention_note = (
+        "forward + backward" if r["device"] != "CPU" else "forward only (no FlexAttention backward on CPU)"
+    )
+    lines = [
+        f"# Encoder MLM training throughput: ours vs BertForMaskedLM on {r['device']}",
+        "",
+        f"- date {r['date']}, commit {r['commit']}, torch {r['torch']}, {r['precision']}",
+        f"- command: `{r['command']}`",
+        f"- ours: {r['our_params'] / 1e6:.1f}M parameters ({cfg.model.n_layers} layers, d {cfg.model.d_model}, "
+        f"GeGLU {cfg.model.ffn_hidden}, ALiBi, unpadded, MLM head at masked positions), attention "
+        f"{r['our_backend']}, torch.compile {r['compile']}; BertForMaskedLM: {r['bert_params'] / 1e6:.1f}M "
+        "parameters, SDPA on the padded batch, head at every position. Both AdamW, same batches, 30% masked.",
+        "",
+        "| batch | real tokens / batch | ours ms/step | BERT ms/step | ours real tok/s | BERT real tok/s | ours / BERT |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in r["rows"]:
+        lines.append(
+            f"| {row['setting']} | {row['real_tokens_per_batch']:,.0f} | {row['ours_ms']:.1f} | {row['bert_ms']:.1f} "
+            f"| {row['ours_real_tokens_per_s']:,.0f} | {row['bert_real_tokens_per_s']:,.0f} | {row['speedup']:.2f}x |"
+        )
+    lines += [
+        "",
+        f"Attention kernels alone ({attention_note}), {cfg.model.attention.num_heads} heads x {cfg.model.head_dim}:",
+        "",
+        "| shape | SDPA, no bias (ms) | FlexAttention + ALiBi (ms) | Flex / SDPA | Flex + ALiBi + document mask, packed real tokens (ms) |",
+        "|---|---|---|---|---|",
+    ]
+    for row in r["rows"]:
+        a = row["attention"]
+        packed = (
+            f"{a['flex_alibi_packed_ms']:.2f} ({a['real_tokens']} tokens)"
+            if "flex_alibi_packed_ms" in a
+            else "n/a"
+        )
+        lines.append(
+            f"| {row['batch']} x {row['seq_len']} | {a['sdpa_no_bias_ms']:.2f} | {a['flex_alibi_ms']:.2f} "
+            f"| {a['flex_over_sdpa']:.2f}x | {packed} |"
+        )
+    lines += ["", "Medians over the timed steps; real tokens exclude padding.", ""]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
