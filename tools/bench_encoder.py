@@ -131,9 +131,9 @@ def bert(args, device, dtype, cfg):
         num_hidden_layers=m.n_layers,
         num_attention_heads=m.attention.num_heads,
         intermediate_size=m.ffn_hidden,
-        max_position_embeddings=max(512, args.seq_lens[-1]),
+        max_position_embeddings=max(512, *args.seq_lens),
+        attn_implementation="sdpa",
     )
-    bert_cfg._attn_implementation = "sdpa"
     torch.manual_seed(0)
     model = BertForMaskedLM(bert_cfg).to(device, dtype).train()
     return model, bert_cfg

@@ -288,7 +288,9 @@ class Varlen:
         lengths_B = mask.sum(1)
         indices = mask.flatten().nonzero().squeeze(1)  # (T,)
         cu_seqlens = F.pad(lengths_B.cumsum(0, dtype=torch.int32), (1, 0))
-        row = torch.repeat_interleave(torch.arange(B, device=mask.device), lengths_B)
+        row = torch.repeat_interleave(
+            torch.arange(B, device=mask.device), lengths_B, output_size=len(indices)
+        )
         position = torch.arange(len(indices), device=mask.device) - cu_seqlens[row].long()
         max_seqlen = int(lengths_B.max()) if B else 0  # one host sync per batch: kernels need it
         return cls(indices, cu_seqlens, max_seqlen, row, position, B, S)
