@@ -238,6 +238,7 @@ def test_lion_update_matches_its_formula():
             m[i] = beta2 * m[i] + (1 - beta2) * g
         for p, t in zip(params, theta, strict=True):
             torch.testing.assert_close(p.detach(), t, rtol=0, atol=1e-6)
+    assert [float(optimizer.state[p]["step"]) for p in params] == [4.0, 4.0]  # torch's AdamW layout
     optimizer.overflow = True  # DeepSpeed's skip: nothing moves
     before = [p.detach().clone() for p in params]
     optimizer.step()
@@ -283,6 +284,7 @@ def test_sophia_g_update_matches_its_formula_with_clipping():
         for p, t in zip(params, theta, strict=True):
             torch.testing.assert_close(p.detach(), t, rtol=0, atol=1e-6)  # the Hessian pass moved nothing
     assert clipped > 0 and unclipped > 0, "the toy problem must exercise both sides of the clip"
+    assert float(optimizer.state[params[0]]["step"]) == 4.0  # updates only: Hessian passes not counted
 
 
 def test_gnb_estimator_is_unbiased_for_the_gauss_newton_diagonal():

@@ -4,6 +4,9 @@ Both are plain torch optimizers, so DeepSpeed takes them as client optimizers an
 (ZeRO partitioning, bf16 master weights, clipping, skipping): pass one to `deepspeed.initialize` as
 parallel/engine.py passes AdamW. Like that AdamW, each honours `overflow`: set, step() leaves parameters
 and state untouched (DeepSpeed's plain fp32 path reads the same attribute to count a skipped step).
+Their per-parameter state is torch's AdamW layout where it can be: a float32 'step' tensor and the
+tensors named in `moments` (what dsmoe.train.checkpoint saves per parameter; Adam's are exp_avg and
+exp_avg_sq).
 
 Maintained alternatives: `lion-pytorch` (PyPI, lucidrains) implements the same Lion update; DeepSpeed's
 own `deepspeed.ops.lion.FusedLion` (CUDA) / `DeepSpeedCPULion` (JIT-compiled CPU op) too. Sophia's
@@ -55,7 +58,9 @@ class Lion(torch.optim.Optimizer):
                 grad = p.grad.to(p.dtype)
                 state = self.state[p]
                 if not state:
+                    state["step"] = torch.tensor(0.0)
                     state["exp_avg"] = torch.zeros_like(p)
+                state["step"] += 1
                 m = state["exp_avg"]
                 direction = m.mul(beta1).add_(grad, alpha=1 - beta1).sign_()
                 p.mul_(1 - lr * wd).add_(direction, alpha=-lr)
@@ -85,6 +90,7 @@ class SophiaG(torch.optim.Optimizer):
     """
 
     overflow = False
+    moments = ("exp_avg", "hessian")
 
     def __init__(
         self,
@@ -113,6 +119,7 @@ class SophiaG(torch.optim.Optimizer):
     def _state(self, p: torch.Tensor) -> dict:
         state = self.state[p]
         if not state:
+            state["step"] = torch.tensor(0.0)  # parameter updates (Hessian passes not counted)
             state["exp_avg"] = torch.zeros_like(p)
             state["hessian"] = torch.zeros_like(p)
         return state
@@ -147,6 +154,7 @@ class SophiaG(torch.optim.Optimizer):
                 if p.grad is None:
                     continue
                 state = self._state(p)
+                state["step"] += 1
                 m = state["exp_avg"].mul_(beta1).add_(p.grad.to(p.dtype), alpha=1 - beta1)
                 ratio = (m.abs() / (scale * state["hessian"] + group["eps"])).clamp_(max=1.0)
                 p.mul_(1 - lr * wd).addcmul_(m.sign(), ratio, value=-lr)
