@@ -350,3 +350,36 @@ def test_deepspeed_owns_the_step_of_our_optimizers(stage, name):
             plain.zero_grad()
         for p, q in zip(engine.module.parameters(), reference.parameters(), strict=True):
             torch.testing.assert_close(p.detach(), q.detach(), rtol=0, atol=1e-6, msg=f"step {step}")
+
+
+@pytest.mark.usefixtures("single_process_group")
+@pytest.mark.parametrize("layout", [("0", "fp32"), ("2", "bf16")])
+def test_layer_dropping_runs_through_the_deepspeed_engine(small_cfg, layout):
+    """run_blocks around the engine's forward: the loss is the shallower model's, and a dropped block's
+    gradient is zero (DeepSpeed fills unused gradients on its fp32 paths) or absent."""
+    from parallel import engine as engine_lib
+    from parallel import groups
+
+    stage, precision = layout
+    cfg = small_cfg(
+        "model.n_layers=3",
+        "model.vocab_size=512",
+        f"parallel.zero_stage={stage}",
+        f"train.precision={precision}",
+    )
+    cfg.train.global_batch_size = cfg.train.micro_batch_size  # one micro-batch per step
+    torch.manual_seed(0)
+    engine = engine_lib.initialize(build(cfg.model), cfg, groups.init(cfg.parallel))
+    reference = copy.deepcopy(engine.module).float()
+    idx, targets = torch.randint(0, 512, (4, 32)), torch.randint(0, 512, (4, 32))
+    with run_blocks(engine.module, [0, 2]):
+        out = engine(idx, targets)
+    with torch.no_grad(), run_blocks(reference, [0, 2]):
+        expected = reference(idx, targets).loss
+    torch.testing.assert_close(out.loss.float(), expected, rtol=2e-2 if precision == "bf16" else 1e-6, atol=0)
+    engine.backward(out.loss)
+    dropped = [p.grad for p in engine.module.blocks[1].parameters()]
+    assert all(g is None or not g.any() for g in dropped)
+    _, applied = engine_lib.boundary_step(engine)
+    assert applied
+    engine.destroy()
