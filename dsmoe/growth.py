@@ -69,9 +69,9 @@ class Growth:
     def set_c(self, c: float) -> None:
         self.c = float(c)
         for module, attr, new in self.masks:
-            mask = torch.where(
-                new, torch.tensor(self.c, device=new.device), torch.tensor(1.0, device=new.device)
-            )
+            device = next(module.parameters(), new).device  # the engine may have moved the model since
+            new = new.to(device)
+            mask = torch.where(new, torch.tensor(self.c, device=device), torch.tensor(1.0, device=device))
             setattr(module, attr, torch.log(mask) if attr == "logit_bias" else mask)
         for block in self.gates:
             block.gate = self.c

@@ -118,6 +118,8 @@ class ParallelDSMoE(nn.Module):
         self.router = plain.router
         self.w_in = nn.Parameter(self._shard(plain.w_in, f"{prefix}.w_in"))
         self.w_out = nn.Parameter(self._shard(plain.w_out, f"{prefix}.w_out"))
+        self.prefix = prefix
+        self.unit_mask: torch.Tensor | None = None  # MSG growth, full (N, F) as on the plain layer
         for p in (self.w_in, self.w_out):
             if dims.tp > 1:
                 from megatron.core.tensor_parallel import set_tensor_model_parallel_attributes
@@ -130,6 +132,13 @@ class ParallelDSMoE(nn.Module):
     def _shard(self, full: torch.Tensor, name: str) -> torch.Tensor:
         d = self.dims
         return shard(full.detach(), placement(name, self.activation), d.tp_rank, d.tp, d.ep_rank, d.ep)
+
+    def _w_out(self) -> torch.Tensor:
+        """w_out with new hidden units scaled by their growth mask (as DSMoE.expert_w_out), this rank's piece."""
+        if self.unit_mask is None:
+            return self.w_out
+        local = self._shard(self.unit_mask, f"{self.prefix}.w_out")  # (N, F) split like w_out's first dims
+        return self.w_out * local.to(self.w_out.dtype).unsqueeze(-1)
 
     def forward(self, x: torch.Tensor, routing: RoutingRule = DENSE) -> tuple[torch.Tensor, MoEAux]:
         shape = x.shape
@@ -151,7 +160,7 @@ class ParallelDSMoE(nn.Module):
         T, n = x_all.shape[0], self.num_local_experts
         h = (x_all @ self.w_in.reshape(-1, x_all.shape[1]).T).view(T, n, -1)  # local experts: one GEMM
         h = activate_scaled(h, p_all, self.activation)
-        y_all = h.reshape(T, -1) @ self.w_out.reshape(
+        y_all = h.reshape(T, -1) @ self._w_out().reshape(
             -1, x_all.shape[1]
         )  # partial: local experts, local width
         return reduce_from_tensor_parallel(_scatter_sums(y_all, self.dims), self.dims)
@@ -161,7 +170,10 @@ class ParallelDSMoE(nn.Module):
         the experts' ranks) and run all N experts on this rank's own tokens, as the plain layer does."""
         x_TD = copy_to_tensor_parallel(x_TD, self.dims)
         probs_TE = copy_to_tensor_parallel(probs_TE, self.dims)
-        w_in, w_out = _gather_tokens(self.w_in, self.dims), _gather_tokens(self.w_out, self.dims)  # (N, ., D)
+        w_in, w_out = (
+            _gather_tokens(self.w_in, self.dims),
+            _gather_tokens(self._w_out(), self.dims),
+        )  # (N, ., D)
         T, N = x_TD.shape[0], self.num_experts
         h = activate_scaled(
             (x_TD @ w_in.reshape(-1, x_TD.shape[1]).T).view(T, N, -1), probs_TE, self.activation
@@ -182,7 +194,7 @@ class ParallelDSMoE(nn.Module):
         expert_recv = _exchange(expert_idx % n, send, recv, d)  # local expert index on the receiving rank
         order = expert_recv.argsort(stable=True)  # arrivals are grouped by source: regroup by local expert
         out_sorted = grouped_expert_forward(
-            x_recv[order], torch.bincount(expert_recv, minlength=n), self.w_in, self.w_out, self.activation
+            x_recv[order], torch.bincount(expert_recv, minlength=n), self.w_in, self._w_out(), self.activation
         )
         out_recv = torch.empty_like(out_sorted).index_copy_(0, order, out_sorted)
         out_P = _exchange(out_recv, recv, send, d)  # back to the owners, in the order they were sent

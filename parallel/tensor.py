@@ -123,6 +123,9 @@ class ParallelAttention(nn.Module):
         self.v_proj = column_parallel(plain.v_proj, f"{prefix}.v_proj.weight", dims)
         self.o_proj = row_parallel(plain.o_proj, f"{prefix}.o_proj.weight", dims)
         self.router, self.q_norm, self.k_norm = plain.router, plain.q_norm, plain.k_norm
+        self.head_mask: torch.Tensor | None = (
+            None  # MSG growth, full (heads x head_dim,) as on the plain layer
+        )
 
     def _norm(self, norm: nn.RMSNorm | None, x: torch.Tensor) -> torch.Tensor:
         if norm is None:
@@ -156,7 +159,11 @@ class ParallelAttention(nn.Module):
                 :, first : first + self.n_heads
             ]
             y = y * weights_TH.view(B, T, self.n_heads, 1).to(y.dtype)
-        return self.o_proj(y.reshape(B, T, -1))[0], aux
+        y = y.reshape(B, T, -1)
+        if self.head_mask is not None:  # this rank's heads' part of the growth mask
+            width = self.n_heads * self.head_dim
+            y = y * self.head_mask[self.dims.tp_rank * width : (self.dims.tp_rank + 1) * width].to(y.dtype)
+        return self.o_proj(y)[0], aux
 
 
 class ParallelMLP(nn.Module):

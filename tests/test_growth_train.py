@@ -148,3 +148,34 @@ def test_bench_growth_compares_the_schedule_with_its_final_shape(tmp_path, cache
     assert (out / "tiny_growth.png").stat().st_size > 0
     assert summary["grown"]["held_out_ppl"] > 1 and summary["fixed"]["held_out_ppl"] > 1
     assert (fixed_model["n_layers"], fixed_model["moe"]["num_experts"], fixed_model["d_model"]) == (3, 6, 64)
+
+
+@pytest.mark.slow
+def test_growth_under_two_data_parallel_ranks_follows_one_rank(tmp_path, cache_dir):
+    """`deepspeed --num_gpus 2` with ZeRO-2 and a growth schedule (expert width, experts, MoA experts,
+    layers; ramps across checkpoint boundaries) against one rank. Two ranks run the parallel DS-MoE and MoA
+    layers (whole-batch MI marginal), so the masks must follow into them; every rank grows the same weights
+    and partitions the grown masters and moments again: same loss curve, same exported grown model."""
+    from tests.conftest import small_overrides
+    from tests.test_launcher import launch
+
+    events = (
+        "growth.events=[{step: 1, dim: ffn, size: 48, ramp_steps: 2}, {step: 3, dim: experts, size: 6, ramp_steps: 1},"
+        " {step: 4, dim: attention_experts, size: 3, ramp_steps: 2}, {step: 6, dim: layers, size: 3, ramp_steps: 2}]"
+    )
+    common = ["parallel.zero_stage=2", "train.max_steps=8", "train.checkpoint_every=3", events]
+    launch(
+        1, small_overrides(tmp_path / "one", cache_dir) + common + ["train.micro_batch_size=8"], "torchrun"
+    )
+    two = launch(2, small_overrides(tmp_path / "two", cache_dir) + common)
+    curve_one = [m["loss"] for m in read_metrics(tmp_path / "one")]
+    curve_two = [m["loss"] for m in read_metrics(tmp_path / "two")]
+    assert len(curve_one) == len(curve_two) == 8
+    torch.testing.assert_close(curve_two, curve_one, rtol=1e-5, atol=1e-5)
+    for grew in ("ffn to 48", "experts to 6", "attention_experts to 3", "layers to 3"):
+        assert f"grew {grew}" in two.stdout
+    model_one, *_ = load_export(tmp_path / "one" / "export")
+    model_two, *_ = load_export(tmp_path / "two" / "export")
+    assert model_two.cfg.n_layers == 3 and model_two.cfg.moe.num_experts == 6
+    for (name, a), (_, b) in zip(model_one.named_parameters(), model_two.named_parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)

@@ -19,7 +19,6 @@ import torch
 import torch.distributed as dist
 from tokenizers import Tokenizer
 
-import parallel
 from dsmoe import config as config_lib
 from dsmoe import growth
 from dsmoe.config import Config, ConfigError
@@ -30,7 +29,7 @@ from dsmoe.model import build
 from dsmoe.model.attention import resolve_backend
 from dsmoe.train import checkpoint
 from dsmoe.train.checkpoint import CheckpointError
-from dsmoe.train.grow import grow_engine
+from dsmoe.train.grow import apply_parallel, grow_engine
 from dsmoe.train.logging import RunLogger
 from parallel import engine as engine_lib
 from parallel import groups
@@ -208,7 +207,7 @@ def run(cfg: Config) -> RunResult:
     if resume_from and cfg.growth.events:  # the shapes (and masks) the checkpoint was saved with
         active_growth = growth.replay(model, cfg.growth, steps_done, t.seed)
     dispatch = _expert_dispatch(cfg, model, dims)
-    parallel.apply(model, dims, dispatch)
+    apply_parallel(model, dims, dispatch, active_growth)
     engine = engine_lib.initialize(model, cfg, dims)
     gas = engine_lib.gradient_accumulation_steps(cfg, dims)
     start_step = 0
@@ -264,7 +263,7 @@ def run(cfg: Config) -> RunResult:
                     active_growth = None
             for index, event in enumerate(cfg.growth.events):
                 if event.step == step:  # the new parts start at c = 0
-                    engine, active_growth = grow_engine(engine, cfg, dims, index)
+                    engine, active_growth = grow_engine(engine, cfg, dims, index, dispatch)
                     result.engine = engine
                     if dims.is_main:
                         print(
