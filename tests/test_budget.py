@@ -188,6 +188,10 @@ def test_table_round_trips_and_bad_files_are_named(tmp_path):
     loaded.check_model({"d_model": 64, "n_layers": 2, "mlp": "moe"})  # depth is per entry
     with pytest.raises(RstTableError, match="d_model: table 64, this run's model 128"):
         loaded.check_model({"d_model": 128, "n_layers": 4, "mlp": "moe"})
+    t.model = {"d_model": 64, "moe": {"training": "dense", "expert_hidden": 64}}
+    t.check_model({"d_model": 64, "moe": {"training": "sparse", "expert_hidden": 64}})  # routing is per entry
+    with pytest.raises(RstTableError, match="moe.expert_hidden: table 64, this run's model 32"):
+        t.check_model({"d_model": 64, "moe": {"training": "dense", "expert_hidden": 32}})
     with pytest.raises(RstTableError, match="not found"):
         RstTable.load(tmp_path / "missing.json")
     data = json.loads(path.read_text())

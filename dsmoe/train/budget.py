@@ -138,14 +138,18 @@ class RstTable:
         return round(self.seconds(step) * 1e9)
 
     def check_model(self, model: dict, what: str = "this run's model") -> None:
-        """Refuse a table measured for another model shape: its times would not be this model's."""
-        if not self.model:
+        """Refuse a table measured for another model shape: its times would not be this model's.
+
+        n_layers and moe.training are per entry (active_layers, routing); vocab_size is resolved from the
+        tokenizer at run time."""
+        ours, theirs = _flatten(self.model), _flatten(model)
+        if not ours:
             return
         diffs = [
-            f"{k}: table {self.model.get(k)!r}, {what} {model.get(k)!r}"
-            for k in sorted(self.model.keys() | model.keys())
-            if k not in ("n_layers", "vocab_size") and self.model.get(k) != model.get(k)
-        ]  # layer counts are per entry; vocab_size is resolved from the tokenizer
+            f"{k}: table {ours.get(k)!r}, {what} {theirs.get(k)!r}"
+            for k in sorted(ours.keys() | theirs.keys())
+            if k not in ("n_layers", "vocab_size", "moe.training") and ours.get(k) != theirs.get(k)
+        ]
         if diffs:
             raise RstTableError(
                 f"the RST table {self.source} was calibrated for another model ({'; '.join(diffs)}); "
@@ -200,6 +204,13 @@ class RstTable:
             raise RstTableError(f"{path}: malformed RST table ({type(e).__name__}: {e})") from None
         extra = {k: data[k] for k in ("command", "precision", "model", "timing") if k in data}
         return cls(**meta, **extra, entries=entries, source=str(path))
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
 
 
 class RstClock:
