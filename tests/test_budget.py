@@ -259,3 +259,45 @@ def test_calibrate_rst_times_every_configuration_of_a_config(small_cfg, tmp_path
     clock = RstClock(saved, budget_seconds=60)
     clock.charge([forward, train])
     assert clock.spent_s == pytest.approx(saved.seconds(forward) + saved.seconds(train), abs=1e-9)
+
+
+@pytest.mark.usefixtures("single_process_group")
+@pytest.mark.parametrize("layout", [(0, False), (1, True)])
+def test_rst_scheduler_drives_the_deepspeed_engines_lr(layout, tmp_path):
+    """As parallel/engine.py passes its LambdaLR: the loop charges and syncs before each step, DeepSpeed
+    steps the scheduler after the update, and the LR each step trains at is the schedule's at its end."""
+    import deepspeed
+
+    stage, bf16 = layout
+    torch.manual_seed(0)
+    model = nn.Linear(4, 4)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    t = table()
+    config = step(layers=2)
+    clock = RstClock(t, budget_seconds=4 * t.seconds(config))
+    schedule = RstSchedule(shape="cosine", warmup_fraction=0.25)
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=model,
+        optimizer=optimizer,
+        lr_scheduler=RstScheduler(optimizer, clock, schedule),
+        config={
+            "train_batch_size": 2,
+            "train_micro_batch_size_per_gpu": 2,
+            "zero_optimization": {"stage": stage},
+            "bf16": {"enabled": bf16},
+            "zero_allow_untested_optimizer": True,
+            "steps_per_print": 2**31 - 1,
+        },
+    )
+    trained_at = []
+    while clock.fits(config):
+        clock.charge(config)
+        scheduler.sync()
+        trained_at.append(engine.get_lr()[0])
+        x = torch.randn(2, 4, dtype=torch.bfloat16 if bf16 else torch.float32)
+        engine.backward(engine(x).float().square().mean())
+        engine.step()
+        assert engine.get_lr()[0] == trained_at[-1]  # DeepSpeed's scheduler.step() changed nothing
+    expected = [0.1 * schedule.multiplier(f) for f in (0.25, 0.5, 0.75, 1.0)]
+    assert trained_at == pytest.approx(expected, abs=1e-12) and trained_at[-1] == 0.0
+    torch.save(scheduler.state_dict(), tmp_path / "scheduler.pt")  # DeepSpeed checkpoints it
