@@ -72,6 +72,10 @@ def perplexity(
     model: DecoderLM, tokens, seq_len: int, routing: Routing, max_tokens: int = 0, batch_size: int = 16
 ) -> PerplexityResult:
     """exp(mean next-token NLL) over consecutive held-out windows of `seq_len`, and the active shares."""
+    if model.cfg.is_encoder:
+        raise ValueError(
+            "next-token perplexity is for decoders; evaluate an encoder with dsmoe.infer.mlm_loss"
+        )
     model.eval()
     device = next(model.parameters()).device
     windows = eval_windows(tokens, seq_len, max_tokens)
