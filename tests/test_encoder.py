@@ -337,3 +337,22 @@ def test_vocab_is_padded_to_a_multiple_of_64():
 def test_config_refuses_what_the_backbone_does_not_support(overrides, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         config_lib.load(None, overrides)
+
+
+def test_the_mosaicbert_recipe_from_config():
+    from dsmoe.train.schedule import lr_multiplier
+
+    t = config_lib.load("configs/tiny_mlm.yaml").train
+    assert (t.schedule, t.adam_eps, t.beta2) == ("linear", 1e-6, 0.98)
+    values = [lr_multiplier(step, t) for step in range(t.max_steps)]
+    assert values[t.warmup_steps - 1] == 1.0 and values[0] == 1 / t.warmup_steps
+    assert math.isclose(values[-1], t.min_lr_ratio)  # 0.02 x peak at the last step
+    decay = np.diff(values[t.warmup_steps :])
+    assert np.allclose(decay, decay[0])  # a straight line
+
+
+def test_new_options_leave_decoder_cache_keys_alone():
+    key = config_lib.identity(config_lib.load(None))
+    assert not any(word in key for word in ("adam_eps", "schedule", "mlm", "post_norm", "dropout"))
+    encoder_key = config_lib.identity(config_lib.load("configs/tiny_mlm.yaml"))
+    assert '"mlm"' in encoder_key and '"schedule": "linear"' in encoder_key

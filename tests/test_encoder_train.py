@@ -82,6 +82,8 @@ def test_resume_continues_the_same_mlm_loss_curve(tmp_path, cache_dir):
     run(tiny_mlm(tmp_path / "cut", cache_dir, *common, "train.exit_at_step=3"))
     resumed = run(tiny_mlm(tmp_path / "cut", cache_dir, *common))
     assert len(full.losses) == 6 and len(resumed.losses) == 3
+    groups = resumed.engine.optimizer.param_groups  # tiny_mlm's AdamW settings reached the engine
+    assert all(g["eps"] == 1e-6 and g["betas"] == (0.9, 0.98) for g in groups)
     torch.testing.assert_close(resumed.losses, full.losses[3:], rtol=0, atol=0)
 
 
