@@ -3,6 +3,8 @@
     python tools/bench_encoder.py                        # CUDA: Base shapes, seq 128 (half the rows padded to
                                                          # 64) and seq 512; writes benchmarks/encoder/
     python tools/bench_encoder.py --device cpu --tiny --out /tmp/bench_encoder   # end-to-end check on a CPU
+    python tools/bench_encoder.py model.moe.activation=gelu   # any override of our config: here a plain GELU
+                                                         # FFN, BERT's parameter count
 
 Both models are built here, without downloads: ours from configs/mosaicbert_base.yaml (ALiBi, GeGLU,
 post-LN, unpadded, MLM head at masked positions only; attention backend as that config resolves it on the
@@ -110,8 +112,8 @@ def time_training(step_fn, batches, warmup: int, steps: int, device) -> list[flo
 
 
 def our_encoder(args, device, dtype):
-    overrides = [f"model.attention.backend={args.backend}", f"model.dropout={args.dropout}"]
-    cfg = config_lib.load(args.config, (TINY if args.tiny else []) + overrides)
+    overrides = [*(TINY if args.tiny else []), f"model.attention.backend={args.backend}", *args.overrides]
+    cfg = config_lib.load(args.config, overrides)
     cfg.model.vocab_size = encoder_vocab_size(BERT_VOCAB)  # 30522 + mask, pad -> 30528
     torch.manual_seed(0)
     model = build(cfg.model).to(device, dtype).train()
@@ -221,7 +223,6 @@ def main() -> int:
         help="torch.compile our blocks (default: on CUDA)",
     )
     parser.add_argument("--precision", choices=["bf16", "amp"], default="bf16")
-    parser.add_argument("--dropout", type=float, default=0.1, help="our hidden dropout (BERT's default 0.1)")
     parser.add_argument("--seq-lens", type=int, nargs="+", default=[128, 512])
     parser.add_argument("--batch", type=int, nargs="+", default=[256, 64], help="rows per batch, per seq len")
     parser.add_argument(
@@ -234,6 +235,9 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "encoder"))
+    parser.add_argument(
+        "overrides", nargs="*", help="key=value overrides of our config (e.g. model.moe.activation=gelu)"
+    )
     args = parser.parse_args()
     if args.tiny:
         args.seq_lens, args.batch, args.pad_len = [32, 64], [8, 4], [16, 32]
@@ -324,7 +328,8 @@ def report(r: dict, cfg) -> str:
         f"- date {r['date']}, commit {r['commit']}, torch {r['torch']}, {r['precision']}",
         f"- command: `{r['command']}`",
         f"- ours: {r['our_params'] / 1e6:.1f}M parameters ({cfg.model.n_layers} layers, d {cfg.model.d_model}, "
-        f"GeGLU {cfg.model.ffn_hidden}, ALiBi, unpadded, MLM head at masked positions), attention "
+        f"{cfg.model.moe.activation} FFN {cfg.model.ffn_hidden}, ALiBi, unpadded, MLM head at masked positions), "
+        "attention "
         f"{r['our_backend']}, torch.compile {r['compile']}; BertForMaskedLM: {r['bert_params'] / 1e6:.1f}M "
         "parameters, SDPA on the padded batch, head at every position. Both AdamW, same batches, 30% masked.",
         "",
