@@ -138,9 +138,9 @@ def test_a_static_configuration_stops_at_the_same_step_on_a_slower_machine():
             steps += 1
         return steps, time.perf_counter() - started
 
-    (fast_steps, fast_wall), (slow_steps, slow_wall) = train(0.0), train(0.02)
+    (fast_steps, _), (slow_steps, slow_wall) = train(0.0), train(0.02)
     assert fast_steps == slow_steps == 7
-    assert slow_wall > fast_wall + 0.1
+    assert slow_wall >= 7 * 0.02  # it did run slower (by the sleeps at least), and stopped at the same step
 
 
 def test_exact_multiples_of_a_step_fit_exactly():
