@@ -467,11 +467,6 @@ def _check_growth(cfg: Config, check) -> None:
     check(g.init_std >= 0, "growth.init_std", "must be >= 0")
     if not g.events:
         return
-    check(
-        p.ep == 1 and p.tp == 1,
-        "growth.events",
-        "run under data parallelism only in this version (grow first, then shard: parallel.ep = parallel.tp = 1)",
-    )
     m = cfg.model
     size = {
         "hidden": m.d_model,
@@ -506,6 +501,31 @@ def _check_growth(cfg: Config, check) -> None:
                 m.attention.experts == 0,
                 f"{key}.dim",
                 "'heads' is for plain attention; MoA grows attention_experts",
+            )
+        # The grown shape must still split over the layout (parallel/layout.py), as the start shape must.
+        if event.dim == "experts":
+            check(
+                event.size % p.ep == 0,
+                f"{key}.size",
+                f"({event.size}) must be divisible by parallel.ep ({p.ep})",
+            )
+        if event.dim == "ffn":
+            check(
+                event.size % p.tp == 0,
+                f"{key}.size",
+                f"({event.size}) must be divisible by parallel.tp ({p.tp})",
+            )
+        if event.dim in ("heads", "attention_experts"):
+            # New query heads come with new K/V heads in whole groups (growth._grow_attention_heads), and
+            # both split over tp.
+            group = m.attention.num_heads // m.attention.num_kv_heads
+            heads = event.size * (m.attention.heads_per_expert if event.dim == "attention_experts" else 1)
+            check(
+                heads % (group * p.tp) == 0,
+                f"{key}.size",
+                f"({event.size}) gives {heads} query heads, which must be a multiple of the query heads per "
+                f"K/V head ({group}) x parallel.tp ({p.tp}): new heads come with new K/V heads in whole "
+                "groups, and both split over tp",
             )
         check(event.ramp_steps >= 1, f"{key}.ramp_steps", "must be >= 1")
         check(

@@ -176,7 +176,8 @@ def grow_ffn(model: DecoderLM, width: int, init_std: float = 0.02) -> Growth:
 
 def grow_experts(model: DecoderLM, n: int, attention: bool = False, init_std: float = 0.02) -> Growth:
     """Add experts up to `n` per layer: DS-MoE MLP experts, or MoA attention experts (`attention=True`,
-    each with heads_per_expert new query heads and their output columns; shared K/V unchanged). New
+    each with heads_per_expert new query heads and their output columns, and new K/V heads in whole groups
+    as _grow_attention_heads says). New
     experts' router logits get + log c: at c = 0 their probability is 0 and the old ones' are unchanged."""
     grown: dict[str, Transfer] = {}
     masks = []

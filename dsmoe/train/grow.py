@@ -1,9 +1,11 @@
 """MSG growth inside a running DeepSpeed run (papers/msg.md; operators in dsmoe/growth.py).
 
-At a growth event the engine's fp32 masters and Adam moments are read by parameter name, the plain model
-grows (old values in place, new weights from the event's own seed), the engine is rebuilt around it, and the
-masters and moments are set back: old slices keep their moments, new entries start at zero, the Adam step
-count, the engine's counters and the LR schedule position carry on.
+At a growth event the engine's fp32 masters and Adam moments are read by parameter name (under expert or
+tensor parallelism every rank's pieces are joined, parallel/layout.py), a plain model of the current shape
+is built from them and grows (old values in place, new weights from the event's own seed, the same on every
+rank), the run's parallel layout is applied to it again and the engine rebuilt around it, and the masters
+and moments are set back, each rank its own pieces: old slices keep their moments, new entries start at
+zero, the Adam step count, the engine's counters and the LR schedule position carry on.
 """
 
 from __future__ import annotations
@@ -41,14 +43,47 @@ def apply_parallel(model, dims, dispatch: str, active: growth.Growth | None) -> 
         active.set_c(active.c)
 
 
+def _join_pieces(state: dict[str, torch.Tensor], dims, activation: str) -> dict[str, torch.Tensor]:
+    """The whole model's tensors from every (tp, ep) position's pieces (one data-parallel replica's).
+    Every rank ends up with all of them on its CPU: growth is rare, and each rank grows the same model."""
+    import torch.distributed as dist
+
+    from parallel.layout import placement, unshard
+
+    mine = (dims.tp_rank, dims.ep_rank, state if dims.dp_rank == 0 else None)
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, mine)
+    pieces: dict[str, dict] = {}
+    for tp_rank, ep_rank, theirs in gathered:
+        for name, t in (theirs or {}).items():
+            pieces.setdefault(name, {})[(tp_rank, ep_rank)] = t
+    return {
+        name: unshard(p, placement(name.split("/")[-1], activation), dims.tp, dims.ep)
+        for name, p in pieces.items()
+    }
+
+
+def _local_pieces(full: dict[str, torch.Tensor], dims, activation: str) -> dict[str, torch.Tensor]:
+    from parallel.layout import placement, shard
+
+    return {
+        name: shard(
+            t, placement(name.split("/")[-1], activation), dims.tp_rank, dims.tp, dims.ep_rank, dims.ep
+        )
+        for name, t in full.items()
+    }
+
+
 def grow_engine(engine, cfg: Config, dims, event_index: int, dispatch: str = "tokens"):
     """Apply growth event `event_index` to the engine's model; returns (new engine, Growth at c = 0).
 
     The model grows as a plain model (the parallel layers of a multi-rank run are rebuilt around it), from
     the exact fp32 masters, not the bf16 copies the engine computed with."""
-    if dims.ep > 1 or dims.tp > 1:  # config.py refuses this; full_state would hold only this rank's shards
-        raise NotImplementedError("growth under expert or tensor parallelism")
+    activation = cfg.model.moe.activation
+    sharded = dims.ep > 1 or dims.tp > 1
     state = checkpoint.full_state(engine)  # collective under ZeRO: every rank calls it
+    if sharded:
+        state = _join_pieces(state, dims, activation)
     counters = checkpoint.engine_counters(engine)
     shape = copy.deepcopy(engine.module.cfg)  # the current (grown so far) shape; no mask is active here
     device = next(engine.module.parameters()).device
@@ -67,6 +102,8 @@ def grow_engine(engine, cfg: Config, dims, event_index: int, dispatch: str = "to
         old = {name[len(key) + 1 :]: v for name, v in state.items() if name.startswith(f"{key}/")}
         carried.update({f"{key}/{name}": v.cpu() for name, v in growth.carry_state(g, old).items()})
     del state
+    if sharded:
+        carried = _local_pieces(carried, dims, activation)
     gc.collect()
     apply_parallel(model, dims, dispatch, g)
     new_engine = engine_lib.initialize(model, cfg, dims)
