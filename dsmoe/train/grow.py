@@ -74,18 +74,22 @@ def _local_pieces(full: dict[str, torch.Tensor], dims, activation: str) -> dict[
     }
 
 
-def grow_engine(engine, cfg: Config, dims, event_index: int, dispatch: str = "tokens"):
-    """Apply growth event `event_index` to the engine's model; returns (new engine, Growth at c = 0).
+def rebuild_engine(engine, cfg: Config, dims, dispatch: str, transform):
+    """Change the shape of the engine's model mid-run; returns (new engine, what `transform` returned).
 
-    The model grows as a plain model (the parallel layers of a multi-rank run are rebuilt around it), from
-    the exact fp32 masters, not the bf16 copies the engine computed with."""
+    Reads the exact fp32 masters and moments (joined over the layout's pieces), builds a plain model of the
+    current shape holding the masters, and calls `transform(model, state)`, which changes that model in
+    place and returns (moments of the new model as '<moment>/<name>' (CPU), a Growth whose masks must follow
+    the model, or None). The run's parallel layout is applied again, a new engine built, and each rank's
+    pieces of the new masters and moments set, with the engine's counters and LR position carried on.
+    Growth events use it (grow_engine); so can other shape changes (NTNG's layer stacking)."""
     activation = cfg.model.moe.activation
     sharded = dims.ep > 1 or dims.tp > 1
     state = checkpoint.full_state(engine)  # collective under ZeRO: every rank calls it
     if sharded:
         state = _join_pieces(state, dims, activation)
     counters = checkpoint.engine_counters(engine)
-    shape = copy.deepcopy(engine.module.cfg)  # the current (grown so far) shape; no mask is active here
+    shape = copy.deepcopy(engine.module.cfg)  # the current shape; no growth mask is active here
     device = next(engine.module.parameters()).device
     _release(engine)
     del engine
@@ -95,18 +99,33 @@ def grow_engine(engine, cfg: Config, dims, event_index: int, dispatch: str = "to
     with torch.no_grad():
         for name, p in model.named_parameters():
             p.copy_(state[name])
-    event = cfg.growth.events[event_index]
-    g = growth.apply_event(model, event, cfg.growth.init_std, growth.event_seed(cfg.train.seed, event_index))
+    moments, active = transform(model, state)
     carried = {name: p.detach().cpu() for name, p in model.named_parameters()}
-    for key in checkpoint.MOMENTS:
-        old = {name[len(key) + 1 :]: v for name, v in state.items() if name.startswith(f"{key}/")}
-        carried.update({f"{key}/{name}": v.cpu() for name, v in growth.carry_state(g, old).items()})
-    del state
+    carried.update(moments)
+    del state, moments
     if sharded:
         carried = _local_pieces(carried, dims, activation)
     gc.collect()
-    apply_parallel(model, dims, dispatch, g)
+    apply_parallel(model, dims, dispatch, active)
     new_engine = engine_lib.initialize(model, cfg, dims)
     checkpoint.set_state(new_engine, carried, counters)
-    g.set_c(g.c)  # masks on the device the engine put the model on
-    return new_engine, g
+    if active is not None:
+        active.set_c(active.c)  # masks on the device the engine put the model on
+    return new_engine, active
+
+
+def grow_engine(engine, cfg: Config, dims, event_index: int, dispatch: str = "tokens"):
+    """Apply growth event `event_index` to the engine's model; returns (new engine, Growth at c = 0)."""
+    event = cfg.growth.events[event_index]
+
+    def grow(model, state):
+        g = growth.apply_event(
+            model, event, cfg.growth.init_std, growth.event_seed(cfg.train.seed, event_index)
+        )
+        moments = {}
+        for key in checkpoint.MOMENTS:
+            old = {name[len(key) + 1 :]: v for name, v in state.items() if name.startswith(f"{key}/")}
+            moments.update({f"{key}/{name}": v.cpu() for name, v in growth.carry_state(g, old).items()})
+        return moments, g
+
+    return rebuild_engine(engine, cfg, dims, dispatch, grow)
