@@ -633,7 +633,6 @@ def _check_backbone(cfg: Config, check) -> None:
             "only; its unpadded batches give every rank a different token count, which the expert and "
             "tensor-parallel paths do not handle",
         )
-    check(not cfg.growth.events, "growth.events", "are for the decoder in this version (dsmoe/growth.py)")
     check(0.0 < mlm.probability < 1.0, "mlm.probability", f"must be in (0, 1), got {mlm.probability}")
     check(
         0.0 < mlm.eval_probability < 1.0,

@@ -1,5 +1,5 @@
-"""MSG growth operators (Yao et al. 2024, papers/msg.md): enlarge a DecoderLM mid-run, exactly preserving
-its function whatever the new weights are.
+"""MSG growth operators (Yao et al. 2024, papers/msg.md): enlarge a DecoderLM or an EncoderMLM mid-run,
+exactly preserving its function whatever the new weights are.
 
 Every new structure enters scaled by a mask c that ramps 0 -> 1 (`Growth.set_c`); at c = 0 the grown model
 computes the small model's logits and loss, and at c = 1 `Growth.finish` removes the masks. Operators:
@@ -13,8 +13,23 @@ computes the small model's logits and loss, and at c = 1 `Growth.finish` removes
 
 Each operator replaces parameters by larger ones holding the old values, and returns, per new parameter
 name, where its old values came from (`Transfer`), for carrying optimizer state across.
-Plain modules carry only inert hooks for this (`unit_mask`, `logit_bias`, `channel_mask`); while a ramp
-runs, blocks and norms take the Growth* classes that apply them, and `finish` restores the plain ones.
+Plain modules carry only inert hooks for this (`unit_mask`, `logit_bias`, `head_mask`, `channel_mask`);
+while a ramp runs, blocks and norms take the Growth* classes that apply them, and `finish` restores the
+plain ones.
+
+The encoder (MosaicBERT-style EncoderMLM, post-LN or pre-LN) differs in three places:
+  hidden   its norms are LayerNorms with a bias: mean subtraction and the bias make a new channel nonzero
+           even when its input is 0, so every LayerNorm over d_model becomes GrowthLayerNorm, with the
+           masked mean and variance of the paper AND its output x c on new channels. Everything that reads
+           the residual stream reads it through such a norm (post-LN: block outputs are norm outputs;
+           pre-LN: attn_norm, mlp_norm, final_norm), so at c = 0 new channels never reach an old one.
+  heads    ALiBi slopes come from the head count (attention.alibi_slopes). The standard slope set for n
+           heads contains the set for any smaller count, so old heads move to the head positions whose
+           standard slope equals theirs, and new heads take the slopes the larger set adds: every old head
+           keeps its slope exactly, and the grown model is a plain n-head ALiBi model (plan_attention,
+           flash-attn, export and rebuilds all compute alibi_slopes(n), nothing stored).
+  layers   new blocks are gated x + c (Block(x) - x) for post-LN too: LN(x + c f(x)) is not the identity
+           at c = 0, since LN of an already normalised x is not x.
 """
 
 from __future__ import annotations
@@ -24,7 +39,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from dsmoe.model.mlp import DenseMLP
+from dsmoe.model.attention import alibi_slopes
+from dsmoe.model.encoder import EncoderBlock, EncoderMLM, GrowthEncoderBlock, LayerNorm
+from dsmoe.model.mlp import GATED, DenseMLP
 from dsmoe.model.moe import DSMoE
 from dsmoe.model.transformer import Block, DecoderLM, GrowthBlock
 
@@ -44,20 +61,67 @@ class GrowthRMSNorm(nn.RMSNorm):
         return (xf * torch.rsqrt(mean_square + (self.eps or 0.0))).to(x.dtype) * self.weight
 
 
+class GrowthLayerNorm(LayerNorm):
+    """The encoder's LayerNorm while hidden growth ramps (MSG's masked LayerNorm): mean and variance count
+    channel i with weight m_i, so at c = 0 the old channels see exactly the small model's statistics; the
+    output (affine included) is x m too, since a new channel's (0 - mean) / std x w + b is not 0. fp32."""
+
+    channel_mask: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        m = self.channel_mask
+        if m is None:
+            return super().forward(x)
+        device = x.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))
+        m = m.to(xf.dtype)
+        count = m.sum()
+        mean = (xf * m).sum(-1, keepdim=True) / count
+        var = ((xf - mean).square() * m).sum(-1, keepdim=True) / count
+        y = (xf - mean) * torch.rsqrt(var + self.eps) * self.weight.to(xf.dtype) + self.bias.to(xf.dtype)
+        return (y * m).to(dtype)
+
+
 @dataclass
 class Transfer:
-    """Old values of a grown parameter: from `old_name`, placed at `index` along `dim` (None: same shape)."""
+    """Old values of a grown parameter: from `old_name`, placed at `index` along `dim` (None: same shape;
+    a tuple: the same index along each of those dims, e.g. the encoder head's d_model x d_model dense)."""
 
     old_name: str
-    dim: int | None = None
+    dim: int | tuple[int, ...] | None = None
     index: torch.Tensor | None = None
+
+    def kept(self, grown: torch.Tensor) -> torch.Tensor:
+        """The entries of `grown` that hold the old values, in the old shape."""
+        if self.dim is None:
+            return grown
+        for d in (self.dim,) if isinstance(self.dim, int) else self.dim:
+            grown = grown.index_select(d, self.index)
+        return grown
+
+    def place(self, grown: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+        """A copy of `grown` with the old values written where they go (the other entries kept)."""
+        if self.dim is None:
+            return old.clone()
+        if isinstance(self.dim, int):
+            return grown.index_copy(self.dim, self.index, old)
+        # Several dims: an outer product of the index along each ((0, 1): rows and columns of a matrix).
+        where: list = [slice(None)] * grown.dim()
+        for k, d in enumerate(self.dim):
+            shape = [1] * len(self.dim)
+            shape[k] = -1
+            where[d] = self.index.view(shape)
+        out = grown.clone()
+        out[tuple(where)] = old
+        return out
 
 
 @dataclass
 class Growth:
     """One growth event's masks; `set_c` moves them all, `finish` removes them at c = 1."""
 
-    model: DecoderLM
+    model: DecoderLM | EncoderMLM
     transfers: dict[str, Transfer]
     masks: list[tuple[object, str, torch.Tensor]] = field(default_factory=list)
     """(module, attribute, bool tensor of the new entries): attribute = where(new, c, 1) (or log of it)."""
@@ -87,8 +151,14 @@ class Growth:
                 module.__class__ = Block
                 module.__dict__.pop("gate", None)
                 module.__dict__.pop("channel_mask", None)
+            elif isinstance(module, GrowthEncoderBlock):
+                module.__class__ = EncoderBlock
+                module.__dict__.pop("gate", None)
             elif isinstance(module, GrowthRMSNorm):
                 module.__class__ = nn.RMSNorm
+                module.__dict__.pop("channel_mask", None)
+            elif isinstance(module, GrowthLayerNorm):
+                module.__class__ = LayerNorm
                 module.__dict__.pop("channel_mask", None)
         self.masks, self.gates = [], []
 
@@ -140,7 +210,7 @@ def grow_ffn(model: DecoderLM, width: int, init_std: float = 0.02) -> Growth:
         mlp, prefix = block.mlp, f"blocks.{i}.mlp"
         if isinstance(mlp, DenseMLP):
             old = mlp.w_out.weight.shape[1]
-            glu = mlp.activation == "swiglu"
+            glu = mlp.activation in GATED  # SwiGLU (decoder) or GeGLU (encoder): [gate; value] halves
             idx = torch.arange(old, device=mlp.w_out.weight.device)
             in_idx = torch.cat([idx, idx + width]) if glu else idx  # [gate; up] halves each keep their rows
             mlp.w_in.weight = _grow(mlp.w_in.weight, 0, (2 if glu else 1) * width, in_idx, init_std)
@@ -250,10 +320,46 @@ def _grow_attention_heads(attn, prefix: str, n_heads: int, init_std: float, grow
     return rows
 
 
-def grow_heads(model: DecoderLM, n: int, init_std: float = 0.02) -> Growth:
+def alibi_head_positions(old: int, new: int) -> torch.Tensor:
+    """Where each of `old` ALiBi heads goes among `new` so that it keeps its slope: old head h moves to the
+    head whose slope in alibi_slopes(new) equals alibi_slopes(old)[h]. The standard slope set of a larger
+    head count contains that of a smaller one (the 2^-8h/n powers nest; papers/msg.md: keep the old heads'
+    slopes fixed); the new heads are the positions left over and take the slopes the larger set adds."""
+    old_slopes, new_slopes = alibi_slopes(old).tolist(), alibi_slopes(new).tolist()
+    missing = [s for s in old_slopes if s not in new_slopes]
+    if new <= old or missing:
+        raise ValueError(
+            f"grow_heads: cannot grow {old} ALiBi heads to {new} keeping every old head's slope "
+            f"(not in the new set: {missing})"
+        )
+    return torch.tensor([new_slopes.index(s) for s in old_slopes])
+
+
+def _grow_alibi_heads(attn, prefix: str, n_heads: int, init_std: float, grown: dict) -> torch.Tensor:
+    """The encoder's fused-QKV ALiBi attention to `n_heads` heads of the same width, each old head moved to
+    the position whose ALiBi slope is its own (alibi_head_positions). qkv_proj rows are [q; k; v], each
+    heads x head_dim; o_proj reads heads x head_dim columns. Returns the old heads' new channels."""
+    hd, old = attn.head_dim, attn.n_heads
+    dev = attn.o_proj.weight.device
+    heads = alibi_head_positions(old, n_heads).to(dev)
+    channels = (heads[:, None] * hd + torch.arange(hd, device=dev)).flatten()  # (old x hd,) in head order
+    qkv_rows = torch.cat([channels + part * n_heads * hd for part in range(3)])  # old q, k, v rows
+    attn.qkv_proj.weight = _grow(attn.qkv_proj.weight, 0, 3 * n_heads * hd, qkv_rows, init_std)
+    attn.qkv_proj.bias = _grow(attn.qkv_proj.bias, 0, 3 * n_heads * hd, qkv_rows, init_std)
+    attn.o_proj.weight = _grow(attn.o_proj.weight, 1, n_heads * hd, channels, init_std)
+    attn.n_heads = n_heads
+    attn.qkv_proj.out_features, attn.o_proj.in_features = 3 * n_heads * hd, n_heads * hd
+    for name in ("qkv_proj.weight", "qkv_proj.bias"):
+        grown[f"{prefix}.{name}"] = Transfer(f"{prefix}.{name}", 0, qkv_rows)
+    grown[f"{prefix}.o_proj.weight"] = Transfer(f"{prefix}.o_proj.weight", 1, channels)
+    return channels
+
+
+def grow_heads(model: DecoderLM | EncoderMLM, n: int, init_std: float = 0.02) -> Growth:
     """Grow plain attention to `n` query heads of the same width. Query head h reads K/V head h // group,
     so new heads come in whole groups with new K/V heads and every old head keeps its K/V head; the new
-    heads' outputs enter the output projection scaled by c. (MoA grows heads by experts: grow_experts.)"""
+    heads' outputs enter the output projection scaled by c. (MoA grows heads by experts: grow_experts.)
+    The encoder's ALiBi heads are reordered so that each old head keeps its slope (alibi_head_positions)."""
     grown: dict[str, Transfer] = {}
     masks = []
     for i, block in enumerate(model.blocks):
@@ -262,11 +368,17 @@ def grow_heads(model: DecoderLM, n: int, init_std: float = 0.02) -> Growth:
             raise ValueError(
                 "grow_heads is for plain attention; MoA grows by experts (grow_experts(attention=True))"
             )
-        rows = _grow_attention_heads(attn, prefix, n, init_std, grown)
+        if isinstance(model, EncoderMLM):
+            rows = _grow_alibi_heads(attn, prefix, n, init_std, grown)
+        else:
+            rows = _grow_attention_heads(attn, prefix, n, init_std, grown)
         masks.append((attn, "head_mask", _new_mask(n * attn.head_dim, rows)))
     a = model.cfg.attention
     a.head_dim = a.head_dim or model.blocks[0].attn.head_dim
-    a.kv_heads = model.blocks[0].attn.n_kv_heads if a.kv_heads else 0
+    if isinstance(model, EncoderMLM):
+        a.kv_heads = n if a.kv_heads else 0  # one K/V head per query head
+    else:
+        a.kv_heads = model.blocks[0].attn.n_kv_heads if a.kv_heads else 0
     a.heads = n
     return _growth(model, grown, masks)
 
@@ -288,13 +400,20 @@ def grow_layers(model: DecoderLM, n: int, where: str = "stack", init_std: float 
     else:
         raise ValueError(f"grow_layers: where must be 'stack' or 'interleave', got {where!r}")
     device = model.embed.weight.device
+    encoder = isinstance(model, EncoderMLM)
     blocks, grown, new_blocks = [], {}, []
     for position, source in enumerate(order):
         if source is None:
-            block = Block(model.cfg).to(device=device, dtype=model.embed.weight.dtype)
-            for p in block.parameters():
-                nn.init.ones_(p) if p.dim() < 2 else nn.init.normal_(p, std=init_std)
-            block.__class__ = GrowthBlock
+            block = (EncoderBlock if encoder else Block)(model.cfg)
+            block = block.to(device=device, dtype=model.embed.weight.dtype)
+            for name, p in block.named_parameters():
+                if name.endswith("norm.bias"):
+                    nn.init.zeros_(p)  # LayerNorm starts as (x - mean) / std, as a fresh one does
+                elif p.dim() < 2 and "norm" in name:
+                    nn.init.ones_(p)
+                else:
+                    nn.init.normal_(p, std=init_std)  # decoder norm weights are the only other 1-d ones
+            block.__class__ = GrowthEncoderBlock if encoder else GrowthBlock
             new_blocks.append(block)
         else:
             block = model.blocks[source]
@@ -304,18 +423,18 @@ def grow_layers(model: DecoderLM, n: int, where: str = "stack", init_std: float 
     model.blocks = nn.ModuleList(blocks)
     model.cfg.n_layers = n
     growth = Growth(model, {k: grown.get(k) for k, _ in model.named_parameters() if k in grown})
-    growth.transfers.update(
-        {"embed.weight": Transfer("embed.weight"), "final_norm.weight": Transfer("final_norm.weight")}
+    growth.transfers.update(  # outside the blocks (embedding, final norm, heads) nothing changes
+        {k: Transfer(k) for k, _ in model.named_parameters() if not k.startswith("blocks.")}
     )
-    if not model.cfg.tie_embeddings:
-        growth.transfers["lm_head.weight"] = Transfer("lm_head.weight")
     growth.gates = new_blocks
     growth.set_c(0.0)
     return growth
 
 
-def grow_hidden(model: DecoderLM, d: int, init_std: float = 0.02) -> Growth:
-    """Grow d_model to `d` (heads keep their width: model.attention.head_dim is pinned)."""
+def grow_hidden(model: DecoderLM | EncoderMLM, d: int, init_std: float = 0.02) -> Growth:
+    """Grow d_model to `d` (heads keep their width: model.attention.head_dim is pinned). Decoder: new
+    channels x c after the embedding and every block, masked RMSNorms. Encoder: masked LayerNorms whose
+    outputs are x c too (GrowthLayerNorm), post-LN and pre-LN alike."""
     old = model.cfg.d_model
     if d <= old:
         raise ValueError(f"grow_hidden: {d} is not more than the current d_model {old}")
@@ -332,18 +451,28 @@ def grow_hidden(model: DecoderLM, d: int, init_std: float = 0.02) -> Growth:
         dim = _hidden_dim(name, p, old)
         if dim is None:
             continue
-        fill = 1.0 if p.dim() == 1 else None  # norm weights; any value preserves, 1 is the usual start
-        _set_param(model, name, _grow(p, dim, d, idx, init_std, fill))
+        # Norm weights 1 and biases 0, as a fresh norm starts; any value preserves.
+        fill = 1.0 if name.endswith("norm.weight") else 0.0 if name.endswith("norm.bias") else None
+        for one_dim in (dim,) if isinstance(dim, int) else dim:
+            p = _grow(p, one_dim, d, idx, init_std, fill)
+        _set_param(model, name, p)
         grown[name] = Transfer(name, dim, idx)
     if model.cfg.tie_embeddings:
         model.lm_head.weight = model.embed.weight
     for module in model.modules():
         if isinstance(module, nn.Linear):
             module.in_features, module.out_features = module.weight.shape[1], module.weight.shape[0]
-        elif isinstance(module, nn.RMSNorm) and module.normalized_shape == (old,):
+        elif isinstance(module, (nn.RMSNorm, nn.LayerNorm)) and module.normalized_shape == (old,):
             module.normalized_shape = (d,)
     model.embed.embedding_dim = d
     model.cfg.d_model = d
+    if isinstance(model, EncoderMLM):
+        masks = []
+        for module in model.modules():
+            if type(module) is LayerNorm and module.normalized_shape == (d,):
+                module.__class__ = GrowthLayerNorm
+                masks.append((module, "channel_mask", new))
+        return _growth(model, grown, masks)
     _to_growth_blocks(model)
     masks = [(model, "channel_mask", new)]
     for block in model.blocks:
@@ -360,9 +489,12 @@ def _hidden_dim(name: str, p: torch.Tensor, old: int) -> int | None:
     """Which dimension of parameter `name` is d_model (None: it has none)."""
     if name == "embed.weight" or name == "lm_head.weight":
         return 1
+    if name == "head_dense.weight":
+        return (0, 1)  # the encoder's prediction head, (d, d)
     if p.dim() == 1:
-        return 0 if name.endswith("norm.weight") and p.shape[0] == old else None
-    if name.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight", "router.weight")):
+        over_d = ("norm.weight", "norm.bias", "o_proj.bias", "mlp.w_out.bias", "head_dense.bias")
+        return 0 if name.endswith(over_d) and p.shape[0] == old else None
+    if name.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight", "qkv_proj.weight", "router.weight")):
         return 1  # (out, d)
     if name.endswith("o_proj.weight"):
         return 0  # (d, heads x head_dim)
@@ -385,7 +517,7 @@ def carry_state(growth: Growth, old_state: dict[str, torch.Tensor]) -> dict[str,
         state = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
         if t is not None and t.old_name in old_state:
             old = old_state[t.old_name].to(device=p.device, dtype=state.dtype)
-            state = old.clone() if t.dim is None else state.index_copy_(t.dim, t.index, old)
+            state = t.place(state, old)
         carried[name] = state
     return carried
 
@@ -437,7 +569,8 @@ def replay(model: DecoderLM, growth_cfg, steps_done: int, base_seed: int) -> Gro
 
 def in_progress(model: nn.Module) -> bool:
     """Whether a growth ramp is under way in `model` (masks present)."""
-    return any(isinstance(m, (GrowthBlock, GrowthRMSNorm)) for m in model.modules()) or any(
+    growth_classes = (GrowthBlock, GrowthEncoderBlock, GrowthRMSNorm, GrowthLayerNorm)
+    return any(isinstance(m, growth_classes) for m in model.modules()) or any(
         getattr(m, attr, None) is not None
         for m in model.modules()
         for attr in ("unit_mask", "logit_bias", "head_mask", "channel_mask")
@@ -450,6 +583,7 @@ __all__ = [
     "carry_state",
     "in_progress",
     "replay",
+    "GrowthLayerNorm",
     "GrowthRMSNorm",
     "Transfer",
     "grow_experts",

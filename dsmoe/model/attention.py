@@ -450,9 +450,10 @@ class BidirectionalSelfAttention(nn.Module):
         self.qkv_proj = nn.Linear(cfg.d_model, 3 * width)  # [q; k; v] in one GEMM
         self.o_proj = nn.Linear(width, cfg.d_model)
         self.router = None  # no MoA in the encoder (growth and the loop look for it)
+        self.head_mask: torch.Tensor | None = None  # MSG head growth: (heads x head_dim,), c on new heads
 
     def forward(self, x_TD: torch.Tensor, plan: AttentionPlan) -> tuple[torch.Tensor, None]:
         qkv = self.qkv_proj(x_TD).view(-1, 3, self.n_heads, self.head_dim)  # (T, 3, H, hd)
         q, k, v = qkv.unbind(1)
-        out = VARLEN_BACKENDS[plan.backend](q, k, v, plan)  # (T, H, hd)
-        return self.o_proj(out.reshape(out.shape[0], -1)), None
+        out = VARLEN_BACKENDS[plan.backend](q, k, v, plan).flatten(1)  # (T, H x hd)
+        return self.o_proj(out if self.head_mask is None else out * self.head_mask.to(out.dtype)), None

@@ -91,6 +91,22 @@ class EncoderBlock(nn.Module):
         return x_TD + self.dropout(mlp_out), None, mlp_aux
 
 
+class GrowthEncoderBlock(EncoderBlock):
+    """An EncoderBlock newly inserted by MSG layer growth (dsmoe/growth.py), gated while its ramp runs:
+    x + c * (Block(x) - x), its MI loss scaled by c. At c = 0 it is exactly the identity for pre-LN and
+    post-LN alike (a post-LN LN(x + c f(x)) would not be: LN of a normalised x is not x)."""
+
+    gate: float | None = None
+
+    def forward(self, x_TD: torch.Tensor, plan, routing: Routing) -> tuple[torch.Tensor, None, MoEAux | None]:
+        y_TD, _, mlp_aux = super().forward(x_TD, plan, routing)
+        if self.gate is None:
+            return y_TD, None, mlp_aux
+        if mlp_aux is not None:
+            mlp_aux.mi_loss = mlp_aux.mi_loss * self.gate
+        return x_TD + self.gate * (y_TD - x_TD), None, mlp_aux
+
+
 class EncoderMLM(nn.Module):
     """Masked LM: token embedding (no positions) + LayerNorm, N encoder blocks on the packed real tokens,
     BERT's prediction head (dense, GELU, LayerNorm) and a (tied) decoder with a bias, at masked positions."""
