@@ -319,3 +319,31 @@ def test_growth_presets_end_at_their_targets_shapes():
     assert sizes == {"ffn": 3072, "hidden": 768, "heads": 12, "layers": 12}
     assert (target.n_layers, target.d_model, target.ffn_hidden, target.attention.heads) == (12, 768, 3072, 12)
     assert base.attention.head_dim == target.head_dim
+
+
+@pytest.mark.slow
+def test_encoder_growth_under_two_data_parallel_ranks_follows_one_rank(tmp_path, cache_dir):
+    """`deepspeed --num_gpus 2` (ZeRO-2) growing the tiny encoder's FFN, width, heads and depth against one
+    rank taking the whole batch (full rows, so both take the same token-weighted mean): same loss curve."""
+    from dsmoe.train.logging import read_metrics
+    from tests.test_launcher import launch
+
+    events = (
+        "growth.events=[{step: 2, dim: ffn, size: 512, ramp_steps: 2}, {step: 5, dim: hidden, size: 128,"
+        " ramp_steps: 2}, {step: 8, dim: heads, size: 4, ramp_steps: 2}, {step: 11, dim: layers, size: 4, ramp_steps: 2}]"
+    )
+    common = [
+        "--config", "configs/tiny_mlm_growth.yaml", "train.max_steps=14", "train.warmup_steps=2",
+        "train.checkpoint_every=7", "train.eval_tokens=2048", "mlm.min_seq_len=0", "mlm.eval_seq_lens=[]",
+        "train.wandb=false", "train.progress=false", "data.seq_len=64", f"data.cache_dir={cache_dir}", events,
+    ]  # fmt: skip
+    launch(1, [*common, f"train.run_dir={tmp_path / 'one'}"], "torchrun")
+    two = launch(
+        2,
+        [*common, f"train.run_dir={tmp_path / 'two'}", "train.micro_batch_size=16", "parallel.zero_stage=2"],
+    )
+    assert "world 2" in two.stdout and "grew layers to 4" in two.stdout
+    curve_one = [m["loss"] for m in read_metrics(tmp_path / "one")]
+    curve_two = [m["loss"] for m in read_metrics(tmp_path / "two")]
+    assert len(curve_one) == len(curve_two) == 14
+    torch.testing.assert_close(curve_two, curve_one, rtol=1e-5, atol=1e-5)
