@@ -227,7 +227,15 @@ def write_report(summary: dict, grown_cfg, fixed_cfg, out: Path) -> None:
     described = ", ".join(f"step {e.step}: {e.dim} -> {e.size} (ramp {e.ramp_steps})" for e in events)
     ratio = f"{summary['time_ratio']:.2f}x" if reach_s is not None else "not reached within the run"
     ppl = lambda v: f"{v:.2f}" if v is not None else "-"  # noqa: E731
-    shape = lambda m: f"d_model {m.d_model}, {m.n_layers} layers, {m.moe.num_experts} experts"  # noqa: E731
+
+    def shape(m) -> str:
+        ffn = (
+            f"{m.moe.num_experts} experts x {m.moe.expert_hidden}"
+            if m.mlp == "moe"
+            else f"FFN {m.ffn_hidden}"
+        )
+        return f"{m.backbone}, d_model {m.d_model}, {m.n_layers} layers, {m.attention.num_heads} heads, {ffn}"
+
     lines = [
         f"# MSG growth vs from scratch: {stem}",
         "",
