@@ -23,7 +23,7 @@ from dsmoe import config as config_lib
 from dsmoe import growth
 from dsmoe.config import Config, ConfigError
 from dsmoe.data import PackedSampler, open_token_data, pad_vocab, prepare
-from dsmoe.data.mlm import MLMBatches
+from dsmoe.data.mlm import IGNORE_INDEX, MLMBatches
 from dsmoe.data.tokens import open_pretokenized
 from dsmoe.model import build
 from dsmoe.model.attention import resolve_backend
@@ -273,19 +273,24 @@ def run(cfg: Config) -> RunResult:
                         )
             lr = engine.get_lr()[0]
             sums, real_tokens = None, 0
-            for micro in range(gas):
-                batch = sampler.micro_batch(
+            batches = [
+                sampler.micro_batch(
                     step, micro, dims.batch_rank, dims.batch_ranks, t.micro_batch_size, t.global_batch_size
                 )
+                for micro in range(gas)
+            ]
+            weights = _mlm_token_weights(batches, dims) if cfg.model.is_encoder else [1.0] * gas
+            for micro, batch in enumerate(batches):
                 # decoder: (inputs, targets); encoder: (input_ids, attention_mask, labels)
                 real_tokens += int(batch[1].sum()) if cfg.model.is_encoder else batch[0].numel()
                 out = engine(*(part.to(dims.device) for part in batch))
-                engine.backward(out.loss)
+                w = weights[micro]
+                engine.backward(out.loss if w == 1.0 else out.loss + (w - 1.0) * out.lm_loss)
                 if micro < gas - 1:
                     engine.step()  # accumulates; DeepSpeed updates only on the boundary
                 else:
                     grad_norm, applied = engine_lib.boundary_step(engine)
-                stats = _step_stats(out)
+                stats = _step_stats(out, w)
                 sums = stats if sums is None else {k: sums[k] + stats[k] for k in sums}
             # Mean over micro-batches and ranks (tensor-parallel ranks hold copies of their batch slice's
             # values, every slice equally many): equal to the single-process mean. The stop
@@ -362,10 +367,23 @@ def _expert_dispatch(cfg: Config, model, dims: groups.ParallelDims) -> str:
     return choose_dispatch(cfg.parallel.expert_dispatch, tokens, cfg.model.d_model, params, dims)
 
 
-def _step_stats(out) -> dict[str, torch.Tensor]:
-    stats = {"loss": out.loss.detach().float(), "lm_loss": out.lm_loss.detach().float()}
+def _mlm_token_weights(batches: list, dims: groups.ParallelDims) -> list[float]:
+    """Encoder: rows of mixed lengths give every micro-batch and rank its own number of predicted tokens, while
+    DeepSpeed averages micro-batches and ranks equally. Micro-batch m's MLM loss is weighted by
+    n_m x micro-batches x ranks / N (N: the step's predicted tokens over all ranks), so the step trains on, and
+    logs, the token-weighted mean over the whole batch, as one process taking it at once does."""
+    counts = torch.tensor([float((b[2] != IGNORE_INDEX).sum()) for b in batches], device=dims.device)
+    total = counts.sum()
+    dist.all_reduce(total)  # the encoder runs data parallel only: the world is the data-parallel group
+    return (counts * (len(batches) * dims.world_size) / total.clamp_min(1.0)).tolist()
+
+
+def _step_stats(out, weight: float = 1.0) -> dict[str, torch.Tensor]:
+    """A micro-batch's figures; `weight` scales its MLM loss and accuracy (_mlm_token_weights)."""
+    lm = out.lm_loss.detach().float()
+    stats = {"loss": out.loss.detach().float() + (weight - 1.0) * lm, "lm_loss": weight * lm}
     if getattr(out, "masked_tokens", 0):  # encoder: accuracy at the masked positions
-        stats["mlm_accuracy"] = out.correct.float() / out.masked_tokens
+        stats["mlm_accuracy"] = weight * out.correct.float() / out.masked_tokens
     for prefix, routing in (("", out.mlp), ("attention_", out.attention)):
         if routing is not None:
             stats[f"{prefix}mi_loss"] = routing.mi_loss.detach().float()
