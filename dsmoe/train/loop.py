@@ -17,7 +17,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from tokenizers import Tokenizer
 
 from dsmoe import config as config_lib
 from dsmoe import growth
@@ -345,12 +344,10 @@ def run(cfg: Config) -> RunResult:
         print(f"peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB", flush=True)
     dist.barrier()
     if dims.is_main and t.export_at_end and result.steps == t.max_steps and last_saved == t.max_steps:
-        if cfg.model.is_encoder:
-            result.summary = encoder_report(run_dir, cfg, logger)
-        else:
-            from dsmoe.train.report import final_report
+        from dsmoe.train.report import encoder_report, final_report
 
-            result.summary = final_report(run_dir, cfg, logger)
+        report = encoder_report if cfg.model.is_encoder else final_report
+        result.summary = report(run_dir, cfg, logger)
     if logger:
         logger.close()
     return result
@@ -399,58 +396,3 @@ def _unpack(packed: torch.Tensor, like: dict[str, torch.Tensor], step: int) -> d
         offset += value.numel()
         record[name] = chunk.item() if value.dim() == 0 else chunk.tolist()
     return record
-
-
-def encoder_report(run_dir: Path, cfg: Config, logger=None) -> dict:
-    """The encoder's end of run: export, then held-out MLM loss at 15% masking (mlm.eval_probability) at the
-    training length and at mlm.eval_seq_lens (ALiBi extrapolation), dense and, for DS-MoE, under the
-    configured top-K and threshold rules."""
-    from dsmoe.data.mlm import eval_batches
-    from dsmoe.export import export
-    from dsmoe.infer import held_out_tokens, load, mlm_loss
-    from dsmoe.train.logging import read_metrics
-    from dsmoe.train.report import evaluation_rules, plot_curves
-
-    rules = evaluation_rules(cfg)
-    default = next((r for r in rules if r.mlp.mode == "threshold"), rules[0])
-    export_dir = export(run_dir, run_dir / "export", default)
-    loaded = load(export_dir)
-    tokens = held_out_tokens(loaded.cfg, loaded.tokenizer_path)
-    tokenizer_vocab = Tokenizer.from_file(str(loaded.tokenizer_path)).get_vocab_size()
-    results = []
-    for seq_len in [cfg.data.seq_len, *cfg.mlm.eval_seq_lens]:
-        batches = eval_batches(
-            tokens,
-            seq_len,
-            cfg.mlm.eval_probability,
-            tokenizer_vocab,
-            cfg.train.eval_tokens,
-            seed=cfg.train.seed,
-        )
-        results += [mlm_loss(loaded.model, batches, rule, seq_len) for rule in rules]
-    metrics = read_metrics(run_dir)
-    summary = {
-        "run_dir": str(run_dir),
-        "export_dir": str(export_dir),
-        "steps": metrics[-1]["step"] if metrics else 0,
-        "final_train_loss": metrics[-1]["loss"] if metrics else None,
-        "eval_masking": cfg.mlm.eval_probability,
-        "results": [dict(r.__dict__, perplexity=r.perplexity) for r in results],
-    }
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    plot_path = plot_curves(metrics, run_dir / "loss_curve.png")
-    print(
-        "\n".join(
-            [
-                "",
-                f"held-out MLM ({', '.join(cfg.data.val_works)}; {cfg.mlm.eval_probability:.0%} masked), "
-                f"exported to {export_dir}:",
-                *("  " + r.row() for r in results),
-                f"loss curve: {plot_path}",
-            ]
-        ),
-        flush=True,
-    )
-    if logger is not None:
-        logger.log_summary({f"eval/mlm_loss/{r.routing}/seq{r.seq_len}": r.loss for r in results})
-    return summary

@@ -34,26 +34,74 @@ def final_report(run_dir: Path, cfg: Config, logger=None) -> dict:
     results = [
         perplexity(loaded.model, tokens, cfg.data.seq_len, rule, cfg.train.eval_tokens) for rule in rules
     ]
+    summary = _write_summary(
+        run_dir,
+        export_dir,
+        {"eval_tokens": results[0].tokens, "results": [r.__dict__ for r in results]},
+        f"held-out perplexity ({', '.join(cfg.data.val_works)}; {results[0].tokens} tokens), exported to {export_dir}:",
+        [r.row() for r in results],
+    )
+    if logger is not None:
+        logger.log_summary({f"eval/ppl/{r.routing}": r.perplexity for r in results})
+    return summary
+
+
+def encoder_report(run_dir: Path, cfg: Config, logger=None) -> dict:
+    """The encoder's end of run: export, then held-out MLM loss at 15% masking (mlm.eval_probability) at the
+    training length and at mlm.eval_seq_lens (ALiBi extrapolation), dense and, for DS-MoE, under the
+    configured top-K and threshold rules."""
+    from tokenizers import Tokenizer
+
+    from dsmoe.data.mlm import eval_batches
+    from dsmoe.infer import mlm_loss
+
+    rules = evaluation_rules(cfg)
+    default = next((r for r in rules if r.mlp.mode == "threshold"), rules[0])
+    export_dir = export(run_dir, run_dir / "export", default)
+    loaded = load(export_dir)
+    tokens = held_out_tokens(loaded.cfg, loaded.tokenizer_path)
+    tokenizer_vocab = Tokenizer.from_file(str(loaded.tokenizer_path)).get_vocab_size()
+    results = []
+    for seq_len in [cfg.data.seq_len, *cfg.mlm.eval_seq_lens]:
+        batches = eval_batches(
+            tokens,
+            seq_len,
+            cfg.mlm.eval_probability,
+            tokenizer_vocab,
+            cfg.train.eval_tokens,
+            seed=cfg.train.seed,
+        )
+        results += [mlm_loss(loaded.model, batches, rule, seq_len) for rule in rules]
+    summary = _write_summary(
+        run_dir,
+        export_dir,
+        {
+            "eval_masking": cfg.mlm.eval_probability,
+            "results": [dict(r.__dict__, perplexity=r.perplexity) for r in results],
+        },
+        f"held-out MLM ({', '.join(cfg.data.val_works)}; {cfg.mlm.eval_probability:.0%} masked), "
+        f"exported to {export_dir}:",
+        [r.row() for r in results],
+    )
+    if logger is not None:
+        logger.log_summary({f"eval/mlm_loss/{r.routing}/seq{r.seq_len}": r.loss for r in results})
+    return summary
+
+
+def _write_summary(run_dir: Path, export_dir: Path, figures: dict, heading: str, rows: list[str]) -> dict:
+    """The end-of-run summary both backbones share: summary.json (steps, last training loss, the
+    evaluation `figures`), the loss-curve plot, and the printed table."""
     metrics = read_metrics(run_dir)
     summary = {
         "run_dir": str(run_dir),
         "export_dir": str(export_dir),
         "steps": metrics[-1]["step"] if metrics else 0,
         "final_train_loss": metrics[-1]["loss"] if metrics else None,
-        "eval_tokens": results[0].tokens,
-        "results": [r.__dict__ for r in results],
+        **figures,
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     plot_path = plot_curves(metrics, run_dir / "loss_curve.png")
-    lines = [
-        "",
-        f"held-out perplexity ({', '.join(cfg.data.val_works)}; {results[0].tokens} tokens), exported to {export_dir}:",
-        *("  " + r.row() for r in results),
-        f"loss curve: {plot_path}",
-    ]
-    print("\n".join(lines), flush=True)
-    if logger is not None:
-        logger.log_summary({f"eval/ppl/{r.routing}": r.perplexity for r in results})
+    print("\n".join(["", heading, *("  " + row for row in rows), f"loss curve: {plot_path}"]), flush=True)
     return summary
 
 
