@@ -406,8 +406,6 @@ def load_resharded(engine, directory: Path, counters: dict, activation: str) -> 
     cut this rank's piece, and set the fp32 master, the Adam moments and the engine's counters. Every
     parameter must be found and every saved tensor placed: anything else is an error naming the keys."""
 
-    from parallel.layout import placement, shard
-
     files = shard_files(directory)
     if not files:
         raise CheckpointError(
@@ -424,12 +422,7 @@ def load_resharded(engine, directory: Path, counters: dict, activation: str) -> 
         raise CheckpointError(
             f"{directory} holds {len(unexpected)} tensors this model has no place for: {unexpected[:8]}"
         )
-    local = {}
-    for name in params:
-        where = placement(name, activation)
-        for key in (name, *(f"{m}/{name}" for m in MOMENTS)):
-            local[key] = shard(saved[key], where, dims.tp_rank, dims.tp, dims.ep_rank, dims.ep)
-    set_state(engine, local, counters)
+    set_state(engine, local_pieces(saved, dims, activation), counters)
 
 
 def set_state(engine, local: dict[str, torch.Tensor], counters: dict) -> None:
@@ -496,8 +489,6 @@ def _unshard_checkpoint(files: list[Path], activation: str, moments: bool = Fals
     Adam moments, as '<moment>/<name>')."""
     from safetensors import safe_open
 
-    from parallel.layout import placement, unshard
-
     pieces: dict[str, dict] = {}
     tp = ep = 1
     for path in files:
@@ -512,8 +503,28 @@ def _unshard_checkpoint(files: list[Path], activation: str, moments: bool = Fals
         raise CheckpointError(
             f"{files[0].parent} holds {len(files)} shards, its layout tp {tp} x ep {ep} needs {tp * ep}"
         )
+    return join_pieces(pieces, tp, ep, activation)
+
+
+def join_pieces(pieces: dict[str, dict], tp: int, ep: int, activation: str) -> dict[str, torch.Tensor]:
+    """Whole tensors (parameters, and moments as '<moment>/<name>') from each one's pieces by (tp_rank,
+    ep_rank), placed as parallel/layout.py says."""
+    from parallel.layout import placement, unshard
+
     return {
         name: unshard(p, placement(name.split("/")[-1], activation), tp, ep) for name, p in pieces.items()
+    }
+
+
+def local_pieces(full: dict[str, torch.Tensor], dims, activation: str) -> dict[str, torch.Tensor]:
+    """This rank's pieces of whole tensors (join_pieces' inverse)."""
+    from parallel.layout import placement, shard
+
+    return {
+        name: shard(
+            t, placement(name.split("/")[-1], activation), dims.tp_rank, dims.tp, dims.ep_rank, dims.ep
+        )
+        for name, t in full.items()
     }
 
 

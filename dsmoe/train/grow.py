@@ -48,8 +48,6 @@ def _join_pieces(state: dict[str, torch.Tensor], dims, activation: str) -> dict[
     Every rank ends up with all of them on its CPU: growth is rare, and each rank grows the same model."""
     import torch.distributed as dist
 
-    from parallel.layout import placement, unshard
-
     mine = (dims.tp_rank, dims.ep_rank, state if dims.dp_rank == 0 else None)
     gathered = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, mine)
@@ -57,21 +55,7 @@ def _join_pieces(state: dict[str, torch.Tensor], dims, activation: str) -> dict[
     for tp_rank, ep_rank, theirs in gathered:
         for name, t in (theirs or {}).items():
             pieces.setdefault(name, {})[(tp_rank, ep_rank)] = t
-    return {
-        name: unshard(p, placement(name.split("/")[-1], activation), dims.tp, dims.ep)
-        for name, p in pieces.items()
-    }
-
-
-def _local_pieces(full: dict[str, torch.Tensor], dims, activation: str) -> dict[str, torch.Tensor]:
-    from parallel.layout import placement, shard
-
-    return {
-        name: shard(
-            t, placement(name.split("/")[-1], activation), dims.tp_rank, dims.tp, dims.ep_rank, dims.ep
-        )
-        for name, t in full.items()
-    }
+    return checkpoint.join_pieces(pieces, dims.tp, dims.ep, activation)
 
 
 def rebuild_engine(engine, cfg: Config, dims, dispatch: str, transform):
@@ -104,7 +88,7 @@ def rebuild_engine(engine, cfg: Config, dims, dispatch: str, transform):
     carried.update(moments)
     del state, moments
     if sharded:
-        carried = _local_pieces(carried, dims, activation)
+        carried = checkpoint.local_pieces(carried, dims, activation)
     gc.collect()
     apply_parallel(model, dims, dispatch, active)
     new_engine = engine_lib.initialize(model, cfg, dims)
