@@ -132,9 +132,11 @@ class Growth:
 
     def set_c(self, c: float) -> None:
         self.c = float(c)
-        for module, attr, new in self.masks:
-            device = next(module.parameters(), new).device  # the engine may have moved the model since
-            new = new.to(device)
+        for i, (module, attr, new) in enumerate(self.masks):
+            device = next(module.parameters(), new).device
+            if new.device != device:  # the engine moved the model since: move the mask's pattern once
+                new = new.to(device)
+                self.masks[i] = (module, attr, new)
             mask = torch.where(new, torch.tensor(self.c, device=device), torch.tensor(1.0, device=device))
             setattr(module, attr, torch.log(mask) if attr == "logit_bias" else mask)
         for block in self.gates:

@@ -93,8 +93,6 @@ def rebuild_engine(engine, cfg: Config, dims, dispatch: str, transform):
     apply_parallel(model, dims, dispatch, active)
     new_engine = engine_lib.initialize(model, cfg, dims)
     checkpoint.set_state(new_engine, carried, counters)
-    if active is not None:
-        active.set_c(active.c)  # masks on the device the engine put the model on
     return new_engine, active
 
 
