@@ -192,28 +192,25 @@ def test_old_optimizer_moments_survive_hidden_growth():
 
 
 def tiny_mlm(run_dir, cache_dir, *extra: str) -> config_lib.Config:
-    return config_lib.load(
-        "configs/tiny_mlm.yaml",
-        [
-            "data.tokenizer_vocab_size=512",
-            f"data.cache_dir={cache_dir}",
-            f"train.run_dir={run_dir}",
-            "train.wandb=false",
-            "train.progress=false",
-            "train.eval_tokens=2048",
-            "model.d_model=32",
-            "model.n_layers=1",
-            "model.moe.expert_hidden=8",  # GeGLU width 8 x 8 = 64
-            "data.seq_len=32",
-            "mlm.min_seq_len=8",
-            "mlm.eval_seq_lens=[]",
-            "train.global_batch_size=8",
-            "train.micro_batch_size=4",
-            "train.max_steps=10",
-            "train.warmup_steps=1",
-            "train.checkpoint_every=100",
-            *extra,
-        ],
+    """tests/test_encoder_train.py's tiny_mlm, smaller still and short."""
+    from tests.test_encoder_train import tiny_mlm as tiny
+
+    return tiny(
+        run_dir,
+        cache_dir,
+        "train.eval_tokens=2048",
+        "model.d_model=32",
+        "model.n_layers=1",
+        "model.moe.expert_hidden=8",  # GeGLU width 8 x 8 = 64
+        "data.seq_len=32",
+        "mlm.min_seq_len=8",
+        "mlm.eval_seq_lens=[]",
+        "train.global_batch_size=8",
+        "train.micro_batch_size=4",
+        "train.max_steps=10",
+        "train.warmup_steps=1",
+        "train.checkpoint_every=100",
+        *extra,
     )
 
 
