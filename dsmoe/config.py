@@ -158,6 +158,49 @@ class DataConfig:
 
 
 @dataclass(kw_only=True)
+class BudgetConfig:
+    """A reference-system-time budget (papers/no_train_no_gain.md, dsmoe/train/budget.py): every executed pass
+    is charged its time on the reference device from an RST table; the run stops before the first step that
+    would overrun the budget, and the LR schedule spans the budget instead of train.max_steps."""
+
+    rst_hours: float = 0.0
+    """The budget in hours of reference time; 0: no budget (train.max_steps and train.schedule govern).
+    Under a budget train.max_steps, warmup_steps, schedule and min_lr_ratio are not used."""
+    reference: str = ""
+    """The RST table (JSON written by tools/calibrate_rst.py, e.g. benchmarks/rst/<device>_<config>.json)."""
+    schedule: Literal["linear", "cosine", "one_cycle"] = "linear"
+    """LR shape over the spent budget fraction; it reaches lr * final_lr_ratio exactly at the budget."""
+    warmup_fraction: float = 0.02
+    """Linear warmup over this share of the budget (one_cycle: its cosine rise)."""
+    final_lr_ratio: float = 0.0
+    """NTNG's fully-decayed baseline: 0."""
+
+
+@dataclass(kw_only=True)
+class MethodConfig:
+    """NTNG's efficient-training methods (dsmoe/train/methods.py); 'none' is the baseline."""
+
+    name: Literal["none", "layer_stacking", "layer_drop", "selective_backprop", "rho_loss"] = "none"
+    stack_at: list[float] = field(default_factory=lambda: [0.25, 0.5])
+    """layer_stacking: budget fractions at which the depth doubles; model.n_layers is the final depth, and
+    the run starts at n_layers / 2^len(stack_at)."""
+    theta_bar: float = 0.5
+    """layer_drop: the keep probability theta falls from 1 towards this (progressive layer dropping)."""
+    gamma: float = 100.0
+    """layer_drop: theta(f) = theta_bar + (1 - theta_bar) exp(-gamma f), f the spent budget fraction."""
+    fraction: float = 0.5
+    """selective_backprop / rho_loss: the share of a larger forward batch (global_batch_size / fraction
+    sequences, scored without gradients) that one training step backpropagates."""
+    irreducible_steps: int = 100
+    """rho_loss: optimizer steps of the irreducible-loss model on held-out training data (charged)."""
+    irreducible_layers: int = 0
+    """rho_loss: blocks of the irreducible-loss model (0: model.n_layers)."""
+    holdout_fraction: float = 0.1
+    """rho_loss: the share of the training tokens held out (from the end) to train the irreducible-loss
+    model; the main model never trains on them."""
+
+
+@dataclass(kw_only=True)
 class TrainConfig:
     run_dir: str = "runs/tiny"
     """Checkpoints, logs, tokenizer and export go here; running again resumes from here."""
@@ -211,6 +254,14 @@ class TrainConfig:
     """Threshold rule (keep expert i when N * p_i > eps) evaluated at the end (paper: 0.48)."""
     progress: bool = True
     """Show a progress bar on rank 0."""
+    optimizer: Literal["adamw", "lion", "sophia"] = "adamw"
+    """lion / sophia: dsmoe/train/optim.py's Lion and Sophia-G as DeepSpeed client optimizers (NTNG)."""
+    sophia_rho: float = 0.04
+    """Sophia-G's clipping scale rho."""
+    sophia_hessian_interval: int = 10
+    """Sophia-G: a Gauss-Newton-Bartlett Hessian pass after every this many steps (charged as 'hessian')."""
+    budget: BudgetConfig = field(default_factory=BudgetConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
 
 
 GROWTH_DIMS = ("hidden", "ffn", "heads", "layers", "experts", "attention_experts")
@@ -404,6 +455,73 @@ def validate(cfg: Config, source: str = "config") -> None:
     check(t.keep_checkpoints >= 0, "train.keep_checkpoints", "must be >= 0 (0: keep all)")
     check(t.max_bad_steps >= 1, "train.max_bad_steps", "must be >= 1")
     check(1 <= t.eval_top_k <= e.num_experts, "train.eval_top_k", f"must be in [1, {e.num_experts}]")
+    _check_budget(cfg, check)
+
+
+def _check_budget(cfg: Config, check) -> None:
+    t, b, me = cfg.train, cfg.train.budget, cfg.train.method
+    check(b.rst_hours >= 0, "train.budget.rst_hours", f"must be >= 0 (0: no budget), got {b.rst_hours}")
+    check(
+        not b.rst_hours or bool(b.reference),
+        "train.budget.reference",
+        "must name an RST table (tools/calibrate_rst.py) when train.budget.rst_hours is set",
+    )
+    check(
+        0 <= b.warmup_fraction < 1,
+        "train.budget.warmup_fraction",
+        f"must be in [0, 1), got {b.warmup_fraction}",
+    )
+    check(
+        0 <= b.final_lr_ratio <= 1,
+        "train.budget.final_lr_ratio",
+        f"must be in [0, 1], got {b.final_lr_ratio}",
+    )
+    check(
+        me.name == "none" or b.rst_hours > 0,
+        "train.method.name",
+        f"({me.name}) needs an RST budget (train.budget.rst_hours and train.budget.reference): its schedule "
+        "is over the budget",
+    )
+    check(t.sophia_rho > 0, "train.sophia_rho", "must be positive")
+    check(t.sophia_hessian_interval >= 1, "train.sophia_hessian_interval", "must be >= 1")
+    if me.name == "none" and t.optimizer == "adamw":
+        return
+    check(
+        not cfg.model.is_encoder and cfg.parallel.zero_stage == 0,
+        "train.method.name" if me.name != "none" else "train.optimizer",
+        "runs only for the decoder with parallel.zero_stage=0 (DeepSpeed's plain path, where the engine's "
+        "parameters are the optimizer's)",
+    )
+    check(
+        all(0 < f < 1 for f in me.stack_at) and me.stack_at == sorted(me.stack_at),
+        "train.method.stack_at",
+        f"must be increasing budget fractions in (0, 1), got {me.stack_at}",
+    )
+    if me.name == "layer_stacking":
+        check(
+            cfg.model.n_layers % 2 ** len(me.stack_at) == 0,
+            "train.method.stack_at",
+            f"doubles the depth {len(me.stack_at)} times: model.n_layers ({cfg.model.n_layers}) must divide by "
+            f"{2 ** len(me.stack_at)}",
+        )
+    check(0 < me.theta_bar <= 1, "train.method.theta_bar", f"must be in (0, 1], got {me.theta_bar}")
+    check(me.gamma >= 0, "train.method.gamma", f"must be >= 0, got {me.gamma}")
+    check(0 < me.fraction <= 1, "train.method.fraction", f"must be in (0, 1], got {me.fraction}")
+    if me.name in ("selective_backprop", "rho_loss"):
+        big = t.global_batch_size / me.fraction
+        check(
+            abs(big - round(big)) < 1e-9 and round(big) % t.micro_batch_size == 0,
+            "train.method.fraction",
+            f"({me.fraction}): train.global_batch_size / fraction = {big:g} must be a whole multiple of "
+            f"train.micro_batch_size ({t.micro_batch_size})",
+        )
+    check(me.irreducible_steps >= 1, "train.method.irreducible_steps", "must be >= 1")
+    check(
+        0 <= me.irreducible_layers <= cfg.model.n_layers,
+        "train.method.irreducible_layers",
+        f"must be in [0, model.n_layers={cfg.model.n_layers}]",
+    )
+    check(0 < me.holdout_fraction < 1, "train.method.holdout_fraction", "must be in (0, 1)")
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:

@@ -71,8 +71,12 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [groups[k] for k in order]
 
 
-def initialize(model: torch.nn.Module, cfg: Config, dims: ParallelDims):
-    """deepspeed.initialize with our optimizer and config; returns the engine."""
+def initialize(model: torch.nn.Module, cfg: Config, dims: ParallelDims, clock=None):
+    """deepspeed.initialize with our optimizer and config; returns the engine.
+
+    train.optimizer picks AdamW (ours) or dsmoe.train.optim's Lion / Sophia-G (client optimizers: DeepSpeed
+    still owns the step). With an RST clock (dsmoe.train.budget.RstClock) the LR follows the budget
+    schedule of train.budget instead of the step schedule."""
     import deepspeed
 
     t = cfg.train
@@ -80,15 +84,31 @@ def initialize(model: torch.nn.Module, cfg: Config, dims: ParallelDims):
     if t.compile:  # regional compilation: blocks share code and shapes, so they share the compiled graph
         for block in model.blocks:
             block.compile()
-    optimizer = AdamW(
-        param_groups(model, t.weight_decay),
-        lr=t.lr,
-        betas=(t.beta1, t.beta2),
-        eps=t.adam_eps,
-        fused=dims.device.type == "cuda",
-    )
-    # Our schedule as a torch LambdaLR: DeepSpeed steps it at each optimizer step and checkpoints its state.
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_multiplier(step, t))
+    groups_ = param_groups(model, t.weight_decay)
+    if t.optimizer == "adamw":
+        optimizer = AdamW(
+            groups_, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.adam_eps, fused=dims.device.type == "cuda"
+        )
+    else:
+        from dsmoe.train.optim import build_optimizer
+
+        extra = {}
+        if t.optimizer == "sophia":
+            extra = dict(
+                rho=t.sophia_rho,
+                hessian_interval=t.sophia_hessian_interval,
+                gnb_batch_tokens=t.global_batch_size * cfg.data.seq_len,
+            )
+        optimizer = build_optimizer(t.optimizer, groups_, lr=t.lr, betas=(t.beta1, t.beta2), **extra)
+    if clock is None:
+        # Our schedule as a torch LambdaLR: DeepSpeed steps it at each optimizer step and checkpoints its state.
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_multiplier(step, t))
+    else:
+        from dsmoe.train.budget import RstSchedule, RstScheduler
+
+        b = t.budget
+        shape = RstSchedule(shape=b.schedule, warmup_fraction=b.warmup_fraction, final_ratio=b.final_lr_ratio)
+        scheduler = RstScheduler(optimizer, clock, shape)
     engine, _, _, _ = deepspeed.initialize(
         model=model,
         optimizer=optimizer,

@@ -291,11 +291,17 @@ def _as_plain_deepspeed(engine):
 
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
+"""AdamW's moments; Lion and Sophia-G name theirs in their `moments` attribute (dsmoe/train/optim.py)."""
 
 
 def _inner_optimizer(engine):
     """torch's optimizer: DeepSpeed's ZeRO and bf16 optimizers wrap it, the plain path is it."""
     return getattr(engine.optimizer, "optimizer", engine.optimizer)
+
+
+def moments_of(engine) -> tuple[str, ...]:
+    """The per-parameter state tensors the engine's optimizer keeps (saved and restored by name)."""
+    return tuple(getattr(_inner_optimizer(engine), "moments", MOMENTS))
 
 
 def _adam_step(engine) -> float:
@@ -352,7 +358,7 @@ def full_state(engine) -> dict[str, torch.Tensor]:
         tensors[name] = (
             (master if master is not None else _master(engine, p)).detach().float().cpu().contiguous()
         )
-        for key in MOMENTS:
+        for key in moments_of(engine):
             tensors[f"{key}/{name}"] = _moment(engine, p, key).detach().float().cpu().contiguous()
     return tensors
 
@@ -415,7 +421,7 @@ def load_resharded(engine, directory: Path, counters: dict, activation: str) -> 
     saved = _unshard_checkpoint(files, activation, moments=True)
     dims = engine.dsmoe_dims
     params = dict(engine.module.named_parameters())
-    wanted = {k for n in params for k in (n, *(f"{m}/{n}" for m in MOMENTS))}
+    wanted = {k for n in params for k in (n, *(f"{m}/{n}" for m in moments_of(engine)))}
     if missing := sorted(wanted - saved.keys()):
         raise CheckpointError(f"{directory} lacks {len(missing)} tensors this model needs: {missing[:8]}")
     if unexpected := sorted(saved.keys() - wanted):
@@ -436,20 +442,22 @@ def set_state(engine, local: dict[str, torch.Tensor], counters: dict) -> None:
             value = local[name].to(p.device)
             if hasattr(p, "_hp_mapping") or hasattr(p, "ds_id"):
                 safe_set_full_fp32_param(p, value)
-                for key in MOMENTS:
+                for key in moments_of(engine):
                     safe_set_full_optimizer_state(p, local[f"{key}/{name}"].to(p.device), key)
             else:
                 master = _master(engine, p)
                 master.copy_(value.to(master.dtype))
                 state = _inner_optimizer(engine).state[master]
-                for key in MOMENTS:
+                for key in moments_of(engine):
                     state[key] = local[f"{key}/{name}"].to(device=master.device, dtype=master.dtype)
             p.copy_(value.to(p.dtype))
     engine.global_steps = counters["global_steps"]
     engine.global_samples = counters["global_samples"]
     engine.skipped_steps = counters["skipped_steps"]
     scheduler = engine.lr_scheduler
-    if scheduler is not None and counters["lr_scheduler"] is not None:
+    if hasattr(scheduler, "sync"):  # an RST budget's scheduler: the LR is a function of the run's clock
+        scheduler.sync()
+    elif scheduler is not None and counters["lr_scheduler"] is not None:
         # Only the position: the parameter groups (and their base rates) are this layout's own.
         scheduler.last_epoch = counters["lr_scheduler"]["last_epoch"]
         scheduler._step_count = counters["lr_scheduler"]["_step_count"]
@@ -476,7 +484,7 @@ def _create_optimizer_state(engine, adam_step: float) -> None:
         on_device = group.get("fused") or group.get("capturable")
         for p in group["params"]:
             step = torch.tensor(adam_step, dtype=torch.float32, device=p.device if on_device else "cpu")
-            inner.state[p] = {"step": step, "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
+            inner.state[p] = {"step": step, **{key: torch.zeros_like(p) for key in moments_of(engine)}}
     _link_optimizer_state(engine)
 
 

@@ -58,7 +58,7 @@ def _join_pieces(state: dict[str, torch.Tensor], dims, activation: str) -> dict[
     return checkpoint.join_pieces(pieces, dims.tp, dims.ep, activation)
 
 
-def rebuild_engine(engine, cfg: Config, dims, dispatch: str, transform):
+def rebuild_engine(engine, cfg: Config, dims, dispatch: str, transform, clock=None):
     """Change the shape of the engine's model mid-run; returns (new engine, what `transform` returned).
 
     Reads the exact fp32 masters and moments (joined over the layout's pieces), builds a plain model of the
@@ -66,7 +66,8 @@ def rebuild_engine(engine, cfg: Config, dims, dispatch: str, transform):
     place and returns (moments of the new model as '<moment>/<name>' (CPU), a Growth whose masks must follow
     the model, or None). The run's parallel layout is applied again, a new engine built, and each rank's
     pieces of the new masters and moments set, with the engine's counters and LR position carried on.
-    Growth events use it (grow_engine); so can other shape changes (NTNG's layer stacking)."""
+    Growth events use it (grow_engine); so can other shape changes (NTNG's layer stacking, stack_engine).
+    `clock`: the run's RST clock, when its LR follows a budget (parallel.engine.initialize)."""
     activation = cfg.model.moe.activation
     sharded = dims.ep > 1 or dims.tp > 1
     state = checkpoint.full_state(engine)  # collective under ZeRO: every rank calls it
@@ -91,7 +92,7 @@ def rebuild_engine(engine, cfg: Config, dims, dispatch: str, transform):
         carried = checkpoint.local_pieces(carried, dims, activation)
     gc.collect()
     apply_parallel(model, dims, dispatch, active)
-    new_engine = engine_lib.initialize(model, cfg, dims)
+    new_engine = engine_lib.initialize(model, cfg, dims, clock)
     checkpoint.set_state(new_engine, carried, counters)
     return new_engine, active
 
@@ -105,9 +106,25 @@ def grow_engine(engine, cfg: Config, dims, event_index: int, dispatch: str = "to
             model, event, cfg.growth.init_std, growth.event_seed(cfg.train.seed, event_index)
         )
         moments = {}
-        for key in checkpoint.MOMENTS:
+        for key in sorted({name.split("/", 1)[0] for name in state if "/" in name}):  # the optimizer's
             old = {name[len(key) + 1 :]: v for name, v in state.items() if name.startswith(f"{key}/")}
             moments.update({f"{key}/{name}": v.cpu() for name, v in growth.carry_state(g, old).items()})
         return moments, g
 
     return rebuild_engine(engine, cfg, dims, dispatch, grow)
+
+
+def stack_engine(engine, cfg: Config, dims, dispatch: str = "tokens", clock=None):
+    """NTNG's layer stacking in a running engine: double the depth, new block L + i a copy of block i with
+    its fp32 master and every optimizer moment (dsmoe.train.methods.stack_layers / stack_state); the
+    optimizer's step count and the LR position carry on. Returns the new engine."""
+    from dsmoe.train.methods import stack_layers, stack_state
+
+    def stack(model, state):
+        old = len(model.blocks)
+        stack_layers(model)
+        stacked = stack_state(state, old)
+        return {name: v.cpu() for name, v in stacked.items() if "/" in name}, None
+
+    new_engine, _ = rebuild_engine(engine, cfg, dims, dispatch, stack, clock)
+    return new_engine

@@ -71,7 +71,7 @@ class RunLogger:
                 name=run_dir.name,
             )
         self.bar = tqdm(
-            total=t.max_steps,
+            total=None if t.budget.rst_hours else t.max_steps,  # a budget ends where the next step won't fit
             initial=start_step,
             desc="train",
             unit="step",
@@ -95,7 +95,8 @@ class RunLogger:
                         )
             self.wandb_run.log(scalars, step=record["step"])
         self.bar.update(1)
-        self.bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
+        extra = {"rst_s": f"{record['rst_s']:.1f}"} if "rst_s" in record else {}
+        self.bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}", **extra)
 
     def log_summary(self, summary: dict) -> None:
         if self.wandb_run is not None:

@@ -26,9 +26,9 @@ from dsmoe.data.mlm import IGNORE_INDEX, MLMBatches
 from dsmoe.data.tokens import open_pretokenized
 from dsmoe.model import build
 from dsmoe.model.attention import resolve_backend
-from dsmoe.train import checkpoint
+from dsmoe.train import checkpoint, methods
 from dsmoe.train.checkpoint import CheckpointError
-from dsmoe.train.grow import apply_parallel, grow_engine
+from dsmoe.train.grow import apply_parallel, grow_engine, stack_engine
 from dsmoe.train.logging import RunLogger
 from parallel import engine as engine_lib
 from parallel import groups
@@ -60,6 +60,8 @@ class RunResult:
     """Stopped early by a signal or train.exit_at_step (a checkpoint was saved)."""
     engine: object = None
     """The DeepSpeed engine, for callers that continue in-process (tests, notebooks)."""
+    budget: dict | None = None
+    """Under train.budget: rst_s and wall_s spent (this and earlier invocations), budget_s, charges."""
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -137,10 +139,10 @@ class StopSignals:
 
 def _resume_point(
     cfg: Config, dims: groups.ParallelDims, run_dir: Path, tokenizer_path: Path
-) -> tuple[str | None, bool, int]:
+) -> tuple[str | None, bool, int, dict | None]:
     """The verified checkpoint to resume from, whether it was saved in this layout, and its step (rank 0
     decides, everyone follows), after checking it fits."""
-    decision: list = [None, None, True, 0]
+    decision: list = [None, None, True, 0, None]
     if dims.is_main:
         try:
             tag = checkpoint.resume_tag(run_dir)
@@ -148,6 +150,7 @@ def _resume_point(
                 ours = checkpoint.read_client_state(checkpoint.checkpoint_root(run_dir) / tag)
                 check_resume_config(ours["config"], cfg, run_dir)
                 decision[3] = int(ours["step"])
+                decision[4] = ours.get("budget")
                 saved = _layout(ours["config"], ours.get("world_size", dims.world_size))
                 now = _layout(config_lib.to_dict(cfg), dims.world_size)
                 if saved != now:
@@ -170,7 +173,7 @@ def _resume_point(
     dist.broadcast_object_list(decision, src=0)
     if decision[1] is not None:
         raise decision[1]
-    return decision[0], decision[2], decision[3]
+    return decision[0], decision[2], decision[3], decision[4]
 
 
 def run(cfg: Config) -> RunResult:
@@ -191,7 +194,14 @@ def run(cfg: Config) -> RunResult:
             + (" + the mask and padding tokens" if cfg.model.is_encoder else "")
         )
 
-    resume_from, same_layout, steps_done = _resume_point(cfg, dims, run_dir, token_data.tokenizer_path)
+    resume_from, same_layout, steps_done, budget_state = _resume_point(
+        cfg, dims, run_dir, token_data.tokenizer_path
+    )
+    budgeted = None
+    if t.budget.rst_hours > 0:  # NTNG: the reference-time budget, its schedule and the method
+        from dsmoe.train.budgeted import BudgetedRun
+
+        budgeted = BudgetedRun(cfg, dims, budget_state if resume_from else None)
     if dims.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(json.dumps(config_lib.to_dict(cfg), indent=2))
@@ -199,7 +209,13 @@ def run(cfg: Config) -> RunResult:
     dist.barrier()
 
     torch.manual_seed(t.seed)  # the same initial weights on every rank
-    model = build(copy.deepcopy(cfg.model))  # growth changes the model's own config, never the run's
+    model_cfg = copy.deepcopy(cfg.model)  # growth changes the model's own config, never the run's
+    if budgeted is not None:
+        model_cfg.n_layers = budgeted.depth  # layer stacking starts shallow
+        if cfg.train.method.name == "rho_loss":  # the irreducible-loss model first (its cost is charged)
+            budgeted.train_irreducible(token_data.train, charge=not resume_from)
+    torch.manual_seed(t.seed)
+    model = build(model_cfg)
     if t.init_from and not resume_from:
         _initialise_from(model, Path(t.init_from))
     active_growth = None
@@ -207,7 +223,7 @@ def run(cfg: Config) -> RunResult:
         active_growth = growth.replay(model, cfg.growth, steps_done, t.seed)
     dispatch = _expert_dispatch(cfg, model, dims)
     apply_parallel(model, dims, dispatch, active_growth)
-    engine = engine_lib.initialize(model, cfg, dims)
+    engine = engine_lib.initialize(model, cfg, dims, budgeted.clock if budgeted else None)
     gas = engine_lib.gradient_accumulation_steps(cfg, dims)
     start_step = 0
     if resume_from:
@@ -215,7 +231,8 @@ def run(cfg: Config) -> RunResult:
     else:
         torch.manual_seed(t.seed + 1 + dims.rank)  # per-rank stream for anything stochastic in training
 
-    sampler = PackedSampler(token_data.train, cfg.data.seq_len, t.seed)
+    train_tokens = budgeted.train_tokens(token_data.train) if budgeted else token_data.train
+    sampler = PackedSampler(train_tokens, cfg.data.seq_len, t.seed)
     if cfg.model.is_encoder:  # (input_ids, attention_mask, labels): mixed lengths, masked
         sampler = MLMBatches(sampler, token_data.vocab_size, cfg.mlm, t.seed)
     backend = (
@@ -244,6 +261,8 @@ def run(cfg: Config) -> RunResult:
             "world_size": dims.world_size,
             "config": config_lib.to_dict(cfg),
         }
+        if budgeted is not None:
+            ours["budget"] = budgeted.state()
         checkpoint.save(
             engine, run_dir, step, {"dsmoe": ours}, token_data.tokenizer_path, dims.rank, t.keep_checkpoints
         )
@@ -251,9 +270,25 @@ def run(cfg: Config) -> RunResult:
     result = RunResult(run_dir, start_step, engine=engine)
     signals = StopSignals()
     bad_steps, last_saved = 0, start_step
+    finished = start_step == t.max_steps  # under a budget: when the next step does not fit
+    plan = None
+    if budgeted is not None:
+        plan = budgeted.plan(start_step)
+        if start_step == 0:
+            budgeted.clock.require_one_step(plan.passes)
+        finished = not budgeted.fits(plan)
     try:
-        for step in range(start_step, t.max_steps):
+        for step in range(start_step, t.max_steps if budgeted is None else 2**62):
+            if finished:
+                break
             started = time.perf_counter()  # a growth event's engine rebuild counts in its step's time
+            if plan is not None:
+                if plan.depth > budgeted.depth:  # layer stacking: double the depth (copies of the blocks)
+                    engine = stack_engine(engine, cfg, dims, dispatch, budgeted.clock)
+                    result.engine, budgeted.depth = engine, len(engine.module.blocks)
+                    if dims.is_main:
+                        print(f"step {step}: stacked to {budgeted.depth} layers", flush=True)
+                budgeted.charge(plan, engine)
             if active_growth is not None:  # c for this step; at 1 the masks go (before any next event)
                 e = active_growth.event
                 active_growth.set_c(growth.ramp(step, e.step, e.ramp_steps))
@@ -272,17 +307,29 @@ def run(cfg: Config) -> RunResult:
                         )
             lr = engine.get_lr()[0]
             sums, real_tokens = None, 0
-            batches = [
-                sampler.micro_batch(
-                    step, micro, dims.batch_rank, dims.batch_ranks, t.micro_batch_size, t.global_batch_size
-                )
-                for micro in range(gas)
-            ]
+            if budgeted is not None:  # batch selection scores a larger batch first
+                batches = budgeted.batches(step, sampler, engine, gas)
+            else:
+                batches = [
+                    sampler.micro_batch(
+                        step,
+                        micro,
+                        dims.batch_rank,
+                        dims.batch_ranks,
+                        t.micro_batch_size,
+                        t.global_batch_size,
+                    )
+                    for micro in range(gas)
+                ]
             weights = _mlm_token_weights(batches, dims) if cfg.model.is_encoder else [1.0] * gas
             for micro, batch in enumerate(batches):
                 # decoder: (inputs, targets); encoder: (input_ids, attention_mask, labels)
                 real_tokens += int(batch[1].sum()) if cfg.model.is_encoder else batch[0].numel()
-                out = engine(*(part.to(dims.device) for part in batch))
+                if plan is not None and len(plan.active) < plan.depth:  # layer dropping
+                    with methods.run_blocks(engine.module, plan.active):
+                        out = engine(*(part.to(dims.device) for part in batch))
+                else:
+                    out = engine(*(part.to(dims.device) for part in batch))
                 w = weights[micro]
                 engine.backward(out.loss if w == 1.0 else out.loss + (w - 1.0) * out.lm_loss)
                 if micro < gas - 1:
@@ -291,6 +338,8 @@ def run(cfg: Config) -> RunResult:
                     grad_norm, applied = engine_lib.boundary_step(engine)
                 stats = _step_stats(out, w)
                 sums = stats if sums is None else {k: sums[k] + stats[k] for k in sums}
+            if plan is not None and plan.hessian:  # Sophia-G's curvature estimate, after the update
+                budgeted.hessian_pass(engine, batches)
             # Mean over micro-batches and ranks (tensor-parallel ranks hold copies of their batch slice's
             # values, every slice equally many): equal to the single-process mean. The stop
             # request rides along as a last element: its sum is > 0 if any rank was signalled; before it, the
@@ -308,6 +357,14 @@ def run(cfg: Config) -> RunResult:
                 grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
                 tokens_per_s=float(packed[-2]) / (time.perf_counter() - started),
             )
+            if budgeted is not None:
+                record.update(
+                    rst_s=budgeted.clock.spent_s, wall_s=budgeted.wall_s(), active_layers=len(plan.active)
+                )
+                plan = budgeted.plan(step + 1)
+                finished = not budgeted.fits(plan)
+            else:
+                finished = step + 1 == t.max_steps
             finite = applied and math.isfinite(record["loss"]) and math.isfinite(record["grad_norm"])
             record["skipped"] = not finite
             bad_steps = 0 if finite else bad_steps + 1
@@ -323,9 +380,7 @@ def run(cfg: Config) -> RunResult:
                     f"(train.max_bad_steps={t.max_bad_steps}); the last good checkpoint is "
                     f"{checkpoint.resume_tag(run_dir) or 'none'} in {run_dir}; lower train.lr or check the data"
                 )
-            due = t.checkpoint_every and (
-                (step + 1) % t.checkpoint_every == 0 or step + 1 == t.max_steps or stop_now
-            )
+            due = t.checkpoint_every and ((step + 1) % t.checkpoint_every == 0 or finished or stop_now)
             if due and bad_steps == 0:  # never publish a state reached through skipped steps
                 save(step + 1)
                 last_saved = step + 1
@@ -343,7 +398,23 @@ def run(cfg: Config) -> RunResult:
     if dims.is_main and dims.device.type == "cuda":
         print(f"peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB", flush=True)
     dist.barrier()
-    if dims.is_main and t.export_at_end and result.steps == t.max_steps and last_saved == t.max_steps:
+    if budgeted is not None:
+        c = budgeted.clock
+        result.budget = dict(
+            rst_s=c.spent_s,
+            budget_s=c.budget_s,
+            wall_s=budgeted.wall_s(),
+            finished=finished,
+            charges={p.describe(): n for p, n in c.charges.items()},
+        )
+        if dims.is_main:
+            print(
+                f"RST budget: {c.spent_s:.2f} s of {c.budget_s:.2f} s spent in {result.steps} steps"
+                + (" (finished)" if finished else "")
+                + f"; wall {result.budget['wall_s']:.1f} s",
+                flush=True,
+            )
+    if dims.is_main and t.export_at_end and finished and last_saved == result.steps:
         from dsmoe.train.report import encoder_report, final_report
 
         report = encoder_report if cfg.model.is_encoder else final_report

@@ -32,6 +32,7 @@ class Lion(torch.optim.Optimizer):
     """
 
     overflow = False
+    moments = ("exp_avg",)
 
     def __init__(
         self, params, lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.99), weight_decay: float = 0.0

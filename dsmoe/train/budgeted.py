@@ -1,0 +1,251 @@
+"""A training run under an RST budget with one of NTNG's methods (papers/no_train_no_gain.md): what the loop
+asks before, during and after each step. The pure parts are dsmoe/train/budget.py (table, clock, schedules)
+and dsmoe/train/methods.py; this module decides each step's passes, charges them, and runs the parts that
+are not a plain training step (scoring forwards, the irreducible-loss model, Sophia-G's Hessian pass).
+
+Every step's plan is a pure function of (step, the spent budget, the model's depth), so a run stops at the
+same step whichever machine runs it, and a resumed run continues its budget (the clock is checkpointed).
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from dsmoe.config import Config
+from dsmoe.train.budget import RstClock, RstTable, StepConfig
+from dsmoe.train.methods import (
+    LayerDropSchedule,
+    per_sequence_loss,
+    reducible_loss,
+    run_blocks,
+    sample_active_layers,
+    select_highest,
+    stacked_layers_at,
+)
+
+SECONDS_PER_HOUR = 3600.0
+
+
+@dataclass
+class StepPlan:
+    """What one step executes: the blocks that run, and the passes charged to the clock."""
+
+    depth: int
+    """Blocks the model has (layer stacking grows it)."""
+    active: list[int]
+    """Indices of the blocks that run (layer dropping skips some)."""
+    passes: list[StepConfig] = field(default_factory=list)
+    hessian: bool = False
+    """Sophia-G: a Gauss-Newton-Bartlett pass after this step's update."""
+
+
+def routing_of(cfg: Config) -> str:
+    return cfg.model.moe.training if cfg.model.mlp == "moe" else "dense"
+
+
+class BudgetedRun:
+    """The budget and method state of one run (rank-identical: every rank plans the same steps)."""
+
+    def __init__(self, cfg: Config, dims, saved: dict | None = None):
+        self.cfg, self.dims = cfg, dims
+        t, b = cfg.train, cfg.train.budget
+        self.method = t.method
+        self.table = RstTable.load(b.reference)
+        self.table.check_model(_model_dict(cfg))
+        self.clock = RstClock(self.table, b.rst_hours * SECONDS_PER_HOUR)
+        self.wall_before = 0.0
+        self.started = time.perf_counter()
+        self.depth = cfg.model.n_layers
+        if self.method.name == "layer_stacking":
+            self.depth = cfg.model.n_layers // 2 ** len(self.method.stack_at)
+        if saved:
+            self.clock.load_state_dict(saved["clock"])
+            self.wall_before = float(saved["wall_s"])
+            self.depth = int(saved["depth"])
+        self.irreducible = None
+        """RHO-loss's irreducible-loss model (a plain module, eval mode)."""
+        self.drop = LayerDropSchedule(theta_bar=self.method.theta_bar, gamma=self.method.gamma)
+
+    # --- accounting -------------------------------------------------------------------------------------
+
+    def _pass(self, kind: str, layers: int, batch: int, optimizer: str | None = None) -> StepConfig:
+        t = self.cfg.train
+        return StepConfig(
+            kind=kind,
+            active_layers=layers,
+            batch_size=batch,
+            micro_batch_size=t.micro_batch_size,
+            seq_len=self.cfg.data.seq_len,
+            routing=routing_of(self.cfg),
+            optimizer=optimizer or t.optimizer,
+        )
+
+    @property
+    def scoring_batch(self) -> int:
+        return round(self.cfg.train.global_batch_size / self.method.fraction)
+
+    @property
+    def irreducible_layers(self) -> int:
+        return self.method.irreducible_layers or self.cfg.model.n_layers
+
+    def plan(self, step: int) -> StepPlan:
+        """The passes of optimizer step `step` (0-based), at the budget spent before it."""
+        t, m = self.cfg.train, self.method
+        fraction = self.clock.fraction
+        depth = self.depth
+        if m.name == "layer_stacking":
+            depth = max(depth, stacked_layers_at(fraction, self.cfg.model.n_layers, m.stack_at))
+        active = list(range(depth))
+        if m.name == "layer_drop":
+            generator = torch.Generator().manual_seed(t.seed * 1_000_003 + step)
+            active = sample_active_layers(self.drop.keep_probs(fraction, depth), generator) or [0]
+        passes = []
+        if m.name in ("selective_backprop", "rho_loss"):
+            passes.append(self._pass("forward", depth, self.scoring_batch))
+        if m.name == "rho_loss":
+            passes.append(self._pass("forward", self.irreducible_layers, self.scoring_batch))
+        passes.append(self._pass("train", len(active), t.global_batch_size))
+        hessian = t.optimizer == "sophia" and (step + 1) % t.sophia_hessian_interval == 0
+        if hessian:
+            passes.append(self._pass("hessian", depth, t.global_batch_size))
+        return StepPlan(depth=depth, active=active, passes=passes, hessian=hessian)
+
+    def fits(self, plan: StepPlan) -> bool:
+        return self.clock.fits(plan.passes)
+
+    def charge(self, plan: StepPlan, engine) -> None:
+        self.clock.charge(plan.passes)
+        engine.lr_scheduler.sync()  # the step trains at the LR of the budget fraction it ends at
+
+    def wall_s(self) -> float:
+        return self.wall_before + time.perf_counter() - self.started
+
+    def state(self) -> dict:
+        return {"clock": self.clock.state_dict(), "wall_s": self.wall_s(), "depth": self.depth}
+
+    # --- data and methods -------------------------------------------------------------------------------
+
+    def train_tokens(self, tokens):
+        """The tokens the main model trains on: RHO-loss holds out the end of the training split."""
+        if self.method.name != "rho_loss":
+            return tokens
+        return tokens[: len(tokens) - self._holdout_len(tokens)]
+
+    def _holdout_len(self, tokens) -> int:
+        return int(len(tokens) * self.method.holdout_fraction)
+
+    def train_irreducible(self, tokens, charge: bool) -> None:
+        """RHO-loss: train the irreducible-loss model (same shape, irreducible_layers blocks) on the held-out
+        end of the training tokens for irreducible_steps AdamW steps of the run's batch, through its own
+        DeepSpeed engine; each step is charged to the clock (`charge`: not when a resumed run rebuilds it,
+        its cost is already in the checkpointed clock). Deterministic from the run's seed."""
+        from dsmoe.data import PackedSampler
+        from dsmoe.model import build
+        from parallel import engine as engine_lib
+
+        cfg = copy.deepcopy(self.cfg)
+        t, m = cfg.train, self.method
+        cfg.model.n_layers = self.irreducible_layers
+        t.optimizer, t.max_steps = "adamw", m.irreducible_steps
+        t.warmup_steps = min(t.warmup_steps, m.irreducible_steps // 10)
+        holdout = tokens[len(tokens) - self._holdout_len(tokens) :]
+        sampler = PackedSampler(holdout, cfg.data.seq_len, t.seed + 7)
+        passes = [self._pass("train", self.irreducible_layers, t.global_batch_size, "adamw")]
+        if charge:
+            self.clock.require_one_step(passes)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(t.seed + 7)
+            engine = engine_lib.initialize(build(cfg.model), cfg, self.dims)
+            gas = engine_lib.gradient_accumulation_steps(cfg, self.dims)
+            for step in range(m.irreducible_steps):
+                for micro in range(gas):
+                    x, y = sampler.micro_batch(
+                        step,
+                        micro,
+                        self.dims.batch_rank,
+                        self.dims.batch_ranks,
+                        t.micro_batch_size,
+                        t.global_batch_size,
+                    )
+                    engine.backward(engine(x.to(self.dims.device), y.to(self.dims.device)).loss)
+                    if micro < gas - 1:
+                        engine.step()
+                    else:
+                        engine_lib.boundary_step(engine)
+                if charge:
+                    self.clock.charge(passes)
+        self.irreducible = engine.module.eval()
+        engine.destroy()
+
+    @torch.no_grad()
+    def _scores(self, module, rows: list, active: list[int] | None = None) -> torch.Tensor:
+        """(rows,) per-sequence losses of `module` over the micro-batches `rows` (no gradient)."""
+        was_training = module.training
+        out = []
+        with run_blocks(module, active if active is not None else range(len(module.blocks))):
+            for x, y in rows:
+                out.append(per_sequence_loss(module(x.to(self.dims.device)).logits, y.to(self.dims.device)))
+        module.train(was_training)
+        return torch.cat(out)
+
+    def batches(self, step: int, sampler, engine, gas: int) -> list:
+        """This rank's training micro-batches of step `step`: the plain ones, or for batch selection the
+        highest-scoring `fraction` of this rank's share of a forward batch of global_batch_size / fraction
+        sequences (selective backprop: by the current loss; RHO-loss: by the loss minus the irreducible
+        loss), re-cut into the step's micro-batches."""
+        t, d = self.cfg.train, self.dims
+        if self.method.name not in ("selective_backprop", "rho_loss"):
+            return [
+                sampler.micro_batch(
+                    step, micro, d.batch_rank, d.batch_ranks, t.micro_batch_size, t.global_batch_size
+                )
+                for micro in range(gas)
+            ]
+        big = self.scoring_batch
+        rows = [
+            sampler.micro_batch(step, micro, d.batch_rank, d.batch_ranks, t.micro_batch_size, big)
+            for micro in range(big // (t.micro_batch_size * d.batch_ranks))
+        ]
+        scores = self._scores(engine.module, rows)
+        if self.method.name == "rho_loss":
+            scores = reducible_loss(scores, self._scores(self.irreducible, rows))
+        chosen = select_highest(scores, self.method.fraction).cpu()
+        x = torch.cat([r[0] for r in rows])[chosen]
+        y = torch.cat([r[1] for r in rows])[chosen]
+        return list(zip(x.split(t.micro_batch_size), y.split(t.micro_batch_size), strict=True))
+
+    def hessian_pass(self, engine, batches: list) -> None:
+        """Sophia-G's Gauss-Newton-Bartlett pass over this step's batch: the cross-entropy against labels
+        sampled from the model's own softmax, backpropagated, and handed to the optimizer's Hessian EMA
+        (engine step with hessian_pass set: DeepSpeed reduces the gradients, the parameters stay). Not
+        clipped: the estimate is of the curvature, not a step."""
+        from dsmoe.train.optim import sample_gnb_targets
+        from parallel import engine as engine_lib
+
+        generator = torch.Generator(device=self.dims.device).manual_seed(
+            self.cfg.train.seed * 1_000_003 + engine.global_steps
+        )
+        clip, engine.dsmoe_clip = engine.dsmoe_clip, 0.0
+        try:
+            for micro, (x, _) in enumerate(batches):
+                logits = engine(x.to(self.dims.device)).logits
+                targets = sample_gnb_targets(logits, generator)
+                engine.backward(F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten()))
+                if micro < len(batches) - 1:
+                    engine.step()
+                else:
+                    engine.basic_optimizer.hessian_pass = True
+                    engine_lib.boundary_step(engine)
+        finally:
+            engine.dsmoe_clip = clip
+
+
+def _model_dict(cfg: Config) -> dict:
+    from dsmoe import config as config_lib
+
+    return config_lib.to_dict(cfg)["model"]

@@ -1,0 +1,173 @@
+"""RST budgets and NTNG's methods through the real training loop (dsmoe/train/loop.py, budgeted.py)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from dsmoe.config import ConfigError
+from dsmoe.train.budget import BudgetError, RstEntry, RstTable, StepConfig
+from dsmoe.train.logging import read_metrics
+from dsmoe.train.loop import run
+
+pytestmark = pytest.mark.usefixtures("single_process_group")
+
+# small_cfg: 2 layers, global batch 8 in micro-batches of 4, seq_len 32.
+LAYERS, BATCH, MICRO, SEQ = 2, 8, 4, 32
+
+
+def write_table(path, layers=LAYERS, scale=1.0) -> RstTable:
+    """Made-up reference times (distinct per configuration, so sums identify the passes): the loop's
+    accounting is under test, tools/calibrate_rst.py measures real ones."""
+
+    def entry(kind, active, batch, optimizer, seconds):
+        step = StepConfig(
+            kind=kind,
+            active_layers=active,
+            batch_size=batch,
+            micro_batch_size=MICRO,
+            seq_len=SEQ,
+            optimizer=optimizer,
+        )
+        return RstEntry(step=step, seconds=seconds * scale)
+
+    entries = []
+    for n in range(1, 2 * layers + 1):
+        for k, opt in enumerate(("adamw", "lion", "sophia")):
+            entries.append(entry("train", n, BATCH, opt, 0.1 * n + 0.01 * k + 0.003))
+        entries.append(entry("hessian", n, BATCH, "sophia", 0.07 * n + 0.001))
+        entries.append(entry("forward", n, 2 * BATCH, "none", 0.03 * n + 0.0007))
+    table = RstTable(
+        device="made-up test device", date="2026-11-30", commit="test", torch_version="x", entries=entries
+    )
+    table.save(path)
+    return table
+
+
+def budget_args(table_path, seconds, *extra):
+    return [
+        f"train.budget.rst_hours={seconds / 3600!r}",
+        f"train.budget.reference={table_path}",
+        "train.export_at_end=false",
+        *extra,
+    ]
+
+
+def test_budget_stops_where_the_next_step_does_not_fit_and_lr_ends_at_its_final_value(small_cfg, tmp_path):
+    table = write_table(tmp_path / "t.json")
+    per_step = table.seconds(
+        StepConfig(active_layers=2, batch_size=BATCH, micro_batch_size=MICRO, seq_len=SEQ)
+    )  # 0.203 s
+    # 5 steps spend exactly 1.015 s: the fifth step ends at the budget and trains at the final LR.
+    cfg = small_cfg(*budget_args(tmp_path / "t.json", 5 * per_step, "train.budget.warmup_fraction=0.2"))
+    result = run(cfg)
+    assert result.steps == 5
+    logged = read_metrics(tmp_path / "run")
+    assert [m["rst_s"] for m in logged] == pytest.approx([per_step * (i + 1) for i in range(5)], abs=1e-9)
+    assert logged[-1]["lr"] == 0.0  # final_lr_ratio 0, exactly at the budget
+    assert logged[0]["lr"] == pytest.approx(cfg.train.lr)  # warmup over 20% of the budget: done at step 1
+    assert all(m["wall_s"] > 0 for m in logged)
+    assert result.budget["rst_s"] == pytest.approx(5 * per_step) and result.budget["finished"]
+    # a little more budget, not enough for a sixth step: the same 5 steps (the LR spans the larger budget)
+    assert (
+        run(small_cfg(*budget_args(tmp_path / "t.json", 5.9 * per_step), run_dir=tmp_path / "b")).steps == 5
+    )
+
+
+def test_a_budget_below_one_step_is_a_clear_error(small_cfg, tmp_path):
+    write_table(tmp_path / "t.json")
+    with pytest.raises(BudgetError, match="cannot pay for one step"):
+        run(small_cfg(*budget_args(tmp_path / "t.json", 0.1)))
+
+
+def test_budget_config_errors_name_the_key(small_cfg, tmp_path):
+    with pytest.raises(ConfigError, match="train.budget.reference"):
+        small_cfg("train.budget.rst_hours=1.0")
+    with pytest.raises(ConfigError, match="train.method.name"):
+        small_cfg("train.method.name=layer_drop")
+    with pytest.raises(ConfigError, match="train.method.nme"):
+        small_cfg("train.method.nme=layer_drop")
+    with pytest.raises(ConfigError, match="train.optimizer"):
+        small_cfg("train.optimizer=sgd")
+    with pytest.raises(ConfigError, match="train.method.fraction"):
+        small_cfg(
+            *budget_args(tmp_path / "t.json", 1.0, "train.method.name=rho_loss", "train.method.fraction=0.3")
+        )
+
+
+def test_a_slower_machine_stops_at_the_same_step(small_cfg, tmp_path, monkeypatch):
+    """RST charges the table's time, not the machine's: a run whose every step takes longer in wall time
+    stops at the same step with the same losses (what lets the comparison run concurrently on one GPU)."""
+    write_table(tmp_path / "t.json")
+    args = budget_args(tmp_path / "t.json", 1.2, "train.method.name=layer_drop")
+    fast = run(small_cfg(*args, run_dir=tmp_path / "fast"))
+    from parallel import engine as engine_lib
+
+    real = engine_lib.boundary_step
+
+    def slow(engine):
+        time.sleep(0.05)
+        return real(engine)
+
+    monkeypatch.setattr(engine_lib, "boundary_step", slow)
+    slowed = run(small_cfg(*args, run_dir=tmp_path / "slow"))
+    assert slowed.steps == fast.steps > 1
+    assert slowed.losses == fast.losses
+    assert slowed.budget["rst_s"] == fast.budget["rst_s"] and slowed.budget["wall_s"] > fast.budget["wall_s"]
+
+
+def test_resume_keeps_the_budget(small_cfg, tmp_path):
+    write_table(tmp_path / "t.json")
+    args = budget_args(tmp_path / "t.json", 1.5, "train.optimizer=lion", "train.lr=1e-3")
+    full = run(small_cfg(*args, run_dir=tmp_path / "full"))
+    first = run(small_cfg(*args, "train.exit_at_step=3", run_dir=tmp_path / "cut"))
+    assert first.steps == 3
+    resumed = run(small_cfg(*args, run_dir=tmp_path / "cut"))
+    assert resumed.steps == full.steps and resumed.budget["rst_s"] == full.budget["rst_s"]
+    assert first.losses + resumed.losses == full.losses
+    logged = read_metrics(tmp_path / "cut")
+    assert [m["lr"] for m in logged] == [m["lr"] for m in read_metrics(tmp_path / "full")]
+    with pytest.raises(BudgetError, match="same budget"):
+        run(
+            small_cfg(
+                *budget_args(tmp_path / "t.json", 3.0), "train.optimizer=lion", run_dir=tmp_path / "cut"
+            )
+        )
+
+
+@pytest.mark.parametrize(
+    "method",
+    [
+        ("train.method.name=layer_stacking", "train.method.stack_at=[0.5]"),
+        ("train.method.name=layer_drop",),
+        ("train.method.name=selective_backprop",),
+        (
+            "train.method.name=rho_loss",
+            "train.method.irreducible_steps=2",
+            "train.method.irreducible_layers=1",
+        ),
+        ("train.optimizer=lion", "train.lr=1e-3"),
+        ("train.optimizer=sophia", "train.sophia_hessian_interval=2"),
+    ],
+    ids=lambda m: m[0].split("=")[1],
+)
+def test_each_method_trains_and_charges_its_passes(small_cfg, tmp_path, method):
+    table = write_table(tmp_path / "t.json")
+    result = run(small_cfg(*budget_args(tmp_path / "t.json", 2.0, *method)))
+    assert result.steps >= 3 and all(torch.isfinite(torch.tensor(result.losses)))
+    charges = result.budget["charges"]
+    by_desc = {e.step.describe(): e.seconds for e in table.entries}
+    charged = sum(by_desc[d] * n for d, n in charges.items())
+    assert result.budget["rst_s"] == pytest.approx(charged, abs=1e-9)  # the clock is the table's sum
+    name = method[0].split("=")[1]
+    kinds = {d.split(" ")[0] for d in charges}
+    if name in ("selective_backprop", "rho_loss"):
+        assert "forward" in kinds
+    if name == "sophia":
+        assert "hessian" in kinds
+    if name == "layer_stacking":
+        assert len(result.engine.module.blocks) == 2 and any("1 active layers" in d for d in charges)
+    if name == "layer_drop":
+        assert any("1 active layers" in d for d in charges)  # block 1 was dropped at least once
