@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -171,3 +172,35 @@ def test_each_method_trains_and_charges_its_passes(small_cfg, tmp_path, method):
         assert len(result.engine.module.blocks) == 2 and any("1 active layers" in d for d in charges)
     if name == "layer_drop":
         assert any("1 active layers" in d for d in charges)  # block 1 was dropped at least once
+
+
+def test_the_launcher_trains_a_method_under_a_budget_and_exports(tmp_path, cache_dir):
+    """`python launchers/train.py` (configs/tiny.yaml under the small overrides) with a budget and selective
+    backprop: it stops where the budget ends, checkpoints that step, exports and evaluates."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import small_overrides
+
+    write_table(tmp_path / "t.json")
+    args = small_overrides(tmp_path / "run", cache_dir) + [
+        f"train.budget.rst_hours={1.0 / 3600!r}",
+        f"train.budget.reference={tmp_path / 't.json'}",
+        "train.method.name=selective_backprop",
+    ]
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", WANDB_MODE="offline")
+    repo = Path(__file__).resolve().parent.parent
+    proc = subprocess.run(
+        [sys.executable, "launchers/train.py", *args],
+        cwd=repo,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    # per step: forward over 16 sequences (0.0607 s) + train step (0.203 s) = 0.2637 s: 3 steps fit in 1 s
+    assert "RST budget: 0.79 s of 1.00 s spent in 3 steps (finished)" in proc.stdout
+    assert "held-out perplexity" in proc.stdout
+    assert (tmp_path / "run" / "checkpoints" / "step_00000003").is_dir()
