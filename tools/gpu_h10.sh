@@ -10,7 +10,7 @@ set -euo pipefail
 TOK=${TOK:-runs/replicate/tokens}
 BUDGETS=${BUDGETS:-10 40}
 REPEATS=${REPEATS:-20}
-DEADLINE=${DEADLINE:-225}
+DEADLINE=${DEADLINE:-215}
 OUT=${OUT:?set OUT}
 export OMP_NUM_THREADS=1
 started=$(date +%s)
@@ -20,16 +20,16 @@ ls -la "$TOK"
 nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,memory.used --format=csv || true
 slug=$(python -c "import torch,re; print(re.sub(r'[^a-z0-9]+','-',torch.cuda.get_device_name().lower().replace('nvidia','')).strip('-') if torch.cuda.is_available() else 'cpu')")
 TABLE=$OUT/rst_${slug}_compare.json
-timeout 110 python tools/calibrate_rst.py --config configs/tiny.yaml --layers 1 2 3 4 --forward-batches 2 \
+timeout 100 python tools/calibrate_rst.py --config configs/tiny.yaml --layers 1 2 3 4 --forward-batches 2 \
   --optimizers adamw lion sophia --repeats "$REPEATS" --warmup 5 --out "$TABLE" "${COMMON[@]}"
 echo "calibration done after $(( $(date +%s) - started )) s"
 WORK=$(mktemp -d)
 rc=0
 # shellcheck disable=SC2086
-timeout $((DEADLINE + 40)) python tools/compare_methods.py --config configs/tiny.yaml --tokens "$TOK" \
+timeout $((DEADLINE + 30)) python tools/compare_methods.py --config configs/tiny.yaml --tokens "$TOK" \
   --table "$TABLE" --budgets $BUDGETS --seeds ${SEEDS:-1 2} --jobs "${JOBS:-28}" --deadline "$DEADLINE" --out "$WORK/compare" \
   model.vocab_size=8192 ${EXTRA:-} || rc=$?
 mkdir -p "$OUT/compare"
 cp "$WORK"/compare/results.json "$WORK"/compare/results.md "$WORK"/compare/val_loss_vs_rst.png "$OUT/compare/" || true
-tar -czf "$OUT/compare/logs.tar.gz" -C "$WORK/compare" $(cd "$WORK/compare" && ls -d runs/*/log.txt) || true
+tar -czf "$OUT/compare/logs.tar.gz" -C "$WORK/compare" $(cd "$WORK/compare" && ls -d runs/*/log.txt runs/*/metrics.jsonl 2>/dev/null) || true
 echo "compare_methods exit $rc; total $(( $(date +%s) - started )) s"
