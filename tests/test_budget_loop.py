@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from dsmoe.config import ConfigError
-from dsmoe.train.budget import BudgetError, RstEntry, RstTable, StepConfig
+from dsmoe.train.budget import BudgetError, RstClock, RstEntry, RstTable, StepConfig
 from dsmoe.train.logging import read_metrics
 from dsmoe.train.loop import run
 
@@ -204,3 +204,34 @@ def test_the_launcher_trains_a_method_under_a_budget_and_exports(tmp_path, cache
     assert "RST budget: 0.79 s of 1.00 s spent in 3 steps (finished)" in proc.stdout
     assert "held-out perplexity" in proc.stdout
     assert (tmp_path / "run" / "checkpoints" / "step_00000003").is_dir()
+
+
+def test_stack_engine_copies_every_block_with_its_weights_and_optimizer_moments(small_cfg, tmp_path):
+    """Layer stacking inside a running engine (grow.stack_engine): block L + i starts as block i, fp32
+    master and the optimizer's own moments (Lion: exp_avg only), and the LR and step count carry on."""
+    import re
+
+    from dsmoe.train import checkpoint
+    from dsmoe.train.grow import stack_engine
+
+    write_table(tmp_path / "t.json")
+    cfg = small_cfg(*budget_args(tmp_path / "t.json", 0.5, "train.optimizer=lion", "train.lr=1e-3"))
+    result = run(cfg)
+    assert result.steps == 2
+    before, lr = checkpoint.full_state(result.engine), result.engine.get_lr()
+    clock = RstClock(RstTable.load(tmp_path / "t.json"), 0.5)  # the run's clock at its end
+    clock.load_state_dict(result.budget["clock"])
+    engine = stack_engine(result.engine, cfg, result.engine.dsmoe_dims, clock=clock)
+    after = checkpoint.full_state(engine)
+    assert len(engine.module.blocks) == 2 * LAYERS and checkpoint.moments_of(engine) == ("exp_avg",)
+    copies = 0
+    for name, value in before.items():
+        assert torch.equal(after[name], value), name
+        match = re.match(r"^((?:exp_avg/)?)blocks\.(\d+)\.(.+)$", name)
+        if match:
+            twin = f"{match[1]}blocks.{int(match[2]) + LAYERS}.{match[3]}"
+            assert torch.equal(after[twin], value), twin
+            copies += 1
+    assert copies > 0 and any(k.startswith("exp_avg/blocks.") for k in before)
+    assert len(after) == len(before) + copies  # nothing else appeared
+    assert engine.get_lr() == lr and checkpoint.engine_counters(engine)["adam_step"] == 2.0

@@ -406,6 +406,7 @@ def run(cfg: Config) -> RunResult:
             wall_s=budgeted.wall_s(),
             finished=finished,
             charges={p.describe(): n for p, n in c.charges.items()},
+            clock=c.state_dict(),
         )
         if dims.is_main:
             print(
