@@ -95,3 +95,4 @@ def test_compare_methods_runs_every_method_and_writes_the_table_and_plot(tmp_pat
     text = (out / "results.md").read_text()
     assert "| rho_loss |" in text and "ppl prose" in text
     assert (out / "val_loss_vs_rst.png").stat().st_size > 1000
+    assert (out / "curves_vs_rst.png").stat().st_size > 1000

@@ -20,8 +20,9 @@ changes; wall is measured under that concurrency).
 --tokens DIR: a directory of uint16 token files from tools/ablate_data.py (train_all.bin, val_all.bin,
 val_<domain>.bin, tokenizer.json); per-domain perplexity is measured on every val_<domain>.bin.
 
-Writes <out>/results.json (every run), <out>/results.md (the table: mean and spread over seeds) and
-<out>/val_loss_vs_rst.png.
+Writes <out>/results.json (every run), <out>/results.md (the table: mean and spread over seeds),
+<out>/val_loss_vs_rst.png, and <out>/curves_vs_rst.png (training loss and LR against RST, largest budget,
+first seed; --replot RUNS_DIR draws it again from saved runs).
 """
 
 from __future__ import annotations
@@ -249,14 +250,46 @@ def summarise(runs: list[dict], out: Path, meta: dict) -> None:
     fig.savefig(out / "val_loss_vs_rst.png", dpi=120)
 
 
+def plot_curves(runs_dir: Path, budget: float, seed: int, path: Path) -> Path:
+    """Training loss (EMA-smoothed) and learning rate against RST for every method's run at one budget and
+    seed, from the runs' metrics.jsonl: every schedule reaches its final LR where the budget ends."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from dsmoe.train.logging import read_metrics
+
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 6), sharex=True, height_ratios=[2, 1])
+    for name in METHODS:
+        run_dir = runs_dir / f"{name}_b{budget:g}_s{seed}"
+        if not (run_dir / "metrics.jsonl").is_file():
+            continue
+        metrics = read_metrics(run_dir)
+        rst = [m["rst_s"] for m in metrics]
+        smooth, ema = [], None
+        for m in metrics:
+            ema = m["loss"] if ema is None else 0.95 * ema + 0.05 * m["loss"]
+            smooth.append(ema)
+        width = 2.5 if name == "baseline" else 1
+        top.plot(rst, smooth, label=name, lw=width)
+        bottom.plot(rst, [m["lr"] for m in metrics], label=name, lw=width)
+    top.set_ylabel("training loss (EMA 0.95)")
+    top.set_title(f"budget {budget:g} s RST, seed {seed}", fontsize=9)
+    top.legend(fontsize=8)
+    bottom.set_ylabel("learning rate")
+    bottom.set_xlabel("reference system time spent (s)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return path
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--config", default=str(REPO / "configs" / "tiny.yaml"))
-    parser.add_argument(
-        "--tokens", required=True, help="token directory (train_all.bin, val_<domain>.bin, ...)"
-    )
+    parser.add_argument("--tokens", help="token directory (train_all.bin, val_<domain>.bin, ...)")
     parser.add_argument("--table", help="RST table (tools/calibrate_rst.py); required unless --worker")
     parser.add_argument("--budgets", type=float, nargs="+", default=[15.0, 60.0], help="seconds of RST")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2])
@@ -267,12 +300,26 @@ def main() -> int:
     )
     parser.add_argument("--out", required=True)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--replot",
+        metavar="RUNS_DIR",
+        help="only draw <out>/curves_vs_rst.png from RUNS_DIR/<method>_b<budget>_s<seed>/metrics.jsonl "
+        "(the largest --budgets, the first --seeds)",
+    )
     parser.add_argument("overrides", nargs="*", help="key=value for every run (e.g. model shape)")
     args = parser.parse_args()
     if args.worker:
         return worker(args)
-    if not args.table:
-        parser.error("--table is required")
+    if args.replot:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        print(
+            plot_curves(
+                Path(args.replot), max(args.budgets), args.seeds[0], Path(args.out) / "curves_vs_rst.png"
+            )
+        )
+        return 0
+    if not args.table or not args.tokens:
+        parser.error("--table and --tokens are required")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     tokens = Path(args.tokens).resolve()
@@ -360,6 +407,7 @@ def main() -> int:
         "common_overrides": BASE + args.overrides,
     }
     summarise(runs, out, meta)
+    plot_curves(out / "runs", max(args.budgets), args.seeds[0], out / "curves_vs_rst.png")
     print(f"{len(runs)} runs in {meta['total_wall_s']:.0f} s: {out}/results.md, {out}/val_loss_vs_rst.png")
     return 0 if all("val_loss" in r for r in runs) else 1
 
