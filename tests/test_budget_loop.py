@@ -119,9 +119,16 @@ def test_a_slower_machine_stops_at_the_same_step(small_cfg, tmp_path, monkeypatc
     assert slowed.budget["rst_s"] == fast.budget["rst_s"] and slowed.budget["wall_s"] > fast.budget["wall_s"]
 
 
-def test_resume_keeps_the_budget(small_cfg, tmp_path):
+@pytest.mark.parametrize(
+    "optimizer",
+    [("train.optimizer=lion",), ("train.optimizer=sophia", "train.sophia_hessian_interval=2")],
+    ids=["lion", "sophia"],
+)
+def test_resume_keeps_the_budget(small_cfg, tmp_path, optimizer):
+    """Stopped at step 3 and resumed: the same steps, losses and LRs as one run, with the optimizer's own
+    moments (Lion: exp_avg; Sophia-G: exp_avg and the Hessian EMA) restored."""
     write_table(tmp_path / "t.json")
-    args = budget_args(tmp_path / "t.json", 1.5, "train.optimizer=lion", "train.lr=1e-3")
+    args = budget_args(tmp_path / "t.json", 1.5, *optimizer, "train.lr=1e-3")
     full = run(small_cfg(*args, run_dir=tmp_path / "full"))
     first = run(small_cfg(*args, "train.exit_at_step=3", run_dir=tmp_path / "cut"))
     assert first.steps == 3
@@ -131,11 +138,7 @@ def test_resume_keeps_the_budget(small_cfg, tmp_path):
     logged = read_metrics(tmp_path / "cut")
     assert [m["lr"] for m in logged] == [m["lr"] for m in read_metrics(tmp_path / "full")]
     with pytest.raises(BudgetError, match="same budget"):
-        run(
-            small_cfg(
-                *budget_args(tmp_path / "t.json", 3.0), "train.optimizer=lion", run_dir=tmp_path / "cut"
-            )
-        )
+        run(small_cfg(*budget_args(tmp_path / "t.json", 3.0), *optimizer, run_dir=tmp_path / "cut"))
 
 
 @pytest.mark.parametrize(
