@@ -14,7 +14,9 @@ from dsmoe.data.corpus import load_corpus
 from dsmoe.data.sampler import eval_windows
 from dsmoe.data.tokens import encode_documents, open_pretokenized
 from dsmoe.export import is_export, load_export, load_from_run
-from dsmoe.model import TRAINING, DecoderLM, Routing
+from dsmoe.model import TRAINING, DecoderLM, Routing, RoutingRule
+from dsmoe.model.attention import apply_rope, rope_cos_sin
+from dsmoe.model.sparse import moe_topk_forward
 
 
 @dataclass
@@ -205,4 +207,209 @@ def generate(
         if bool(finished.all()) or cache.length == total:
             break
         logits = model(next_token, routing=routing, cache=cache).logits[:, -1]
+    return torch.cat(tokens, dim=1)
+
+
+class Engine:
+    """Fast generation over a DecoderLM's own weights (nothing copied): a static KV cache, no routing
+    statistics, sync-free top-K MLP experts (dsmoe/model/sparse.py) and, on CUDA, each decode step
+    replayed as one captured CUDA graph.
+
+    The cache is preallocated for `batch` sequences of `max_len` tokens, so a decode step has fixed shapes:
+    the new token's position is a device tensor, its K/V are written there, and attention reads the whole
+    cache with the positions after it masked. Every attention expert runs (the paper's rule; routing
+    .attention must be dense); the MLP takes routing.mlp: top-K is graph-safe, the threshold rules need a
+    host sync per layer and run eagerly. Prefill returns the last position's logits unless asked for all.
+    """
+
+    def __init__(
+        self,
+        model: DecoderLM,
+        routing: Routing = TRAINING,
+        batch: int = 1,
+        max_len: int | None = None,
+        cuda_graph: bool | None = None,
+        expert_path: str | None = None,
+    ):
+        cfg = model.cfg
+        if cfg.is_encoder:
+            raise ValueError("Engine generates with decoders; an encoder has no next-token logits")
+        if routing.attention.mode != "dense":
+            raise ValueError(
+                f"Engine keeps every attention expert (the paper's rule): routing.attention must be dense, "
+                f"got {routing.attention}"
+            )
+        masked = model.channel_mask is not None or any(
+            getattr(b, "channel_mask", None) is not None
+            or getattr(b, "gate", None) is not None
+            or b.attn.head_mask is not None
+            or getattr(b.mlp, "unit_mask", None) is not None
+            or (b.attn.router is not None and b.attn.router.logit_bias is not None)
+            or (getattr(b.mlp, "routed", False) and b.mlp.router.logit_bias is not None)
+            for b in model.blocks
+        )
+        if masked:
+            raise ValueError("Engine runs finished models: this one is in the middle of a growth ramp")
+        self.model, self.routing, self.expert_path = model.eval(), routing, expert_path
+        weight = model.embed.weight
+        self.device, self.dtype = weight.device, weight.dtype
+        self.batch, self.max_len = batch, max_len or cfg.max_seq_len
+        if self.max_len > cfg.max_seq_len:
+            raise ValueError(f"max_len {self.max_len} exceeds model.max_seq_len {cfg.max_seq_len}")
+        shape = (cfg.n_layers, batch, cfg.attention.num_kv_heads, self.max_len, cfg.head_dim)
+        self.k = torch.zeros(shape, device=self.device, dtype=self.dtype)
+        self.v = torch.zeros(shape, device=self.device, dtype=self.dtype)
+        self.cos, self.sin = rope_cos_sin(self.max_len, cfg.head_dim, cfg.attention.rope_theta, self.device)
+        self.positions = torch.arange(self.max_len, device=self.device)
+        self.pos = torch.zeros((), dtype=torch.long, device=self.device)  # the decode step's position
+        self.length = 0
+        graph_safe = routing.mlp.mode in ("dense", "top_k")
+        self.cuda_graph = (self.device.type == "cuda" and graph_safe) if cuda_graph is None else cuda_graph
+        if self.cuda_graph and not graph_safe:
+            raise ValueError(f"routing {routing.mlp} syncs with the host: it cannot run in a CUDA graph")
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.static_token = torch.zeros(batch, 1, dtype=torch.long, device=self.device)
+        self.static_logits: torch.Tensor | None = None
+
+    def reset(self) -> None:
+        """Forget the cached tokens (the captured graph stays valid: it reads the position tensor)."""
+        self.length = 0
+
+    @torch.no_grad()
+    def prefill(self, idx: torch.Tensor, all_logits: bool = False) -> torch.Tensor:
+        """(B, T) tokens continuing the cached ones -> (B, V) last-position logits, or (B, T, V)."""
+        B, T = idx.shape
+        self._check(B, T)
+        logits = self._forward(idx, start=self.length, last_only=not all_logits)
+        self.length += T
+        return logits if all_logits else logits[:, -1]
+
+    @torch.no_grad()
+    def decode(self, token: torch.Tensor) -> torch.Tensor:
+        """(B, 1) next tokens -> (B, V) logits; a captured CUDA graph replays on CUDA."""
+        self._check(token.shape[0], 1)
+        self.pos.fill_(self.length)
+        if not self.cuda_graph:
+            logits = self._forward(token, pos=self.pos)[:, -1]
+        else:
+            self.static_token.copy_(token)
+            if self.graph is None:
+                self._capture()
+            self.graph.replay()
+            logits = self.static_logits
+        self.length += 1
+        return logits
+
+    def _check(self, batch: int, new: int) -> None:
+        if batch != self.batch:
+            raise ValueError(f"Engine was built for batch {self.batch}, got {batch}")
+        if self.length + new > self.max_len:
+            raise ValueError(
+                f"sequence length {self.length + new} exceeds the engine's max_len {self.max_len}"
+            )
+
+    def _capture(self) -> None:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):  # warm up (Triton compiles, cuBLAS handles) off the capture
+            for _ in range(2):
+                self._forward(self.static_token, pos=self.pos)
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.static_logits = self._forward(self.static_token, pos=self.pos)[:, -1]
+
+    def _forward(self, idx, start: int = 0, pos: torch.Tensor | None = None, last_only: bool = True):
+        model = self.model
+        x = model.embed(idx)  # (B, T, D)
+        T = idx.shape[1]
+        if pos is None:
+            cos, sin = self.cos[start : start + T], self.sin[start : start + T]
+        else:
+            cos, sin = self.cos.index_select(0, pos.view(1)), self.sin.index_select(0, pos.view(1))
+        for layer, block in enumerate(model.blocks):
+            x = x + self._attention(layer, block.attn, block.attn_norm(x), cos, sin, start, pos)
+            x = x + self._mlp(block.mlp, block.mlp_norm(x))
+        if last_only:
+            x = x[:, -1:]
+        return model.lm_head(model.final_norm(x))
+
+    def _attention(self, layer, attn, h, cos, sin, start, pos):
+        B, T, D = h.shape
+        q = attn.project_q(h, attn.q_proj.weight)  # (B, T, H, hd)
+        k, v = attn.project_kv(h, cos, sin)  # (B, KV, T, hd)
+        if pos is None:  # prefill: positions start.. start + T
+            self.k[layer, :, :, start : start + T] = k
+            self.v[layer, :, :, start : start + T] = v
+            keys, values = self.k[layer, :, :, : start + T], self.v[layer, :, :, : start + T]
+            y = attn.attend(q, keys, values, cos, sin)  # (B, T, H, hd)
+        else:  # decode one token at the device position `pos`, over the whole masked cache
+            self.k[layer].index_copy_(2, pos.view(1), k)
+            self.v[layer].index_copy_(2, pos.view(1), v)
+            y = self._decode_attention(apply_rope(q.transpose(1, 2), cos, sin), layer, pos)
+        if attn.router is not None:  # MoA, every expert kept: scale expert e's heads by its probability
+            probs_TE = attn.router(h.reshape(B * T, D))
+            y = y.reshape(B, T, attn.num_experts, -1) * probs_TE.view(B, T, -1, 1).to(y.dtype)
+        return attn.o_proj(y.reshape(B, T, -1))
+
+    def _decode_attention(self, q_BH1d: torch.Tensor, layer: int, pos: torch.Tensor) -> torch.Tensor:
+        """One query per sequence over the cache (B, KV, S, hd), query heads grouped per K/V head, no copy
+        of the cache; fp32 softmax; positions after `pos` masked. Returns (B, 1, H, hd)."""
+        B, H, _, hd = q_BH1d.shape
+        keys, values = self.k[layer], self.v[layer]
+        KV = keys.shape[1]
+        q = q_BH1d.reshape(B, KV, H // KV, hd)
+        scores = (q @ keys.transpose(-2, -1)).float() / math.sqrt(hd)  # (B, KV, G, S)
+        scores = scores.masked_fill(self.positions > pos, float("-inf"))
+        y = scores.softmax(-1).to(values.dtype) @ values  # (B, KV, G, hd)
+        return y.reshape(B, 1, H, hd)
+
+    def _mlp(self, mlp, h: torch.Tensor) -> torch.Tensor:
+        if not getattr(mlp, "routed", False):
+            return mlp(h)[0]
+        x_TD = h.reshape(-1, h.shape[-1])
+        probs_TE = mlp.router(x_TD)
+        rule = self.routing.mlp
+        if rule.mode == "dense" and mlp.train_top_k:  # an SMoE runs as it was trained
+            rule = RoutingRule("top_k", k=mlp.train_top_k)
+        if rule.mode == "dense":
+            y_TD = mlp._dense_forward(x_TD, probs_TE)
+        elif rule.mode == "top_k":
+            weights_TK, experts_TK = probs_TE.topk(min(rule.k, mlp.num_experts), dim=-1)
+            if mlp.renormalize:
+                weights_TK = weights_TK / weights_TK.sum(-1, keepdim=True).clamp_min(1e-20)
+            y_TD = moe_topk_forward(
+                x_TD, weights_TK, experts_TK, mlp.w_in, mlp.w_out, mlp.activation, self.expert_path
+            )
+        else:
+            y_TD, _ = mlp._sparse_forward(x_TD, probs_TE, rule, mlp.renormalize)
+        return y_TD.view_as(h)
+
+
+@torch.no_grad()
+def generate_fast(
+    engine: Engine,
+    prompt: torch.Tensor,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    eos_id: int | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """`generate` on an Engine (its cache starts empty): the same sampling and stopping, static shapes."""
+    engine.reset()
+    B, T = prompt.shape
+    total = min(T + max_new_tokens, engine.max_len)
+    logits = engine.prefill(prompt)
+    tokens, finished = [prompt], torch.zeros(B, dtype=torch.bool, device=prompt.device)
+    for _ in range(total - T):
+        next_token = sample_next(logits, temperature, top_k, top_p, generator)
+        if eos_id is not None:
+            next_token = next_token.masked_fill(finished.unsqueeze(-1), eos_id)
+            finished |= next_token.squeeze(-1) == eos_id
+        tokens.append(next_token)
+        if (eos_id is not None and bool(finished.all())) or engine.length == total:
+            break
+        logits = engine.decode(next_token)
     return torch.cat(tokens, dim=1)
