@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch._dynamo
+import torch.nn.functional as F
 from tokenizers import Tokenizer
 
 from dsmoe import config as config_lib
@@ -220,6 +223,7 @@ class Engine:
     cache with the positions after it masked. Every attention expert runs (the paper's rule; routing
     .attention must be dense); the MLP takes routing.mlp: top-K is graph-safe, the threshold rules need a
     host sync per layer and run eagerly. Prefill returns the last position's logits unless asked for all.
+    `compile` runs the decode step's per-layer segments through torch.compile (fewer, fused kernels).
     """
 
     def __init__(
@@ -230,6 +234,7 @@ class Engine:
         max_len: int | None = None,
         cuda_graph: bool | None = None,
         expert_path: str | None = None,
+        compile: bool = False,
     ):
         cfg = model.cfg
         if cfg.is_encoder:
@@ -270,6 +275,17 @@ class Engine:
         self.graph: torch.cuda.CUDAGraph | None = None
         self.static_token = torch.zeros(batch, 1, dtype=torch.long, device=self.device)
         self.static_logits: torch.Tensor | None = None
+        self._layers = [_layer_weights(b) for b in model.blocks]
+        a = cfg.attention
+        self._top_k = _decode_top_k(model, routing.mlp)
+        self._pre = functools.partial(
+            _decode_pre, eps=cfg.norm_eps, n_heads=a.num_heads, n_kv=a.num_kv_heads, head_dim=cfg.head_dim
+        )
+        self._post = functools.partial(_decode_post, eps=cfg.norm_eps, top_k=self._top_k)
+        if compile:  # fuse each segment's small kernels; shapes are static, every layer reuses the code
+            # one version per (batch, K, first layer or not): more than dynamo's default 8 in a sweep
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+            self._pre, self._post = torch.compile(self._pre), torch.compile(self._post)
 
     def reset(self) -> None:
         """Forget the cached tokens (the captured graph stays valid: it reads the position tensor)."""
@@ -323,46 +339,59 @@ class Engine:
         model = self.model
         x = model.embed(idx)  # (B, T, D)
         T = idx.shape[1]
-        if pos is None:
-            cos, sin = self.cos[start : start + T], self.sin[start : start + T]
-        else:
-            cos, sin = self.cos.index_select(0, pos.view(1)), self.sin.index_select(0, pos.view(1))
+        if pos is not None:
+            return self._decode_forward(x, pos)
+        cos, sin = self.cos[start : start + T], self.sin[start : start + T]
         for layer, block in enumerate(model.blocks):
-            x = x + self._attention(layer, block.attn, block.attn_norm(x), cos, sin, start, pos)
+            x = x + self._attention(layer, block.attn, block.attn_norm(x), cos, sin, start)
             x = x + self._mlp(block.mlp, block.mlp_norm(x))
         if last_only:
             x = x[:, -1:]
         return model.lm_head(model.final_norm(x))
 
-    def _attention(self, layer, attn, h, cos, sin, start, pos):
+    def _decode_forward(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """One token per sequence at the device position `pos`: per layer a `pre` segment (residual, norm,
+        projections, RoPE), the K/V written into the cache at `pos`, a `post` segment (attention over the
+        whole masked cache, MoA scaling, output projection, residual, norm, router, top-K), then the
+        experts. The segments are pure functions of tensors, so one compiled version serves every layer."""
+        cos, sin = self.cos.index_select(0, pos.view(1)), self.sin.index_select(0, pos.view(1))
+        carry = None
+        for layer, (block, w) in enumerate(zip(self.model.blocks, self._layers, strict=True)):
+            x, h, q, k, v = self._pre(x, carry, w.attn_norm, w.q, w.k, w.v, w.q_norm, w.k_norm, cos, sin)
+            self.k[layer].index_copy_(2, pos.view(1), k)
+            self.v[layer].index_copy_(2, pos.view(1), v)
+            x, h, gate, experts = self._post(
+                x, h, q, self.k[layer], self.v[layer], pos, self.positions, w.o, w.attn_router, w.mlp_norm,
+                w.mlp_router, block.mlp.renormalize if w.mlp_router is not None else False,
+            )  # fmt: skip
+            carry = self._decode_mlp(block.mlp, h, gate, experts)
+        x = x + carry
+        return self.model.lm_head(self.model.final_norm(x))
+
+    def _decode_mlp(self, mlp, h, gate, experts) -> torch.Tensor:
+        if not getattr(mlp, "routed", False):
+            return mlp(h)[0]
+        x_TD = h.reshape(-1, h.shape[-1])
+        if experts is None:  # gate holds every expert's probability
+            rule = self.routing.mlp
+            if rule.mode in ("threshold", "threshold_top_k"):  # variable pairs: host sync, no graph
+                return mlp._sparse_forward(x_TD, gate, rule, mlp.renormalize)[0].view_as(h)
+            return mlp._dense_forward(x_TD, gate).view_as(h)
+        y_TD = moe_topk_forward(x_TD, gate, experts, mlp.w_in, mlp.w_out, mlp.activation, self.expert_path)
+        return y_TD.view_as(h)
+
+    def _attention(self, layer, attn, h, cos, sin, start):
         B, T, D = h.shape
         q = attn.project_q(h, attn.q_proj.weight)  # (B, T, H, hd)
         k, v = attn.project_kv(h, cos, sin)  # (B, KV, T, hd)
-        if pos is None:  # prefill: positions start.. start + T
-            self.k[layer, :, :, start : start + T] = k
-            self.v[layer, :, :, start : start + T] = v
-            keys, values = self.k[layer, :, :, : start + T], self.v[layer, :, :, : start + T]
-            y = attn.attend(q, keys, values, cos, sin)  # (B, T, H, hd)
-        else:  # decode one token at the device position `pos`, over the whole masked cache
-            self.k[layer].index_copy_(2, pos.view(1), k)
-            self.v[layer].index_copy_(2, pos.view(1), v)
-            y = self._decode_attention(apply_rope(q.transpose(1, 2), cos, sin), layer, pos)
+        self.k[layer, :, :, start : start + T] = k
+        self.v[layer, :, :, start : start + T] = v
+        keys, values = self.k[layer, :, :, : start + T], self.v[layer, :, :, : start + T]
+        y = attn.attend(q, keys, values, cos, sin)  # (B, T, H, hd)
         if attn.router is not None:  # MoA, every expert kept: scale expert e's heads by its probability
             probs_TE = attn.router(h.reshape(B * T, D))
             y = y.reshape(B, T, attn.num_experts, -1) * probs_TE.view(B, T, -1, 1).to(y.dtype)
         return attn.o_proj(y.reshape(B, T, -1))
-
-    def _decode_attention(self, q_BH1d: torch.Tensor, layer: int, pos: torch.Tensor) -> torch.Tensor:
-        """One query per sequence over the cache (B, KV, S, hd), query heads grouped per K/V head, no copy
-        of the cache; fp32 softmax; positions after `pos` masked. Returns (B, 1, H, hd)."""
-        B, H, _, hd = q_BH1d.shape
-        keys, values = self.k[layer], self.v[layer]
-        KV = keys.shape[1]
-        q = q_BH1d.reshape(B, KV, H // KV, hd)
-        scores = (q @ keys.transpose(-2, -1)).float() / math.sqrt(hd)  # (B, KV, G, S)
-        scores = scores.masked_fill(self.positions > pos, float("-inf"))
-        y = scores.softmax(-1).to(values.dtype) @ values  # (B, KV, G, hd)
-        return y.reshape(B, 1, H, hd)
 
     def _mlp(self, mlp, h: torch.Tensor) -> torch.Tensor:
         if not getattr(mlp, "routed", False):
@@ -384,6 +413,101 @@ class Engine:
         else:
             y_TD, _ = mlp._sparse_forward(x_TD, probs_TE, rule, mlp.renormalize)
         return y_TD.view_as(h)
+
+
+@dataclass
+class _LayerWeights:
+    """One block's tensors, as the decode segments take them (None where the block has no such part)."""
+
+    attn_norm: torch.Tensor
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    o: torch.Tensor
+    q_norm: torch.Tensor | None
+    k_norm: torch.Tensor | None
+    attn_router: torch.Tensor | None
+    mlp_norm: torch.Tensor
+    mlp_router: torch.Tensor | None
+
+
+def _layer_weights(block) -> _LayerWeights:
+    attn, routed = block.attn, getattr(block.mlp, "routed", False)
+    return _LayerWeights(
+        block.attn_norm.weight,
+        attn.q_proj.weight,
+        attn.k_proj.weight,
+        attn.v_proj.weight,
+        attn.o_proj.weight,
+        attn.q_norm.weight if attn.q_norm is not None else None,
+        attn.k_norm.weight if attn.k_norm is not None else None,
+        attn.router.weight if attn.router is not None else None,
+        block.mlp_norm.weight,
+        block.mlp.router.weight if routed else None,
+    )
+
+
+def _decode_top_k(model: DecoderLM, rule: RoutingRule) -> int:
+    """K of the decode segments' top-K (0: every expert, the dense MLP forward)."""
+    layers = model.moe_layers
+    if not layers:
+        return 0
+    train_top_k, experts = layers[0].train_top_k, layers[0].num_experts
+    if rule.mode == "dense":
+        return train_top_k  # an SMoE runs as it was trained
+    return min(rule.k, experts) if rule.mode == "top_k" else 0
+
+
+def _decode_pre(
+    x, carry, attn_norm, q_w, k_w, v_w, q_norm, k_norm, cos, sin, *, eps, n_heads, n_kv, head_dim
+):
+    """Residual of the previous MLP, attention norm, projections, QK-norm, RoPE of one new token per row.
+    Returns x, h and q (B, H, 1, hd), k, v (B, KV, 1, hd)."""
+    if carry is not None:
+        x = x + carry
+    B = x.shape[0]
+    h = F.rms_norm(x, (x.shape[-1],), attn_norm, eps)
+    q = (h @ q_w.T).view(B, 1, n_heads, head_dim)
+    k = (h @ k_w.T).view(B, 1, n_kv, head_dim)
+    if q_norm is not None:
+        q = F.rms_norm(q, (head_dim,), q_norm, eps)
+        k = F.rms_norm(k, (head_dim,), k_norm, eps)
+    v = (h @ v_w.T).view(B, 1, n_kv, head_dim).transpose(1, 2)
+    return x, h, apply_rope(q.transpose(1, 2), cos, sin), apply_rope(k.transpose(1, 2), cos, sin), v
+
+
+def _router_probs(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """dsmoe.model.moe.Router: fp32 scores over all experts and their softmax."""
+    dtype = torch.promote_types(h.dtype, torch.float32)
+    return F.softmax(F.linear(h.reshape(-1, h.shape[-1]).to(dtype), weight.to(dtype)), dim=-1)
+
+
+def _decode_post(
+    x, h, q, keys, values, pos, positions, o_w, attn_router, mlp_norm, mlp_router, renormalize, *, eps, top_k
+):
+    """Attention of one query per row over the whole cache (B, KV, S, hd), query heads grouped per K/V
+    head (no copy of the cache), fp32 softmax, positions after `pos` masked; MoA scaling (every expert
+    kept); output projection and residual; MLP norm and router. Returns x, the MLP input, and either
+    (weights, expert ids) of the top K or (all probabilities, None)."""
+    B, H, _, hd = q.shape
+    KV = keys.shape[1]
+    scores = (q.reshape(B, KV, H // KV, hd) @ keys.transpose(-2, -1)).float() / math.sqrt(hd)  # (B, KV, G, S)
+    scores = scores.masked_fill(positions > pos, float("-inf"))
+    y = (scores.softmax(-1).to(values.dtype) @ values).reshape(B, 1, H * hd)  # (B, 1, H x hd)
+    if attn_router is not None:
+        probs = _router_probs(h, attn_router)  # (B, E)
+        y = (y.view(B, 1, probs.shape[-1], -1) * probs.view(B, 1, -1, 1).to(y.dtype)).view(B, 1, -1)
+    x = x + y @ o_w.T
+    h = F.rms_norm(x, (x.shape[-1],), mlp_norm, eps)
+    if mlp_router is None:
+        return x, h, None, None
+    probs = _router_probs(h, mlp_router)
+    if not top_k:
+        return x, h, probs, None
+    weights, experts = probs.topk(top_k, dim=-1)
+    if renormalize:
+        weights = weights / weights.sum(-1, keepdim=True).clamp_min(1e-20)
+    return x, h, weights, experts
 
 
 @torch.no_grad()

@@ -161,12 +161,12 @@ def bench_prefill(model, rule_list, batch: int, seq: int, repeats: int) -> list[
     return rows
 
 
-def bench_decode(model, rule_list, batch: int, prompt: int, steps: int) -> list[dict]:
+def bench_decode(model, rule_list, batch: int, prompt: int, steps: int, compile: bool = False) -> list[dict]:
     idx = torch.randint(0, model.cfg.vocab_size, (batch, prompt), device=DEVICE)
     token = idx[:, -1:].clone()
     rows = []
     for name, routing in rule_list:
-        engine = Engine(model, routing, batch=batch, max_len=prompt + 2 * steps + 8)
+        engine = Engine(model, routing, batch=batch, max_len=prompt + 2 * steps + 8, compile=compile)
         engine.prefill(idx)
         for _ in range(4):  # capture + warm-up
             engine.decode(token)
@@ -188,7 +188,7 @@ def bench_decode(model, rule_list, batch: int, prompt: int, steps: int) -> list[
     return rows
 
 
-def bench_hf(model, cfg, prompt_len: int, new_tokens: int) -> dict:
+def bench_hf(model, cfg, prompt_len: int, new_tokens: int, compile: bool = False) -> dict:
     """dsmoe's Engine vs transformers' generate() on the same exported model (top-4 MLP, greedy, batch 1)."""
     from tokenizers import Tokenizer, models
     from transformers import AutoModelForCausalLM
@@ -211,7 +211,7 @@ def bench_hf(model, cfg, prompt_len: int, new_tokens: int) -> dict:
         hf_out = hf.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kw)
         sync()
         hf_s = time.perf_counter() - t0
-    engine = Engine(model, routing, batch=1, max_len=prompt_len + new_tokens)
+    engine = Engine(model, routing, batch=1, max_len=prompt_len + new_tokens, compile=compile)
     generate_fast(engine, prompt, 4, temperature=0)  # warm-up and graph capture
     sync()
     t0 = time.perf_counter()
@@ -282,6 +282,9 @@ def main() -> int:
     parser.add_argument("--out-dir", default=str(REPO / "benchmarks"))
     parser.add_argument("--quick", action="store_true", help="fewer rules and repeats")
     parser.add_argument("--skip-hf", action="store_true")
+    parser.add_argument(
+        "--compile", action="store_true", help="decode engines compile their per-layer segments (every rule)"
+    )
     parser.add_argument("--ppl", help="run or export directory: CPU perplexity sweep only")
     parser.add_argument("--ppl-max-tokens", type=int, default=32768)
     parser.add_argument(
@@ -318,6 +321,7 @@ def main() -> int:
         "command": f"python tools/bench_infer.py {' '.join(sys.argv[1:])}",
         "torch": torch.__version__,
         "config": args.config,
+        "compile": args.compile,
         "params": model.num_params(),
     }
     probe = torch.randint(0, cfg.model.vocab_size, (4, min(512, cfg.model.max_seq_len)), device=DEVICE)
@@ -333,11 +337,12 @@ def main() -> int:
     result["prefill"] = bench_prefill(model, rule_list, batch, seq, reps)
     print("prefill", result["prefill"], f"{time.time() - t0:.0f}s", flush=True)
     for batch in (1, 64):
-        result[f"decode_b{batch}"] = bench_decode(model, rule_list, batch, 64, 32 if args.quick else 64)
+        steps = 32 if args.quick else 64
+        result[f"decode_b{batch}"] = bench_decode(model, rule_list, batch, 64, steps, args.compile)
         print(f"decode b{batch}", result[f"decode_b{batch}"], f"{time.time() - t0:.0f}s", flush=True)
     if not args.skip_hf:
         try:
-            result["hf"] = bench_hf(model, cfg, 64, 32)
+            result["hf"] = bench_hf(model, cfg, 64, 32, args.compile)
         except Exception as e:  # report, keep the rest of the run
             result["hf"] = {"error": f"{type(e).__name__}: {e}"}
         print("hf", result["hf"], f"{time.time() - t0:.0f}s", flush=True)
@@ -383,7 +388,8 @@ def write_report(result: dict, profiles: dict, out_dir: Path, ppl_json: Path) ->
         f"({result['params'] / 1e6:.0f}M parameters, {result['config']})",
         f"- command: `{result['command']}`",
         "- every rule runs the same weights through dsmoe.infer.Engine (static KV cache, no routing statistics; "
-        "decode steps are CUDA graphs except the threshold rules, which sync with the host)",
+        "decode steps are CUDA graphs except the threshold rules, which sync with the host; decode segments "
+        f"{'compiled (torch.compile)' if result['compile'] else 'not compiled'})",
         "",
         "## Targets (issue #6)",
         "",
