@@ -19,7 +19,7 @@ from dsmoe.data.tokens import encode_documents, open_pretokenized
 from dsmoe.export import is_export, load_export, load_from_run
 from dsmoe.model import TRAINING, DecoderLM, Routing, RoutingRule
 from dsmoe.model.attention import apply_rope, rope_cos_sin
-from dsmoe.model.sparse import moe_topk_forward
+from dsmoe.model.sparse import moe_topk_forward, pick_path, route_topk
 
 
 @dataclass
@@ -282,6 +282,9 @@ class Engine:
             _decode_pre, eps=cfg.norm_eps, n_heads=a.num_heads, n_kv=a.num_kv_heads, head_dim=cfg.head_dim
         )
         self._post = functools.partial(_decode_post, eps=cfg.norm_eps, top_k=self._top_k)
+        # Few tokens on CUDA: router, softmax and top-K in one Triton kernel before the gather-GEMV experts.
+        probe = torch.empty(batch, cfg.d_model, device=self.device, dtype=self.dtype)
+        self._fused_route = bool(self._top_k) and expert_path in (None, "gemv") and pick_path(probe) == "gemv"
         if compile:  # fuse each segment's small kernels; shapes are static, every layer reuses the code
             # one version per (batch, K, first layer or not): more than dynamo's default 8 in a sweep
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
@@ -362,7 +365,8 @@ class Engine:
             self.v[layer].index_copy_(2, pos.view(1), v)
             x, h, gate, experts = self._post(
                 x, h, q, self.k[layer], self.v[layer], pos, self.positions, w.o, w.attn_router, w.mlp_norm,
-                w.mlp_router, block.mlp.renormalize if w.mlp_router is not None else False,
+                None if self._fused_route else w.mlp_router,
+                block.mlp.renormalize if w.mlp_router is not None else False,
             )  # fmt: skip
             carry = self._decode_mlp(block.mlp, h, gate, experts)
         x = x + carry
@@ -372,6 +376,10 @@ class Engine:
         if not getattr(mlp, "routed", False):
             return mlp(h)[0]
         x_TD = h.reshape(-1, h.shape[-1])
+        if self._fused_route:
+            gate, experts = route_topk(x_TD, mlp.router.weight, self._top_k)
+            if mlp.renormalize:
+                gate = gate / gate.sum(-1, keepdim=True).clamp_min(1e-20)
         if experts is None:  # gate holds every expert's probability
             rule = self.routing.mlp
             if rule.mode in ("threshold", "threshold_top_k"):  # variable pairs: host sync, no graph

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dsmoe.model.sparse import moe_topk_forward
+from dsmoe.model.sparse import moe_topk_forward, route_topk
 
 pytestmark = pytest.mark.gpu
 
@@ -35,6 +35,18 @@ def test_fast_expert_paths_equal_the_portable_loop(activation, tokens, k, path):
     assert fast.dtype == torch.bfloat16 and fast.shape == (tokens, D)
     assert torch.isfinite(fast).all()
     assert relative_error(fast, reference) < 1e-2
+
+
+@pytest.mark.parametrize("experts, k", [(32, 4), (12, 3), (8, 8)])
+def test_fused_router_topk_equals_softmax_topk(experts, k):
+    torch.manual_seed(experts)
+    h = torch.randn(16, 320, device="cuda").bfloat16()
+    weight = (torch.randn(experts, 320, device="cuda") * 0.1).bfloat16()
+    gates, ids = route_topk(h, weight, k)
+    probs = torch.softmax(h.double() @ weight.double().T, dim=-1)
+    reference = probs.topk(k, dim=-1)
+    assert torch.equal(ids, reference.indices)  # random scores: no ties
+    torch.testing.assert_close(gates.double(), reference.values, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("mlp", ["dense", "top_k"])

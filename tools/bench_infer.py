@@ -347,7 +347,7 @@ def main() -> int:
             result["hf"] = {"error": f"{type(e).__name__}: {e}"}
         print("hf", result["hf"], f"{time.time() - t0:.0f}s", flush=True)
     top4 = Routing(RoutingRule("top_k", k=4))
-    eager = Engine(model, top4, batch=1, max_len=128, cuda_graph=False)
+    eager = Engine(model, top4, batch=1, max_len=128, cuda_graph=False, compile=args.compile)
     eager.prefill(probe[:1, :64])
     profiles = {"decode b1 top-4 (eager step)": profile_table(lambda: eager.decode(probe[:1, :1]))}
     pre = Engine(model, top4, batch=batch, max_len=seq)

@@ -102,8 +102,11 @@ def moe_topk_forward(
                 h = activate(x_sorted[rows] @ w_in[expert].T, activation)
                 out_sorted[rows] = (h @ w_out[expert]) * w_sorted[rows]
                 start += count
-    out_pairs = torch.zeros_like(out_sorted).index_copy(0, order, out_sorted)  # back to (t, k) order
-    return out_pairs.view(T, K, -1).sum(1)
+    # Row of pair (t, k) in the sorted order: the inverse permutation (a scatter of P ints, no sort).
+    inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+    if out_sorted.is_cuda and not torch.is_grad_enabled() and triton_available():
+        return gather_sum(out_sorted, inverse.view(T, K))  # one pass: each token sums its K rows
+    return out_sorted.index_select(0, inverse).view(T, K, -1).sum(1)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -116,6 +119,47 @@ ACTIVATIONS = {"gelu": 0, "swiglu": 1, "geglu": 2}
 def _gemv_kernels():
     import triton
     import triton.language as tl
+
+    @triton.jit
+    def gather_sum_kernel(src_ptr, rows_ptr, y_ptr, D, K: tl.constexpr, BLOCK_D: tl.constexpr):
+        """y[t, d] = sum_k src[rows[t, k], d] for one block of d (fp32 sum)."""
+        t = tl.program_id(0).to(tl.int64)
+        offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+        mask_d = offs_d < D
+        acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+        for k in tl.static_range(K):
+            row = tl.load(rows_ptr + t * K + k).to(tl.int64)
+            acc += tl.load(src_ptr + row * D + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+        tl.store(y_ptr + t * D + offs_d, acc.to(y_ptr.dtype.element_ty), mask=mask_d)
+
+    @triton.jit
+    def route_topk_kernel(
+        h_ptr, w_ptr, gate_ptr, expert_ptr, D, E,
+        K: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):  # fmt: skip
+        """One token: fp32 router scores over all E experts, their softmax, and the K largest
+        probabilities (descending) with their expert ids."""
+        t = tl.program_id(0).to(tl.int64)
+        offs_e = tl.arange(0, BLOCK_E)
+        mask_e = offs_e < E
+        acc = tl.zeros([BLOCK_E], dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            offs_d = d0 + tl.arange(0, BLOCK_D)
+            mask_d = offs_d < D
+            hv = tl.load(h_ptr + t * D + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+            m = mask_e[:, None] & mask_d[None, :]
+            w = tl.load(w_ptr + offs_e[:, None] * D + offs_d[None, :], mask=m, other=0.0).to(tl.float32)
+            acc += tl.sum(w * hv[None, :], axis=1)
+        logits = tl.where(mask_e, acc, float("-inf"))
+        p = tl.exp(logits - tl.max(logits, axis=0))
+        p = p / tl.sum(p, axis=0)
+        remaining = tl.where(mask_e, p, -1.0)
+        for k in tl.static_range(K):
+            best = tl.max(remaining, axis=0)
+            idx = tl.min(tl.where(remaining == best, offs_e, BLOCK_E), axis=0)
+            tl.store(gate_ptr + t * K + k, best)
+            tl.store(expert_ptr + t * K + k, idx.to(tl.int64))
+            remaining = tl.where(offs_e == idx, -1.0, remaining)
 
     @triton.jit
     def up_kernel(
@@ -152,27 +196,26 @@ def _gemv_kernels():
 
     @triton.jit
     def down_kernel(
-        h_ptr, w_ptr, e_ptr, g_ptr, y_ptr, D, F,
+        h_ptr, w_ptr, e_ptr, g_ptr, y_ptr, P, D, F,
         BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr,
     ):  # fmt: skip
-        """y[p, d] = g_p * sum_f h[p, f] * w_out[e_p, f, d] for one block of d."""
-        p = tl.program_id(0)
+        """y[s, p, d] = g_p * sum_{f in split s} h[p, f] * w_out[e_p, f, d]: one (BLOCK_F, BLOCK_D) tile of
+        the expert's rows per program, the splits summed afterwards (no atomics)."""
+        p = tl.program_id(0).to(tl.int64)
         offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+        split = tl.program_id(2)
+        offs_f = split * BLOCK_F + tl.arange(0, BLOCK_F)
         mask_d = offs_d < D
+        mask_f = offs_f < F
         e = tl.load(e_ptr + p).to(tl.int64)
-        w_base = w_ptr + e * F * D
-        acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-        for f0 in range(0, F, BLOCK_F):
-            offs_f = f0 + tl.arange(0, BLOCK_F)
-            mask_f = offs_f < F
-            hv = tl.load(h_ptr + p * F + offs_f, mask=mask_f, other=0.0)
-            m = mask_f[:, None] & mask_d[None, :]
-            w = tl.load(w_base + offs_f[:, None] * D + offs_d[None, :], mask=m, other=0.0)
-            acc += tl.sum(w.to(tl.float32) * hv[:, None], axis=0)
+        hv = tl.load(h_ptr + p * F + offs_f, mask=mask_f, other=0.0)
+        m = mask_f[:, None] & mask_d[None, :]
+        w = tl.load(w_ptr + e * F * D + offs_f[:, None] * D + offs_d[None, :], mask=m, other=0.0)
+        acc = tl.sum(w.to(tl.float32) * hv[:, None], axis=0)
         g = tl.load(g_ptr + p).to(tl.float32)
-        tl.store(y_ptr + p * D + offs_d, acc * g, mask=mask_d)
+        tl.store(y_ptr + (split * P + p) * D + offs_d, acc * g, mask=mask_d)
 
-    return triton, up_kernel, down_kernel
+    return triton, up_kernel, down_kernel, gather_sum_kernel, route_topk_kernel
 
 
 def gemv_topk_forward(
@@ -182,11 +225,12 @@ def gemv_topk_forward(
     w_in: torch.Tensor,
     w_out: torch.Tensor,
     activation: str,
-    block_f: int = 16,
-    block_d: int = 128,
+    block_f: int = 4,
+    block_d: int = 1024,
 ) -> torch.Tensor:
-    """The decode path: fp32 accumulation, the (T, K, D) weighted pair outputs summed over K."""
-    triton, up_kernel, down_kernel = _gemv_kernels()
+    """The decode path: fp32 accumulation, the (T, K, D) weighted pair outputs summed over K. Small tiles
+    and many programs: at batch 1 only K experts' rows are read, and they must stream from every SM."""
+    triton, up_kernel, down_kernel, *_ = _gemv_kernels()
     T, K = experts_TK.shape
     E, F, D = w_out.shape
     if activation not in ACTIVATIONS or (w_in.shape[1] == 2 * F) != (activation in ("swiglu", "geglu")):
@@ -195,12 +239,54 @@ def gemv_topk_forward(
     experts = experts_TK.reshape(-1).contiguous()
     gates = weights_TK.reshape(-1).contiguous()
     P = T * K
+    block_d = min(block_d, triton.next_power_of_2(D))
     h = torch.empty(P, F, device=x_TD.device, dtype=torch.float32)
     up_kernel[(P, triton.cdiv(F, block_f))](
         x_TD, w_in, experts, h, K, D, F, ACT=ACTIVATIONS[activation], BLOCK_F=block_f, BLOCK_D=block_d
     )
-    y = torch.empty(P, D, device=x_TD.device, dtype=torch.float32)
-    down_kernel[(P, triton.cdiv(D, block_d // 2))](
-        h, w_out, experts, gates, y, D, F, BLOCK_F=2 * block_f, BLOCK_D=block_d // 2
+    down_f, down_d = min(64, triton.next_power_of_2(F)), min(128, triton.next_power_of_2(D))
+    splits = triton.cdiv(F, down_f)
+    y = torch.empty(splits, P, D, device=x_TD.device, dtype=torch.float32)
+    down_kernel[(P, triton.cdiv(D, down_d), splits)](
+        h, w_out, experts, gates, y, P, D, F, BLOCK_F=down_f, BLOCK_D=down_d
     )
-    return y.view(T, K, D).sum(1).to(x_TD.dtype)
+    return y.view(splits, T, K, D).sum((0, 2)).to(x_TD.dtype)
+
+
+def gather_sum(src_PD: torch.Tensor, rows_TK: torch.Tensor) -> torch.Tensor:
+    """(T, D) with row t = sum_k src[rows[t, k]] (Triton, CUDA): the un-permute and the sum over K in one
+    pass."""
+    triton, _, _, kernel, _ = _gemv_kernels()
+    T, K = rows_TK.shape
+    D = src_PD.shape[1]
+    y = torch.empty(T, D, device=src_PD.device, dtype=src_PD.dtype)
+    block_d = min(1024, triton.next_power_of_2(D))
+    kernel[(T, triton.cdiv(D, block_d))](
+        src_PD.contiguous(), rows_TK.contiguous(), y, D, K=K, BLOCK_D=block_d
+    )
+    return y
+
+
+def route_topk(h_TD: torch.Tensor, router_weight: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weights, expert ids), each (T, k): the k largest of softmax(h W_r^T) in fp32, descending, from one
+    Triton kernel per batch (router scores, softmax and top-k fused; CUDA). The router's own
+    F.linear + softmax + topk, without their dozen small launches at decode."""
+    triton, *_, kernel = _gemv_kernels()
+    T, D = h_TD.shape
+    E = router_weight.shape[0]
+    gates = torch.empty(T, k, device=h_TD.device, dtype=torch.float32)
+    experts = torch.empty(T, k, device=h_TD.device, dtype=torch.long)
+    block_e = triton.next_power_of_2(E)
+    block_d = max(16, min(triton.next_power_of_2(D), 8192 // block_e))
+    kernel[(T,)](
+        h_TD.contiguous(),
+        router_weight.contiguous(),
+        gates,
+        experts,
+        D,
+        E,
+        K=k,
+        BLOCK_E=block_e,
+        BLOCK_D=block_d,
+    )
+    return gates, experts
