@@ -284,7 +284,9 @@ class Engine:
         self._post = functools.partial(_decode_post, eps=cfg.norm_eps, top_k=self._top_k)
         # Few tokens on CUDA: router, softmax and top-K in one Triton kernel before the gather-GEMV experts.
         probe = torch.empty(batch, cfg.d_model, device=self.device, dtype=self.dtype)
-        self._fused_route = bool(self._top_k) and expert_path in (None, "gemv") and pick_path(probe) == "gemv"
+        with torch.no_grad():  # decode steps run without autograd
+            gemv = pick_path(probe) == "gemv"
+        self._fused_route = bool(self._top_k) and expert_path in (None, "gemv") and gemv
         if compile:  # fuse each segment's small kernels; shapes are static, every layer reuses the code
             # one version per (batch, K, first layer or not): more than dynamo's default 8 in a sweep
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)

@@ -219,6 +219,11 @@ def bench_hf(model, cfg, prompt_len: int, new_tokens: int, compile: bool = False
     sync()
     ours_s = time.perf_counter() - t0
     agree = (ours[0, prompt_len:] == hf_out[0, prompt_len:]).float().mean().item()
+    engine.reset()
+    with torch.no_grad():  # the same next-token logits (bf16 roundings differ; random init: flat logits)
+        theirs = hf(prompt).logits[:, -1].float()
+    mine = engine.prefill(prompt).float()
+    logits_rel = ((mine - theirs).norm() / theirs.norm()).item()
     return {
         "new_tokens": new_tokens,
         "prompt": prompt_len,
@@ -226,6 +231,7 @@ def bench_hf(model, cfg, prompt_len: int, new_tokens: int, compile: bool = False
         "dsmoe_tokens_per_s": new_tokens / ours_s,
         "speedup": hf_s / ours_s,
         "greedy_token_agreement": agree,
+        "prompt_logits_relative_error": logits_rel,
     }
 
 
@@ -340,6 +346,12 @@ def main() -> int:
         steps = 32 if args.quick else 64
         result[f"decode_b{batch}"] = bench_decode(model, rule_list, batch, 64, steps, args.compile)
         print(f"decode b{batch}", result[f"decode_b{batch}"], f"{time.time() - t0:.0f}s", flush=True)
+    if args.compile:  # the same engines without torch.compile, for the record
+        plain = [r for r in rule_list if r[0] in ("dense", "top-4")]
+        result["decode_not_compiled"] = {
+            f"b{b}": bench_decode(model, plain, b, 64, 32, compile=False) for b in (1, 64)
+        }
+        print("decode, not compiled", result["decode_not_compiled"], f"{time.time() - t0:.0f}s", flush=True)
     if not args.skip_hf:
         try:
             result["hf"] = bench_hf(model, cfg, 64, 32, args.compile)
@@ -349,7 +361,8 @@ def main() -> int:
     top4 = Routing(RoutingRule("top_k", k=4))
     eager = Engine(model, top4, batch=1, max_len=128, cuda_graph=False, compile=args.compile)
     eager.prefill(probe[:1, :64])
-    profiles = {"decode b1 top-4 (eager step)": profile_table(lambda: eager.decode(probe[:1, :1]))}
+    title = f"decode b1 top-4 (one step without the graph{', compiled' if args.compile else ''})"
+    profiles = {title: profile_table(lambda: eager.decode(probe[:1, :1]))}
     pre = Engine(model, top4, batch=batch, max_len=seq)
 
     def prefill():
@@ -432,6 +445,16 @@ def write_report(result: dict, profiles: dict, out_dir: Path, ppl_json: Path) ->
             f"| {r} | {100 * active[r]:.1f}% | {p['ms']:.1f} | {pre[r]:.2f}x | {a['tokens_per_s']:.0f} | "
             f"{d1[r]:.2f}x | {b['tokens_per_s']:.0f} | {d64[r]:.2f}x |"
         )
+    if "decode_not_compiled" in result:
+        lines += [
+            "",
+            "## Decode without torch.compile (CUDA graphs only)",
+            "",
+            "| batch | rule | tok/s |",
+            "|---|---|---|",
+        ]
+        for b, rows in result["decode_not_compiled"].items():
+            lines += [f"| {b} | {r['rule']} | {r['tokens_per_s']:.0f} |" for r in rows]
     if hf:
         lines += [
             "",
