@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch._dynamo
+import torch.nn.functional as F
 from tokenizers import Tokenizer
 
 from dsmoe import config as config_lib
@@ -14,7 +17,9 @@ from dsmoe.data.corpus import load_corpus
 from dsmoe.data.sampler import eval_windows
 from dsmoe.data.tokens import encode_documents, open_pretokenized
 from dsmoe.export import is_export, load_export, load_from_run
-from dsmoe.model import TRAINING, DecoderLM, Routing
+from dsmoe.model import TRAINING, DecoderLM, Routing, RoutingRule
+from dsmoe.model.attention import apply_rope, rope_cos_sin
+from dsmoe.model.sparse import moe_topk_forward, pick_path, route_topk
 
 
 @dataclass
@@ -205,4 +210,340 @@ def generate(
         if bool(finished.all()) or cache.length == total:
             break
         logits = model(next_token, routing=routing, cache=cache).logits[:, -1]
+    return torch.cat(tokens, dim=1)
+
+
+class Engine:
+    """Fast generation over a DecoderLM's own weights (nothing copied): a static KV cache, no routing
+    statistics, sync-free top-K MLP experts (dsmoe/model/sparse.py) and, on CUDA, each decode step
+    replayed as one captured CUDA graph.
+
+    The cache is preallocated for `batch` sequences of `max_len` tokens, so a decode step has fixed shapes:
+    the new token's position is a device tensor, its K/V are written there, and attention reads the whole
+    cache with the positions after it masked. Every attention expert runs (the paper's rule; routing
+    .attention must be dense); the MLP takes routing.mlp: top-K is graph-safe, the threshold rules need a
+    host sync per layer and run eagerly. Prefill returns the last position's logits unless asked for all.
+    `compile` runs the decode step's per-layer segments through torch.compile (fewer, fused kernels).
+    """
+
+    def __init__(
+        self,
+        model: DecoderLM,
+        routing: Routing = TRAINING,
+        batch: int = 1,
+        max_len: int | None = None,
+        cuda_graph: bool | None = None,
+        expert_path: str | None = None,
+        compile: bool = False,
+    ):
+        cfg = model.cfg
+        if cfg.is_encoder:
+            raise ValueError("Engine generates with decoders; an encoder has no next-token logits")
+        if routing.attention.mode != "dense":
+            raise ValueError(
+                f"Engine keeps every attention expert (the paper's rule): routing.attention must be dense, "
+                f"got {routing.attention}"
+            )
+        masked = model.channel_mask is not None or any(
+            getattr(b, "channel_mask", None) is not None
+            or getattr(b, "gate", None) is not None
+            or b.attn.head_mask is not None
+            or getattr(b.mlp, "unit_mask", None) is not None
+            or (b.attn.router is not None and b.attn.router.logit_bias is not None)
+            or (getattr(b.mlp, "routed", False) and b.mlp.router.logit_bias is not None)
+            for b in model.blocks
+        )
+        if masked:
+            raise ValueError("Engine runs finished models: this one is in the middle of a growth ramp")
+        self.model, self.routing, self.expert_path = model.eval(), routing, expert_path
+        weight = model.embed.weight
+        self.device, self.dtype = weight.device, weight.dtype
+        self.batch, self.max_len = batch, max_len or cfg.max_seq_len
+        if self.max_len > cfg.max_seq_len:
+            raise ValueError(f"max_len {self.max_len} exceeds model.max_seq_len {cfg.max_seq_len}")
+        shape = (cfg.n_layers, batch, cfg.attention.num_kv_heads, self.max_len, cfg.head_dim)
+        self.k = torch.zeros(shape, device=self.device, dtype=self.dtype)
+        self.v = torch.zeros(shape, device=self.device, dtype=self.dtype)
+        self.cos, self.sin = rope_cos_sin(self.max_len, cfg.head_dim, cfg.attention.rope_theta, self.device)
+        self.positions = torch.arange(self.max_len, device=self.device)
+        self.pos = torch.zeros((), dtype=torch.long, device=self.device)  # the decode step's position
+        self.length = 0
+        graph_safe = routing.mlp.mode in ("dense", "top_k")
+        self.cuda_graph = (self.device.type == "cuda" and graph_safe) if cuda_graph is None else cuda_graph
+        if self.cuda_graph and not graph_safe:
+            raise ValueError(f"routing {routing.mlp} syncs with the host: it cannot run in a CUDA graph")
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.static_token = torch.zeros(batch, 1, dtype=torch.long, device=self.device)
+        self.static_logits: torch.Tensor | None = None
+        self._layers = [_layer_weights(b) for b in model.blocks]
+        a = cfg.attention
+        self._top_k = _decode_top_k(model, routing.mlp)
+        self._pre = functools.partial(
+            _decode_pre, eps=cfg.norm_eps, n_heads=a.num_heads, n_kv=a.num_kv_heads, head_dim=cfg.head_dim
+        )
+        self._post = functools.partial(_decode_post, eps=cfg.norm_eps, top_k=self._top_k)
+        # Few tokens on CUDA: router, softmax and top-K in one Triton kernel before the gather-GEMV experts.
+        probe = torch.empty(batch, cfg.d_model, device=self.device, dtype=self.dtype)
+        with torch.no_grad():  # decode steps run without autograd
+            gemv = pick_path(probe) == "gemv"
+        self._fused_route = bool(self._top_k) and expert_path in (None, "gemv") and gemv
+        if compile:  # fuse each segment's small kernels; shapes are static, every layer reuses the code
+            # one version per (batch, K, first layer or not): more than dynamo's default 8 in a sweep
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+            self._pre, self._post = torch.compile(self._pre), torch.compile(self._post)
+
+    def reset(self) -> None:
+        """Forget the cached tokens (the captured graph stays valid: it reads the position tensor)."""
+        self.length = 0
+
+    @torch.no_grad()
+    def prefill(self, idx: torch.Tensor, all_logits: bool = False) -> torch.Tensor:
+        """(B, T) tokens continuing the cached ones -> (B, V) last-position logits, or (B, T, V)."""
+        B, T = idx.shape
+        self._check(B, T)
+        logits = self._forward(idx, start=self.length, last_only=not all_logits)
+        self.length += T
+        return logits if all_logits else logits[:, -1]
+
+    @torch.no_grad()
+    def decode(self, token: torch.Tensor) -> torch.Tensor:
+        """(B, 1) next tokens -> (B, V) logits; a captured CUDA graph replays on CUDA."""
+        self._check(token.shape[0], 1)
+        self.pos.fill_(self.length)
+        if not self.cuda_graph:
+            logits = self._forward(token, pos=self.pos)[:, -1]
+        else:
+            self.static_token.copy_(token)
+            if self.graph is None:
+                self._capture()
+            self.graph.replay()
+            logits = self.static_logits
+        self.length += 1
+        return logits
+
+    def _check(self, batch: int, new: int) -> None:
+        if batch != self.batch:
+            raise ValueError(f"Engine was built for batch {self.batch}, got {batch}")
+        if self.length + new > self.max_len:
+            raise ValueError(
+                f"sequence length {self.length + new} exceeds the engine's max_len {self.max_len}"
+            )
+
+    def _capture(self) -> None:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):  # warm up (Triton compiles, cuBLAS handles) off the capture
+            for _ in range(2):
+                self._forward(self.static_token, pos=self.pos)
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.static_logits = self._forward(self.static_token, pos=self.pos)[:, -1]
+
+    def _forward(self, idx, start: int = 0, pos: torch.Tensor | None = None, last_only: bool = True):
+        model = self.model
+        x = model.embed(idx)  # (B, T, D)
+        T = idx.shape[1]
+        if pos is not None:
+            return self._decode_forward(x, pos)
+        cos, sin = self.cos[start : start + T], self.sin[start : start + T]
+        for layer, block in enumerate(model.blocks):
+            x = x + self._attention(layer, block.attn, block.attn_norm(x), cos, sin, start)
+            x = x + self._mlp(block.mlp, block.mlp_norm(x))
+        if last_only:
+            x = x[:, -1:]
+        return model.lm_head(model.final_norm(x))
+
+    def _decode_forward(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """One token per sequence at the device position `pos`: per layer a `pre` segment (residual, norm,
+        projections, RoPE), the K/V written into the cache at `pos`, a `post` segment (attention over the
+        whole masked cache, MoA scaling, output projection, residual, norm, router, top-K), then the
+        experts. The segments are pure functions of tensors, so one compiled version serves every layer."""
+        cos, sin = self.cos.index_select(0, pos.view(1)), self.sin.index_select(0, pos.view(1))
+        carry = None
+        for layer, (block, w) in enumerate(zip(self.model.blocks, self._layers, strict=True)):
+            x, h, q, k, v = self._pre(x, carry, w.attn_norm, w.q, w.k, w.v, w.q_norm, w.k_norm, cos, sin)
+            self.k[layer].index_copy_(2, pos.view(1), k)
+            self.v[layer].index_copy_(2, pos.view(1), v)
+            x, h, gate, experts = self._post(
+                x, h, q, self.k[layer], self.v[layer], pos, self.positions, w.o, w.attn_router, w.mlp_norm,
+                None if self._fused_route else w.mlp_router,
+                block.mlp.renormalize if w.mlp_router is not None else False,
+            )  # fmt: skip
+            carry = self._decode_mlp(block.mlp, h, gate, experts)
+        x = x + carry
+        return self.model.lm_head(self.model.final_norm(x))
+
+    def _decode_mlp(self, mlp, h, gate, experts) -> torch.Tensor:
+        if not getattr(mlp, "routed", False):
+            return mlp(h)[0]
+        x_TD = h.reshape(-1, h.shape[-1])
+        if self._fused_route:
+            gate, experts = route_topk(x_TD, mlp.router.weight, self._top_k)
+            if mlp.renormalize:
+                gate = gate / gate.sum(-1, keepdim=True).clamp_min(1e-20)
+        if experts is None:  # gate holds every expert's probability
+            rule = self.routing.mlp
+            if rule.mode in ("threshold", "threshold_top_k"):  # variable pairs: host sync, no graph
+                return mlp._sparse_forward(x_TD, gate, rule, mlp.renormalize)[0].view_as(h)
+            return mlp._dense_forward(x_TD, gate).view_as(h)
+        y_TD = moe_topk_forward(x_TD, gate, experts, mlp.w_in, mlp.w_out, mlp.activation, self.expert_path)
+        return y_TD.view_as(h)
+
+    def _attention(self, layer, attn, h, cos, sin, start):
+        B, T, D = h.shape
+        q = attn.project_q(h, attn.q_proj.weight)  # (B, T, H, hd)
+        k, v = attn.project_kv(h, cos, sin)  # (B, KV, T, hd)
+        self.k[layer, :, :, start : start + T] = k
+        self.v[layer, :, :, start : start + T] = v
+        keys, values = self.k[layer, :, :, : start + T], self.v[layer, :, :, : start + T]
+        y = attn.attend(q, keys, values, cos, sin)  # (B, T, H, hd)
+        if attn.router is not None:  # MoA, every expert kept: scale expert e's heads by its probability
+            probs_TE = attn.router(h.reshape(B * T, D))
+            y = y.reshape(B, T, attn.num_experts, -1) * probs_TE.view(B, T, -1, 1).to(y.dtype)
+        return attn.o_proj(y.reshape(B, T, -1))
+
+    def _mlp(self, mlp, h: torch.Tensor) -> torch.Tensor:
+        if not getattr(mlp, "routed", False):
+            return mlp(h)[0]
+        x_TD = h.reshape(-1, h.shape[-1])
+        probs_TE = mlp.router(x_TD)
+        rule = self.routing.mlp
+        if rule.mode == "dense" and mlp.train_top_k:  # an SMoE runs as it was trained
+            rule = RoutingRule("top_k", k=mlp.train_top_k)
+        if rule.mode == "dense":
+            y_TD = mlp._dense_forward(x_TD, probs_TE)
+        elif rule.mode == "top_k":
+            weights_TK, experts_TK = probs_TE.topk(min(rule.k, mlp.num_experts), dim=-1)
+            if mlp.renormalize:
+                weights_TK = weights_TK / weights_TK.sum(-1, keepdim=True).clamp_min(1e-20)
+            y_TD = moe_topk_forward(
+                x_TD, weights_TK, experts_TK, mlp.w_in, mlp.w_out, mlp.activation, self.expert_path
+            )
+        else:
+            y_TD, _ = mlp._sparse_forward(x_TD, probs_TE, rule, mlp.renormalize)
+        return y_TD.view_as(h)
+
+
+@dataclass
+class _LayerWeights:
+    """One block's tensors, as the decode segments take them (None where the block has no such part)."""
+
+    attn_norm: torch.Tensor
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    o: torch.Tensor
+    q_norm: torch.Tensor | None
+    k_norm: torch.Tensor | None
+    attn_router: torch.Tensor | None
+    mlp_norm: torch.Tensor
+    mlp_router: torch.Tensor | None
+
+
+def _layer_weights(block) -> _LayerWeights:
+    attn, routed = block.attn, getattr(block.mlp, "routed", False)
+    return _LayerWeights(
+        block.attn_norm.weight,
+        attn.q_proj.weight,
+        attn.k_proj.weight,
+        attn.v_proj.weight,
+        attn.o_proj.weight,
+        attn.q_norm.weight if attn.q_norm is not None else None,
+        attn.k_norm.weight if attn.k_norm is not None else None,
+        attn.router.weight if attn.router is not None else None,
+        block.mlp_norm.weight,
+        block.mlp.router.weight if routed else None,
+    )
+
+
+def _decode_top_k(model: DecoderLM, rule: RoutingRule) -> int:
+    """K of the decode segments' top-K (0: every expert, the dense MLP forward)."""
+    layers = model.moe_layers
+    if not layers:
+        return 0
+    train_top_k, experts = layers[0].train_top_k, layers[0].num_experts
+    if rule.mode == "dense":
+        return train_top_k  # an SMoE runs as it was trained
+    return min(rule.k, experts) if rule.mode == "top_k" else 0
+
+
+def _decode_pre(
+    x, carry, attn_norm, q_w, k_w, v_w, q_norm, k_norm, cos, sin, *, eps, n_heads, n_kv, head_dim
+):
+    """Residual of the previous MLP, attention norm, projections, QK-norm, RoPE of one new token per row.
+    Returns x, h and q (B, H, 1, hd), k, v (B, KV, 1, hd)."""
+    if carry is not None:
+        x = x + carry
+    B = x.shape[0]
+    h = F.rms_norm(x, (x.shape[-1],), attn_norm, eps)
+    q = (h @ q_w.T).view(B, 1, n_heads, head_dim)
+    k = (h @ k_w.T).view(B, 1, n_kv, head_dim)
+    if q_norm is not None:
+        q = F.rms_norm(q, (head_dim,), q_norm, eps)
+        k = F.rms_norm(k, (head_dim,), k_norm, eps)
+    v = (h @ v_w.T).view(B, 1, n_kv, head_dim).transpose(1, 2)
+    return x, h, apply_rope(q.transpose(1, 2), cos, sin), apply_rope(k.transpose(1, 2), cos, sin), v
+
+
+def _router_probs(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """dsmoe.model.moe.Router: fp32 scores over all experts and their softmax."""
+    dtype = torch.promote_types(h.dtype, torch.float32)
+    return F.softmax(F.linear(h.reshape(-1, h.shape[-1]).to(dtype), weight.to(dtype)), dim=-1)
+
+
+def _decode_post(
+    x, h, q, keys, values, pos, positions, o_w, attn_router, mlp_norm, mlp_router, renormalize, *, eps, top_k
+):
+    """Attention of one query per row over the whole cache (B, KV, S, hd), query heads grouped per K/V
+    head (no copy of the cache), fp32 softmax, positions after `pos` masked; MoA scaling (every expert
+    kept); output projection and residual; MLP norm and router. Returns x, the MLP input, and either
+    (weights, expert ids) of the top K or (all probabilities, None)."""
+    B, H, _, hd = q.shape
+    KV = keys.shape[1]
+    scores = (q.reshape(B, KV, H // KV, hd) @ keys.transpose(-2, -1)).float() / math.sqrt(hd)  # (B, KV, G, S)
+    scores = scores.masked_fill(positions > pos, float("-inf"))
+    y = (scores.softmax(-1).to(values.dtype) @ values).reshape(B, 1, H * hd)  # (B, 1, H x hd)
+    if attn_router is not None:
+        probs = _router_probs(h, attn_router)  # (B, E)
+        y = (y.view(B, 1, probs.shape[-1], -1) * probs.view(B, 1, -1, 1).to(y.dtype)).view(B, 1, -1)
+    x = x + y @ o_w.T
+    h = F.rms_norm(x, (x.shape[-1],), mlp_norm, eps)
+    if mlp_router is None:
+        return x, h, None, None
+    probs = _router_probs(h, mlp_router)
+    if not top_k:
+        return x, h, probs, None
+    weights, experts = probs.topk(top_k, dim=-1)
+    if renormalize:
+        weights = weights / weights.sum(-1, keepdim=True).clamp_min(1e-20)
+    return x, h, weights, experts
+
+
+@torch.no_grad()
+def generate_fast(
+    engine: Engine,
+    prompt: torch.Tensor,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    eos_id: int | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """`generate` on an Engine (its cache starts empty): the same sampling and stopping, static shapes."""
+    engine.reset()
+    B, T = prompt.shape
+    total = min(T + max_new_tokens, engine.max_len)
+    logits = engine.prefill(prompt)
+    tokens, finished = [prompt], torch.zeros(B, dtype=torch.bool, device=prompt.device)
+    for _ in range(total - T):
+        next_token = sample_next(logits, temperature, top_k, top_p, generator)
+        if eos_id is not None:
+            next_token = next_token.masked_fill(finished.unsqueeze(-1), eos_id)
+            finished |= next_token.squeeze(-1) == eos_id
+        tokens.append(next_token)
+        if (eos_id is not None and bool(finished.all())) or engine.length == total:
+            break
+        logits = engine.decode(next_token)
     return torch.cat(tokens, dim=1)

@@ -79,3 +79,49 @@ def test_sampling_options_and_stops():
     eos = int(generate(model, prompt[:1], 1, temperature=0)[0, -1])
     stopped = generate(model, prompt[:1], 20, temperature=0, eos_id=eos)
     assert stopped.shape[1] == 4 and int(stopped[0, -1]) == eos
+
+
+ENGINE_ROUTINGS = [
+    Routing(),
+    Routing(RoutingRule("top_k", k=2)),
+    Routing(RoutingRule("top_k", k=4)),  # K = N
+    Routing(RoutingRule("threshold", eps=0.9)),
+]
+
+
+@pytest.mark.parametrize("moa, qk_norm", [(False, False), (True, True)])
+@pytest.mark.parametrize("routing", ENGINE_ROUTINGS, ids=["dense", "top2", "top4", "threshold"])
+def test_engine_prefill_and_static_cache_decode_equal_the_model(moa, qk_norm, routing):
+    """The Engine (static cache, decode at a device position over the masked cache, sync-free top-K)
+    gives the model's own full-sequence logits, for a prefill, a chunk after it, then one token a step."""
+    from dsmoe.infer import Engine
+
+    model = model_for(moa, qk_norm)
+    idx = torch.randint(0, 96, (3, 20))
+    with torch.no_grad():
+        full = model(idx, routing=routing).logits
+    engine = Engine(model, routing, batch=3, max_len=24)
+    pieces = [engine.prefill(idx[:, :7], all_logits=True), engine.prefill(idx[:, 7:12], all_logits=True)]
+    pieces += [engine.decode(idx[:, t : t + 1]).unsqueeze(1) for t in range(12, 20)]
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=1e-5, atol=1e-5)
+    engine.reset()
+    torch.testing.assert_close(engine.prefill(idx[:, :5]), full[:, 4])
+
+
+def test_engine_generation_equals_generate_and_k_equal_n_equals_dense():
+    from dsmoe.infer import Engine, generate_fast
+
+    model = model_for(True)
+    prompt = torch.randint(0, 96, (2, 5))
+    for routing in (Routing(), Routing(RoutingRule("top_k", k=1))):
+        expected = generate(model, prompt, 12, routing=routing, temperature=0)
+        assert torch.equal(
+            generate_fast(Engine(model, routing, batch=2), prompt, 12, temperature=0), expected
+        )
+    dense = Engine(model, Routing(), batch=2).prefill(prompt, all_logits=True)
+    all_experts = Engine(model, Routing(RoutingRule("top_k", k=4)), batch=2).prefill(prompt, all_logits=True)
+    torch.testing.assert_close(all_experts, dense, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="attention"):
+        Engine(model, ROUTINGS[1])
+    with pytest.raises(ValueError, match="max_len"):
+        Engine(model, Routing(), batch=2, max_len=8).prefill(torch.zeros(2, 9, dtype=torch.long))

@@ -1,18 +1,29 @@
-"""Sparse vs dense inference of one DS-MoE MLP layer: prefill and decode, against computing all experts.
+"""Sparse vs dense inference of a DS-MoE-1B-shaped model (issue #6's targets), in one run on a GPU.
 
-    python tools/bench_infer.py [--d-model 2048] [--experts 32] [--expert-hidden 256] [--prefill-tokens 16384]
+    python tools/bench_infer.py [--config configs/dsmoe_1b.yaml] [--out-dir benchmarks] [--quick]
+    python tools/bench_infer.py --ppl RUN_OR_EXPORT_DIR   # CPU: held-out perplexity per rule -> json
 
-Times (CUDA events, median) the dense all-experts forward and the sparse forward at top-K for several K,
-for a prefill of many tokens and for decode batches of 1 and 64 tokens, with the expert path the layer
-picks (torch._grouped_mm on Hopper, the per-expert loop elsewhere). Writes
-benchmarks/infer_<device>.md and .png (speed-up against the active fraction) and prints the table.
+GPU run (random init, bf16; every rule runs the same checkpoint through dsmoe.infer.Engine, so dense
+means all experts of the same weights, without routing statistics in either):
+  - one MLP layer, 16384 tokens: router + all experts vs router + top-K (sorted grouped GEMMs);
+  - whole-model prefill of 8 x 2048 tokens (last-position logits);
+  - whole-model decode, batch 1 and 64, each step one captured CUDA graph (threshold rules run eagerly);
+  - dsmoe generation (Engine, top-4) against transformers' generate() on the same model exported
+    (dsmoe/export.py, loaded with AutoModelForCausalLM after `import dsmoe.hf`), greedy, batch 1;
+  - a torch.profiler table of one eager top-4 decode step and of a top-4 prefill (what dominates).
+Writes infer_<device>.md/.json/.png under --out-dir; the plot joins perplexity against the active fraction
+from the --ppl json (a trained model, measured on CPU) with the GPU's tokens/s.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import json
+import statistics
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -20,102 +31,501 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from _cli import git_commit  # noqa: E402
 
-from dsmoe.model.moe import DSMoE, RoutingRule, grouped_gemm_available  # noqa: E402
+from dsmoe import config as config_lib  # noqa: E402
+from dsmoe.infer import Engine, generate_fast  # noqa: E402
+from dsmoe.model import Routing, RoutingRule, build  # noqa: E402
+from dsmoe.model.sparse import moe_topk_forward  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
+PPL_JSON = "infer_ppl_tiny.json"
 
 
-def median_ms(fn, repeats: int) -> float:
-    if torch.cuda.is_available():
-        import triton.testing
+DEVICE = "cuda"  # --cpu-smoke: "cpu", to try the whole script on a tiny config (timings meaningless)
 
-        return float(triton.testing.do_bench(fn, warmup=25, rep=repeats * 10, return_mode="median"))
-    import time
 
-    for _ in range(2):
+def sync() -> None:
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
+def elapsed_ms(fn) -> float:
+    """Milliseconds of fn() by CUDA events (host clock on CPU)."""
+    if DEVICE != "cuda":
+        t0 = time.perf_counter()
         fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+        return (time.perf_counter() - t0) * 1e3
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end)
+
+
+def cuda_ms(fn, repeats: int, warmup: int = 2) -> float:
+    """Median milliseconds of fn()."""
+    for _ in range(warmup):
         fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return sorted(times)[len(times) // 2]
+    return statistics.median(elapsed_ms(fn) for _ in range(repeats))
+
+
+def graph_ms(fn, repeats: int) -> float:
+    """Median milliseconds of fn() replayed as a captured CUDA graph (no launch gaps); eager on CPU."""
+    if DEVICE != "cuda":
+        return cuda_ms(fn, repeats)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return cuda_ms(graph.replay, repeats)
+
+
+def bench_layer_decode(model, repeats: int) -> list[dict]:
+    """One MLP layer at decode sizes, each variant a CUDA graph: dense vs top-4 by gather-GEMV or grouped."""
+    layer = model.moe_layers[0]
+    rows = []
+    paths = ["gemv", "grouped"] if DEVICE == "cuda" else ["loop"]
+    with torch.no_grad():
+        for tokens in (1, 8, 64):
+            x = torch.randn(tokens, model.cfg.d_model, device=DEVICE, dtype=layer.w_in.dtype)
+            dense = graph_ms(lambda x=x: layer._dense_forward(x, layer.router(x)), repeats)
+            rows.append(
+                {"tokens": tokens, "rule": "dense", "path": "dense", "us": 1e3 * dense, "speedup": 1.0}
+            )
+            for path in paths:
+
+                def sparse(x=x, path=path):
+                    w, e = layer.router(x).topk(4, dim=-1)
+                    return moe_topk_forward(x, w, e, layer.w_in, layer.w_out, layer.activation, path)
+
+                ms = graph_ms(sparse, repeats)
+                rows.append(
+                    {"tokens": tokens, "rule": "top-4", "path": path, "us": 1e3 * ms, "speedup": dense / ms}
+                )
+    return rows
+
+
+def rules(num_experts: int, quick: bool) -> list[tuple[str, Routing]]:
+    ks = [1, 2, 4] if quick else [1, 2, 4, 8]
+    out = [("dense", Routing())] + [(f"top-{k}", Routing(RoutingRule("top_k", k=k))) for k in ks]
+    eps = [1.0] if quick else [0.5, 1.0, 1.5]
+    return out + [(f"threshold {e:g}", Routing(RoutingRule("threshold", eps=e))) for e in eps]
+
+
+def active_fraction(model, routing: Routing, idx: torch.Tensor) -> float:
+    """Mean share of MLP experts a rule keeps on these tokens (the model's own routing statistics)."""
+    with torch.no_grad():
+        out = model(idx, routing=routing)
+    return float(out.mlp.active_fraction.mean()) if out.mlp is not None else 1.0
+
+
+def bench_layer(model, tokens: int, ks, repeats: int) -> list[dict]:
+    layer = model.moe_layers[0]
+    x = torch.randn(tokens, model.cfg.d_model, device=DEVICE, dtype=layer.w_in.dtype)
+    rows = []
+    with torch.no_grad():
+        dense = cuda_ms(lambda: layer._dense_forward(x, layer.router(x)), repeats)
+        rows.append({"rule": "dense", "active": 1.0, "ms": dense, "speedup": 1.0})
+        for k in ks:
+
+            def sparse(k=k):
+                w, e = layer.router(x).topk(k, dim=-1)
+                path = "grouped" if DEVICE == "cuda" else "loop"
+                return moe_topk_forward(x, w, e, layer.w_in, layer.w_out, layer.activation, path)
+
+            ms = cuda_ms(sparse, repeats)
+            rows.append(
+                {"rule": f"top-{k}", "active": k / layer.num_experts, "ms": ms, "speedup": dense / ms}
+            )
+    return rows
+
+
+def bench_prefill(model, rule_list, batch: int, seq: int, repeats: int) -> list[dict]:
+    idx = torch.randint(0, model.cfg.vocab_size, (batch, seq), device=DEVICE)
+    rows = []
+    for name, routing in rule_list:
+        engine = Engine(model, routing, batch=batch, max_len=seq)
+
+        def run(engine=engine):
+            engine.reset()
+            engine.prefill(idx)
+
+        ms = cuda_ms(run, repeats)
+        rows.append({"rule": name, "ms": ms, "tokens_per_s": batch * seq / ms * 1e3})
+        del engine
+    return rows
+
+
+def bench_decode(model, rule_list, batch: int, prompt: int, steps: int, compile: bool = False) -> list[dict]:
+    idx = torch.randint(0, model.cfg.vocab_size, (batch, prompt), device=DEVICE)
+    token = idx[:, -1:].clone()
+    rows = []
+    for name, routing in rule_list:
+        engine = Engine(model, routing, batch=batch, max_len=prompt + 2 * steps + 8, compile=compile)
+        engine.prefill(idx)
+        for _ in range(4):  # capture + warm-up
+            engine.decode(token)
+
+        def run(engine=engine):
+            for _ in range(steps):
+                engine.decode(token)
+
+        ms = elapsed_ms(run) / steps
+        rows.append(
+            {
+                "rule": name,
+                "ms_per_step": ms,
+                "tokens_per_s": batch / ms * 1e3,
+                "cuda_graph": engine.cuda_graph,
+            }
+        )
+        del engine
+    return rows
+
+
+def bench_hf(model, cfg, prompt_len: int, new_tokens: int, compile: bool = False) -> dict:
+    """dsmoe's Engine vs transformers' generate() on the same exported model (top-4 MLP, greedy, batch 1)."""
+    from tokenizers import Tokenizer, models
+    from transformers import AutoModelForCausalLM
+
+    import dsmoe.hf  # noqa: F401  (registers the Auto classes)
+    from dsmoe.export import write_export
+
+    routing = Routing(RoutingRule("top_k", k=4))
+    with tempfile.TemporaryDirectory() as tmp:
+        tok_path = Path(tmp) / "tok.json"
+        Tokenizer(models.WordLevel({"<unk>": 0}, unk_token="<unk>")).save(str(tok_path))
+        out = write_export(model, cfg, tok_path, Path(tmp) / "export", routing, 0)
+        hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16).to(DEVICE).eval()
+    prompt = torch.randint(0, cfg.model.vocab_size, (1, prompt_len), device=DEVICE)
+    kw = {"do_sample": False, "pad_token_id": 0}
+    with torch.no_grad():
+        hf.generate(prompt, max_new_tokens=4, min_new_tokens=4, **kw)  # warm-up
+        sync()
+        t0 = time.perf_counter()
+        hf_out = hf.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kw)
+        sync()
+        hf_s = time.perf_counter() - t0
+    engine = Engine(model, routing, batch=1, max_len=prompt_len + new_tokens, compile=compile)
+    generate_fast(engine, prompt, 4, temperature=0)  # warm-up and graph capture
+    sync()
+    t0 = time.perf_counter()
+    ours = generate_fast(engine, prompt, new_tokens, temperature=0)
+    sync()
+    ours_s = time.perf_counter() - t0
+    agree = (ours[0, prompt_len:] == hf_out[0, prompt_len:]).float().mean().item()
+    engine.reset()
+    with torch.no_grad():  # the same next-token logits (bf16 roundings differ; random init: flat logits)
+        theirs = hf(prompt).logits[:, -1].float()
+    mine = engine.prefill(prompt).float()
+    logits_rel = ((mine - theirs).norm() / theirs.norm()).item()
+    return {
+        "new_tokens": new_tokens,
+        "prompt": prompt_len,
+        "hf_tokens_per_s": new_tokens / hf_s,
+        "dsmoe_tokens_per_s": new_tokens / ours_s,
+        "speedup": hf_s / ours_s,
+        "greedy_token_agreement": agree,
+        "prompt_logits_relative_error": logits_rel,
+    }
+
+
+def profile_table(fn, rows: int = 18) -> str:
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    sync()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEVICE == "cuda" else [])
+    with profile(activities=activities) as prof:
+        fn()
+        sync()
+    sort = "cuda_time_total" if DEVICE == "cuda" else "cpu_time_total"
+    return prof.key_averages().table(sort_by=sort, row_limit=rows, max_name_column_width=60)
+
+
+def ppl_sweep(path: str, out_dir: Path, max_tokens: int) -> int:
+    """Held-out perplexity of a trained model per rule (CPU is fine: a tiny model)."""
+    from dsmoe.infer import held_out_tokens, load, perplexity
+
+    loaded = load(path)
+    n = loaded.cfg.model.moe.num_experts
+    tokens = held_out_tokens(loaded.cfg, loaded.tokenizer_path)
+    sweep = [("dense", Routing())] + [
+        (f"top-{k}", Routing(RoutingRule("top_k", k=k))) for k in range(1, n + 1) if k < n
+    ]
+    sweep += [
+        (f"threshold {e:g}", Routing(RoutingRule("threshold", eps=e)))
+        for e in (0.25, 0.5, 0.75, 1.0, 1.5, 2.0)
+    ]
+    results = []
+    for name, routing in sweep:
+        r = perplexity(loaded.model, tokens, loaded.cfg.data.seq_len, routing, max_tokens)
+        results.append({"rule": name, **r.__dict__})
+        print(f"{name:<14} {r.row()}", flush=True)
+    meta = {
+        "model": path,
+        "date": str(datetime.date.today()),
+        "commit": git_commit(),
+        "command": f"python tools/bench_infer.py {' '.join(sys.argv[1:])}",
+        "device": "CPU",
+        "experts": n,
+        "results": results,
+    }
+    (out_dir / PPL_JSON).write_text(json.dumps(meta, indent=2))
+    return 0
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--d-model", type=int, default=2048)
-    parser.add_argument("--experts", type=int, default=32)
-    parser.add_argument("--expert-hidden", type=int, default=256)
-    parser.add_argument("--activation", default="gelu")
-    parser.add_argument("--prefill-tokens", type=int, default=16384)
-    parser.add_argument("--repeats", type=int, default=20)
-    args = parser.parse_args()
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    torch.manual_seed(0)
-    layer = DSMoE(args.d_model, args.experts, args.expert_hidden, args.activation)
-    for p in layer.parameters():
-        torch.nn.init.normal_(p, std=0.02)
-    layer = layer.to(device, dtype).eval()
-    ks = [k for k in (1, 2, 4, 8, 16) if k < args.experts] + [args.experts]
-    rows = []
-    with torch.no_grad():
-        for phase, tokens in (("prefill", args.prefill_tokens), ("decode b64", 64), ("decode b1", 1)):
-            x = torch.randn(tokens, args.d_model, device=device, dtype=dtype)
-            dense = median_ms(lambda x=x: layer(x), args.repeats)
-            rows.append((phase, "dense (all experts)", 1.0, dense, 1.0))
-            for k in ks:
-                ms = median_ms(lambda x=x, k=k: layer(x, RoutingRule("top_k", k=k)), args.repeats)
-                rows.append((phase, f"top-{k}", k / args.experts, ms, dense / ms))
-    path = (
-        "torch._grouped_mm"
-        if grouped_gemm_available(torch.empty(1, device=device, dtype=dtype))
-        else "per-expert loop"
+    parser.add_argument("--config", default="configs/dsmoe_1b.yaml")
+    parser.add_argument("--out-dir", default=str(REPO / "benchmarks"))
+    parser.add_argument("--quick", action="store_true", help="fewer rules and repeats")
+    parser.add_argument("--skip-hf", action="store_true")
+    parser.add_argument(
+        "--compile", action="store_true", help="decode engines compile their per-layer segments (every rule)"
     )
-    name = torch.cuda.get_device_name() if device == "cuda" else "CPU"
-    commit = git_commit()
-    lines = [
-        f"# Sparse vs dense inference of one DS-MoE MLP layer ({name})",
-        "",
-        f"- date {datetime.date.today()}, commit {commit}, torch {torch.__version__}, {str(dtype).removeprefix('torch.')}",
-        f"- command: `python tools/bench_infer.py {' '.join(sys.argv[1:])}`",
-        f"- layer: d_model {args.d_model}, {args.experts} {args.activation} experts x {args.expert_hidden}; "
-        f"sparse expert path: {path}; median of CUDA-event timings",
-        "",
-        "| phase | rule | active experts | ms | speed-up over dense |",
-        "|---|---|---|---|---|",
-        *(f"| {p} | {r} | {100 * a:.1f}% | {ms:.3f} | {s:.2f}x |" for p, r, a, ms, s in rows),
-        "",
-    ]
-    tag = "h100" if "H100" in name else ("h200" if "H200" in name else device)
-    out = REPO / "benchmarks" / f"infer_{tag}.md"
-    out.write_text("\n".join(lines))
-    plot(rows, out.with_suffix(".png"), name)
-    print("\n".join(lines))
+    parser.add_argument("--ppl", help="run or export directory: CPU perplexity sweep only")
+    parser.add_argument("--ppl-max-tokens", type=int, default=32768)
+    parser.add_argument(
+        "--ppl-json",
+        default=str(REPO / "benchmarks" / PPL_JSON),
+        help="the --ppl sweep to plot beside the speeds",
+    )
+    parser.add_argument("--cpu-smoke", action="store_true", help="run every step on CPU (try the script)")
+    args = parser.parse_args()
+    global DEVICE
+    DEVICE = "cpu" if args.cpu_smoke else "cuda"
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if args.ppl:
+        return ppl_sweep(args.ppl, out_dir, args.ppl_max_tokens)
+    if DEVICE == "cuda" and not torch.cuda.is_available():
+        print("the speed benchmark needs a CUDA device (use --ppl for the CPU part)", file=sys.stderr)
+        return 2
+    torch.manual_seed(0)
+    config_path = REPO / args.config if not Path(args.config).is_absolute() else args.config
+    cfg = config_lib.load(config_path)
+    if cfg.model.vocab_size <= 0:  # set from the tokenizer in training; random init needs a number
+        cfg = config_lib.load(config_path, [f"model.vocab_size={cfg.data.tokenizer_vocab_size}"])
+    with torch.device(DEVICE):
+        model = build(cfg.model)
+    model = model.to(torch.bfloat16 if DEVICE == "cuda" else torch.float32).eval()
+    n = cfg.model.moe.num_experts
+    rule_list = rules(n, args.quick)
+    reps = 3 if args.quick else 5
+    result: dict = {
+        "device": torch.cuda.get_device_name() if DEVICE == "cuda" else "CPU (smoke run)",
+        "date": str(datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")),
+        "commit": git_commit(),
+        "command": f"python tools/bench_infer.py {' '.join(sys.argv[1:])}",
+        "torch": torch.__version__,
+        "config": args.config,
+        "compile": args.compile,
+        "params": model.num_params(),
+    }
+    probe = torch.randint(0, cfg.model.vocab_size, (4, min(512, cfg.model.max_seq_len)), device=DEVICE)
+    result["active"] = {name: active_fraction(model, r, probe) for name, r in rule_list}
+    print("active MLP expert fraction:", result["active"], flush=True)
+    t0 = time.time()
+    tokens = 16384 if DEVICE == "cuda" else 512
+    result["layer_prefill"] = bench_layer(model, tokens, [1, 2, 4, 8], reps * 4)
+    print("layer", result["layer_prefill"], f"{time.time() - t0:.0f}s", flush=True)
+    result["layer_decode"] = bench_layer_decode(model, reps * 10)
+    print("layer decode", result["layer_decode"], f"{time.time() - t0:.0f}s", flush=True)
+    batch, seq = (8, 2048) if DEVICE == "cuda" else (2, cfg.model.max_seq_len)
+    result["prefill"] = bench_prefill(model, rule_list, batch, seq, reps)
+    print("prefill", result["prefill"], f"{time.time() - t0:.0f}s", flush=True)
+    for batch in (1, 64):
+        steps = 32 if args.quick else 64
+        result[f"decode_b{batch}"] = bench_decode(model, rule_list, batch, 64, steps, args.compile)
+        print(f"decode b{batch}", result[f"decode_b{batch}"], f"{time.time() - t0:.0f}s", flush=True)
+    if args.compile:  # the same engines without torch.compile, for the record
+        plain = [r for r in rule_list if r[0] in ("dense", "top-4")]
+        result["decode_not_compiled"] = {
+            f"b{b}": bench_decode(model, plain, b, 64, 32, compile=False) for b in (1, 64)
+        }
+        print("decode, not compiled", result["decode_not_compiled"], f"{time.time() - t0:.0f}s", flush=True)
+    if not args.skip_hf:
+        try:
+            result["hf"] = bench_hf(model, cfg, 64, 32, args.compile)
+        except Exception as e:  # report, keep the rest of the run
+            result["hf"] = {"error": f"{type(e).__name__}: {e}"}
+        print("hf", result["hf"], f"{time.time() - t0:.0f}s", flush=True)
+    top4 = Routing(RoutingRule("top_k", k=4))
+    eager = Engine(model, top4, batch=1, max_len=128, cuda_graph=False, compile=args.compile)
+    eager.prefill(probe[:1, :64])
+    title = f"decode b1 top-4 (one step without the graph{', compiled' if args.compile else ''})"
+    profiles = {title: profile_table(lambda: eager.decode(probe[:1, :1]))}
+    pre = Engine(model, top4, batch=batch, max_len=seq)
+
+    def prefill():
+        pre.reset()
+        pre.prefill(torch.randint(0, cfg.model.vocab_size, (batch, seq), device=DEVICE))
+
+    profiles["prefill 8x2048 top-4"] = profile_table(prefill)
+    write_report(result, profiles, out_dir, Path(args.ppl_json))
     return 0
 
 
-def plot(rows, path: Path, name: str) -> None:
+def speedups(rows: list[dict], key: str, higher_is_faster: bool) -> dict[str, float]:
+    dense = next(r[key] for r in rows if r["rule"] == "dense")
+    return {r["rule"]: (r[key] / dense if higher_is_faster else dense / r[key]) for r in rows}
+
+
+def write_report(result: dict, profiles: dict, out_dir: Path, ppl_json: Path) -> None:
+    name = result["device"]
+    tag = "h100" if "H100" in name else ("h200" if "H200" in name else DEVICE)
+    active = result["active"]
+    pre = speedups(result["prefill"], "ms", False)
+    d1 = speedups(result["decode_b1"], "tokens_per_s", True)
+    d64 = speedups(result["decode_b64"], "tokens_per_s", True)
+    hf = result.get("hf", {})
+    targets = [
+        ("prefill 16k tokens, top-4 vs dense", pre.get("top-4"), 1.5),
+        ("decode batch 1, top-4 vs dense", d1.get("top-4"), 2.5),
+        ("decode batch 64, top-4 vs dense", d64.get("top-4"), 1.8),
+        ("dsmoe generation vs transformers generate()", hf.get("speedup"), 3.0),
+    ]
+    result["targets"] = {t: {"measured": m, "target": g} for t, m, g in targets}
+    lines = [
+        f"# Sparse vs dense inference, DS-MoE-1B-shaped model ({name})",
+        "",
+        f"- date {result['date']}, commit {result['commit']}, torch {result['torch']}, bf16, random init "
+        f"({result['params'] / 1e6:.0f}M parameters, {result['config']})",
+        f"- command: `{result['command']}`",
+        "- every rule runs the same weights through dsmoe.infer.Engine (static KV cache, no routing statistics; "
+        "decode steps are CUDA graphs except the threshold rules, which sync with the host; decode segments "
+        f"{'compiled (torch.compile)' if result['compile'] else 'not compiled'})",
+        "",
+        "## Targets (issue #6)",
+        "",
+        "| target | measured | goal | met |",
+        "|---|---|---|---|",
+        *(
+            f"| {t} | {m:.2f}x | {g}x | {'yes' if m >= g else 'no'} |"
+            if m is not None
+            else f"| {t} | - | {g}x | - |"
+            for t, m, g in targets
+        ),
+        "",
+        "## One MLP layer, 16384 tokens (router + experts)",
+        "",
+        "| rule | active experts | ms | speed-up |",
+        "|---|---|---|---|",
+        *(
+            f"| {r['rule']} | {100 * r['active']:.1f}% | {r['ms']:.3f} | {r['speedup']:.2f}x |"
+            for r in result["layer_prefill"]
+        ),
+        "",
+        "## One MLP layer at decode sizes (CUDA graph replays, router + experts)",
+        "",
+        "| tokens | rule | expert path | us | speed-up |",
+        "|---|---|---|---|---|",
+        *(
+            f"| {r['tokens']} | {r['rule']} | {r['path']} | {r['us']:.1f} | {r['speedup']:.2f}x |"
+            for r in result["layer_decode"]
+        ),
+        "",
+        "## Whole model",
+        "",
+        "| rule | active MLP experts | prefill 8x2048 ms | prefill speed-up | decode b1 tok/s | b1 speed-up "
+        "| decode b64 tok/s | b64 speed-up |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for p, a, b in zip(result["prefill"], result["decode_b1"], result["decode_b64"], strict=True):
+        r = p["rule"]
+        lines.append(
+            f"| {r} | {100 * active[r]:.1f}% | {p['ms']:.1f} | {pre[r]:.2f}x | {a['tokens_per_s']:.0f} | "
+            f"{d1[r]:.2f}x | {b['tokens_per_s']:.0f} | {d64[r]:.2f}x |"
+        )
+    if "decode_not_compiled" in result:
+        lines += [
+            "",
+            "## Decode without torch.compile (CUDA graphs only)",
+            "",
+            "| batch | rule | tok/s |",
+            "|---|---|---|",
+        ]
+        for b, rows in result["decode_not_compiled"].items():
+            lines += [f"| {b} | {r['rule']} | {r['tokens_per_s']:.0f} |" for r in rows]
+    if hf:
+        lines += [
+            "",
+            "## dsmoe vs transformers generate() (top-4, greedy, batch 1)",
+            "",
+            f"`{json.dumps(hf)}`",
+        ]
+    lines += ["", "## Profiles", ""]
+    for title, table in profiles.items():
+        lines += [f"### {title}", "", "```", table, "```", ""]
+    stem = out_dir / f"infer_{tag}"
+    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=2))
+    plot(result, stem.with_suffix(".png"), ppl_json)
+    print("\n".join(lines))
+
+
+def plot(result: dict, path: Path, ppl_json: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for phase in dict.fromkeys(r[0] for r in rows):
-        sub = [r for r in rows if r[0] == phase and r[1].startswith("top")]
-        ax.plot([100 * r[2] for r in sub], [r[4] for r in sub], "o-", label=phase)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    if ppl_json.exists():
+        ppl = json.loads(ppl_json.read_text())
+        ax = axes[0]
+        for kind, marker in (("top-", "o-"), ("threshold", "s--")):
+            sub = sorted(
+                (r for r in ppl["results"] if r["rule"].startswith(kind)),
+                key=lambda r: r["expert_active_fraction"],
+            )
+            ax.plot(
+                [100 * r["expert_active_fraction"] for r in sub],
+                [r["perplexity"] for r in sub],
+                marker,
+                label=kind.strip("-"),
+            )
+        dense = next(r for r in ppl["results"] if r["rule"] == "dense")
+        ax.axhline(dense["perplexity"], color="gray", lw=0.8, label="dense")
+        ax.set(
+            xlabel="active MLP experts (%)",
+            ylabel="held-out perplexity",
+            title=f"trained {ppl['model']} (CPU)",
+        )
+        ax.legend()
+    ax = axes[1]
+    active = result["active"]
+    for key, label in (
+        ("decode_b1", "decode b1"),
+        ("decode_b64", "decode b64"),
+        ("prefill", "prefill 8x2048"),
+    ):
+        dense = next(r["tokens_per_s"] for r in result[key] if r["rule"] == "dense")
+        for kind, style in (("top-", "o-"), ("threshold", "s--")):
+            sub = sorted(
+                (r for r in result[key] if r["rule"].startswith(kind)), key=lambda r: active[r["rule"]]
+            )
+            ax.plot(
+                [100 * active[r["rule"]] for r in sub],
+                [r["tokens_per_s"] / dense for r in sub],
+                style,
+                label=f"{label} {kind.strip('-')}",
+            )
     ax.axhline(1.0, color="gray", lw=0.8)
     ax.set(
-        xscale="log",
-        xlabel="active experts (%)",
-        ylabel="speed-up over all experts",
-        title=f"DS-MoE layer, {name}",
+        xlabel="active MLP experts (%)",
+        ylabel="tokens/s over dense",
+        title=f"{Path(result['config']).stem}, {result['device']}",
     )
-    ax.legend()
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 

@@ -5,7 +5,9 @@
 
 --top-k / --top-p are sampling options here; the MLP routing rule takes the --mlp- prefix
 (--mlp-top-k, --mlp-threshold, --mlp-threshold-top-k, --mlp-dense) and MoA attention --attention-.
-Without routing flags: the export's own rule (dense for a run directory).
+Without routing flags: the export's own rule (dense for a run directory). With every attention expert kept
+(the paper's rule) it runs dsmoe.infer.Engine (static KV cache, CUDA-graph decode on a GPU); a sparse
+attention rule takes dsmoe.infer.generate.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from _cli import add_routing_arguments, load_model_or_exit, routing_from_args
 from tokenizers import Tokenizer
 
 from dsmoe.data.tokens import EOS
-from dsmoe.infer import generate
+from dsmoe.infer import Engine, generate, generate_fast
 
 
 def main() -> int:
@@ -41,17 +43,14 @@ def main() -> int:
     tok = Tokenizer.from_file(str(loaded.tokenizer_path))
     prompt = torch.tensor([tok.encode(args.prompt).ids] * args.samples, device=args.device)
     generator = torch.Generator(device=args.device).manual_seed(args.seed)
-    out = generate(
-        loaded.model.to(args.device),
-        prompt,
-        args.max_new_tokens,
-        routing,
-        args.temperature,
-        args.top_k,
-        args.top_p,
-        tok.token_to_id(EOS),
-        generator,
-    )
+    model = loaded.model.to(args.device)
+    sampling = (args.temperature, args.top_k, args.top_p, tok.token_to_id(EOS), generator)
+    if routing.attention.mode == "dense":
+        max_len = min(prompt.shape[1] + args.max_new_tokens, model.cfg.max_seq_len)
+        engine = Engine(model, routing, batch=args.samples, max_len=max_len)
+        out = generate_fast(engine, prompt, args.max_new_tokens, *sampling)
+    else:
+        out = generate(model, prompt, args.max_new_tokens, routing, *sampling)
     for i, row in enumerate(out.tolist()):
         print(f"--- sample {i + 1} ({routing})\n{tok.decode(row)}")
     return 0

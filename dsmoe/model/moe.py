@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsmoe.model.mlp import activate
+from dsmoe.model.sparse import grouped_mm_available, moe_topk_forward
 
 
 @dataclass(frozen=True)
@@ -224,6 +225,17 @@ class DSMoE(nn.Module):
     def _sparse_forward(
         self, x_TD: torch.Tensor, probs_TE: torch.Tensor, routing: RoutingRule, renormalize: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        if (
+            routing.mode == "top_k"
+        ):  # a fixed (T, K) table of pairs: sync-free dispatch (dsmoe/model/sparse.py)
+            k = min(routing.k, self.num_experts)
+            weights_TK, experts_TK = probs_TE.topk(k, dim=-1)
+            if renormalize:
+                weights_TK = weights_TK / weights_TK.sum(-1, keepdim=True).clamp_min(1e-20)
+            y_TD = moe_topk_forward(
+                x_TD, weights_TK, experts_TK, self.w_in, self.expert_w_out(), self.activation
+            )
+            return y_TD, probs_TE.new_tensor(k / self.num_experts, dtype=torch.float32)
         keep_TE = select_experts(probs_TE, routing)
         if renormalize:  # the kept probabilities of each token sum to 1 (differentiable, as in Mixtral)
             kept_TE = probs_TE * keep_TE
@@ -241,12 +253,7 @@ class DSMoE(nn.Module):
 
 def grouped_gemm_available(x: torch.Tensor) -> bool:
     """torch._grouped_mm runs bf16 on Hopper-class GPUs; everything else takes the portable loop."""
-    return (
-        x.is_cuda
-        and x.dtype == torch.bfloat16
-        and hasattr(torch, "_grouped_mm")
-        and torch.cuda.get_device_capability(x.device)[0] >= 9
-    )
+    return grouped_mm_available(x)
 
 
 def grouped_expert_forward(

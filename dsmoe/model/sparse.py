@@ -1,0 +1,292 @@
+"""Sparse expert compute for inference: top-K routing with a fixed-shape, sync-free dispatch.
+
+Every token keeps exactly K experts, so the (token, expert) pairs are a fixed (T, K) table and nothing here
+asks the host how many tokens an expert got (no nonzero(), no .item(), no bincount, which syncs on CUDA).
+Three paths compute sum_k w_tk E_{e_tk}(x_t) on the experts' stacked weights in place (no copy of a weight):
+
+  'gemv'     small batches (decode): two Triton kernels over the pairs, each reading only the chosen experts'
+             rows of w_in and w_out (a gather-GEMV), the router weight applied in the second; CUDA only.
+  'grouped'  large batches (prefill): pairs sorted by expert (argsort of the expert ids, counts by
+             scatter_add and cumsum on the device), the sorted token rows gathered, two torch._grouped_mm
+             (bf16, Hopper) with the activation and router weight between them, the rows put back in pair
+             order and summed over K; differentiable (the SMoE baseline trains through it).
+  'loop'     the portable path (CPU, or any dtype): the same sort, a loop over experts (host sync: fine on CPU).
+
+`moe_topk_forward` picks the fastest available path; Triton is imported only when the 'gemv' path runs.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from dsmoe.model.mlp import activate
+
+GEMV_MAX_TOKENS = 16
+"""Up to this many tokens the gather-GEMV path runs (decode); beyond, the sorted grouped GEMMs."""
+
+
+def grouped_mm_available(x: torch.Tensor) -> bool:
+    """torch._grouped_mm runs bf16 on Hopper-class GPUs."""
+    return (
+        x.is_cuda
+        and x.dtype == torch.bfloat16
+        and hasattr(torch, "_grouped_mm")
+        and torch.cuda.get_device_capability(x.device)[0] >= 9
+    )
+
+
+@functools.cache
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def pick_path(x_TD: torch.Tensor) -> str:
+    """The fastest path for these tokens: gemv (few tokens, CUDA), grouped (Hopper bf16), else loop."""
+    if (
+        x_TD.is_cuda
+        and x_TD.shape[0] <= GEMV_MAX_TOKENS
+        and not torch.is_grad_enabled()
+        and triton_available()
+    ):
+        return "gemv"
+    return "grouped" if grouped_mm_available(x_TD) else "loop"
+
+
+def sort_pairs(experts_TK: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(order, counts): the pair indices (into the flattened (T*K,) table) sorted by expert, stable; and
+    how many pairs each expert got, (E,) int32. No host sync."""
+    flat = experts_TK.reshape(-1)
+    order = flat.argsort(stable=True)
+    counts = torch.zeros(num_experts, dtype=torch.int32, device=flat.device)
+    counts.scatter_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))
+    return order, counts
+
+
+def moe_topk_forward(
+    x_TD: torch.Tensor,
+    weights_TK: torch.Tensor,
+    experts_TK: torch.Tensor,
+    w_in: torch.Tensor,
+    w_out: torch.Tensor,
+    activation: str,
+    path: str | None = None,
+) -> torch.Tensor:
+    """y_t = sum_k weights_tk * act(x_t W_in[e_tk]^T) W_out[e_tk] for (T, K) expert ids and weights.
+
+    w_in: (E, F_in, D) with F_in = 2F for SwiGLU; w_out: (E, F, D). `path` forces gemv|grouped|loop."""
+    path = path or pick_path(x_TD)
+    if path == "gemv":
+        return gemv_topk_forward(x_TD, weights_TK, experts_TK, w_in, w_out, activation)
+    if path not in ("grouped", "loop"):
+        raise ValueError(f"expert path must be gemv|grouped|loop, got {path!r}")
+    T, K = experts_TK.shape
+    order, counts = sort_pairs(experts_TK, w_in.shape[0])
+    x_sorted = x_TD.index_select(0, order // K)  # (P, D) token rows in expert order
+    w_sorted = weights_TK.reshape(-1).index_select(0, order).to(x_TD.dtype).unsqueeze(-1)  # (P, 1)
+    if path == "grouped":
+        offsets = counts.cumsum(0, dtype=torch.int32)
+        h = activate(torch._grouped_mm(x_sorted, w_in.transpose(1, 2), offs=offsets), activation)
+        out_sorted = torch._grouped_mm(h * w_sorted, w_out, offs=offsets)  # (P, D), weighted
+    else:
+        out_sorted = torch.empty_like(x_sorted)
+        start = 0
+        for expert, count in enumerate(counts.tolist()):
+            if count:
+                rows = slice(start, start + count)
+                h = activate(x_sorted[rows] @ w_in[expert].T, activation)
+                out_sorted[rows] = (h @ w_out[expert]) * w_sorted[rows]
+                start += count
+    # Row of pair (t, k) in the sorted order: the inverse permutation (a scatter of P ints, no sort).
+    inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+    if out_sorted.is_cuda and not torch.is_grad_enabled() and triton_available():
+        return gather_sum(out_sorted, inverse.view(T, K))  # one pass: each token sums its K rows
+    return out_sorted.index_select(0, inverse).view(T, K, -1).sum(1)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Triton gather-GEMV (decode): each program reads one pair's expert rows in place.
+
+ACTIVATIONS = {"gelu": 0, "swiglu": 1, "geglu": 2}
+
+
+@functools.cache
+def _gemv_kernels():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def gather_sum_kernel(src_ptr, rows_ptr, y_ptr, D, K: tl.constexpr, BLOCK_D: tl.constexpr):
+        """y[t, d] = sum_k src[rows[t, k], d] for one block of d (fp32 sum)."""
+        t = tl.program_id(0).to(tl.int64)
+        offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+        mask_d = offs_d < D
+        acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+        for k in tl.static_range(K):
+            row = tl.load(rows_ptr + t * K + k).to(tl.int64)
+            acc += tl.load(src_ptr + row * D + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+        tl.store(y_ptr + t * D + offs_d, acc.to(y_ptr.dtype.element_ty), mask=mask_d)
+
+    @triton.jit
+    def route_topk_kernel(
+        h_ptr, w_ptr, gate_ptr, expert_ptr, D, E,
+        K: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):  # fmt: skip
+        """One token: fp32 router scores over all E experts, their softmax, and the K largest
+        probabilities (descending) with their expert ids."""
+        t = tl.program_id(0).to(tl.int64)
+        offs_e = tl.arange(0, BLOCK_E)
+        mask_e = offs_e < E
+        acc = tl.zeros([BLOCK_E], dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            offs_d = d0 + tl.arange(0, BLOCK_D)
+            mask_d = offs_d < D
+            hv = tl.load(h_ptr + t * D + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+            m = mask_e[:, None] & mask_d[None, :]
+            w = tl.load(w_ptr + offs_e[:, None] * D + offs_d[None, :], mask=m, other=0.0).to(tl.float32)
+            acc += tl.sum(w * hv[None, :], axis=1)
+        logits = tl.where(mask_e, acc, float("-inf"))
+        p = tl.exp(logits - tl.max(logits, axis=0))
+        p = p / tl.sum(p, axis=0)
+        remaining = tl.where(mask_e, p, -1.0)
+        for k in tl.static_range(K):
+            best = tl.max(remaining, axis=0)
+            idx = tl.min(tl.where(remaining == best, offs_e, BLOCK_E), axis=0)
+            tl.store(gate_ptr + t * K + k, best)
+            tl.store(expert_ptr + t * K + k, idx.to(tl.int64))
+            remaining = tl.where(offs_e == idx, -1.0, remaining)
+
+    @triton.jit
+    def up_kernel(
+        x_ptr, w_ptr, e_ptr, h_ptr, K, D, F,
+        ACT: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):  # fmt: skip
+        """h[p, f] = act(sum_d x[p // K, d] * w_in[e_p, f, d]) for one block of f."""
+        p = tl.program_id(0)
+        offs_f = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)
+        mask_f = offs_f < F
+        e = tl.load(e_ptr + p).to(tl.int64)
+        t = (p // K).to(tl.int64)
+        rows_in = F * 2 if ACT != 0 else F
+        w_base = w_ptr + e * rows_in * D
+        acc = tl.zeros([BLOCK_F], dtype=tl.float32)
+        acc2 = tl.zeros([BLOCK_F], dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            offs_d = d0 + tl.arange(0, BLOCK_D)
+            mask_d = offs_d < D
+            xv = tl.load(x_ptr + t * D + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+            m = mask_f[:, None] & mask_d[None, :]
+            w = tl.load(w_base + offs_f[:, None] * D + offs_d[None, :], mask=m, other=0.0)
+            acc += tl.sum(w.to(tl.float32) * xv[None, :], axis=1)
+            if ACT != 0:  # gated: rows F.. hold the value half
+                w2 = tl.load(w_base + (F + offs_f)[:, None] * D + offs_d[None, :], mask=m, other=0.0)
+                acc2 += tl.sum(w2.to(tl.float32) * xv[None, :], axis=1)
+        if ACT == 1:  # SwiGLU
+            h = acc * tl.sigmoid(acc) * acc2
+        else:  # exact GeLU (erf), times the value half for GeGLU
+            h = 0.5 * acc * (1.0 + tl.math.erf(acc * 0.7071067811865476))
+            if ACT == 2:
+                h = h * acc2
+        tl.store(h_ptr + p * F + offs_f, h, mask=mask_f)
+
+    @triton.jit
+    def down_kernel(
+        h_ptr, w_ptr, e_ptr, g_ptr, y_ptr, P, D, F,
+        BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):  # fmt: skip
+        """y[s, p, d] = g_p * sum_{f in split s} h[p, f] * w_out[e_p, f, d]: one (BLOCK_F, BLOCK_D) tile of
+        the expert's rows per program, the splits summed afterwards (no atomics)."""
+        p = tl.program_id(0).to(tl.int64)
+        offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+        split = tl.program_id(2)
+        offs_f = split * BLOCK_F + tl.arange(0, BLOCK_F)
+        mask_d = offs_d < D
+        mask_f = offs_f < F
+        e = tl.load(e_ptr + p).to(tl.int64)
+        hv = tl.load(h_ptr + p * F + offs_f, mask=mask_f, other=0.0)
+        m = mask_f[:, None] & mask_d[None, :]
+        w = tl.load(w_ptr + e * F * D + offs_f[:, None] * D + offs_d[None, :], mask=m, other=0.0)
+        acc = tl.sum(w.to(tl.float32) * hv[:, None], axis=0)
+        g = tl.load(g_ptr + p).to(tl.float32)
+        tl.store(y_ptr + (split * P + p) * D + offs_d, acc * g, mask=mask_d)
+
+    return triton, up_kernel, down_kernel, gather_sum_kernel, route_topk_kernel
+
+
+def gemv_topk_forward(
+    x_TD: torch.Tensor,
+    weights_TK: torch.Tensor,
+    experts_TK: torch.Tensor,
+    w_in: torch.Tensor,
+    w_out: torch.Tensor,
+    activation: str,
+    block_f: int = 4,
+    block_d: int = 1024,
+) -> torch.Tensor:
+    """The decode path: fp32 accumulation, the (T, K, D) weighted pair outputs summed over K. Small tiles
+    and many programs: at batch 1 only K experts' rows are read, and they must stream from every SM."""
+    triton, up_kernel, down_kernel, *_ = _gemv_kernels()
+    T, K = experts_TK.shape
+    E, F, D = w_out.shape
+    if activation not in ACTIVATIONS or (w_in.shape[1] == 2 * F) != (activation in ("swiglu", "geglu")):
+        raise ValueError(f"gather-GEMV: activation {activation!r} does not match w_in {tuple(w_in.shape)}")
+    x_TD, w_in, w_out = x_TD.contiguous(), w_in.contiguous(), w_out.contiguous()
+    experts = experts_TK.reshape(-1).contiguous()
+    gates = weights_TK.reshape(-1).contiguous()
+    P = T * K
+    block_d = min(block_d, triton.next_power_of_2(D))
+    h = torch.empty(P, F, device=x_TD.device, dtype=torch.float32)
+    up_kernel[(P, triton.cdiv(F, block_f))](
+        x_TD, w_in, experts, h, K, D, F, ACT=ACTIVATIONS[activation], BLOCK_F=block_f, BLOCK_D=block_d
+    )
+    down_f, down_d = min(64, triton.next_power_of_2(F)), min(128, triton.next_power_of_2(D))
+    splits = triton.cdiv(F, down_f)
+    y = torch.empty(splits, P, D, device=x_TD.device, dtype=torch.float32)
+    down_kernel[(P, triton.cdiv(D, down_d), splits)](
+        h, w_out, experts, gates, y, P, D, F, BLOCK_F=down_f, BLOCK_D=down_d
+    )
+    return y.view(splits, T, K, D).sum((0, 2)).to(x_TD.dtype)
+
+
+def gather_sum(src_PD: torch.Tensor, rows_TK: torch.Tensor) -> torch.Tensor:
+    """(T, D) with row t = sum_k src[rows[t, k]] (Triton, CUDA): the un-permute and the sum over K in one
+    pass."""
+    triton, _, _, kernel, _ = _gemv_kernels()
+    T, K = rows_TK.shape
+    D = src_PD.shape[1]
+    y = torch.empty(T, D, device=src_PD.device, dtype=src_PD.dtype)
+    block_d = min(1024, triton.next_power_of_2(D))
+    kernel[(T, triton.cdiv(D, block_d))](
+        src_PD.contiguous(), rows_TK.contiguous(), y, D, K=K, BLOCK_D=block_d
+    )
+    return y
+
+
+def route_topk(h_TD: torch.Tensor, router_weight: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weights, expert ids), each (T, k): the k largest of softmax(h W_r^T) in fp32, descending, from one
+    Triton kernel per batch (router scores, softmax and top-k fused; CUDA). The router's own
+    F.linear + softmax + topk, without their dozen small launches at decode."""
+    triton, *_, kernel = _gemv_kernels()
+    T, D = h_TD.shape
+    E = router_weight.shape[0]
+    gates = torch.empty(T, k, device=h_TD.device, dtype=torch.float32)
+    experts = torch.empty(T, k, device=h_TD.device, dtype=torch.long)
+    block_e = triton.next_power_of_2(E)
+    block_d = max(16, min(triton.next_power_of_2(D), 8192 // block_e))
+    kernel[(T,)](
+        h_TD.contiguous(),
+        router_weight.contiguous(),
+        gates,
+        experts,
+        D,
+        E,
+        K=k,
+        BLOCK_E=block_e,
+        BLOCK_D=block_d,
+    )
+    return gates, experts
