@@ -45,9 +45,10 @@ class AttentionConfig:
     """RMSNorm over head_dim on queries and keys before RoPE (Qwen3's QK-norm)."""
     backend: str = "auto"
     """'sdpa' (PyTorch scaled_dot_product_attention), 'eager' (plain reference), or 'auto' (sdpa). The
-    encoder also takes 'flash' (flash-attn varlen with ALiBi slopes) and 'flex' (FlexAttention with an ALiBi
-    score_mod and a document mask); its 'auto' takes flash-attn when installed, else FlexAttention on CUDA,
-    else SDPA (dsmoe.model.attention.resolve_backend)."""
+    encoder also takes 'flash' (flash-attn varlen with ALiBi slopes), 'flex' (FlexAttention with an ALiBi
+    score_mod and a document mask) and 'triton' (our varlen ALiBi kernels, dsmoe/model/alibi_triton.py,
+    CUDA); its 'auto' takes flash-attn when installed, else FlexAttention on CUDA, else SDPA
+    (dsmoe.model.attention.resolve_backend)."""
 
     @property
     def num_heads(self) -> int:
@@ -357,9 +358,9 @@ def validate(cfg: Config, source: str = "config") -> None:
         f"({a.num_kv_heads}) must divide the query heads ({heads})",
     )
     check(
-        a.backend in ("auto", "sdpa", "eager", "flex", "flash"),
+        a.backend in ("auto", "sdpa", "eager", "flex", "flash", "triton"),
         "model.attention.backend",
-        f"must be auto|sdpa|eager|flex|flash, got {a.backend!r}",
+        f"must be auto|sdpa|eager|flex|flash|triton, got {a.backend!r}",
     )
     check(e.alpha >= 0, "model.moe.alpha", "must be >= 0")
     check(

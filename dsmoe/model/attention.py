@@ -379,6 +379,11 @@ def plan_attention(backend: str, varlen: Varlen, n_heads: int, dtype: torch.dtyp
             document_mask, None, None, T, T, device=device, _compile=device.type == "cuda"
         )
         plan.score_mod = alibi
+    elif backend == "triton":
+        from dsmoe.model import alibi_triton
+
+        if device.type != "cuda" or not alibi_triton.available():
+            raise RuntimeError("model.attention.backend 'triton' needs CUDA and triton; on CPU use 'sdpa' (or 'auto')")
     elif backend == "flash":
         if flash_attn_varlen() is None:
             raise RuntimeError("model.attention.backend 'flash' needs flash-attn (pip install flash-attn)")
@@ -436,7 +441,25 @@ def varlen_flash(q_THd, k_THd, v_THd, plan: AttentionPlan) -> torch.Tensor:
     )
 
 
-VARLEN_BACKENDS = {"eager": varlen_eager, "sdpa": varlen_sdpa, "flex": varlen_flex, "flash": varlen_flash}
+# Like varlen_flex: the Triton kernels run outside the compiled block (their autograd.Function launches
+# kernels dynamo would otherwise have to trace).
+@torch.compiler.disable
+def varlen_triton(q_THd, k_THd, v_THd, plan: AttentionPlan) -> torch.Tensor:
+    """Our Triton kernels (dsmoe/model/alibi_triton.py): per (row, head) tiles of the packed tokens, ALiBi
+    added in the kernel, no padding and no block mask; CUDA only."""
+    from dsmoe.model.alibi_triton import alibi_varlen_attention
+
+    vl = plan.varlen
+    return alibi_varlen_attention(q_THd, k_THd, v_THd, vl.cu_seqlens, vl.max_seqlen, plan.slopes)
+
+
+VARLEN_BACKENDS = {
+    "eager": varlen_eager,
+    "sdpa": varlen_sdpa,
+    "flex": varlen_flex,
+    "flash": varlen_flash,
+    "triton": varlen_triton,
+}
 
 
 class BidirectionalSelfAttention(nn.Module):

@@ -127,6 +127,7 @@ class EncoderMLM(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
         self.cross_entropy = CrossEntropy()
+        self._head_loss = type(self).masked_head_loss  # compile_head() swaps in a compiled one
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -160,6 +161,17 @@ class EncoderMLM(nn.Module):
         """BERT's prediction head: (M, D) -> (M, V)."""
         return self.lm_head(self.head_norm(F.gelu(self.head_dense(h_MD))))
 
+    def masked_head_loss(self, h_MD: torch.Tensor, targets_M: torch.Tensor):
+        """The head at the M masked positions: (M, V) logits, mean cross-entropy, detached correct count."""
+        logits_MV = self.head(h_MD)
+        correct = (logits_MV.detach().argmax(-1) == targets_M).sum()
+        return logits_MV, self.cross_entropy(logits_MV, targets_M), correct
+
+    def compile_head(self) -> None:
+        """torch.compile the head and its loss (dynamic: the masked count changes every batch), fusing the
+        GELU, LayerNorm and the cross-entropy's softmax around the two GEMMs."""
+        self._head_loss = torch.compile(type(self).masked_head_loss, dynamic=True)  # unbound: copies keep it
+
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -188,11 +200,9 @@ class EncoderMLM(nn.Module):
             return EncoderOutput(logits=varlen.pad(self.head(x_TD)), mlp=mlp)
         labels_T = varlen.unpad(labels)
         masked_M = (labels_T != IGNORE_INDEX).nonzero().squeeze(1)  # the head runs here only
-        targets_M = labels_T[masked_M]
-        logits_MV = self.head(x_TD[masked_M])
+        logits_MV, lm_loss, correct = self._head_loss(self, x_TD[masked_M], labels_T[masked_M])
         out = EncoderOutput(logits=logits_MV, masked_tokens=len(masked_M), mlp=mlp)
-        out.lm_loss = self.cross_entropy(logits_MV, targets_M)
-        out.correct = (logits_MV.detach().argmax(-1) == targets_M).sum()
+        out.lm_loss, out.correct = lm_loss, correct
         out.loss = out.lm_loss
         if mlp is not None:
             out.loss = out.loss + self.cfg.moe.alpha * mlp.mi_loss
