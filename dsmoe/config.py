@@ -104,6 +104,9 @@ class ModelConfig:
     dropout: float = 0.0
     """Encoder: dropout on the embeddings and on each sublayer's output (BERT: 0.1). Attention-probability
     dropout is always 0: the fused kernels (flash-attn with ALiBi) need it off (papers/mosaicbert.md)."""
+    geglu_kernel: Literal["torch", "triton"] = "torch"
+    """Encoder, dense GeGLU FFN: 'torch' (GELU(gate) * value in torch ops, fused by torch.compile) or
+    'triton' (one fused Triton kernel each way, dsmoe/model/alibi_triton.py; CUDA only)."""
     attention: AttentionConfig = field(default_factory=AttentionConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
 
@@ -598,6 +601,7 @@ def _check_backbone(cfg: Config, check) -> None:
     if not m.is_encoder:
         check(not m.post_norm, "model.post_norm", "is for the encoder (model.backbone: encoder)")
         check(m.dropout == 0.0, "model.dropout", "is for the encoder (model.backbone: encoder)")
+        check(m.geglu_kernel == "torch", "model.geglu_kernel", "is for the encoder (model.backbone: encoder)")
         check(
             a.backend in ("auto", "sdpa", "eager"),
             "model.attention.backend",

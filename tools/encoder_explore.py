@@ -1,12 +1,13 @@
 """Candidate speed-ups of the encoder's MLM training step, tried one after another on one GPU (issue 7).
 
-    python tools/encoder_explore.py --out DIR --budget 230
+    python tools/encoder_explore.py --out DIR --budget 230 [--attention]
 
 1. the Triton ALiBi varlen kernels (dsmoe/model/alibi_triton.py) against varlen_eager: output and grads;
-2. the attention alone (forward + backward) on tools/bench_encoder.py's batches: SDPA without bias (dense),
-   our Triton kernels (block configs), SDPA with the ALiBi + padding bias on the padded batch (efficient /
-   cuDNN backends), FlexAttention dense and packed with kernel options;
-3. whole training steps (ours with several options, BertForMaskedLM) and a profile of ours by kernel kind.
+2. whole training steps at 256 x 128 (half the rows padded to 64) of BertForMaskedLM and of ours with one
+   option changed at a time from configs/mosaicbert_base.yaml (A/B), with a profile by kernel kind;
+3. with --attention: the attention alone (forward + backward) on tools/bench_encoder.py's batches: SDPA
+   without bias (dense), our Triton kernels (block configs), SDPA with the ALiBi + padding bias on the padded
+   batch (efficient / cuDNN backends), FlexAttention dense and packed with kernel options.
 Sections past the time budget are skipped. Prints tables; writes explore.json to --out.
 """
 
@@ -33,7 +34,7 @@ from dsmoe.model.attention import VARLEN_BACKENDS, Varlen, alibi_slopes, plan_at
 
 T0 = time.time()
 RESULTS: dict = {}
-BACKEND = ["triton"]  # falls back to flex if the Triton check fails
+BACKEND_OVERRIDE: list[str] = []  # becomes flex + torch GeGLU if the Triton check fails
 
 
 def left(budget):
@@ -63,7 +64,6 @@ def check_triton(out):
     dev = torch.device("cuda")
     rows = []
     for lengths, H in (([128, 64, 1, 37, 128, 100], 12), ([512, 256, 300, 5, 511, 64], 12), ([65, 129], 4)):
-        B = len(lengths)
         S = max(lengths)
         mask = torch.arange(S)[None, :] < torch.tensor(lengths)[:, None]
         vl = Varlen.from_mask(mask.to(dev))
@@ -90,8 +90,8 @@ def check_triton(out):
         )
     out["triton_check"] = rows
     if not all(r["finite"] and r["out_rel"] < 2e-2 and r["grad_rel"] < 2e-2 for r in rows):
-        BACKEND[0] = "flex"
-        print("TRITON CHECK FAILED: steps use flex")
+        BACKEND_OVERRIDE[:] = ["model.attention.backend=flex", "model.geglu_kernel=torch"]
+        print("TRITON CHECK FAILED: steps use flex and the torch GeGLU")
 
 
 def attention_table(out, budget):
@@ -110,7 +110,7 @@ def attention_table(out, budget):
     def alibi(score, b, h, q_idx, kv_idx):
         return score - slopes[h] * (q_idx - kv_idx).abs()
 
-    for s in (bench.Setting(256, 128, 0.5, 64), bench.Setting(64, 512, 0.5, 256)):
+    def one_shape(s):
         mask = bench.make_batches(s, 30522, 1, seed=s.seq_len, device=dev)[0][1]
         vl = Varlen.from_mask(mask)
         T = len(vl.indices)
@@ -137,7 +137,7 @@ def attention_table(out, budget):
             alibi_triton.CONFIG.update(fwd=cfg[0], bwd=cfg[1])
             plan = plan_attention("triton", vl, H, dt)
             try:
-                row[f"triton {cfg}"] = fb(lambda: packed("triton", plan)())
+                row[f"triton {cfg}"] = fb(lambda p=plan: packed("triton", p)())
             except Exception as e:  # a config the compiler rejects
                 row[f"triton {cfg}"] = f"error {type(e).__name__}: {str(e)[:200]}"
         alibi_triton.CONFIG.update(fwd=(64, 64, 4), bwd=(64, 64, 4))
@@ -152,7 +152,7 @@ def attention_table(out, budget):
         print(row, flush=True)
         if left(budget) < 60:
             table.append(row)
-            continue
+            return
         row["flex_dense_alibi"] = fb(lambda q, k, v: flex(q, k, v, score_mod=alibi), *dense)
         row["plan_ms flex"] = cuda_ms(lambda: plan_attention("flex", vl, H, dt))
         plan = plan_attention("flex", vl, H, dt)
@@ -189,66 +189,21 @@ def attention_table(out, budget):
                 row[f"flex {name}"] = f"error {type(e).__name__}: {str(e)[:200]}"
             print(name, row[f"flex {name}"], flush=True)
         table.append(row)
+
+    for s in (bench.Setting(256, 128, 0.5, 64), bench.Setting(64, 512, 0.5, 256)):
+        one_shape(s)
     out["attention"] = table
 
 
-def categorize(name: str) -> str:
-    n = name.lower()
-    if (
-        n.startswith("triton_tem")
-        or "flex_attention" in n
-        or "_fwd_kernel" in n
-        or "_bwd_d" in n
-        or "fmha" in n
-        or "flash" in n
-        or "cudnn" in n
-        or "attention" in n
-    ):
-        return "attention"
-    if any(k in n for k in ("gemm", "nvjet", "cutlass", "xmma", "sm90_", "cublas", "kernel2")):
-        return "gemm"
-    if "adam" in n or "multi_tensor" in n:
-        return "optimizer"
-    if "softmax" in n or "nll" in n or "cross_entropy" in n:
-        return "softmax/cross-entropy"
-    if n.startswith("triton_"):
-        return "inductor fused (LN, GeGLU, dropout, residual)"
-    if any(k in n for k in ("embedding", "index", "gather", "scatter", "nonzero", "cumsum", "sort", "radix")):
-        return "embedding / index / pack"
-    if "elementwise" in n or "reduce" in n or "copy" in n or "fill" in n:
-        return "eager elementwise / copies"
-    return "other"
-
-
-def profile_step(fn, batches, label, out):
-    from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile
-
-    for b in batches[:3]:
-        fn(b)
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        t = time.perf_counter()
-        for b in batches[:3]:
-            fn(b)
-        torch.cuda.synchronize()
-        wall = (time.perf_counter() - t) * 1000 / 3
-    kernels: dict[str, float] = {}
-    for e in prof.events():
-        if e.device_type == DeviceType.CUDA:
-            us = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0.0)
-            kernels[e.name] = kernels.get(e.name, 0.0) + us / 1000 / 3
-    cats: dict[str, float] = {}
-    for k, v in kernels.items():
-        cats[categorize(k)] = cats.get(categorize(k), 0.0) + v
-    busy = sum(kernels.values())
-    print(f"\nprofile {label}: wall {wall:.1f} ms/step (profiled), GPU busy {busy:.1f} ms")
-    for k, v in sorted(cats.items(), key=lambda kv: -kv[1]):
-        print(f"  {k:50s} {v:7.2f} ms  {100 * v / busy:5.1f}%")
-    top = sorted(kernels.items(), key=lambda kv: -kv[1])[:25]
-    for k, v in top:
-        print(f"    {v:7.3f} ms  {k[:110]}")
-    out.setdefault("profiles", {})[label] = {"wall_ms": wall, "busy_ms": busy, "categories": cats, "top": top}
+VARIANTS = [  # (label, overrides of configs/mosaicbert_base.yaml, compile the MLM head), most telling first
+    ("config as committed (triton attention, triton GeGLU, compiled head)", [], True),
+    ("GeGLU by torch.compile instead of the triton kernel", ["model.geglu_kernel=torch"], True),
+    ("FlexAttention (the previous default)", ["model.attention.backend=flex"], True),
+    ("GELU FFN of BERT's size (109M parameters, as BertForMaskedLM)", ["model.moe.activation=gelu"], True),
+    ("MLM head eager", [], False),
+    ("SDPA with the ALiBi + padding bias", ["model.attention.backend=sdpa"], True),
+    ("dropout 0 (information only: BERT keeps 0.1)", ["model.dropout=0.0"], True),
+]
 
 
 def steps(out, budget):
@@ -256,14 +211,13 @@ def steps(out, budget):
     dt = torch.bfloat16
     res = out.setdefault("steps", [])
     s128 = bench.Setting(256, 128, 0.5, 64)
-    s512 = bench.Setting(64, 512, 0.5, 256)
-    batches = {s.seq_len: bench.make_batches(s, 30522, 4, seed=s.seq_len, device=dev) for s in (s128, s512)}
+    batches = bench.make_batches(s128, 30522, 4, seed=128, device=dev)
 
-    def timed(fn, seq, label):
-        times = bench.time_training(fn, batches[seq], 5, 12, dev)
+    def timed(fn, label):
+        times = bench.time_training(fn, batches, 5, 12, dev)
         ms = 1000 * statistics.median(times)
-        res.append({"label": label, "seq": seq, "ms": ms, "real_tok_s": 24576 / ms * 1000})
-        print(f"step {label} @ {seq}: {ms:.1f} ms", flush=True)
+        res.append({"label": label, "ms": ms, "real_tok_s": 24576 / ms * 1000})
+        print(f"step @ 256x128: {ms:6.1f} ms  {label}", flush=True)
         return ms
 
     class A:  # the arguments bench_encoder's builders read
@@ -271,51 +225,37 @@ def steps(out, budget):
         config = "configs/mosaicbert_base.yaml"
         compile = True
         seq_lens = [128, 512]
+        backend = None
 
-    def ours(backend, overrides=(), head=False):
+    bert, cfg = None, None
+    for i, (label, overrides, head) in enumerate(VARIANTS):
+        if i and left(budget) < 35:
+            print(f"skipped (time): {label}")
+            continue
         a = A()
-        a.backend = backend
-        a.overrides = list(overrides)
+        a.overrides = [*BACKEND_OVERRIDE, *overrides]
         model, cfg = bench.our_encoder(a, dev, dt)
-        if head:
-            model.compile_head()
-        return model, cfg, bench.step_function(model, bench.optimizer(model, dev), "ours", False, dev)
-
-    be = BACKEND[0]
-    model, cfg, fn = ours(be)
-    theirs, _ = bench.bert(A(), dev, dt, cfg)
-    bfn = bench.step_function(theirs, bench.optimizer(theirs, dev), "bert", False, dev)
-    timed(bfn, 128, "bert")
-    timed(fn, 128, f"ours {be}")
-    profile_step(fn, batches[128], f"ours {be} @128", out)
-    timed(bfn, 512, "bert")
-    timed(fn, 512, f"ours {be}")
-    del model, fn
-    if left(budget) > 60:
-        model, cfg, fn = ours(be, head=True)
-        timed(fn, 128, f"ours {be} + compiled head")
-        profile_step(fn, batches[128], f"ours {be}+head @128", out)
-        timed(fn, 512, f"ours {be} + compiled head")
+        if not head:
+            model._head_loss = type(model).masked_head_loss
+        fn = bench.step_function(model, bench.optimizer(model, dev), "ours", False, dev)
+        timed(fn, label)
+        if i == 0:
+            p = {"label": "256 x 128, " + label, **bench.profile(fn, batches)}
+            out["profile"] = p
+            print("\n".join(bench.profile_text(p)), flush=True)
+            theirs, _ = bench.bert(A(), dev, dt, cfg)
+            bert = bench.step_function(theirs, bench.optimizer(theirs, dev), "bert", False, dev)
+            timed(bert, "BertForMaskedLM (SDPA, bf16)")
+            del theirs, bert
         del model, fn
-    if left(budget) > 50:
-        model, cfg, fn = ours(be, ["model.dropout=0.0"], head=True)
-        timed(fn, 128, f"ours {be} + head, dropout 0 (info only)")
-        del model, fn
-    if left(budget) > 50:
-        model, cfg, fn = ours(be, ["model.moe.activation=gelu"], head=True)
-        timed(fn, 128, f"ours {be} + head, GELU FFN (BERT's size)")
-        del model, fn
-    if left(budget) > 60:
-        model, cfg, fn = ours("sdpa", head=True)
-        timed(fn, 128, "ours sdpa-bias + head")
-        del model, fn
-    torch.cuda.empty_cache()
+        torch.cuda.empty_cache()
 
 
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--out", default="/tmp/explore")
     p.add_argument("--budget", type=float, default=230)
+    p.add_argument("--attention", action="store_true", help="also time the attention candidates alone")
     args = p.parse_args()
     torch._dynamo.config.recompile_limit = 64
     print(torch.__version__, torch.cuda.get_device_name(), flush=True)
@@ -325,7 +265,10 @@ def main():
     def save():
         (Path(args.out) / "explore.json").write_text(json.dumps(out, indent=1, default=str))
 
-    for section in (check_triton, lambda o: steps(o, args.budget), lambda o: attention_table(o, args.budget)):
+    sections = [check_triton, lambda o: steps(o, args.budget)]
+    if args.attention:
+        sections.append(lambda o: attention_table(o, args.budget))
+    for section in sections:
         try:
             section(out)
         except Exception as e:
@@ -336,6 +279,9 @@ def main():
         save()
         print(f"-- {time.time() - T0:.0f} s", flush=True)
         torch.cuda.empty_cache()
+    print("\nA/B at 256 x 128 (ms / step, real tokens / s):")
+    for r in out.get("steps", []):
+        print(f"  {r['ms']:6.1f} ms  {r['real_tok_s']:10,.0f}  {r['label']}")
 
 
 if __name__ == "__main__":

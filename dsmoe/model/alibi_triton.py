@@ -6,12 +6,13 @@ score_mod). These kernels work per (row, head) on the packed (T, H, hd) layout, 
 cu_seqlens, add -m_h |i - j| inside the kernel and never touch padding:
 
 - forward: grid (query blocks of the longest row, B x H); each program streams the key blocks of its row
-  (online softmax) and writes O and the log-sum-exp (base 2);
-- backward: delta = rowsum(O * dO) in torch, then one kernel for dK, dV (grid over key blocks, streaming
-  the row's query blocks) and one for dQ (grid over query blocks, streaming key blocks): no atomics, so
+  (online softmax) and writes the output and the log-sum-exp (base 2);
+- backward: delta = rowsum(out * dout) (one small kernel), then one kernel for dK, dV (grid over key
+  blocks, streaming the row's query blocks) and one for dQ (grid over query blocks, streaming key blocks): no atomics, so
   the result is deterministic.
 
-Attention dropout is not supported (MosaicBERT trains with 0). Held equal to varlen_eager by
+Also a GeGLU (GELU(gate) * value) forward/backward pair. All are torch custom ops, so a compiled block
+traces them as single nodes. Attention dropout is not supported (MosaicBERT trains with 0). Held equal to varlen_eager by
 tests/test_gpu_encoder.py.
 """
 
@@ -38,7 +39,7 @@ if triton is not None:
 
     @triton.jit
     def _fwd_kernel(
-        Q, K, V, O, LSE, CU, SLOPES,
+        Q, K, V, OUT, LSE, CU, SLOPES,
         stride_qt, stride_kt, stride_vt, stride_ot,
         qk_scale,  # sm_scale * log2(e)
         H: tl.constexpr, HD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -89,8 +90,8 @@ if triton is not None:
             m_i = m_new
         acc = acc / l_i[:, None]
         tl.store(
-            O + (start + offs_m)[:, None] * stride_ot + h * HD + offs_d[None, :],
-            acc.to(O.dtype.element_ty),
+            OUT + (start + offs_m)[:, None] * stride_ot + h * HD + offs_d[None, :],
+            acc.to(OUT.dtype.element_ty),
             mask=m_valid[:, None],
         )
         tl.store(LSE + (start + offs_m) * H + h, m_i + tl.log2(l_i), mask=m_valid)
@@ -225,19 +226,57 @@ if triton is not None:
             mask=m_valid[:, None],
         )
 
+    @triton.jit
+    def _delta_kernel(OUT, DO, DELTA, n_rows, HD: tl.constexpr, BLOCK_R: tl.constexpr):
+        """delta[r] = sum_d O[r, d] dO[r, d] over the (T x H, hd) rows, fp32."""
+        rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        valid = rows < n_rows
+        offs = rows.to(tl.int64)[:, None] * HD + tl.arange(0, HD)[None, :]
+        o = tl.load(OUT + offs, mask=valid[:, None], other=0.0).to(tl.float32)
+        do = tl.load(DO + offs, mask=valid[:, None], other=0.0).to(tl.float32)
+        tl.store(DELTA + rows, tl.sum(o * do, 1), mask=valid)
+
+    @triton.jit
+    def _geglu_fwd_kernel(H_, Y, n, INNER: tl.constexpr, BLOCK: tl.constexpr):
+        """Y[t, i] = GELU(H[t, i]) * H[t, INNER + i] (exact GELU), over n = T x INNER outputs."""
+        idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        valid = idx < n
+        row = idx // INNER
+        col = idx % INNER
+        gate = tl.load(H_ + row * 2 * INNER + col, mask=valid, other=0.0).to(tl.float32)
+        value = tl.load(H_ + row * 2 * INNER + INNER + col, mask=valid, other=0.0).to(tl.float32)
+        gelu = 0.5 * gate * (1.0 + tl.math.erf(gate * 0.7071067811865476))
+        tl.store(Y + idx, (gelu * value).to(Y.dtype.element_ty), mask=valid)
+
+    @triton.jit
+    def _geglu_bwd_kernel(DY, H_, DH, n, INNER: tl.constexpr, BLOCK: tl.constexpr):
+        """dgate = dY * value * GELU'(gate), dvalue = dY * GELU(gate), into DH = [dgate; dvalue]."""
+        idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        valid = idx < n
+        row = idx // INNER
+        col = idx % INNER
+        dy = tl.load(DY + idx, mask=valid, other=0.0).to(tl.float32)
+        gate = tl.load(H_ + row * 2 * INNER + col, mask=valid, other=0.0).to(tl.float32)
+        value = tl.load(H_ + row * 2 * INNER + INNER + col, mask=valid, other=0.0).to(tl.float32)
+        cdf = 0.5 * (1.0 + tl.math.erf(gate * 0.7071067811865476))
+        pdf = tl.exp(-0.5 * gate * gate) * 0.3989422804014327
+        tl.store(
+            DH + row * 2 * INNER + col, (dy * value * (cdf + gate * pdf)).to(DH.dtype.element_ty), mask=valid
+        )
+        tl.store(DH + row * 2 * INNER + INNER + col, (dy * gate * cdf).to(DH.dtype.element_ty), mask=valid)
+
 
 CONFIG = {"fwd": (64, 64, 4), "bwd": (64, 64, 4)}
 """(BLOCK_M, BLOCK_N, num_warps) of the forward and of both backward kernels."""
 
 
-def _check(t: torch.Tensor, name: str) -> None:
-    if t.stride(-1) != 1 or t.stride(-2) != t.shape[-1]:
-        raise ValueError(
-            f"alibi_triton: {name} must be (T, H, hd) with contiguous heads, got strides {t.stride()}"
-        )
+def _heads_contiguous(t: torch.Tensor) -> torch.Tensor:
+    """(T, H, hd) with each token's heads contiguous (a strided view of a fused QKV is fine as it is)."""
+    return t if t.stride(-1) == 1 and t.stride(-2) == t.shape[-1] else t.contiguous()
 
 
 def _fwd(q, k, v, cu_seqlens, max_seqlen, slopes):
+    q, k, v = (_heads_contiguous(t) for t in (q, k, v))
     T, H, HD = q.shape
     B = len(cu_seqlens) - 1
     o = torch.empty(T, H, HD, device=q.device, dtype=q.dtype)
@@ -255,10 +294,12 @@ def _fwd(q, k, v, cu_seqlens, max_seqlen, slopes):
 
 
 def _bwd(do, q, k, v, o, lse, cu_seqlens, max_seqlen, slopes):
+    q, k, v = (_heads_contiguous(t) for t in (q, k, v))
     T, H, HD = q.shape
     B = len(cu_seqlens) - 1
     do = do.contiguous()
-    delta = (o.float() * do.float()).sum(-1)  # (T, H)
+    delta = torch.empty(T, H, device=q.device, dtype=torch.float32)
+    _delta_kernel[(triton.cdiv(T * H, 64),)](o, do, delta, T * H, HD=HD, BLOCK_R=64, num_warps=4)
     dq = torch.empty(T, H, HD, device=q.device, dtype=q.dtype)
     dk = torch.empty_like(dq)
     dv = torch.empty_like(dq)
@@ -279,19 +320,61 @@ def _bwd(do, q, k, v, o, lse, cu_seqlens, max_seqlen, slopes):
     return dq, dk, dv
 
 
-class _AlibiVarlen(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, cu_seqlens, max_seqlen, slopes):
-        o, lse = _fwd(q, k, v, cu_seqlens, max_seqlen, slopes)
-        ctx.save_for_backward(q, k, v, o, lse, cu_seqlens, slopes)
-        ctx.max_seqlen = max_seqlen
-        return o
+# Custom ops: a compiled block traces them as single opaque nodes (no graph break around the attention), and
+# their fake versions give dynamo the output shapes for any packed token count.
+@torch.library.custom_op("dsmoe::alibi_varlen_fwd", mutates_args=())
+def _fwd_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+    slopes: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _fwd(q, k, v, cu_seqlens, max_seqlen, slopes)
 
-    @staticmethod
-    def backward(ctx, do):
-        q, k, v, o, lse, cu_seqlens, slopes = ctx.saved_tensors
-        dq, dk, dv = _bwd(do, q, k, v, o, lse, cu_seqlens, ctx.max_seqlen, slopes)
-        return dq, dk, dv, None, None, None
+
+@_fwd_op.register_fake
+def _(q, k, v, cu_seqlens, max_seqlen, slopes):
+    T, H, HD = q.shape
+    return q.new_empty(T, H, HD), q.new_empty(T, H, dtype=torch.float32)
+
+
+@torch.library.custom_op("dsmoe::alibi_varlen_bwd", mutates_args=())
+def _bwd_op(
+    do: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    o: torch.Tensor,
+    lse: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+    slopes: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _bwd(do, q, k, v, o, lse, cu_seqlens, max_seqlen, slopes)
+
+
+@_bwd_op.register_fake
+def _(do, q, k, v, o, lse, cu_seqlens, max_seqlen, slopes):
+    T, H, HD = q.shape
+    return tuple(q.new_empty(T, H, HD) for _ in range(3))
+
+
+def _setup_attention(ctx, inputs, output):
+    q, k, v, cu_seqlens, max_seqlen, slopes = inputs
+    o, lse = output
+    ctx.save_for_backward(q, k, v, o, lse, cu_seqlens, slopes)
+    ctx.max_seqlen = max_seqlen
+
+
+def _attention_backward(ctx, do, dlse):
+    q, k, v, o, lse, cu_seqlens, slopes = ctx.saved_tensors
+    dq, dk, dv = _bwd_op(do, q, k, v, o, lse, cu_seqlens, ctx.max_seqlen, slopes)
+    return dq, dk, dv, None, None, None
+
+
+_fwd_op.register_autograd(_attention_backward, setup_context=_setup_attention)
 
 
 def alibi_varlen_attention(
@@ -304,13 +387,50 @@ def alibi_varlen_attention(
 ) -> torch.Tensor:
     """softmax(q k^T / sqrt(hd) - m_h |i - j|) v within each row of the packed (T, H, hd) tensors (rows given
     by the int32 cu_seqlens), bidirectional; (T, H, hd) out in q's dtype. Strided views of a fused QKV
-    projection are fine as long as each token's heads are contiguous."""
-    if triton is None or not q_THd.is_cuda:
-        raise RuntimeError("model.attention.backend 'triton' needs CUDA and triton")
-    for t, name in ((q_THd, "q"), (k_THd, "k"), (v_THd, "v")):
-        _check(t, name)
+    projection are read in place when each token's heads are contiguous."""
     if q_THd.shape[-1] not in (16, 32, 64, 128):
         raise ValueError(f"alibi_triton: head_dim {q_THd.shape[-1]} not supported (16, 32, 64 or 128)")
-    return _AlibiVarlen.apply(
-        q_THd, k_THd, v_THd, cu_seqlens.int(), int(max_seqlen), slopes_H.float().contiguous()
-    )
+    return _fwd_op(q_THd, k_THd, v_THd, cu_seqlens, max_seqlen, slopes_H)[0]
+
+
+# GeGLU: one pass over [gate; value] each way (inductor's fused backward of the split + GELU + product
+# ran at about a third of the memory bandwidth on the H200, benchmarks/encoder/explore_h200.md).
+@torch.library.custom_op("dsmoe::geglu", mutates_args=())
+def geglu(h: torch.Tensor) -> torch.Tensor:
+    """GELU(gate) * value for h = [gate; value] on its last dimension (exact GELU), CUDA."""
+    h = h.contiguous()
+    inner = h.shape[-1] // 2
+    y = h.new_empty(*h.shape[:-1], inner)
+    n = y.numel()
+    _geglu_fwd_kernel[(triton.cdiv(n, 1024),)](h, y, n, INNER=inner, BLOCK=1024, num_warps=4)
+    return y
+
+
+@geglu.register_fake
+def _(h):
+    return h.new_empty(*h.shape[:-1], h.shape[-1] // 2)
+
+
+@torch.library.custom_op("dsmoe::geglu_bwd", mutates_args=())
+def _geglu_bwd(dy: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    h, dy = h.contiguous(), dy.contiguous()
+    dh = torch.empty_like(h)
+    n = dy.numel()
+    _geglu_bwd_kernel[(triton.cdiv(n, 1024),)](dy, h, dh, n, INNER=h.shape[-1] // 2, BLOCK=1024, num_warps=4)
+    return dh
+
+
+@_geglu_bwd.register_fake
+def _(dy, h):
+    return torch.empty_like(h)
+
+
+def _setup_geglu(ctx, inputs, output):
+    ctx.save_for_backward(inputs[0])
+
+
+def _geglu_backward(ctx, dy):
+    return _geglu_bwd(dy, ctx.saved_tensors[0])
+
+
+geglu.register_autograd(_geglu_backward, setup_context=_setup_geglu)

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsmoe.config import ModelConfig
+from dsmoe.model import alibi_triton  # noqa: F401  (registers the dsmoe:: custom ops)
 from dsmoe.model.attention import BidirectionalSelfAttention, Varlen, plan_attention, resolve_backend
 from dsmoe.model.mlp import DenseMLP
 from dsmoe.model.moe import TRAINING, DSMoE, MoEAux, Routing
@@ -60,6 +61,17 @@ class LayerNorm(nn.LayerNorm):
             )
 
 
+class TritonGeGLUMLP(DenseMLP):
+    """DenseMLP with GeGLU through one fused Triton kernel each way (model.geglu_kernel: triton); same
+    parameters, same function."""
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:
+        if not x.is_cuda:
+            raise RuntimeError("model.geglu_kernel 'triton' needs CUDA; use 'torch' on this device")
+        h = torch.ops.dsmoe.geglu(self.w_in(x))
+        return self.w_out(h if self.unit_mask is None else h * self.unit_mask.to(h.dtype)), None
+
+
 class EncoderBlock(nn.Module):
     """Post-LN (BERT): x = LN(x + attn(x)), x = LN(x + ffn(x)); pre-LN: x + attn(LN(x)), x + ffn(LN(x))."""
 
@@ -72,6 +84,8 @@ class EncoderBlock(nn.Module):
         m = cfg.moe
         if cfg.mlp == "moe":
             self.mlp = DSMoE(cfg.d_model, m.num_experts, m.expert_hidden, m.activation)
+        elif m.activation == "geglu" and cfg.geglu_kernel == "triton":
+            self.mlp = TritonGeGLUMLP(cfg.d_model, cfg.ffn_hidden, m.activation, bias=True)
         else:
             self.mlp = DenseMLP(cfg.d_model, cfg.ffn_hidden, m.activation, bias=True)
         self.dropout = nn.Dropout(cfg.dropout)
