@@ -7,19 +7,21 @@
                                                          # FFN, BERT's parameter count
 
 Both models are built here, without downloads: ours from configs/mosaicbert_base.yaml (ALiBi, GeGLU,
-post-LN, unpadded, MLM head at masked positions only; attention backend as that config resolves it on the
-device: flash-attn varlen if installed, else compiled FlexAttention), BertForMaskedLM from
-transformers' BertConfig() (BERT-Base: learned positions, GELU FFN, SDPA attention on the padded batch,
-head at every position). Both in bf16 (parameters and compute; `--precision amp` keeps fp32 parameters
-under bf16 autocast instead), both stepped by torch AdamW (fused on CUDA), on the same list of batches:
-random token ids, 30% of each row's real tokens masked (80/10/10), rows of mixed lengths
+post-LN, unpadded, MLM head at masked positions only; attention and GeGLU as that config says: our Triton
+kernels on CUDA; on CPU SDPA and the torch GeGLU), its blocks and MLM head compiled on CUDA;
+BertForMaskedLM from transformers' BertConfig() (BERT-Base: learned positions, GELU FFN, SDPA attention on
+the padded batch, head at every position). Both in bf16 (parameters and compute; `--precision amp` keeps
+fp32 parameters under bf16 autocast instead), both stepped by torch AdamW (fused on CUDA), on the same list
+of batches: random token ids, 30% of each row's real tokens masked (80/10/10), rows of mixed lengths
 (`--pad-rows` of the rows keep `--pad-len` of the sequence's tokens, the rest are full).
-Throughput counts real (non-padding) tokens: sum(attention_mask) / step time.
+Throughput counts real (non-padding) tokens: sum(attention_mask) / step time. `--profile` adds a
+torch.profiler breakdown of our step by kernel kind (first shape).
 
-Then the attention kernels alone, forward + backward, on the Base heads (12 x 64): compiled FlexAttention
-with the ALiBi score_mod against SDPA without any bias on the same dense (B, H, S, hd) shapes, and
-FlexAttention with ALiBi + the document mask over the packed real tokens of the benchmark batch against
-SDPA without bias on its padded batch. (On CPU, torch has no FlexAttention backward: forward only there.)
+Then the attention kernels alone, forward + backward, on the Base heads (12 x 64), host-timed per call:
+SDPA without any bias on the dense (B, H, S, hd) shapes against compiled FlexAttention with the ALiBi
+score_mod (default and FLEX_TUNED kernel options) and our Triton kernels on the same shapes (every row
+full); then FlexAttention with the document mask and our Triton kernels on the packed real tokens of the
+benchmark batch. (On CPU, torch has no FlexAttention backward: forward only there.)
 
 Writes encoder_<device>.json and .md with device, date, commit and command to --out.
 """
@@ -175,7 +177,7 @@ FLEX_TUNED = {
     "bwd_num_warps": 4,
 }
 """FlexAttention kernel options for head_dim 64 at these lengths: 64 x 64 tiles both ways (the H100/H200
-defaults are 128 x 64 forward and 64 x 128 x 8 warps backward; benchmarks/encoder/explore_h200.md)."""
+defaults are 128 x 64 forward and 64 x 128 x 8 warps backward; benchmarks/encoder/explore_h200_run1.md)."""
 
 
 def attention_timing(s: Setting, batches, heads: int, head_dim: int, device, dtype, warmup, steps) -> dict:
@@ -236,11 +238,11 @@ def attention_timing(s: Setting, batches, heads: int, head_dim: int, device, dty
 def kernel_kind(name: str) -> str:
     """A CUDA kernel's share of the step, by what it does (from its name)."""
     n = name.lower()
+    if "geglu" in n:  # before attention: '_geglu_fwd_kernel' ends like the attention's '_fwd_kernel'
+        return "GeGLU kernels"
     attention = ("triton_tem", "flex_attention", "_fwd_kernel", "_bwd_d", "_delta_kernel", "fmha", "flash")
     if n.startswith(attention) or any(k in n for k in attention[1:]) or "cudnn" in n or "attention" in n:
         return "attention"
-    if "geglu" in n:
-        return "GeGLU kernels"
     if any(k in n for k in ("gemm", "nvjet", "cutlass", "xmma", "sm90_", "cublas", "kernel2")):
         return "GEMMs"
     if "adam" in n or "multi_tensor" in n or n.startswith("optimizer."):

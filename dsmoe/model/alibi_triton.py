@@ -377,24 +377,8 @@ def _attention_backward(ctx, do, dlse):
 _fwd_op.register_autograd(_attention_backward, setup_context=_setup_attention)
 
 
-def alibi_varlen_attention(
-    q_THd: torch.Tensor,
-    k_THd: torch.Tensor,
-    v_THd: torch.Tensor,
-    cu_seqlens: torch.Tensor,
-    max_seqlen: int,
-    slopes_H: torch.Tensor,
-) -> torch.Tensor:
-    """softmax(q k^T / sqrt(hd) - m_h |i - j|) v within each row of the packed (T, H, hd) tensors (rows given
-    by the int32 cu_seqlens), bidirectional; (T, H, hd) out in q's dtype. Strided views of a fused QKV
-    projection are read in place when each token's heads are contiguous."""
-    if q_THd.shape[-1] not in (16, 32, 64, 128):
-        raise ValueError(f"alibi_triton: head_dim {q_THd.shape[-1]} not supported (16, 32, 64 or 128)")
-    return _fwd_op(q_THd, k_THd, v_THd, cu_seqlens, max_seqlen, slopes_H)[0]
-
-
 # GeGLU: one pass over [gate; value] each way (inductor's fused backward of the split + GELU + product
-# ran at about a third of the memory bandwidth on the H200, benchmarks/encoder/explore_h200.md).
+# ran at about a third of the memory bandwidth on the H200, benchmarks/encoder/explore_h200_run1.md).
 @torch.library.custom_op("dsmoe::geglu", mutates_args=())
 def geglu(h: torch.Tensor) -> torch.Tensor:
     """GELU(gate) * value for h = [gate; value] on its last dimension (exact GELU), CUDA."""
