@@ -46,9 +46,9 @@ class AttentionConfig:
     backend: str = "auto"
     """'sdpa' (PyTorch scaled_dot_product_attention), 'eager' (plain reference), or 'auto' (sdpa). The
     encoder also takes 'flash' (flash-attn varlen with ALiBi slopes), 'flex' (FlexAttention with an ALiBi
-    score_mod and a document mask) and 'triton' (our varlen ALiBi kernels, dsmoe/model/alibi_triton.py,
-    CUDA); its 'auto' takes flash-attn when installed, else FlexAttention on CUDA, else SDPA
-    (dsmoe.model.attention.resolve_backend)."""
+    score_mod and a document mask) and 'triton' (our varlen ALiBi kernels, dsmoe/model/alibi_triton.py, on
+    CUDA; SDPA on other devices); its 'auto' takes flash-attn when installed, else FlexAttention on CUDA,
+    else SDPA (dsmoe.model.attention.resolve_backend)."""
 
     @property
     def num_heads(self) -> int:
@@ -106,7 +106,8 @@ class ModelConfig:
     dropout is always 0: the fused kernels (flash-attn with ALiBi) need it off (papers/mosaicbert.md)."""
     geglu_kernel: Literal["torch", "triton"] = "torch"
     """Encoder, dense GeGLU FFN: 'torch' (GELU(gate) * value in torch ops, fused by torch.compile) or
-    'triton' (one fused Triton kernel each way, dsmoe/model/alibi_triton.py; CUDA only)."""
+    'triton' (one fused Triton kernel each way, dsmoe/model/alibi_triton.py) on CUDA, the torch ops
+    elsewhere."""
     attention: AttentionConfig = field(default_factory=AttentionConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
 

@@ -62,12 +62,12 @@ class LayerNorm(nn.LayerNorm):
 
 
 class TritonGeGLUMLP(DenseMLP):
-    """DenseMLP with GeGLU through one fused Triton kernel each way (model.geglu_kernel: triton); same
-    parameters, same function."""
+    """DenseMLP with GeGLU through one fused Triton kernel each way (model.geglu_kernel: triton) on CUDA; same
+    parameters, same function (the torch ops on other devices)."""
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:
-        if not x.is_cuda:
-            raise RuntimeError("model.geglu_kernel 'triton' needs CUDA; use 'torch' on this device")
+        if not x.is_cuda:  # the kernel is CUDA-only; elsewhere (an export loaded on a CPU) the same function
+            return super().forward(x)
         h = torch.ops.dsmoe.geglu(self.w_in(x))
         return self.w_out(h if self.unit_mask is None else h * self.unit_mask.to(h.dtype)), None
 
@@ -168,8 +168,10 @@ class EncoderMLM(nn.Module):
         return []
 
     def attention_backend(self, device) -> str:
-        """The attention backend this model runs on `device` (for the logs)."""
-        return resolve_backend(self.cfg.attention.backend, encoder=True, device=device)
+        """The attention backend this model runs on `device` (for the logs). 'triton' is CUDA-only: on other
+        devices (an export of a GPU run loaded on a CPU) SDPA runs, with the same ALiBi and padding."""
+        backend = resolve_backend(self.cfg.attention.backend, encoder=True, device=device)
+        return "sdpa" if backend == "triton" and torch.device(device).type != "cuda" else backend
 
     def head(self, h_MD: torch.Tensor) -> torch.Tensor:
         """BERT's prediction head: (M, D) -> (M, V)."""
