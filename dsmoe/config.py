@@ -45,8 +45,9 @@ class AttentionConfig:
     """RMSNorm over head_dim on queries and keys before RoPE (Qwen3's QK-norm)."""
     backend: str = "auto"
     """'sdpa' (PyTorch scaled_dot_product_attention), 'eager' (plain reference), or 'auto' (sdpa). The
-    encoder also takes 'flash' (flash-attn varlen with ALiBi slopes) and 'flex' (FlexAttention with an ALiBi
-    score_mod and a document mask); its 'auto' takes flash-attn when installed, else FlexAttention on CUDA,
+    encoder also takes 'flash' (flash-attn varlen with ALiBi slopes), 'flex' (FlexAttention with an ALiBi
+    score_mod and a document mask) and 'triton' (our varlen ALiBi kernels, dsmoe/model/alibi_triton.py, on
+    CUDA; SDPA on other devices); its 'auto' takes flash-attn when installed, else FlexAttention on CUDA,
     else SDPA (dsmoe.model.attention.resolve_backend)."""
 
     @property
@@ -103,6 +104,10 @@ class ModelConfig:
     dropout: float = 0.0
     """Encoder: dropout on the embeddings and on each sublayer's output (BERT: 0.1). Attention-probability
     dropout is always 0: the fused kernels (flash-attn with ALiBi) need it off (papers/mosaicbert.md)."""
+    geglu_kernel: Literal["torch", "triton"] = "torch"
+    """Encoder, dense GeGLU FFN: 'torch' (GELU(gate) * value in torch ops, fused by torch.compile) or
+    'triton' (one fused Triton kernel each way, dsmoe/model/alibi_triton.py) on CUDA, the torch ops
+    elsewhere."""
     attention: AttentionConfig = field(default_factory=AttentionConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
 
@@ -408,9 +413,9 @@ def validate(cfg: Config, source: str = "config") -> None:
         f"({a.num_kv_heads}) must divide the query heads ({heads})",
     )
     check(
-        a.backend in ("auto", "sdpa", "eager", "flex", "flash"),
+        a.backend in ("auto", "sdpa", "eager", "flex", "flash", "triton"),
         "model.attention.backend",
-        f"must be auto|sdpa|eager|flex|flash, got {a.backend!r}",
+        f"must be auto|sdpa|eager|flex|flash|triton, got {a.backend!r}",
     )
     check(e.alpha >= 0, "model.moe.alpha", "must be >= 0")
     check(
@@ -715,6 +720,7 @@ def _check_backbone(cfg: Config, check) -> None:
     if not m.is_encoder:
         check(not m.post_norm, "model.post_norm", "is for the encoder (model.backbone: encoder)")
         check(m.dropout == 0.0, "model.dropout", "is for the encoder (model.backbone: encoder)")
+        check(m.geglu_kernel == "torch", "model.geglu_kernel", "is for the encoder (model.backbone: encoder)")
         check(
             a.backend in ("auto", "sdpa", "eager"),
             "model.attention.backend",

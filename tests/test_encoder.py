@@ -220,6 +220,27 @@ def test_the_model_gives_the_same_logits_on_every_cpu_backend():
         torch.testing.assert_close(logits[backend], logits["eager"], rtol=1e-5, atol=1e-5)
 
 
+def test_the_cuda_kernel_options_run_the_torch_paths_on_a_cpu():
+    """A GPU run's config (attention 'triton', GeGLU 'triton') loaded on a CPU, as an export is: SDPA and the
+    torch GeGLU run, with the logits and the gradients of a model configured for them."""
+    ids, mask = mixed_batch()
+    labels = torch.where(mask, ids, -100)
+    results = []
+    for extra in (["model.attention.backend=triton", "model.geglu_kernel=triton"], []):
+        model = encoder(*FFNS["geglu"], *extra).train()
+        out = model(ids, mask, labels)
+        out.loss.backward()
+        results.append(
+            (out.logits.detach(), model.blocks[0].mlp.w_in.weight.grad, model.attention_backend("cpu"))
+        )
+    assert (
+        type(encoder(*FFNS["geglu"], "model.geglu_kernel=triton").blocks[0].mlp).__name__ == "TritonGeGLUMLP"
+    )
+    assert results[0][2] == results[1][2] == "sdpa"
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=0, atol=0)
+    torch.testing.assert_close(results[0][1], results[1][1], rtol=0, atol=0)
+
+
 def test_flex_refuses_training_on_cpu_with_the_reason():
     model = encoder(*FFNS["geglu"], "model.attention.backend=flex").train()
     with pytest.raises(RuntimeError, match="no FlexAttention backward on CPU"):

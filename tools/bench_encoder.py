@@ -7,19 +7,21 @@
                                                          # FFN, BERT's parameter count
 
 Both models are built here, without downloads: ours from configs/mosaicbert_base.yaml (ALiBi, GeGLU,
-post-LN, unpadded, MLM head at masked positions only; attention backend as that config resolves it on the
-device: flash-attn varlen if installed, else compiled FlexAttention), BertForMaskedLM from
-transformers' BertConfig() (BERT-Base: learned positions, GELU FFN, SDPA attention on the padded batch,
-head at every position). Both in bf16 (parameters and compute; `--precision amp` keeps fp32 parameters
-under bf16 autocast instead), both stepped by torch AdamW (fused on CUDA), on the same list of batches:
-random token ids, 30% of each row's real tokens masked (80/10/10), rows of mixed lengths
+post-LN, unpadded, MLM head at masked positions only; attention and GeGLU as that config says: our Triton
+kernels on CUDA; on CPU SDPA and the torch GeGLU), its blocks and MLM head compiled on CUDA;
+BertForMaskedLM from transformers' BertConfig() (BERT-Base: learned positions, GELU FFN, SDPA attention on
+the padded batch, head at every position). Both in bf16 (parameters and compute; `--precision amp` keeps
+fp32 parameters under bf16 autocast instead), both stepped by torch AdamW (fused on CUDA), on the same list
+of batches: random token ids, 30% of each row's real tokens masked (80/10/10), rows of mixed lengths
 (`--pad-rows` of the rows keep `--pad-len` of the sequence's tokens, the rest are full).
-Throughput counts real (non-padding) tokens: sum(attention_mask) / step time.
+Throughput counts real (non-padding) tokens: sum(attention_mask) / step time. `--profile` adds a
+torch.profiler breakdown of our step by kernel kind (first shape).
 
-Then the attention kernels alone, forward + backward, on the Base heads (12 x 64): compiled FlexAttention
-with the ALiBi score_mod against SDPA without any bias on the same dense (B, H, S, hd) shapes, and
-FlexAttention with ALiBi + the document mask over the packed real tokens of the benchmark batch against
-SDPA without bias on its padded batch. (On CPU, torch has no FlexAttention backward: forward only there.)
+Then the attention kernels alone, forward + backward, on the Base heads (12 x 64), host-timed per call:
+SDPA without any bias on the dense (B, H, S, hd) shapes against compiled FlexAttention with the ALiBi
+score_mod (default and FLEX_TUNED kernel options) and our Triton kernels on the same shapes (every row
+full); then FlexAttention with the document mask and our Triton kernels on the packed real tokens of the
+benchmark batch. (On CPU, torch has no FlexAttention backward: forward only there.)
 
 Writes encoder_<device>.json and .md with device, date, commit and command to --out.
 """
@@ -45,7 +47,7 @@ from _cli import git_commit  # noqa: E402
 from dsmoe import config as config_lib  # noqa: E402
 from dsmoe.data.mlm import IGNORE_INDEX, encoder_vocab_size  # noqa: E402
 from dsmoe.model import build  # noqa: E402
-from dsmoe.model.attention import Varlen, alibi_slopes, plan_attention, resolve_backend  # noqa: E402
+from dsmoe.model.attention import VARLEN_BACKENDS, Varlen, alibi_slopes, plan_attention  # noqa: E402
 
 BERT_VOCAB = 30522
 BERT_MASK_ID = 103  # [MASK] in BERT's vocabulary (the ids are synthetic; any valid id times the same)
@@ -112,14 +114,17 @@ def time_training(step_fn, batches, warmup: int, steps: int, device) -> list[flo
 
 
 def our_encoder(args, device, dtype):
-    overrides = [*(TINY if args.tiny else []), f"model.attention.backend={args.backend}", *args.overrides]
+    backend = [f"model.attention.backend={args.backend}"] if args.backend else []
+    cpu = ["model.attention.backend=sdpa", "model.geglu_kernel=torch"] if device.type == "cpu" else []
+    overrides = [*(TINY if args.tiny else []), *cpu, *backend, *args.overrides]
     cfg = config_lib.load(args.config, overrides)
     cfg.model.vocab_size = encoder_vocab_size(BERT_VOCAB)  # 30522 + mask, pad -> 30528
     torch.manual_seed(0)
     model = build(cfg.model).to(device, dtype).train()
-    if args.compile:  # regional, as train.compile does
+    if args.compile:  # regional, as train.compile does, plus the MLM head and its loss
         for block in model.blocks:
             block.compile(dynamic=True)
+        model.compile_head()
     return model, cfg
 
 
@@ -162,12 +167,26 @@ def step_function(model, opt, kind: str, amp: bool, device):
     return step
 
 
+FLEX_TUNED = {
+    "fwd_BLOCK_M": 64,
+    "fwd_BLOCK_N": 64,
+    "bwd_BLOCK_M1": 64,
+    "bwd_BLOCK_N1": 64,
+    "bwd_BLOCK_M2": 64,
+    "bwd_BLOCK_N2": 64,
+    "bwd_num_warps": 4,
+}
+"""FlexAttention kernel options for head_dim 64 at these lengths: 64 x 64 tiles both ways (the H100/H200
+defaults are 128 x 64 forward and 64 x 128 x 8 warps backward; benchmarks/encoder/explore_h200_run1.md)."""
+
+
 def attention_timing(s: Setting, batches, heads: int, head_dim: int, device, dtype, warmup, steps) -> dict:
     """Milliseconds of forward + backward (forward only on CPU) of the attention kernels alone."""
     from torch.nn.attention.flex_attention import flex_attention
 
-    backward = device.type == "cuda"
-    flex = torch.compile(flex_attention, dynamic=True) if device.type == "cuda" else flex_attention
+    cuda = device.type == "cuda"
+    # static shapes: the dense shapes are fixed here (the packed path below is the model's, dynamic)
+    flex = torch.compile(flex_attention, dynamic=False) if cuda else flex_attention
     slopes = alibi_slopes(heads).to(device)
 
     def alibi(score, b, h, q_idx, kv_idx):
@@ -175,33 +194,109 @@ def attention_timing(s: Setting, batches, heads: int, head_dim: int, device, dty
 
     def timed(fn, *inputs) -> float:
         def run():
-            with torch.set_grad_enabled(backward):
+            with torch.set_grad_enabled(cuda):
                 out = fn(*inputs)
-                if backward:
+                if cuda:
                     out.backward(torch.ones_like(out))
 
         return 1000 * statistics.median(time_training(lambda _: run(), [None], warmup, steps, device))
 
-    def tensors(*shape):
-        return [torch.randn(*shape, device=device, dtype=dtype, requires_grad=backward) for _ in range(3)]
+    def tensors(*shape, n=3):
+        return [torch.randn(*shape, device=device, dtype=dtype, requires_grad=cuda) for _ in range(n)]
 
     dense = tensors(s.batch, heads, s.seq_len, head_dim)  # (B, H, S, hd)
     result = {
         "sdpa_no_bias_ms": timed(lambda q, k, v: F.scaled_dot_product_attention(q, k, v), *dense),
         "flex_alibi_ms": timed(lambda q, k, v: flex(q, k, v, score_mod=alibi), *dense),
     }
-    # The benchmark batch's real tokens packed: FlexAttention with ALiBi and the document mask.
-    varlen = Varlen.from_mask(batches[0][1])
+    varlen = Varlen.from_mask(batches[0][1])  # the benchmark batch's real tokens
     T = len(varlen.indices)
-    plan = plan_attention("flex", varlen, heads, dtype) if backward else None
-    if plan is not None:
-        packed = tensors(1, heads, T, head_dim)
-        result["flex_alibi_packed_ms"] = timed(
-            lambda q, k, v: flex(q, k, v, score_mod=plan.score_mod, block_mask=plan.block_mask), *packed
-        )
-    result["flex_over_sdpa"] = result["flex_alibi_ms"] / result["sdpa_no_bias_ms"]
     result["real_tokens"] = T
+    if cuda:
+        result["flex_alibi_tuned_ms"] = timed(
+            lambda q, k, v: flex(q, k, v, score_mod=alibi, kernel_options=FLEX_TUNED), *dense
+        )
+        # our Triton kernels on the same dense shapes (every row full), then on the packed real tokens
+        full = Varlen.from_mask(torch.ones(s.batch, s.seq_len, dtype=torch.bool, device=device))
+        plan = plan_attention("triton", full, heads, dtype)
+        (qkv,) = tensors(s.batch * s.seq_len, 3, heads, head_dim, n=1)
+        result["triton_alibi_ms"] = timed(lambda x: VARLEN_BACKENDS["triton"](*x.unbind(1), plan), qkv)
+        (packed,) = tensors(T, 3, heads, head_dim, n=1)
+        for name in ("flex", "triton"):
+            plan = plan_attention(name, varlen, heads, dtype)
+            result[f"{name}_alibi_packed_ms"] = timed(
+                lambda x, p=plan, n=name: VARLEN_BACKENDS[n](*x.unbind(1), p), packed
+            )
+    result["flex_over_sdpa"] = (
+        min(result["flex_alibi_ms"], result.get("flex_alibi_tuned_ms", 1e9)) / result["sdpa_no_bias_ms"]
+    )
+    if "triton_alibi_ms" in result:
+        result["triton_over_sdpa"] = result["triton_alibi_ms"] / result["sdpa_no_bias_ms"]
     return result
+
+
+def kernel_kind(name: str) -> str:
+    """A CUDA kernel's share of the step, by what it does (from its name)."""
+    n = name.lower()
+    if "geglu" in n:  # before attention: '_geglu_fwd_kernel' ends like the attention's '_fwd_kernel'
+        return "GeGLU kernels"
+    attention = ("triton_tem", "flex_attention", "_fwd_kernel", "_bwd_d", "_delta_kernel", "fmha", "flash")
+    if n.startswith(attention) or any(k in n for k in attention[1:]) or "cudnn" in n or "attention" in n:
+        return "attention"
+    if any(k in n for k in ("gemm", "nvjet", "cutlass", "xmma", "sm90_", "cublas", "kernel2")):
+        return "GEMMs"
+    if "adam" in n or "multi_tensor" in n or n.startswith("optimizer."):
+        return "optimizer"
+    if "softmax" in n or "nll" in n or "cross_entropy" in n:
+        return "softmax / cross-entropy (eager)"
+    if n.startswith("triton_"):
+        return "inductor-fused (LN, dropout, residual, GeGLU, head)"
+    if any(k in n for k in ("embedding", "index", "gather", "scatter", "nonzero", "cumsum", "sort", "radix")):
+        return "embedding / index / pack"
+    if any(k in n for k in ("elementwise", "reduce", "copy", "fill")):
+        return "eager elementwise / copies"
+    return "other"
+
+
+def profile(step_fn, batches, steps: int = 3) -> dict:
+    """GPU time per step by kernel kind against the step's wall time (CUDA)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    for b in batches[:steps]:
+        step_fn(b)
+    torch.cuda.synchronize()
+    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        start = time.perf_counter()
+        for i in range(steps):
+            step_fn(batches[i % len(batches)])
+        torch.cuda.synchronize()
+        wall = 1000 * (time.perf_counter() - start) / steps
+    kernels: dict[str, float] = {}
+    for e in prof.events():
+        if e.device_type == DeviceType.CUDA and not e.name.startswith(("Optimizer.", "ProfilerStep")):
+            kernels[e.name] = kernels.get(e.name, 0.0) + e.device_time_total / 1000 / steps
+    kinds: dict[str, float] = {}
+    for name, ms in kernels.items():
+        kinds[kernel_kind(name)] = kinds.get(kernel_kind(name), 0.0) + ms
+    top = sorted(kernels.items(), key=lambda kv: -kv[1])[:20]
+    return {"wall_ms": wall, "gpu_busy_ms": sum(kernels.values()), "kinds": kinds, "top_kernels": top}
+
+
+def profile_text(p: dict) -> list[str]:
+    lines = [
+        f"Profile of our step (torch.profiler, {p['label']}): wall {p['wall_ms']:.1f} ms/step under the "
+        f"profiler, GPU busy {p['gpu_busy_ms']:.1f} ms.",
+        "",
+        "| kernel kind | ms / step | share of GPU time |",
+        "|---|---|---|",
+    ]
+    for kind, ms in sorted(p["kinds"].items(), key=lambda kv: -kv[1]):
+        lines.append(f"| {kind} | {ms:.2f} | {100 * ms / p['gpu_busy_ms']:.1f}% |")
+    lines += ["", "Largest kernels (ms / step):", ""]
+    lines += [f"- {ms:.2f} `{name[:100]}`" for name, ms in p["top_kernels"][:12]]
+    return lines
 
 
 def main() -> int:
@@ -214,7 +309,14 @@ def main() -> int:
     )
     parser.add_argument("--config", default="configs/mosaicbert_base.yaml")
     parser.add_argument(
-        "--backend", default="auto", help="our attention backend (auto: flash, else flex on CUDA)"
+        "--backend",
+        default=None,
+        help="our attention backend (default: the config's; on CPU sdpa, with the torch GeGLU)",
+    )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="print a profile of our step by kernel kind (CUDA, first shape)",
     )
     parser.add_argument(
         "--compile",
@@ -249,7 +351,7 @@ def main() -> int:
 
     ours, cfg = our_encoder(args, device, dtype)
     theirs, _ = bert(args, device, dtype, cfg)
-    backend = resolve_backend(args.backend, encoder=True, device=device)
+    backend = ours.attention_backend(device)
     print(
         f"ours: {ours.num_params() / 1e6:.1f}M params, attention {backend}, compile {args.compile}; "
         f"BertForMaskedLM: {theirs.num_parameters() / 1e6:.1f}M params, attention "
@@ -276,6 +378,9 @@ def main() -> int:
                 flush=True,
             )
         row["speedup"] = row["ours_real_tokens_per_s"] / row["bert_real_tokens_per_s"]
+        if args.profile and device.type == "cuda" and not rows:
+            profiled = {"label": s.label(), **profile(steps["ours"], batches)}
+            print("\n".join(profile_text(profiled)), flush=True)
         attn_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         row["attention"] = attention_timing(
             s,
@@ -310,6 +415,8 @@ def main() -> int:
         "bert_params": theirs.num_parameters(),
         "rows": rows,
     }
+    if args.profile and device.type == "cuda":
+        result["profile"] = profiled
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"encoder_{tag}.json").write_text(json.dumps(result, indent=2))
@@ -329,8 +436,8 @@ def report(r: dict, cfg) -> str:
         f"- command: `{r['command']}`",
         f"- ours: {r['our_params'] / 1e6:.1f}M parameters ({cfg.model.n_layers} layers, d {cfg.model.d_model}, "
         f"{cfg.model.moe.activation} FFN {cfg.model.ffn_hidden}, ALiBi, unpadded, MLM head at masked positions), "
-        "attention "
-        f"{r['our_backend']}, torch.compile {r['compile']}; BertForMaskedLM: {r['bert_params'] / 1e6:.1f}M "
+        f"GeGLU kernel {cfg.model.geglu_kernel}, attention "
+        f"{r['our_backend']}, torch.compile {r['compile']} (blocks and MLM head); BertForMaskedLM: {r['bert_params'] / 1e6:.1f}M "
         "parameters, SDPA on the padded batch, head at every position. Both AdamW, same batches, 30% masked.",
         "",
         "| batch | real tokens / batch | ours ms/step | BERT ms/step | ours real tok/s | BERT real tok/s | ours / BERT |",
@@ -343,23 +450,29 @@ def report(r: dict, cfg) -> str:
         )
     lines += [
         "",
-        f"Attention kernels alone ({attention_note}), {cfg.model.attention.num_heads} heads x {cfg.model.head_dim}:",
+        f"Attention kernels alone ({attention_note}), {cfg.model.attention.num_heads} heads x {cfg.model.head_dim}; "
+        "dense = every row full at the padded shape (B, S), as SDPA runs it; packed = the batch's real tokens. "
+        "Flex tuned: tools/bench_encoder.py FLEX_TUNED. Triton: dsmoe/model/alibi_triton.py.",
         "",
-        "| shape | SDPA, no bias (ms) | FlexAttention + ALiBi (ms) | Flex / SDPA | Flex + ALiBi + document mask, packed real tokens (ms) |",
-        "|---|---|---|---|---|",
+        "| shape | SDPA dense, no bias | Flex + ALiBi dense (default / tuned) | Flex / SDPA (best) "
+        "| Triton + ALiBi dense | Triton / SDPA | packed real tokens: Flex + doc mask / Triton |",
+        "|---|---|---|---|---|---|---|",
     ]
     for row in r["rows"]:
         a = row["attention"]
-        packed = (
-            f"{a['flex_alibi_packed_ms']:.2f} ({a['real_tokens']} tokens)"
-            if "flex_alibi_packed_ms" in a
-            else "n/a"
-        )
+        if "triton_alibi_ms" in a:
+            tuned = f" / {a['flex_alibi_tuned_ms']:.2f}"
+            triton = f"{a['triton_alibi_ms']:.2f} | {a['triton_over_sdpa']:.2f}x"
+            packed = f"{a['flex_alibi_packed_ms']:.2f} / {a['triton_alibi_packed_ms']:.2f} ({a['real_tokens']} tokens)"
+        else:
+            tuned, triton, packed = "", "n/a | n/a", "n/a"
         lines.append(
-            f"| {row['batch']} x {row['seq_len']} | {a['sdpa_no_bias_ms']:.2f} | {a['flex_alibi_ms']:.2f} "
-            f"| {a['flex_over_sdpa']:.2f}x | {packed} |"
+            f"| {row['batch']} x {row['seq_len']} | {a['sdpa_no_bias_ms']:.2f} | {a['flex_alibi_ms']:.2f}{tuned} "
+            f"| {a['flex_over_sdpa']:.2f}x | {triton} | {packed} |"
         )
-    lines += ["", "Medians over the timed steps; real tokens exclude padding.", ""]
+    if "profile" in r:
+        lines += ["", *profile_text(r["profile"])]
+    lines += ["", "Milliseconds are medians over the timed steps; real tokens exclude padding.", ""]
     return "\n".join(lines)
 
 

@@ -379,6 +379,14 @@ def plan_attention(backend: str, varlen: Varlen, n_heads: int, dtype: torch.dtyp
             document_mask, None, None, T, T, device=device, _compile=device.type == "cuda"
         )
         plan.score_mod = alibi
+    elif backend == "triton":
+        from dsmoe.model import alibi_triton
+
+        if device.type != "cuda" or not alibi_triton.available():
+            raise RuntimeError(
+                "model.attention.backend 'triton' needs CUDA and triton; on CPU use 'sdpa' (or 'auto')"
+            )
+        plan.slopes = plan.slopes.contiguous()
     elif backend == "flash":
         if flash_attn_varlen() is None:
             raise RuntimeError("model.attention.backend 'flash' needs flash-attn (pip install flash-attn)")
@@ -436,7 +444,23 @@ def varlen_flash(q_THd, k_THd, v_THd, plan: AttentionPlan) -> torch.Tensor:
     )
 
 
-VARLEN_BACKENDS = {"eager": varlen_eager, "sdpa": varlen_sdpa, "flex": varlen_flex, "flash": varlen_flash}
+def varlen_triton(q_THd, k_THd, v_THd, plan: AttentionPlan) -> torch.Tensor:
+    """Our Triton kernels (dsmoe/model/alibi_triton.py): per (row, head) tiles of the packed tokens, ALiBi
+    added in the kernel, no padding and no block mask; CUDA only. A custom op: a compiled block traces it as
+    one node (plan_attention imported the module, which registers it)."""
+    if q_THd.shape[-1] not in (16, 32, 64, 128):
+        raise ValueError(f"attention backend 'triton': head_dim {q_THd.shape[-1]} is not 16, 32, 64 or 128")
+    vl = plan.varlen
+    return torch.ops.dsmoe.alibi_varlen_fwd(q_THd, k_THd, v_THd, vl.cu_seqlens, vl.max_seqlen, plan.slopes)[0]
+
+
+VARLEN_BACKENDS = {
+    "eager": varlen_eager,
+    "sdpa": varlen_sdpa,
+    "flex": varlen_flex,
+    "flash": varlen_flash,
+    "triton": varlen_triton,
+}
 
 
 class BidirectionalSelfAttention(nn.Module):

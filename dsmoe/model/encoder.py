@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsmoe.config import ModelConfig
+from dsmoe.model import alibi_triton  # noqa: F401  (registers the dsmoe:: custom ops)
 from dsmoe.model.attention import BidirectionalSelfAttention, Varlen, plan_attention, resolve_backend
 from dsmoe.model.mlp import DenseMLP
 from dsmoe.model.moe import TRAINING, DSMoE, MoEAux, Routing
@@ -60,6 +61,17 @@ class LayerNorm(nn.LayerNorm):
             )
 
 
+class TritonGeGLUMLP(DenseMLP):
+    """DenseMLP with GeGLU through one fused Triton kernel each way (model.geglu_kernel: triton) on CUDA; same
+    parameters, same function (the torch ops on other devices)."""
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:
+        if not x.is_cuda:  # the kernel is CUDA-only; elsewhere (an export loaded on a CPU) the same function
+            return super().forward(x)
+        h = torch.ops.dsmoe.geglu(self.w_in(x))
+        return self.w_out(h if self.unit_mask is None else h * self.unit_mask.to(h.dtype)), None
+
+
 class EncoderBlock(nn.Module):
     """Post-LN (BERT): x = LN(x + attn(x)), x = LN(x + ffn(x)); pre-LN: x + attn(LN(x)), x + ffn(LN(x))."""
 
@@ -72,6 +84,8 @@ class EncoderBlock(nn.Module):
         m = cfg.moe
         if cfg.mlp == "moe":
             self.mlp = DSMoE(cfg.d_model, m.num_experts, m.expert_hidden, m.activation)
+        elif m.activation == "geglu" and cfg.geglu_kernel == "triton":
+            self.mlp = TritonGeGLUMLP(cfg.d_model, cfg.ffn_hidden, m.activation, bias=True)
         else:
             self.mlp = DenseMLP(cfg.d_model, cfg.ffn_hidden, m.activation, bias=True)
         self.dropout = nn.Dropout(cfg.dropout)
@@ -127,6 +141,7 @@ class EncoderMLM(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
         self.cross_entropy = CrossEntropy()
+        self._head_loss = type(self).masked_head_loss  # compile_head() swaps in a compiled one
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -153,12 +168,25 @@ class EncoderMLM(nn.Module):
         return []
 
     def attention_backend(self, device) -> str:
-        """The attention backend this model runs on `device` (for the logs)."""
-        return resolve_backend(self.cfg.attention.backend, encoder=True, device=device)
+        """The attention backend this model runs on `device` (for the logs). 'triton' is CUDA-only: on other
+        devices (an export of a GPU run loaded on a CPU) SDPA runs, with the same ALiBi and padding."""
+        backend = resolve_backend(self.cfg.attention.backend, encoder=True, device=device)
+        return "sdpa" if backend == "triton" and torch.device(device).type != "cuda" else backend
 
     def head(self, h_MD: torch.Tensor) -> torch.Tensor:
         """BERT's prediction head: (M, D) -> (M, V)."""
         return self.lm_head(self.head_norm(F.gelu(self.head_dense(h_MD))))
+
+    def masked_head_loss(self, h_MD: torch.Tensor, targets_M: torch.Tensor):
+        """The head at the M masked positions: (M, V) logits, mean cross-entropy, detached correct count."""
+        logits_MV = self.head(h_MD)
+        correct = (logits_MV.detach().argmax(-1) == targets_M).sum()
+        return logits_MV, self.cross_entropy(logits_MV, targets_M), correct
+
+    def compile_head(self) -> None:
+        """torch.compile the head and its loss (dynamic: the masked count changes every batch), fusing the
+        GELU, LayerNorm and the cross-entropy's softmax around the two GEMMs."""
+        self._head_loss = torch.compile(type(self).masked_head_loss, dynamic=True)  # unbound: copies keep it
 
     def forward(
         self,
@@ -188,11 +216,9 @@ class EncoderMLM(nn.Module):
             return EncoderOutput(logits=varlen.pad(self.head(x_TD)), mlp=mlp)
         labels_T = varlen.unpad(labels)
         masked_M = (labels_T != IGNORE_INDEX).nonzero().squeeze(1)  # the head runs here only
-        targets_M = labels_T[masked_M]
-        logits_MV = self.head(x_TD[masked_M])
+        logits_MV, lm_loss, correct = self._head_loss(self, x_TD[masked_M], labels_T[masked_M])
         out = EncoderOutput(logits=logits_MV, masked_tokens=len(masked_M), mlp=mlp)
-        out.lm_loss = self.cross_entropy(logits_MV, targets_M)
-        out.correct = (logits_MV.detach().argmax(-1) == targets_M).sum()
+        out.lm_loss, out.correct = lm_loss, correct
         out.loss = out.lm_loss
         if mlp is not None:
             out.loss = out.loss + self.cfg.moe.alpha * mlp.mi_loss
