@@ -77,6 +77,7 @@ def initialize(model: torch.nn.Module, cfg: Config, dims: ParallelDims):
 
     t = cfg.train
     model = model.to(dims.device)
+    model.checkpoint_blocks = t.activation_checkpointing  # DecoderLM recomputes blocks in backward
     if t.compile:  # regional compilation: blocks share code and shapes, so they share the compiled graph
         for block in model.blocks:
             block.compile()
