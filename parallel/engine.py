@@ -7,6 +7,7 @@ import math
 import torch
 
 from dsmoe.config import Config, ConfigError
+from dsmoe.model.transformer import CrossEntropy
 from dsmoe.train.schedule import lr_multiplier
 from parallel.groups import DeepSpeedMPU, ParallelDims
 
@@ -81,6 +82,10 @@ def initialize(model: torch.nn.Module, cfg: Config, dims: ParallelDims):
     if t.compile:  # regional compilation: blocks share code and shapes, so they share the compiled graph
         for block in model.blocks:
             block.compile()
+        if (
+            type(model.cross_entropy) is CrossEntropy and not cfg.model.is_encoder
+        ):  # not tp's vocab-parallel one
+            model.cross_entropy.compile()  # one pass over the logits: the fp32 upcast fuses into the loss
     optimizer = AdamW(
         param_groups(model, t.weight_decay),
         lr=t.lr,

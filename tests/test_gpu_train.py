@@ -11,7 +11,7 @@ import torch
 from dsmoe import config as config_lib
 from dsmoe.model import attention as attention_lib
 from dsmoe.model.attention import CausalSelfAttention, rope_cos_sin
-from dsmoe.model.moe import Router
+from dsmoe.model.moe import DSMoE, Router
 from dsmoe.model.transformer import Block, DecoderLM
 
 pytestmark = pytest.mark.gpu
@@ -54,7 +54,7 @@ def grads_of(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 @pytest.fixture(autouse=True)
 def _restore_switches():
     yield
-    Router.fused = True
+    Router.fused = DSMoE.fused = True
     attention_lib.SDPA_PRIORITY = ()
     torch._dynamo.reset()
 
@@ -76,6 +76,32 @@ def test_fused_router_equals_the_fp32_upcast_router():
     (p_ref, gx_ref, gw_ref), (p, gx, gw) = results
     assert rel(p, p_ref) < 1e-5  # bf16 products are exact in fp32: only the summation order differs
     assert rel(gx, gx_ref) < 1e-2 and rel(gw, gw_ref) < 1e-2  # the score gradient is rounded to bf16
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_triton_gelu_scale_equals_the_torch_elementwise_path(compiled):
+    from dsmoe.model import moe_triton
+
+    torch.manual_seed(0)
+    layer = init_(DSMoE(512, 8, 96, "gelu"), std=0.1).to("cuda", torch.bfloat16)  # F = 96: masked tiles
+    x = torch.randn(3001, 512, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    assert moe_triton.available(x, "gelu")
+    upstream = torch.randn(3001, 512, device="cuda", dtype=torch.bfloat16)
+    results = []
+    for fused in (False, True):
+        DSMoE.fused = fused
+        torch._dynamo.reset()
+        run = torch.compile(layer) if compiled else layer
+        layer.zero_grad(set_to_none=True)
+        x.grad = None
+        y, aux = run(x)
+        torch.autograd.backward([y, aux.mi_loss], [upstream, torch.ones_like(aux.mi_loss)])
+        results.append((y.detach(), x.grad.clone(), grads_of(layer)))
+    (y_ref, gx_ref, g_ref), (y, gx, g) = results
+    assert rel(y, y_ref) < 1e-2 and rel(gx, gx_ref) < 1e-2
+    assert g.keys() == g_ref.keys() == {"router.weight", "w_in", "w_out"}
+    for name in g_ref:
+        assert rel(g[name], g_ref[name]) < 1e-2, name
 
 
 @pytest.mark.parametrize("experts", [0, 4])
@@ -119,7 +145,7 @@ def test_compiled_block_equals_the_fp32_eager_block():
     upstream = torch.randn(4, 256, 256, device="cuda")
     results = []
     for block, dtype in ((ref, torch.float32), (fast, torch.bfloat16)):
-        xin = x.to(dtype).requires_grad_()
+        xin = x.detach().to(dtype).requires_grad_()  # a leaf of its own for each block
         y, attn_aux, mlp_aux = block(xin, cos, sin, TRAINING)
         torch.autograd.backward(
             [y, attn_aux.mi_loss, mlp_aux.mi_loss],

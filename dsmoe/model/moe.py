@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dsmoe.model import moe_triton
 from dsmoe.model.mlp import activate
 
 
@@ -261,12 +262,20 @@ class DSMoE(nn.Module):
             y_TD, active = self._sparse_forward(x_TD, probs_TE, routing, self.renormalize)
         return y_TD.view(shape), routing_aux(probs_TE, active)
 
+    fused = True
+    """Class switch: False forces the plain torch activation-and-scale path (tools/bench_layers.py)."""
+
     def _dense_forward(self, x_TD: torch.Tensor, probs_TE: torch.Tensor) -> torch.Tensor:
         T, N, F_ = x_TD.shape[0], self.num_experts, self.expert_hidden
-        h_TNFin = (x_TD @ self.w_in.view(-1, x_TD.shape[1]).T).view(T, N, -1)  # one GEMM, width N*F_in
-        h_TNF = activate(h_TNFin, self.activation)  # (T, N, F)
-        h_TNF = h_TNF * probs_TE.to(h_TNF.dtype).unsqueeze(-1)  # scale expert i's block by p_i
-        return h_TNF.reshape(T, N * F_) @ self.expert_w_out().reshape(N * F_, -1)  # one GEMM sums experts
+        h_TK = x_TD @ self.w_in.view(-1, x_TD.shape[1]).T  # one GEMM, width K = N*F_in
+        if self.fused and moe_triton.available(h_TK, self.activation):  # one pass each way (moe_triton.py)
+            h_TK = moe_triton.scaled_gelu(h_TK, probs_TE)
+        else:
+            h_TNF = activate(h_TK.view(T, N, -1), self.activation)  # (T, N, F)
+            h_TK = (h_TNF * probs_TE.to(h_TNF.dtype).unsqueeze(-1)).reshape(
+                T, N * F_
+            )  # expert i's block x p_i
+        return h_TK @ self.expert_w_out().reshape(N * F_, -1)  # one GEMM sums experts
 
     def _sparse_forward(
         self, x_TD: torch.Tensor, probs_TE: torch.Tensor, routing: RoutingRule, renormalize: bool = False
