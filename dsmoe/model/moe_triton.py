@@ -8,7 +8,8 @@ One program owns a tile of rows and one expert's F columns, so the forward is on
 of s, and the backward one read each of g and h and one write of grad_h, with dp reduced inside the tile
 (no atomics, no second pass): the passes a dense MLP's GeLU needs, plus (T, N) floats. GeLU is the exact
 (erf) form in fp32, as torch's, rounded to bf16 once at the end. `scaled_gelu` wraps both as torch.library
-Triton ops with an autograd formula, so torch.compile keeps them as they are inside a compiled block.
+custom ops with fake (shape) functions and an autograd formula, so torch.compile keeps them as they are
+inside a compiled block: an opaque kernel between the two GEMMs, which it could not fuse into anyway.
 """
 
 from __future__ import annotations
@@ -72,18 +73,16 @@ if triton is not None:
         block_f = triton.next_power_of_2(F)
         return max(1, 4096 // block_f), block_f  # ~4k elements a program
 
-    @torch.library.triton_op("dsmoe::scaled_gelu_fwd", mutates_args=())
+    @torch.library.custom_op("dsmoe::scaled_gelu_fwd", mutates_args=())
     def scaled_gelu_fwd(h_TK: torch.Tensor, p_TN: torch.Tensor) -> torch.Tensor:
         T, K = h_TK.shape
         N = p_TN.shape[1]
         s = torch.empty_like(h_TK)
         block_t, block_f = _blocks(K // N)
-        torch.library.wrap_triton(_scaled_gelu_fwd)[_grid(T, N, block_t)](
-            h_TK, p_TN, s, T, N, K // N, BLOCK_T=block_t, BLOCK_F=block_f
-        )
+        _scaled_gelu_fwd[_grid(T, N, block_t)](h_TK, p_TN, s, T, N, K // N, BLOCK_T=block_t, BLOCK_F=block_f)
         return s
 
-    @torch.library.triton_op("dsmoe::scaled_gelu_bwd", mutates_args=())
+    @torch.library.custom_op("dsmoe::scaled_gelu_bwd", mutates_args=())
     def scaled_gelu_bwd(
         g_TK: torch.Tensor, h_TK: torch.Tensor, p_TN: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -92,7 +91,7 @@ if triton is not None:
         grad_h = torch.empty_like(h_TK)
         grad_p = torch.empty((T, N), device=h_TK.device, dtype=torch.float32)
         block_t, block_f = _blocks(K // N)
-        torch.library.wrap_triton(_scaled_gelu_bwd)[_grid(T, N, block_t)](
+        _scaled_gelu_bwd[_grid(T, N, block_t)](
             g_TK, h_TK, p_TN, grad_h, grad_p, T, N, K // N, BLOCK_T=block_t, BLOCK_F=block_f
         )
         return grad_h, grad_p
@@ -105,6 +104,14 @@ if triton is not None:
         h_TK, p_TN = ctx.saved_tensors
         grad_h, grad_p = scaled_gelu_bwd(grad_s.contiguous(), h_TK, p_TN)
         return grad_h, grad_p
+
+    @scaled_gelu_fwd.register_fake
+    def _(h_TK: torch.Tensor, p_TN: torch.Tensor) -> torch.Tensor:
+        return torch.empty_like(h_TK)
+
+    @scaled_gelu_bwd.register_fake
+    def _(g_TK: torch.Tensor, h_TK: torch.Tensor, p_TN: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.empty_like(h_TK), h_TK.new_empty(p_TN.shape, dtype=torch.float32)
 
     scaled_gelu_fwd.register_autograd(_backward, setup_context=_setup)
 
