@@ -214,6 +214,9 @@ class DSMoE(nn.Module):
     """DS-MoE MLP layer: router over all experts; dense all-expert forward in training, sparse at inference."""
 
     routed = True  # Block passes it the routing rule
+    fused = True
+    """Class switch: False forces the plain torch GeLU-and-scale path of the dense forward everywhere (on
+    CUDA it otherwise takes dsmoe.model.moe_triton's kernels; tools/bench_layers.py compares them)."""
 
     def __init__(
         self,
@@ -262,9 +265,6 @@ class DSMoE(nn.Module):
             y_TD, active = self._sparse_forward(x_TD, probs_TE, routing, self.renormalize)
         return y_TD.view(shape), routing_aux(probs_TE, active)
 
-    fused = True
-    """Class switch: False forces the plain torch activation-and-scale path (tools/bench_layers.py)."""
-
     def _dense_forward(self, x_TD: torch.Tensor, probs_TE: torch.Tensor) -> torch.Tensor:
         T, N, F_ = x_TD.shape[0], self.num_experts, self.expert_hidden
         h_TK = x_TD @ self.w_in.view(-1, x_TD.shape[1]).T  # one GEMM, width K = N*F_in
@@ -272,9 +272,8 @@ class DSMoE(nn.Module):
             h_TK = moe_triton.scaled_gelu(h_TK, probs_TE)
         else:
             h_TNF = activate(h_TK.view(T, N, -1), self.activation)  # (T, N, F)
-            h_TK = (h_TNF * probs_TE.to(h_TNF.dtype).unsqueeze(-1)).reshape(
-                T, N * F_
-            )  # expert i's block x p_i
+            h_TNF = h_TNF * probs_TE.to(h_TNF.dtype).unsqueeze(-1)  # scale expert i's block by p_i
+            h_TK = h_TNF.reshape(T, N * F_)
         return h_TK @ self.expert_w_out().reshape(N * F_, -1)  # one GEMM sums experts
 
     def _sparse_forward(
