@@ -94,10 +94,13 @@ def test_too_long_input_is_refused():
         model(torch.zeros(1, 33, dtype=torch.long))
 
 
-def test_flops_per_token_counts_every_expert_and_attention():
-    cfg = model_cfg()
+@pytest.mark.parametrize("tied", [True, False])
+def test_flops_per_token_counts_every_expert_and_attention(tied):
+    cfg = model_cfg(f"model.tie_embeddings={str(tied).lower()}")
     model = build(cfg)
-    dense_part = model.num_params(exclude_embedding=True) + model.lm_head.weight.numel()
+    # every matrix a token goes through: all blocks' weights (every expert) and the LM head once
+    dense_part = sum(p.numel() for b in model.blocks for p in b.parameters()) + model.lm_head.weight.numel()
+    dense_part += model.final_norm.weight.numel()
     attention = 6 * cfg.n_layers * 16 * cfg.attention.num_heads * cfg.head_dim
     assert model.flops_per_token(16) == 6 * dense_part + attention
     assert model.num_expert_params() < dense_part  # the experts are inside the count, all of them

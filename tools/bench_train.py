@@ -15,10 +15,12 @@ common key=value overrides first; the ratio column is against --baseline. Writes
 model.flops_per_token / the device's bf16 dense peak (H100 SXM and H200: 989 TFLOP/s; the 8192^3 matmul
 measured 771-798 here, see benchmarks/layers_*.md).
 
---split NAME times the parts of that variant's step (time_split): one block's attention, its MLP without
-the router, the router + MI loss (each forward + backward on the run's micro-batch, compiled when the
-variant compiles, scaled by layers), embedding + head + loss, and one optimizer step; the rest of the
-measured step is 'other' (launch gaps, Python, copies, host syncs, communication on several ranks).
+--split NAME times the parts of that variant's step (time_split): one block's attention (with its norm), its
+MLP (with its norm) less the router, the router + MI loss (each forward + backward on the run's micro-batch,
+compiled when the variant compiles, scaled by layers), head + loss, and one optimizer step; the rest of the
+measured step is 'other' (launch gaps, Python, copies, host syncs, communication on several ranks). Parts
+timed apart lose the fusions across their borders that the whole compiled block has, so 'other' can come
+out negative: the --profile table (kernels of one real step, by kind) is the in-place split.
 --profile NAME runs one more optimizer step of that variant under torch.profiler and writes the top
 CUDA kernels (<name>_<device>_profile.txt) with their share of the step's kernel time.
 """
@@ -200,8 +202,16 @@ def main() -> int:
     parser.add_argument("--out", default=str(REPO / "benchmarks"))
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument(
+        "--rerender",
+        default="",
+        help="an earlier run's JSON: recompute its FLOPs and MFU with this tree's model.flops_per_token and "
+        "rewrite its markdown and JSON beside it (tokens/s, memory and split stay as measured)",
+    )
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
+    if args.rerender:
+        return rerender(Path(args.rerender), parser)
     variants = {}
     for spec in args.variant or [f"{Path(args.config).stem}={args.config}"]:
         name, _, rest = spec.partition("=")
@@ -253,6 +263,34 @@ def main() -> int:
     return 0
 
 
+def rerender(path: Path, parser: argparse.ArgumentParser) -> int:
+    """Recompute FLOPs per token, model TFLOP/s and MFU of a stored run (the model built on the meta
+    device from each variant's config and overrides), note it in the header, and rewrite .json and .md."""
+    from dsmoe.model.transformer import build
+
+    data = json.loads(path.read_text())
+    meta, results = data["meta"], data["results"]
+    run_args = parser.parse_args(shlex.split(meta["command"])[2:])
+    for r in results.values():
+        if "error" in r:
+            continue
+        cfg = config_lib.load(r["config"], r["overrides"])
+        with torch.device("meta"):
+            model = build(cfg.model)
+        flops = model.flops_per_token(r["seq_len"])
+        r["flops_per_token_G"] = flops / 1e9
+        r["model_tflops"] = r["tokens_per_s"] * flops / 1e12
+        r["mfu"] = r["model_tflops"] / meta["peak_bf16_tflops"] if meta["peak_bf16_tflops"] else None
+    meta["rerendered"] = (
+        f"FLOPs per token, model TFLOP/s and MFU recomputed on {datetime.date.today()} at commit {git_commit()} "
+        f"with `python tools/bench_train.py --rerender {path.name}`; tokens/s, memory and the split are as measured"
+    )
+    path.write_text(json.dumps(data, indent=1))
+    path.with_suffix(".md").write_text("\n".join(report(meta, results, run_args)))
+    print(path.with_suffix(".md").read_text())
+    return 0
+
+
 def report(meta: dict, results: dict, args) -> list[str]:
     base = results.get(args.baseline, {}).get("tokens_per_s")
     peak = meta["peak_bf16_tflops"]
@@ -264,6 +302,7 @@ def report(meta: dict, results: dict, args) -> list[str]:
         f"- MFU against the {peak or 'unknown'} TFLOP/s bf16 dense datasheet peak (H100 SXM and H200 alike); "
         f"FLOPs per token from model.flops_per_token (every expert, attention's causal score/value products)",
         f"- tokens/s: median over steps {args.warmup + 1}-{args.steps} of the training loop's own per-step figure",
+        *([f"- {meta['rerendered']}"] if "rerendered" in meta else []),
         "",
         f"| variant | config + overrides | tokens/s | vs {args.baseline or '-'} | model TFLOP/s | MFU | peak GiB | "
         "micro-batch | wall s (incl. compile) |",
@@ -335,9 +374,12 @@ def time_split(engine, cfg) -> dict[str, float]:
     x = torch.randn(shape, device="cuda", dtype=dtype, requires_grad=True)
     cos, sin = rope_cos_sin(cfg.data.seq_len, cfg.model.head_dim, cfg.model.attention.rope_theta, x.device)
 
-    compiled = torch.compile if cfg.train.compile else (lambda f: f)  # the parts as the run ran them
-    attn, mlp_layer = compiled(block.attn), compiled(block.mlp)
+    # The parts as the run ran them, each with its own RMSNorm inside (compiled with it when the run compiles).
+    compiled = torch.compile if cfg.train.compile else (lambda f: f)
+    attn = compiled(lambda x: block.attn(block.attn_norm(x), cos, sin))
+    mlp_layer = compiled(lambda x: block.mlp(block.mlp_norm(x)))
     router_mi = compiled(lambda h: routing_aux(block.mlp.router(h), h.new_ones(())).mi_loss)
+    h_norm = block.mlp_norm(x).detach().reshape(-1, shape[-1]).requires_grad_()  # the router's input
     head_loss = compiled(
         lambda h, targets: F.cross_entropy(lm_head(head_norm(h)).float().flatten(0, 1), targets.flatten())
     )
@@ -348,15 +390,14 @@ def time_split(engine, cfg) -> dict[str, float]:
         loss.backward()
 
     def attention() -> None:
-        backward(*attn(block.attn_norm(x), cos, sin))
+        backward(*attn(x))
 
     def mlp() -> None:
-        h = block.mlp_norm(x)
-        out = mlp_layer(h)
+        out = mlp_layer(x)
         backward(*out) if isinstance(out, tuple) else backward(out, None)
 
     def router() -> None:
-        router_mi(block.mlp_norm(x).reshape(-1, shape[-1])).backward()
+        router_mi(h_norm).backward()
 
     def head() -> None:
         head_loss(x, targets).backward()

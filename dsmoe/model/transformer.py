@@ -239,8 +239,12 @@ class DecoderLM(nn.Module):
 
         6 x (parameters touched per token, the LM head included, the embedding lookup not) plus causal
         attention's score and value products, 6 x L x seq_len x H x head_dim (half of 12: the causal mask).
+        The LM head counts once: an untied head is among the non-embedding parameters already; a tied one
+        left the count with the embedding and is added back.
         """
-        matmul_params = self.num_params(exclude_embedding=True) + self.lm_head.weight.numel()
+        matmul_params = self.num_params(exclude_embedding=True)
+        if self.lm_head.weight is self.embed.weight:
+            matmul_params += self.lm_head.weight.numel()
         heads = self.cfg.attention.num_heads
         return 6.0 * matmul_params + 6.0 * self.cfg.n_layers * seq_len * heads * self.cfg.head_dim
 
