@@ -234,6 +234,10 @@ class TrainConfig:
     precision: Literal["fp32", "bf16"] = "fp32"
     compile: bool = False
     """torch.compile each transformer block (regional: every layer reuses one compiled graph)."""
+    activation_checkpointing: bool = False
+    """Recompute each transformer block's activations in the backward pass instead of keeping them
+    (torch.utils.checkpoint, non-reentrant): about a third more compute for a block's activation memory,
+    for micro-batches that would not fit otherwise."""
     seed: int = 1234
     log_every: int = 10
     """wandb gets scalars every step and the per-layer, per-expert router series every log_every steps."""
@@ -459,6 +463,11 @@ def validate(cfg: Config, source: str = "config") -> None:
     check(t.exit_at_step >= 0, "train.exit_at_step", "must be >= 0 (0: off)")
     check(t.keep_checkpoints >= 0, "train.keep_checkpoints", "must be >= 0 (0: keep all)")
     check(t.max_bad_steps >= 1, "train.max_bad_steps", "must be >= 1")
+    check(
+        not (t.activation_checkpointing and m.is_encoder),
+        "train.activation_checkpointing",
+        "is for the decoder (model.backbone=decoder); the encoder has no block recomputation",
+    )
     check(1 <= t.eval_top_k <= e.num_experts, "train.eval_top_k", f"must be in [1, {e.num_experts}]")
     _check_budget(cfg, check)
 

@@ -7,6 +7,7 @@ import math
 import torch
 
 from dsmoe.config import Config, ConfigError
+from dsmoe.model.transformer import CrossEntropy
 from dsmoe.train.schedule import lr_multiplier
 from parallel.groups import DeepSpeedMPU, ParallelDims
 
@@ -81,9 +82,14 @@ def initialize(model: torch.nn.Module, cfg: Config, dims: ParallelDims, clock=No
 
     t = cfg.train
     model = model.to(dims.device)
+    model.checkpoint_blocks = t.activation_checkpointing  # DecoderLM recomputes blocks in backward
     if t.compile:  # regional compilation: blocks share code and shapes, so they share the compiled graph
-        for block in model.blocks:
-            block.compile()
+        for block in model.blocks:  # the encoder's packed token count changes with every batch
+            block.compile(dynamic=True if cfg.model.is_encoder else None)
+        if cfg.model.is_encoder:  # the MLM head and its loss too (masked counts change every batch)
+            model.compile_head()
+        elif type(model.cross_entropy) is CrossEntropy:  # not tp's vocab-parallel one
+            model.cross_entropy.compile()  # one pass over the logits: the fp32 upcast fuses into the loss
     groups_ = param_groups(model, t.weight_decay)
     if t.optimizer == "adamw":
         optimizer = AdamW(

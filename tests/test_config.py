@@ -156,3 +156,9 @@ def test_identity_keeps_every_set_value_and_drops_off_defaults():
     grown = config_lib.load(None, [])
     grown.growth.events = [config_lib.GrowthEvent(step=2, dim="ffn", size=64, ramp_steps=2)]
     assert '"growth"' in config_lib.identity(grown)
+
+
+def test_activation_checkpointing_is_refused_for_the_encoder():
+    config_lib.load(None, ["train.activation_checkpointing=true"])  # the decoder takes it
+    with pytest.raises(ConfigError, match="train.activation_checkpointing"):
+        config_lib.load("configs/tiny_mlm.yaml", ["train.activation_checkpointing=true"])

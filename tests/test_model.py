@@ -94,10 +94,35 @@ def test_too_long_input_is_refused():
         model(torch.zeros(1, 33, dtype=torch.long))
 
 
-def test_flops_per_token_counts_every_expert_and_attention():
-    cfg = model_cfg()
+@pytest.mark.parametrize("tied", [True, False])
+def test_flops_per_token_counts_every_expert_and_attention(tied):
+    cfg = model_cfg(f"model.tie_embeddings={str(tied).lower()}")
     model = build(cfg)
-    dense_part = model.num_params(exclude_embedding=True) + model.lm_head.weight.numel()
+    # every matrix a token goes through: all blocks' weights (every expert) and the LM head once
+    dense_part = sum(p.numel() for b in model.blocks for p in b.parameters()) + model.lm_head.weight.numel()
+    dense_part += model.final_norm.weight.numel()
     attention = 6 * cfg.n_layers * 16 * cfg.attention.num_heads * cfg.head_dim
     assert model.flops_per_token(16) == 6 * dense_part + attention
     assert model.num_expert_params() < dense_part  # the experts are inside the count, all of them
+
+
+def test_activation_checkpointing_gives_the_same_loss_and_gradients():
+    torch.manual_seed(0)
+    cfg = model_cfg(
+        "model.attention.heads=0", "model.attention.experts=2", "model.attention.heads_per_expert=2"
+    )
+    model = build(cfg)
+    idx = torch.randint(0, cfg.vocab_size, (2, 16))
+    results = []
+    for recompute in (False, True):
+        model.checkpoint_blocks = recompute
+        model.zero_grad(set_to_none=True)
+        out = model(idx, idx)
+        out.loss.backward()
+        results.append((out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (loss_ref, grads_ref), (loss, grads) = results
+    torch.testing.assert_close(loss, loss_ref, rtol=0, atol=0)
+    for name, g in grads_ref.items():
+        torch.testing.assert_close(grads[name], g, rtol=0, atol=0, msg=name)
+    with torch.no_grad():  # generation with a cache never recomputes
+        model(idx[:, :4], cache=model.new_cache(2))

@@ -49,3 +49,16 @@ def test_dense_1b_matches_the_papers_count():
     )
     assert cfg.model.ffn_hidden == 8192
     assert abs(non_embedding(cfg.model) / 1017e6 - 1) < 0.005
+
+
+def test_dense_1b_config_is_dsmoe_1b_without_routers():
+    dense = config_lib.load("configs/dense_1b.yaml").model
+    moe = config_lib.load("configs/dsmoe_1b.yaml").model
+    assert (dense.mlp, dense.attention.experts, dense.ffn_hidden) == ("dense", 0, moe.ffn_hidden)
+    assert (dense.attention.num_heads, dense.attention.num_kv_heads, dense.head_dim) == (
+        moe.attention.num_heads,
+        moe.attention.num_kv_heads,
+        moe.head_dim,
+    )
+    assert (dense.d_model, dense.n_layers, dense.vocab_size) == (moe.d_model, moe.n_layers, moe.vocab_size)
+    assert abs(non_embedding(dense) / 1017e6 - 1) < 0.005

@@ -75,10 +75,25 @@ def eager_attention(
     return (scores.softmax(-1) @ at_least_fp32(v)).to(q.dtype)
 
 
+SDPA_PRIORITY: tuple[str, ...] = ()
+"""SDPA kernels to try first on CUDA, best first (names of torch.nn.attention.SDPBackend, e.g.
+("CUDNN_ATTENTION", "FLASH_ATTENTION")); empty: PyTorch's own order. tools/bench_layers.py times each."""
+
+
 def sdpa_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True, mask=None
 ) -> torch.Tensor:
     """PyTorch SDPA; grouped-query heads handled by the kernel (enable_gqa) without copying K/V."""
+    if q.is_cuda and SDPA_PRIORITY:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        first = [getattr(SDPBackend, name) for name in SDPA_PRIORITY]
+        rest = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION]
+        order = first + [b for b in rest if b not in first] + [SDPBackend.MATH]
+        with sdpa_kernel(order, set_priority=True):
+            return F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=q.shape[1] != k.shape[1]
+            )
     return F.scaled_dot_product_attention(
         q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=q.shape[1] != k.shape[1]
     )

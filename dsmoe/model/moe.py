@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dsmoe.model import moe_triton
 from dsmoe.model.mlp import activate
 from dsmoe.model.sparse import grouped_mm_available, moe_topk_forward
 
@@ -135,7 +136,16 @@ def select_experts(probs_TE: torch.Tensor, rule: RoutingRule) -> torch.Tensor:
 
 
 class Router(nn.Module):
-    """Linear scores over all experts and their softmax, computed in fp32 at least (papers/dsmoe.md)."""
+    """Linear scores over all experts and their softmax, computed in fp32 at least (papers/dsmoe.md).
+
+    With bf16/fp16 inputs on CUDA the scores come from one low-precision GEMM that accumulates and writes
+    fp32 (`fused`; the products of bf16 values are exact in fp32, so this is the fp32 GEMM of the
+    upcast inputs up to summation order) instead of an fp32 copy of the (T, D) activations and an fp32 GEMM;
+    its backward rounds the fp32 score gradient to the input dtype for the two GEMMs, as autocast does.
+    """
+
+    fused = True
+    """Class switch: False forces the plain upcast path everywhere (tools/bench_layers.py compares them)."""
 
     def __init__(self, d_model: int, num_experts: int):
         super().__init__()
@@ -143,22 +153,60 @@ class Router(nn.Module):
         self.logit_bias: torch.Tensor | None = None  # MSG growth: log c on new experts (dsmoe/growth.py)
 
     def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
-        dtype = torch.promote_types(x_TD.dtype, torch.float32)
-        logits = F.linear(x_TD.to(dtype), self.weight.to(dtype))
+        if self.fused and fp32_scores_available(x_TD, self.weight):
+            logits = Fp32Scores.apply(x_TD, self.weight)
+        else:
+            dtype = torch.promote_types(x_TD.dtype, torch.float32)
+            logits = F.linear(x_TD.to(dtype), self.weight.to(dtype))
         if self.logit_bias is not None:
             logits = logits + self.logit_bias
         return F.softmax(logits, dim=-1)  # (T, N)
 
 
+def fp32_scores_available(x_TD: torch.Tensor, weight: torch.Tensor) -> bool:
+    """torch.mm(..., out_dtype=float32) runs for bf16/fp16 operands on CUDA only."""
+    return (
+        x_TD.is_cuda
+        and x_TD.dim() == 2
+        and x_TD.dtype in (torch.bfloat16, torch.float16)
+        and weight.dtype == x_TD.dtype
+    )
+
+
+class Fp32Scores(torch.autograd.Function):
+    """x (T, D) @ w (N, D)^T in the inputs' low precision with fp32 accumulation and an fp32 (T, N) result."""
+
+    @staticmethod
+    def forward(ctx, x_TD: torch.Tensor, w_ND: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x_TD, w_ND)
+        return torch.mm(x_TD, w_ND.t(), out_dtype=torch.float32)
+
+    @staticmethod
+    def backward(ctx, grad_TN: torch.Tensor):
+        x_TD, w_ND = ctx.saved_tensors
+        grad_low = grad_TN.to(x_TD.dtype)
+        grad_x = grad_low @ w_ND if ctx.needs_input_grad[0] else None
+        grad_w = (
+            torch.mm(grad_low.t(), x_TD, out_dtype=torch.float32).to(w_ND.dtype)
+            if ctx.needs_input_grad[1]
+            else None
+        )
+        return grad_x, grad_w
+
+
 def routing_aux(
     probs_TE: torch.Tensor, active_fraction: torch.Tensor, marginal_E: torch.Tensor | None = None
 ) -> MoEAux:
-    """The MI loss and the detached routing statistics of one layer."""
-    detached = probs_TE.detach()
+    """The MI loss and the detached routing statistics of one layer, in one pass over the probabilities:
+    the MI loss's conditional entropy is the logged routing entropy, its batch marginal the expert load."""
+    probs_TE = probs_TE.to(torch.promote_types(probs_TE.dtype, torch.float32))
+    conditional_entropy = -p_log_p(probs_TE).sum(-1).mean()
+    load_E = probs_TE.mean(0)
+    marginal_entropy = -p_log_p(load_E if marginal_E is None else marginal_E).sum()
     return MoEAux(
-        mi_loss=mutual_information_loss(probs_TE, marginal_E),
-        expert_load=detached.mean(0),
-        router_entropy=-torch.special.xlogy(detached, detached).sum(-1).mean(),
+        mi_loss=conditional_entropy - marginal_entropy,
+        expert_load=load_E.detach(),
+        router_entropy=conditional_entropy.detach(),
         active_fraction=active_fraction,
     )
 
@@ -167,6 +215,9 @@ class DSMoE(nn.Module):
     """DS-MoE MLP layer: router over all experts; dense all-expert forward in training, sparse at inference."""
 
     routed = True  # Block passes it the routing rule
+    fused = True
+    """Class switch: False forces the plain torch GeLU-and-scale path of the dense forward everywhere (on
+    CUDA it otherwise takes dsmoe.model.moe_triton's kernels; tools/bench_layers.py compares them)."""
 
     def __init__(
         self,
@@ -217,10 +268,14 @@ class DSMoE(nn.Module):
 
     def _dense_forward(self, x_TD: torch.Tensor, probs_TE: torch.Tensor) -> torch.Tensor:
         T, N, F_ = x_TD.shape[0], self.num_experts, self.expert_hidden
-        h_TNFin = (x_TD @ self.w_in.view(-1, x_TD.shape[1]).T).view(T, N, -1)  # one GEMM, width N*F_in
-        h_TNF = activate(h_TNFin, self.activation)  # (T, N, F)
-        h_TNF = h_TNF * probs_TE.to(h_TNF.dtype).unsqueeze(-1)  # scale expert i's block by p_i
-        return h_TNF.reshape(T, N * F_) @ self.expert_w_out().reshape(N * F_, -1)  # one GEMM sums experts
+        h_TK = x_TD @ self.w_in.view(-1, x_TD.shape[1]).T  # one GEMM, width K = N*F_in
+        if self.fused and moe_triton.available(h_TK, self.activation):  # one pass each way (moe_triton.py)
+            h_TK = moe_triton.scaled_gelu(h_TK, probs_TE)
+        else:
+            h_TNF = activate(h_TK.view(T, N, -1), self.activation)  # (T, N, F)
+            h_TNF = h_TNF * probs_TE.to(h_TNF.dtype).unsqueeze(-1)  # scale expert i's block by p_i
+            h_TK = h_TNF.reshape(T, N * F_)
+        return h_TK @ self.expert_w_out().reshape(N * F_, -1)  # one GEMM sums experts
 
     def _sparse_forward(
         self, x_TD: torch.Tensor, probs_TE: torch.Tensor, routing: RoutingRule, renormalize: bool = False

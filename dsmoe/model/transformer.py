@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from dsmoe.config import ModelConfig
 from dsmoe.model.attention import CausalSelfAttention, KVCache, rope_cos_sin
@@ -141,6 +142,7 @@ class DecoderLM(nn.Module):
             self.lm_head.weight = self.embed.weight
         self.cross_entropy = CrossEntropy()  # tensor parallelism swaps in the vocab-parallel one
         self.channel_mask: torch.Tensor | None = None  # MSG hidden growth (dsmoe/growth.py)
+        self.checkpoint_blocks = False  # train.activation_checkpointing (set by parallel.engine)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -184,8 +186,14 @@ class DecoderLM(nn.Module):
         cos, sin = rope_cos_sin(start + T, self.cfg.head_dim, self.cfg.attention.rope_theta, x.device)
         cos, sin = cos[start:], sin[start:]  # positions of the new tokens
         attn_auxes, mlp_auxes = [], []
+        recompute = self.checkpoint_blocks and cache is None and torch.is_grad_enabled()
         for layer, block in enumerate(self.blocks):
-            x, attn_aux, mlp_aux = block(x, cos, sin, routing, cache, layer)
+            if recompute:  # train.activation_checkpointing: keep only the block's inputs, recompute the rest
+                x, attn_aux, mlp_aux = checkpoint(
+                    block, x, cos, sin, routing, None, layer, use_reentrant=False
+                )
+            else:
+                x, attn_aux, mlp_aux = block(x, cos, sin, routing, cache, layer)
             attn_auxes += [attn_aux] if attn_aux is not None else []
             mlp_auxes += [mlp_aux] if mlp_aux is not None else []
         if cache is not None:
@@ -231,8 +239,12 @@ class DecoderLM(nn.Module):
 
         6 x (parameters touched per token, the LM head included, the embedding lookup not) plus causal
         attention's score and value products, 6 x L x seq_len x H x head_dim (half of 12: the causal mask).
+        The LM head counts once: an untied head is among the non-embedding parameters already; a tied one
+        left the count with the embedding and is added back.
         """
-        matmul_params = self.num_params(exclude_embedding=True) + self.lm_head.weight.numel()
+        matmul_params = self.num_params(exclude_embedding=True)
+        if self.lm_head.weight is self.embed.weight:
+            matmul_params += self.lm_head.weight.numel()
         heads = self.cfg.attention.num_heads
         return 6.0 * matmul_params + 6.0 * self.cfg.n_layers * seq_len * heads * self.cfg.head_dim
 
