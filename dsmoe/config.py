@@ -552,12 +552,19 @@ def with_defaults(data: dict[str, Any], source: str) -> dict[str, Any]:
 
 # Options added after runs were cached whose default is what every run did before they existed: at their
 # default they stay out of the cache key, like the options that default to off.
-KEYLESS_DEFAULTS = {("TrainConfig", "adam_eps"), ("TrainConfig", "schedule")}
+KEYLESS_DEFAULTS = {
+    ("TrainConfig", "adam_eps"),
+    ("TrainConfig", "schedule"),
+    ("TrainConfig", "optimizer"),
+    ("ModelConfig", "geglu_kernel"),
+}
 
 
 def identity(cfg: Config) -> str:
     """The config as a cache key (research tools reuse runs with the same key): every resolved value,
-    except options left at an off default (0, false, empty, None) and growth without events. So adding
+    except options left at an off default (0, false, empty, None), growth without events, and options a run
+    does not read (the MLM recipe of a decoder, a budget of 0 hours, method none, Sophia's settings under
+    another optimizer). So adding
     an option that defaults to off keeps earlier runs valid, while any value a run sets still counts."""
 
     def prune(obj: Any) -> Any:
@@ -575,6 +582,12 @@ def identity(cfg: Config) -> str:
                 continue
             if isinstance(value, MLMConfig) and not cfg.model.is_encoder:
                 continue  # read only by the encoder
+            if isinstance(value, BudgetConfig) and not value.rst_hours:
+                continue  # no budget: its schedule is not read
+            if isinstance(value, MethodConfig) and value.name == "none":
+                continue
+            if f.name.startswith("sophia_") and obj.optimizer != "sophia":
+                continue
             out[f.name] = [prune(v) for v in value] if isinstance(value, list) else prune(value)
         return out
 

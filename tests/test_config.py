@@ -150,12 +150,23 @@ def test_identity_keeps_every_set_value_and_drops_off_defaults():
     base = config_lib.load(None, [])
     key = config_lib.identity(base)
     assert '"growth"' not in key and '"head_dim"' not in key
+    # options a run does not read: no budget, method none, Sophia's settings under AdamW
+    assert not any(word in key for word in ('"budget"', '"method"', "sophia", "optimizer", "geglu"))
     assert config_lib.identity(config_lib.load(None, [])) == key
-    for override in ["train.lr=0.0005", "model.attention.head_dim=16", "model.moe.alpha=0.0"]:
+    for override in [
+        "train.lr=0.0005",
+        "model.attention.head_dim=16",
+        "model.moe.alpha=0.0",
+        "train.optimizer=lion",
+    ]:
         assert config_lib.identity(config_lib.load(None, [override])) != key, override
     grown = config_lib.load(None, [])
     grown.growth.events = [config_lib.GrowthEvent(step=2, dim="ffn", size=64, ramp_steps=2)]
     assert '"growth"' in config_lib.identity(grown)
+    budgeted = config_lib.load(None, [])
+    budgeted.train.budget.rst_hours = 0.01
+    budgeted.train.method.name = "layer_drop"
+    assert '"budget"' in config_lib.identity(budgeted) and '"layer_drop"' in config_lib.identity(budgeted)
 
 
 def test_activation_checkpointing_is_refused_for_the_encoder():
