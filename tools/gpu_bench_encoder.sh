@@ -1,5 +1,6 @@
 #!/bin/bash
-# h7's GPU runs for issue 7 (the encoder's MLM step against BertForMaskedLM), one H200, <= 6 minutes:
+# The encoder's GPU runs (issue 7: our MLM step against BertForMaskedLM), one H200, <= 6 minutes,
+# run after `source tools/device_wheels.sh install`:
 # 1. tools/bench_encoder.py as committed (both shapes, attention kernels, a profile of our step) -> $OUT/encoder;
 # 2. the GPU tests of the fast paths (tests/test_gpu_encoder.py);
 # 3. the A/B of tools/encoder_explore.py (one option changed at a time at 256 x 128) -> $OUT/explore.json.

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# GPU request of helper h6 (issue #6): the sparse-inference GPU tests, then tools/bench_infer.py.
+# Sparse inference on the GPU (issue #6): the sparse-inference GPU tests, then tools/bench_infer.py.
 #   BENCH_ARGS (default --compile) and BENCH_TIMEOUT (s, default 240) set the benchmark run; if it fails,
 #   a --quick run without torch.compile follows. SKIP_TESTS=1 skips the tests. Results in $OUT.
 set -uo pipefail
-OUT=${OUT:-/tmp/h6_out}
+OUT=${OUT:-/tmp/bench_infer}
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.used,memory.total,clocks.sm --format=csv
 python -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 5, final GPU request (<= 6 min): GPU tests of the fast paths, the layer targets, and the 1B training
+# Training speed on the GPU (issue 5, <= 6 min, after `source tools/device_wheels.sh install`): GPU tests of the fast paths, the layer targets, and the 1B training
 # benchmark (eager and compiled DS-MoE-1B and Dense-1B, plus ZeRO-1 / micro-batch 16) in one process.
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
