@@ -134,6 +134,7 @@ def test_launcher_compiled_triton_encoder_follows_the_eager_run(tmp_path, cache_
     common = [
         "train.precision=bf16",
         "train.max_steps=4",
+        "train.warmup_steps=1",
         "train.checkpoint_every=0",
         "train.export_at_end=false",
     ]
