@@ -333,6 +333,13 @@ def report(meta: dict, results: dict, args) -> list[str]:
                 "|---|---|---|",
                 *(f"| {part} | {ms:.1f} | {ms / step_ms:.1%} |" for part, ms in r["time_split_ms"].items()),
             ]
+            if min(r["time_split_ms"].values()) < 0:  # the parts alone outrun the whole step
+                lines += [
+                    "",
+                    "'other' is negative: timed apart, the parts lose the fusion across their borders and pay their own "
+                    "launches, so they sum to more than the step. Read the shares as upper bounds and the "
+                    "--profile table (kernels of one real step) as the split.",
+                ]
     return lines + [""]
 
 
