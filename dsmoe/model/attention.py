@@ -11,13 +11,15 @@ Encoder backends (all take the packed real tokens of a batch, (T, H, hd), and it
            (compiled on CUDA; forward-only on CPU, where torch has no FlexAttention backward);
   'sdpa'   SDPA on the batch padded back to max_seqlen around the call, with an explicit ALiBi +
            key-padding bias (the portable path);
-  'eager'  the plain reference: the same padding and bias, scores and softmax in fp32.
-'auto' takes flash, else flex on CUDA, else sdpa. `resolve_backend` says which one runs, for the logs.
+  'eager'  the plain reference: the same padding and bias, scores and softmax in fp32;
+  'triton' our varlen kernels with ALiBi in the kernel (dsmoe/model/alibi_triton.py; CUDA, else it runs sdpa).
+'auto' takes flash, else triton (flex without Triton) on CUDA, else sdpa. `resolve_backend` says which runs.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib.util
 import math
 from dataclasses import dataclass
 
@@ -38,7 +40,9 @@ def resolve_backend(name: str, encoder: bool = False, device: torch.device | str
     on_cuda = torch.device(device).type == "cuda" if device is not None else torch.cuda.is_available()
     if on_cuda and flash_attn_varlen() is not None:
         return "flash"
-    return "flex" if on_cuda else "sdpa"
+    if on_cuda:  # our Triton varlen ALiBi kernels beat compiled Flex on packed tokens (benchmarks/encoder/)
+        return "triton" if importlib.util.find_spec("triton") is not None else "flex"
+    return "sdpa"
 
 
 def rope_cos_sin(seq_len: int, head_dim: int, theta: float, device, dtype=torch.float32):
