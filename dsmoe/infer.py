@@ -200,16 +200,34 @@ def generate(
     total = min(T + max_new_tokens, model.cfg.max_seq_len)
     cache = model.new_cache(B, total)
     logits = model(prompt, routing=routing, cache=cache).logits[:, -1]
-    tokens, finished = [prompt], torch.zeros(B, dtype=torch.bool, device=prompt.device)
-    for _ in range(total - T):
+    return _sample_tokens(
+        prompt,
+        logits,
+        lambda token: model(token, routing=routing, cache=cache).logits[:, -1],
+        total - T,
+        temperature,
+        top_k,
+        top_p,
+        eos_id,
+        generator,
+    )
+
+
+def _sample_tokens(
+    prompt, logits, decode, steps, temperature, top_k, top_p, eos_id, generator
+) -> torch.Tensor:
+    """The sampling loop both generators share: sample from logits, append, decode the token for the next
+    logits; at most `steps` new tokens, fewer when every sequence has emitted eos_id."""
+    tokens, finished = [prompt], torch.zeros(prompt.shape[0], dtype=torch.bool, device=prompt.device)
+    for step in range(steps):
         next_token = sample_next(logits, temperature, top_k, top_p, generator)
         if eos_id is not None:
             next_token = next_token.masked_fill(finished.unsqueeze(-1), eos_id)
             finished |= next_token.squeeze(-1) == eos_id
         tokens.append(next_token)
-        if bool(finished.all()) or cache.length == total:
+        if step == steps - 1 or (eos_id is not None and bool(finished.all())):  # no host sync without eos
             break
-        logits = model(next_token, routing=routing, cache=cache).logits[:, -1]
+        logits = decode(next_token)
     return torch.cat(tokens, dim=1)
 
 
@@ -533,17 +551,9 @@ def generate_fast(
 ) -> torch.Tensor:
     """`generate` on an Engine (its cache starts empty): the same sampling and stopping, static shapes."""
     engine.reset()
-    B, T = prompt.shape
+    T = prompt.shape[1]
     total = min(T + max_new_tokens, engine.max_len)
     logits = engine.prefill(prompt)
-    tokens, finished = [prompt], torch.zeros(B, dtype=torch.bool, device=prompt.device)
-    for _ in range(total - T):
-        next_token = sample_next(logits, temperature, top_k, top_p, generator)
-        if eos_id is not None:
-            next_token = next_token.masked_fill(finished.unsqueeze(-1), eos_id)
-            finished |= next_token.squeeze(-1) == eos_id
-        tokens.append(next_token)
-        if (eos_id is not None and bool(finished.all())) or engine.length == total:
-            break
-        logits = engine.decode(next_token)
-    return torch.cat(tokens, dim=1)
+    return _sample_tokens(
+        prompt, logits, engine.decode, total - T, temperature, top_k, top_p, eos_id, generator
+    )
