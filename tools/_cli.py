@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
+
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
@@ -28,6 +32,28 @@ def git_commit() -> str:
     if not head:
         return "unknown (no git here: name it when committing the result)"
     return head + (" dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+
+
+def elapsed_ms(fn) -> float:
+    """Milliseconds of one fn() call, by CUDA events around it (the host clock where there is no CUDA)."""
+    if not torch.cuda.is_available():
+        started = time.perf_counter()
+        fn()
+        return (time.perf_counter() - started) * 1e3
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end)
+
+
+def cuda_ms(fn, repeats: int = 30, warmup: int = 3) -> float:
+    """Median milliseconds of fn() over `repeats` timed calls after `warmup` untimed ones (the benchmarks'
+    one timer, so their figures are measured alike)."""
+    for _ in range(warmup):
+        fn()
+    return statistics.median(elapsed_ms(fn) for _ in range(repeats))
 
 
 def load_model_or_exit(path: str):

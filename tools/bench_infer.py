@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import statistics
 import sys
 import tempfile
 import time
@@ -29,7 +28,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from _cli import git_commit  # noqa: E402
+from _cli import cuda_ms, elapsed_ms, git_commit  # noqa: E402
 
 from dsmoe import config as config_lib  # noqa: E402
 from dsmoe.infer import Engine, generate_fast  # noqa: E402
@@ -46,27 +45,6 @@ DEVICE = "cuda"  # --cpu-smoke: "cpu", to try the whole script on a tiny config 
 def sync() -> None:
     if DEVICE == "cuda":
         torch.cuda.synchronize()
-
-
-def elapsed_ms(fn) -> float:
-    """Milliseconds of fn() by CUDA events (host clock on CPU)."""
-    if DEVICE != "cuda":
-        t0 = time.perf_counter()
-        fn()
-        return (time.perf_counter() - t0) * 1e3
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end)
-
-
-def cuda_ms(fn, repeats: int, warmup: int = 2) -> float:
-    """Median milliseconds of fn()."""
-    for _ in range(warmup):
-        fn()
-    return statistics.median(elapsed_ms(fn) for _ in range(repeats))
 
 
 def graph_ms(fn, repeats: int) -> float:

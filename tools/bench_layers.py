@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -28,28 +27,13 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from _cli import git_commit  # noqa: E402
+from _cli import cuda_ms, git_commit  # noqa: E402
 
 from dsmoe import config as config_lib  # noqa: E402
 from dsmoe.model import attention as attention_lib  # noqa: E402
 from dsmoe.model.attention import CausalSelfAttention, rope_cos_sin  # noqa: E402
 from dsmoe.model.mlp import DenseMLP  # noqa: E402
 from dsmoe.model.moe import DSMoE, Router  # noqa: E402
-
-
-def cuda_ms(fn, warmup: int = 10, repeats: int = 30) -> float:
-    """Median milliseconds of fn() over `repeats` CUDA-event-timed calls after `warmup` calls."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -95,7 +79,7 @@ def timed_variant(name, module, inputs, grad, compile_: bool, reference: torch.T
         row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
         return row, None
     row["first_call_s"] = time.perf_counter() - started
-    row["ms"] = cuda_ms(step)
+    row["ms"] = cuda_ms(step, repeats=30, warmup=10)
     row["tflops"] = flops / row["ms"] / 1e9
     if reference is not None:
         row["rel_err"] = rel_err(y.detach(), reference)
@@ -224,7 +208,7 @@ def sdpa_kernels(batch: int, seq: int, heads: int, kv: int, hd: int) -> list[dic
             try:
                 y = step()
                 torch.cuda.synchronize()
-                row["ms"] = cuda_ms(step)
+                row["ms"] = cuda_ms(step, repeats=30, warmup=10)
                 row["tflops"] = flops / row["ms"] / 1e9
                 row["rel_err"] = rel_err(y[:1].detach(), ref)
             except Exception as e:

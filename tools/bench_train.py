@@ -42,7 +42,7 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from _cli import git_commit  # noqa: E402
+from _cli import cuda_ms, git_commit  # noqa: E402
 
 from dsmoe import config as config_lib  # noqa: E402
 
@@ -343,19 +343,6 @@ def report(meta: dict, results: dict, args) -> list[str]:
     return lines + [""]
 
 
-def _cuda_ms(fn, repeats: int = 5) -> float:
-    times = []
-    for i in range(repeats + 2):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        if i >= 2:
-            times.append(start.elapsed_time(end))
-    return statistics.median(times)
-
-
 def time_split(engine, cfg) -> dict[str, float]:
     """Milliseconds per optimizer step of each part, timed apart on the run's micro-batch shape."""
     import torch.nn.functional as F
@@ -409,13 +396,13 @@ def time_split(engine, cfg) -> dict[str, float]:
     def head() -> None:
         head_loss(x, targets).backward()
 
-    per_micro = {"attention (incl. MoA router)": _cuda_ms(attention) * layers}
+    per_micro = {"attention (incl. MoA router)": cuda_ms(attention, repeats=5, warmup=2) * layers}
     has_router = getattr(block.mlp, "router", None) is not None
-    router_ms = _cuda_ms(router) * layers if has_router else 0.0
-    per_micro["MLP (experts; router apart)"] = _cuda_ms(mlp) * layers - router_ms
+    router_ms = cuda_ms(router, repeats=5, warmup=2) * layers if has_router else 0.0
+    per_micro["MLP (experts; router apart)"] = cuda_ms(mlp, repeats=5, warmup=2) * layers - router_ms
     if has_router:
         per_micro["router + MI loss"] = router_ms
-    per_micro["embedding, final norm, LM head, loss"] = _cuda_ms(head)
+    per_micro["embedding, final norm, LM head, loss"] = cuda_ms(head, repeats=5, warmup=2)
     parts = {name: ms * micro_steps for name, ms in per_micro.items()}
     model.zero_grad(set_to_none=True)
     idx = torch.randint(0, cfg.model.vocab_size, shape[:2], device="cuda")

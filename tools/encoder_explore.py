@@ -28,6 +28,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tools"))
 
 import bench_encoder as bench  # noqa: E402
+from _cli import cuda_ms  # noqa: E402
 
 from dsmoe.model import alibi_triton  # noqa: E402
 from dsmoe.model.attention import VARLEN_BACKENDS, Varlen, alibi_slopes, plan_attention  # noqa: E402
@@ -39,21 +40,6 @@ BACKEND_OVERRIDE: list[str] = []  # becomes flex + torch GeGLU if the Triton che
 
 def left(budget):
     return budget - (time.time() - T0)
-
-
-def cuda_ms(fn, warmup=3, reps=15) -> float:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
 
 
 def rel(a, b) -> float:
@@ -121,7 +107,7 @@ def attention_table(out, budget):
                 o = fn(*ts)
                 o.backward(torch.ones_like(o))
 
-            return cuda_ms(run)
+            return cuda_ms(run, repeats=15)
 
         dense = [
             torch.randn(s.batch, H, s.seq_len, hd, device=dev, dtype=dt, requires_grad=True) for _ in range(3)
@@ -141,7 +127,7 @@ def attention_table(out, budget):
             except Exception as e:  # a config the compiler rejects
                 row[f"triton {cfg}"] = f"error {type(e).__name__}: {str(e)[:200]}"
         alibi_triton.CONFIG.update(fwd=(64, 64, 4), bwd=(64, 64, 4))
-        row["plan_ms sdpa"] = cuda_ms(lambda: plan_attention("sdpa", vl, H, dt))
+        row["plan_ms sdpa"] = cuda_ms(lambda: plan_attention("sdpa", vl, H, dt), repeats=15)
         plan = plan_attention("sdpa", vl, H, dt)
         for be in ("EFFICIENT_ATTENTION", "CUDNN_ATTENTION"):
             try:
@@ -154,7 +140,7 @@ def attention_table(out, budget):
             table.append(row)
             return
         row["flex_dense_alibi"] = fb(lambda q, k, v: flex(q, k, v, score_mod=alibi), *dense)
-        row["plan_ms flex"] = cuda_ms(lambda: plan_attention("flex", vl, H, dt))
+        row["plan_ms flex"] = cuda_ms(lambda: plan_attention("flex", vl, H, dt), repeats=15)
         plan = plan_attention("flex", vl, H, dt)
         row["flex_packed (current)"] = fb(lambda: packed("flex", plan)())
         print(row, flush=True)
