@@ -132,3 +132,15 @@ def test_cached_generation_past_max_seq_len_says_so(tmp_path):
     # without a cache the model slides over its last max_seq_len tokens, as before
     out = model.generate(prompt, max_new_tokens=8, do_sample=False, pad_token_id=0, use_cache=False)
     assert out.shape == (1, 28)
+
+
+def test_a_cache_passed_to_generate_continues_across_calls(tmp_path):
+    _, _, model = small_export(tmp_path, moa=True)
+    prompt = torch.randint(1, 96, (2, 6))
+    kw = {"do_sample": False, "pad_token_id": 0}
+    cache = model.new_cache(2)
+    first = model.generate(prompt, max_new_tokens=4, cache=cache, **kw)
+    assert cache.get_seq_length() == 6 + 3
+    second = model.generate(first, max_new_tokens=6, cache=cache, **kw)  # prefills only the new token
+    assert cache.get_seq_length() == 6 + 9
+    assert torch.equal(second, model.generate(prompt, max_new_tokens=10, **kw))
