@@ -7,7 +7,10 @@
 
 The wrapped model is our DecoderLM, running the routing rule saved in the export (sparse MLP experts,
 by default every attention expert). No weights are converted: the export's safetensors load as they are.
-Generation recomputes the whole prefix each step (no KV cache yet).
+`generate()` prefills once and then feeds one token per step through our model's own KV cache path
+(DecoderLM's `cache=`: one shared K/V per layer, whatever the MoA experts), wrapped in DSMoECache, a
+transformers `Cache`; `use_cache=False` recomputes the whole prefix each step. Prompts of a batch must have
+one length: a padded attention_mask (zeros) is refused, since our attention has no key-padding mask.
 
 An encoder export (model_type "dsmoe_encoder") loads the same way with AutoModelForMaskedLM: our
 EncoderMLM, unpadding the batch from its attention_mask, logits (B, S, V) with zeros at padding.
@@ -24,10 +27,12 @@ from transformers import (
     PretrainedConfig,
     PreTrainedModel,
 )
-from transformers.modeling_outputs import CausalLMOutput, MaskedLMOutput
+from transformers.cache_utils import Cache
+from transformers.modeling_outputs import CausalLMOutputWithPast, MaskedLMOutput
 
 from dsmoe import config as config_lib
 from dsmoe.model import DecoderLM, EncoderMLM, Routing
+from dsmoe.model.attention import KVCache
 
 
 class DSMoEConfig(PretrainedConfig):
@@ -75,10 +80,53 @@ class DSMoEForCausalLM(PreTrainedModel, GenerationMixin):
     def get_output_embeddings(self):
         return self.decoder.lm_head
 
-    def forward(self, input_ids: torch.Tensor, attention_mask=None, labels=None, **kwargs) -> CausalLMOutput:
+    def new_cache(self, batch: int, max_len: int | None = None) -> DSMoECache:
+        """An empty cache to pass to generate(cache=...) or forward; it grows as needed up to max_seq_len."""
+        return DSMoECache(self.decoder.new_cache(batch, max_len), self.decoder.cfg.max_seq_len)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask=None,
+        labels=None,
+        cache: Cache | None = None,
+        use_cache: bool | None = None,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        """Logits of input_ids; with a cache (or use_cache=True) input_ids continue the tokens already in it.
+
+        generate() hands the first step an empty transformers Cache: it is replaced by a DSMoECache, returned
+        as `cache`, which generate then passes back with one new token per step.
+        """
+        cache = cache if cache is not None else kwargs.pop("past_key_values", None)  # the pre-5.x name
         if attention_mask is not None and not bool(attention_mask.all()):
-            raise ValueError("dsmoe models take unpadded batches (attention_mask must be all ones)")
-        logits = self.decoder(input_ids, routing=self.routing).logits
+            raise ValueError(
+                "dsmoe models need equal-length prompts: attention_mask has zeros (padding), and our attention "
+                "has no padding mask, so padded rows would get wrong positions and attend to the pad tokens. "
+                "Generate prompts of different lengths in separate calls (or group them by length)."
+            )
+        if use_cache is False:
+            cache = None
+        elif cache is not None and not isinstance(cache, DSMoECache):
+            if cache.get_seq_length() > 0:
+                raise ValueError(
+                    f"DSMoEForCausalLM keeps keys/values in a DSMoECache (model.new_cache); got a non-empty "
+                    f"{type(cache).__name__}"
+                )
+            cache = self.new_cache(input_ids.shape[0], input_ids.shape[1])
+        elif cache is None and use_cache:
+            cache = self.new_cache(input_ids.shape[0], input_ids.shape[1])
+        if cache is not None:
+            length = cache.get_seq_length() + input_ids.shape[1]
+            if length > self.decoder.cfg.max_seq_len:
+                raise ValueError(
+                    f"sequence length {length} exceeds model.max_seq_len {self.decoder.cfg.max_seq_len} "
+                    "(generate with use_cache=False recomputes a sliding window of the last max_seq_len tokens)"
+                )
+            cache.reserve(input_ids.shape[0], length)
+        logits = self.decoder(
+            input_ids, routing=self.routing, cache=None if cache is None else cache.kv
+        ).logits
         loss = None
         if labels is not None:  # transformers convention: labels are the inputs, shifted here
             loss = torch.nn.functional.cross_entropy(
@@ -86,11 +134,117 @@ class DSMoEForCausalLM(PreTrainedModel, GenerationMixin):
                 labels[:, 1:].reshape(-1),
                 ignore_index=-100,
             )
-        return CausalLMOutput(loss=loss, logits=logits)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=cache)
 
-    def prepare_inputs_for_generation(self, input_ids, attention_mask=None, **kwargs):
-        window = self.decoder.cfg.max_seq_len
-        return {"input_ids": input_ids[:, -window:]}
+    def prepare_inputs_for_generation(self, input_ids, **kwargs):
+        inputs = super().prepare_inputs_for_generation(input_ids, **kwargs)
+        if inputs.get("cache") is None:  # full recompute: the model sees its last max_seq_len tokens
+            window = self.decoder.cfg.max_seq_len
+            inputs["input_ids"] = inputs["input_ids"][:, -window:]
+            if inputs.get("attention_mask") is not None:
+                inputs["attention_mask"] = inputs["attention_mask"][:, -window:]
+        return inputs
+
+
+class DSMoECache(Cache):
+    """transformers' Cache interface over our KVCache, the one DecoderLM fills (MoA: one shared K/V per layer).
+
+    DecoderLM writes it and advances its length in forward, so `update` (transformers' per-layer write) is
+    not offered. The preallocated buffer doubles when a step would overflow it, up to `limit` tokens (the
+    model's max_seq_len; past that DecoderLM refuses). Batch reordering, repeating and selecting (beam
+    search, contrastive search) and cropping act on the whole buffer.
+    """
+
+    def __init__(self, kv: KVCache, limit: int):
+        super().__init__(layers=[])
+        self.kv, self.limit = kv, limit
+
+    def __len__(self) -> int:
+        return self.kv.k.shape[0]
+
+    def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
+        raise NotImplementedError(
+            "DSMoECache is written by DSMoEForCausalLM.forward (DecoderLM's cache path)"
+        )
+
+    def reserve(self, batch: int, length: int) -> None:
+        """Make room for `length` tokens of `batch` sequences (a new batch size only while empty)."""
+        kv = self.kv
+        if kv.k.shape[1] != batch:
+            if kv.length:
+                raise ValueError(f"DSMoECache holds {kv.k.shape[1]} sequences, the input has {batch}")
+            self.kv = self._resized(batch, kv.max_len)
+        if length > self.kv.max_len and self.kv.max_len < self.limit:
+            self.kv = self._resized(batch, min(max(length, 2 * self.kv.max_len), self.limit))
+
+    def _resized(self, batch: int, max_len: int) -> KVCache:
+        old = self.kv
+        L, _, n_kv, _, hd = old.k.shape
+        new = KVCache(L, batch, n_kv, max_len, hd, old.k.device, old.k.dtype)
+        new.k[:, :, :, : old.length] = old.k[:, :, :, : old.length]
+        new.v[:, :, :, : old.length] = old.v[:, :, :, : old.length]
+        new.length = old.length
+        return new
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.kv.length
+
+    def get_max_length(self, layer_idx: int | None = None) -> int:
+        return -1  # grows on demand, like a DynamicCache
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
+        return self.kv.length + query_length, 0
+
+    def reset(self) -> None:
+        self.kv.length = 0
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove > 0:
+            raise ValueError(f"crop takes a negative count of tokens to remove, got {tokens_to_remove}")
+        self.kv.length = max(0, self.kv.length + tokens_to_remove)
+
+    def _map_batch(self, fn) -> None:
+        self.kv.k, self.kv.v = fn(self.kv.k), fn(self.kv.v)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._map_batch(lambda t: t.index_select(1, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._map_batch(lambda t: t.repeat_interleave(repeats, dim=1))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._map_batch(lambda t: t[:, indices])
+
+    def activate_past_recording(self) -> None:
+        pass  # the whole buffer is kept: crop can always roll back
+
+    @property
+    def batch_size(self) -> int:
+        return self.kv.k.shape[1]
+
+    @property
+    def is_compileable(self) -> bool:
+        return False
+
+    @property
+    def is_initialized(self) -> bool:
+        return True
+
+    @property
+    def is_croppable(self) -> bool:
+        return True
+
+    @property
+    def is_sliding(self) -> list[bool]:
+        return [False] * len(self)
+
+    @property
+    def is_linear(self) -> list[bool]:
+        return [False] * len(self)
+
+    @property
+    def is_dummy(self) -> list[bool]:
+        return [False] * len(self)
 
 
 class DSMoEEncoderConfig(PretrainedConfig):

@@ -189,6 +189,9 @@ def bench_hf(model, cfg, prompt_len: int, new_tokens: int, compile: bool = False
         hf_out = hf.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kw)
         sync()
         hf_s = time.perf_counter() - t0
+        # untimed: the cache generate() ran with (None = recomputing the whole prefix every step)
+        probe = hf.generate(prompt, max_new_tokens=2, return_dict_in_generate=True, **kw)
+        hf_cache = None if probe.get("cache") is None else type(probe.cache).__name__
     engine = Engine(model, routing, batch=1, max_len=prompt_len + new_tokens, compile=compile)
     generate_fast(engine, prompt, 4, temperature=0)  # warm-up and graph capture
     sync()
@@ -206,6 +209,7 @@ def bench_hf(model, cfg, prompt_len: int, new_tokens: int, compile: bool = False
         "new_tokens": new_tokens,
         "prompt": prompt_len,
         "hf_tokens_per_s": new_tokens / hf_s,
+        "hf_generate_cache": hf_cache,
         "dsmoe_tokens_per_s": new_tokens / ours_s,
         "speedup": hf_s / ours_s,
         "greedy_token_agreement": agree,
