@@ -180,7 +180,9 @@ def bench_hf(model, cfg, prompt_len: int, new_tokens: int, compile: bool = False
         Tokenizer(models.WordLevel({"<unk>": 0}, unk_token="<unk>")).save(str(tok_path))
         out = write_export(model, cfg, tok_path, Path(tmp) / "export", routing, 0)
         hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16).to(DEVICE).eval()
-    prompt = torch.randint(0, cfg.model.vocab_size, (1, prompt_len), device=DEVICE)
+    prompt = torch.randint(
+        1, cfg.model.vocab_size, (1, prompt_len), device=DEVICE
+    )  # from 1: token 0 is pad_token_id below, and transformers would mask it
     kw = {"do_sample": False, "pad_token_id": 0}
     with torch.no_grad():
         hf.generate(prompt, max_new_tokens=4, min_new_tokens=4, **kw)  # warm-up
