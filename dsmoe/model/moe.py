@@ -280,9 +280,8 @@ class DSMoE(nn.Module):
     def _sparse_forward(
         self, x_TD: torch.Tensor, probs_TE: torch.Tensor, routing: RoutingRule, renormalize: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if (
-            routing.mode == "top_k"
-        ):  # a fixed (T, K) table of pairs: sync-free dispatch (dsmoe/model/sparse.py)
+        # top-K is a fixed (T, K) table of pairs: sync-free dispatch (dsmoe/model/sparse.py)
+        if routing.mode == "top_k":
             k = min(routing.k, self.num_experts)
             weights_TK, experts_TK = probs_TE.topk(k, dim=-1)
             if renormalize:
