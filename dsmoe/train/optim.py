@@ -8,25 +8,29 @@ Their per-parameter state is torch's AdamW layout where it can be: a float32 'st
 tensors named in `moments` (what dsmoe.train.checkpoint saves per parameter; Adam's are exp_avg and
 exp_avg_sq).
 
-Maintained alternatives: `lion-pytorch` (PyPI, lucidrains) implements the same Lion update; DeepSpeed's
-own `deepspeed.ops.lion.FusedLion` (CUDA) / `DeepSpeedCPULion` (JIT-compiled CPU op) too. Sophia's
-authors publish no package (`sophia-opt` on PyPI is a community copy, last released 2024). We keep ours:
-small, tested against the update rules below, no new dependency.
+Lion's update is the maintained `lion-pytorch` package's (lucidrains; its Triton variant, `use_triton`, is
+a next step once tested on a GPU); DeepSpeed's own FusedLion needs a compiled op. Sophia's authors publish
+no package (`sophia-opt` on PyPI is a community copy, last released 2024), so SophiaG is ours. Both are
+tested against the update rules (tests/test_methods.py).
 """
 
 from __future__ import annotations
 
+import lion_pytorch
 import torch
 import torch.nn.functional as F
 
 
-class Lion(torch.optim.Optimizer):
-    """Lion (Chen et al. 2023, "Symbolic Discovery of Optimization Algorithms", Algorithm 2):
+class Lion(lion_pytorch.Lion):
+    """Lion (Chen et al. 2023, "Symbolic Discovery of Optimization Algorithms", Algorithm 2), the update of
+    the maintained `lion-pytorch` package:
 
         c = beta1 * m + (1 - beta1) * g
         theta = theta * (1 - lr * weight_decay) - lr * sign(c)
         m = beta2 * m + (1 - beta2) * g
 
+    with what DeepSpeed and our checkpoints need around it: `overflow` (a skipped step leaves parameters
+    and state alone) and a float32 'step' per parameter beside its 'exp_avg', as torch's AdamW keeps.
     Every coordinate moves by exactly lr (the sign), so the paper's lr is 3-10x smaller than AdamW's and
     its weight decay 3-10x larger, keeping lr x weight_decay about the same.
     """
@@ -37,35 +41,25 @@ class Lion(torch.optim.Optimizer):
     def __init__(
         self, params, lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.99), weight_decay: float = 0.0
     ):
-        if lr < 0 or weight_decay < 0 or not all(0.0 <= b < 1.0 for b in betas):
+        if lr <= 0 or weight_decay < 0 or not all(0.0 <= b < 1.0 for b in betas):
             raise ValueError(
-                f"Lion: need lr >= 0, weight_decay >= 0, betas in [0, 1); got {lr}, {weight_decay}, {betas}"
+                f"Lion: need lr > 0, weight_decay >= 0, betas in [0, 1); got {lr}, {weight_decay}, {betas}"
             )
-        super().__init__(params, dict(lr=lr, betas=tuple(betas), weight_decay=weight_decay))
+        super().__init__(params, lr=lr, betas=tuple(betas), weight_decay=weight_decay)
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
         if self.overflow:
-            return loss
+            if closure is None:
+                return None
+            with torch.enable_grad():
+                return closure()
+        loss = super().step(closure)
         for group in self.param_groups:
-            lr, (beta1, beta2), wd = group["lr"], group["betas"], group["weight_decay"]
             for p in group["params"]:
-                if p.grad is None:
-                    continue
-                grad = p.grad.to(p.dtype)
-                state = self.state[p]
-                if not state:
-                    state["step"] = torch.tensor(0.0)
-                    state["exp_avg"] = torch.zeros_like(p)
-                state["step"] += 1
-                m = state["exp_avg"]
-                direction = m.mul(beta1).add_(grad, alpha=1 - beta1).sign_()
-                p.mul_(1 - lr * wd).add_(direction, alpha=-lr)
-                m.mul_(beta2).add_(grad, alpha=1 - beta2)
+                if p.grad is not None:  # the package keeps no step count; our checkpoints read one
+                    state = self.state[p]
+                    state["step"] = state.get("step", torch.tensor(0.0)) + 1
         return loss
 
 
