@@ -19,6 +19,7 @@ from dsmoe.train.methods import (
     LayerDropSchedule,
     per_sequence_loss,
     reducible_loss,
+    release_dropped_grads,
     rho_select,
     run_blocks,
     sample_active_layers,
@@ -380,6 +381,19 @@ def test_layer_dropping_runs_through_the_deepspeed_engine(small_cfg, layout):
     engine.backward(out.loss)
     dropped = [p.grad for p in engine.module.blocks[1].parameters()]
     assert all(g is None or not g.any() for g in dropped)
+    before = [p.detach().clone() for p in engine.module.blocks[1].parameters()]
+    kept_before = [p.detach().clone() for p in engine.module.blocks[0].parameters()]
+    if precision == "fp32":  # the loop's path (methods run fp32, ZeRO 0): the dropped block is not updated
+        release_dropped_grads(engine.module, [0, 2])
     _, applied = engine_lib.boundary_step(engine)
     assert applied
+    if precision == "fp32":
+        for p, q in zip(engine.module.blocks[1].parameters(), before, strict=True):
+            assert torch.equal(
+                p.detach(), q
+            )  # without release_dropped_grads AdamW moves it (zero grad, decay)
+        assert any(
+            not torch.equal(p.detach(), q)
+            for p, q in zip(engine.module.blocks[0].parameters(), kept_before, strict=True)
+        )
     engine.destroy()

@@ -283,12 +283,14 @@ def run(cfg: Config) -> RunResult:
                 break
             started = time.perf_counter()  # a growth event's engine rebuild counts in its step's time
             if plan is not None:
-                if plan.depth > budgeted.depth:  # layer stacking: double the depth (copies of the blocks)
-                    engine = stack_engine(engine, cfg, dims, dispatch, budgeted.clock)
+                while plan.depth > budgeted.depth:  # layer stacking: double the depth (copies of the blocks),
+                    engine = stack_engine(
+                        engine, cfg, dims, dispatch, budgeted.clock
+                    )  # as often as the plan says
                     result.engine, budgeted.depth = engine, len(engine.module.blocks)
                     if dims.is_main:
                         print(f"step {step}: stacked to {budgeted.depth} layers", flush=True)
-                budgeted.charge(plan, engine)
+                budgeted.charge(plan, engine, step)
             if active_growth is not None:  # c for this step; at 1 the masks go (before any next event)
                 e = active_growth.event
                 active_growth.set_c(growth.ramp(step, e.step, e.ramp_steps))
@@ -335,6 +337,8 @@ def run(cfg: Config) -> RunResult:
                 if micro < gas - 1:
                     engine.step()  # accumulates; DeepSpeed updates only on the boundary
                 else:
+                    if plan is not None and len(plan.active) < plan.depth:  # dropped blocks are not updated
+                        methods.release_dropped_grads(engine.module, plan.active)
                     grad_norm, applied = engine_lib.boundary_step(engine)
                 stats = _step_stats(out, w)
                 sums = stats if sums is None else {k: sums[k] + stats[k] for k in sums}

@@ -113,6 +113,17 @@ def run_blocks(model: DecoderLM, indices: Sequence[int]) -> Iterator[DecoderLM]:
         model.blocks = full
 
 
+def release_dropped_grads(model: DecoderLM, indices: Sequence[int]) -> None:
+    """Give the blocks outside `indices` no gradient (None) before the optimizer step, so they are not
+    updated. Needed because DeepSpeed's gradient reduction fills a missing gradient with zeros, and a zero
+    gradient still moves a parameter under AdamW (stale moments, weight decay), Lion and Sophia."""
+    keep = set(indices)
+    for i, block in enumerate(model.blocks):
+        if i not in keep:
+            for p in block.parameters():
+                p.grad = None
+
+
 # --- Batch selection: selective backprop (Jiang et al. 2019) and RHO-loss (Mindermann et al. 2022) ---------
 
 
