@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from dsmoe.data.tokens import encode_documents, train_tokenizer
 from dsmoe.train.budget import RstEntry, RstTable, StepConfig
@@ -90,8 +89,8 @@ def test_compare_methods_runs_every_method_and_writes_the_table_and_plot(tmp_pat
         assert set(r["domain_loss"]) == {"prose", "code"} and np.isfinite(r["val_loss"])
     base = next(r for r in runs if r["method"] == "baseline")
     assert base["steps"] == int(0.4 // 0.042)  # 4 layers, AdamW: 0.042 s per step
-    # the last step ends at 0.378 s of 0.4: linear decay after 2% warmup leaves lr x 0.022 / 0.4 / 0.98
-    assert base["final_lr"] == pytest.approx(3e-3 * (0.4 - 9 * 0.042) / 0.4 / 0.98)
+    # the last step ends at 0.378 s of 0.4 and no tenth fits: it trains at the schedule's final value (0)
+    assert base["final_lr"] == 0.0
     text = (out / "results.md").read_text()
     assert "| rho_loss |" in text and "ppl prose" in text
     assert (out / "val_loss_vs_rst.png").stat().st_size > 1000

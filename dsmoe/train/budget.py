@@ -355,15 +355,19 @@ class RstScheduler(torch.optim.lr_scheduler.LRScheduler):
 
     def __init__(self, optimizer: torch.optim.Optimizer, clock: RstClock, schedule: RstSchedule):
         self.clock, self.schedule = clock, schedule
+        self.last_step = False
+        """Set by sync(last=True): the run's last step trains at the schedule's end, budget spent or not."""
         super().__init__(optimizer)
 
     def get_lr(self) -> list[float]:
-        m = self.schedule.multiplier(self.clock.fraction)
+        m = self.schedule.multiplier(1.0 if self.last_step else self.clock.fraction)
         return [base * m for base in self.base_lrs]
 
-    def sync(self) -> None:
+    def sync(self, last: bool = False) -> None:
         """Set the LR from the clock now (what step() does, without torch's call-order bookkeeping, which
-        would warn about a scheduler stepped before its optimizer)."""
+        would warn about a scheduler stepped before its optimizer). `last`: no further step fits the budget,
+        so this one takes the schedule's final value (the leftover budget, less than a step, goes unused)."""
+        self.last_step = last
         for group, lr in zip(self.optimizer.param_groups, self.get_lr(), strict=True):
             group["lr"] = lr
         self._last_lr = [group["lr"] for group in self.optimizer.param_groups]

@@ -118,9 +118,11 @@ class BudgetedRun:
     def fits(self, plan: StepPlan) -> bool:
         return self.clock.fits(plan.passes)
 
-    def charge(self, plan: StepPlan, engine) -> None:
+    def charge(self, plan: StepPlan, engine, step: int) -> None:
+        """Pay for step `step` before it runs and set its LR: that of the budget fraction it ends at, or the
+        schedule's final value when no further step fits (plans are pure functions of the clock and step)."""
         self.clock.charge(plan.passes)
-        engine.lr_scheduler.sync()  # the step trains at the LR of the budget fraction it ends at
+        engine.lr_scheduler.sync(last=not self.fits(self.plan(step + 1)))
 
     def wall_s(self) -> float:
         return self.wall_before + time.perf_counter() - self.started
@@ -243,6 +245,9 @@ class BudgetedRun:
                     engine_lib.boundary_step(engine)
         finally:
             engine.dsmoe_clip = clip
+            engine.basic_optimizer.hessian_pass = (
+                False  # a skipped (non-finite) pass must not eat the next step
+            )
 
 
 def _model_dict(cfg: Config) -> dict:
