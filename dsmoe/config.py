@@ -498,8 +498,31 @@ def _check_budget(cfg: Config, check) -> None:
     )
     check(t.sophia_rho > 0, "train.sophia_rho", "must be positive")
     check(t.sophia_hessian_interval >= 1, "train.sophia_hessian_interval", "must be >= 1")
+    check(
+        t.optimizer != "sophia" or b.rst_hours > 0,
+        "train.optimizer",
+        "sophia needs an RST budget (train.budget.rst_hours and train.budget.reference): its Hessian passes "
+        "are planned and charged by the budgeted loop, without one it would never estimate its curvature",
+    )
+    check(
+        not b.rst_hours or not cfg.growth.events,
+        "growth.events",
+        "cannot be combined with train.budget.rst_hours: the RST table times one model shape",
+    )
     if me.name == "none" and t.optimizer == "adamw":
         return
+    check(
+        cfg.parallel.tp == 1 and cfg.parallel.ep == 1,
+        "train.method.name" if me.name != "none" else "train.optimizer",
+        "runs with data parallelism only (parallel.tp = parallel.ep = 1): batch scoring and Sophia's sampled "
+        "labels need the whole vocabulary's logits on each rank",
+    )
+    check(
+        t.precision == "fp32" or (me.name != "layer_drop" and t.optimizer != "sophia"),
+        "train.precision",
+        "must be fp32 for layer_drop and Sophia (DeepSpeed's bf16 optimizer would update dropped blocks from its "
+        "own gradient buffers, and clips Sophia's curvature pass)",
+    )
     check(
         not cfg.model.is_encoder and cfg.parallel.zero_stage == 0,
         "train.method.name" if me.name != "none" else "train.optimizer",
