@@ -192,6 +192,10 @@ def test_table_round_trips_and_bad_files_are_named(tmp_path):
     t.check_model({"d_model": 64, "moe": {"training": "sparse", "expert_hidden": 64}})  # routing is per entry
     with pytest.raises(RstTableError, match="moe.expert_hidden: table 64, this run's model 32"):
         t.check_model({"d_model": 64, "moe": {"training": "dense", "expert_hidden": 32}})
+    # an option added after calibration: fine at its default (what the table's model ran), refused otherwise
+    t.check_model({"d_model": 64, "moe": {"expert_hidden": 64}, "geglu_kernel": "torch"})
+    with pytest.raises(RstTableError, match="geglu_kernel: table None, this run's model 'triton'"):
+        t.check_model({"d_model": 64, "moe": {"expert_hidden": 64}, "geglu_kernel": "triton"})
     with pytest.raises(RstTableError, match="not found"):
         RstTable.load(tmp_path / "missing.json")
     data = json.loads(path.read_text())

@@ -141,14 +141,19 @@ class RstTable:
         """Refuse a table measured for another model shape: its times would not be this model's.
 
         n_layers and moe.training are per entry (active_layers, routing); vocab_size is resolved from the
-        tokenizer at run time."""
+        tokenizer at run time. An option the table does not name (added to ModelConfig after it was
+        calibrated) matches when the run leaves it at its default, which is what the table's model ran."""
+        from dsmoe.config import ModelConfig
+
         ours, theirs = _flatten(self.model), _flatten(model)
         if not ours:
             return
+        defaults = _flatten(dataclasses.asdict(ModelConfig()))
         diffs = [
             f"{k}: table {ours.get(k)!r}, {what} {theirs.get(k)!r}"
             for k in sorted(ours.keys() | theirs.keys())
-            if k not in ("n_layers", "vocab_size", "moe.training") and ours.get(k) != theirs.get(k)
+            if k not in ("n_layers", "vocab_size", "moe.training")
+            and ours.get(k, defaults.get(k)) != theirs.get(k)
         ]
         if diffs:
             raise RstTableError(
