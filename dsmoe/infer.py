@@ -231,6 +231,20 @@ def _sample_tokens(
     return torch.cat(tokens, dim=1)
 
 
+def in_growth_ramp(model: DecoderLM) -> bool:
+    """Whether MSG growth masks or gates are still on the model (a checkpoint saved mid-ramp): the Engine's
+    fused decode does not apply them; dsmoe.infer.generate does."""
+    return model.channel_mask is not None or any(
+        getattr(b, "channel_mask", None) is not None
+        or getattr(b, "gate", None) is not None
+        or b.attn.head_mask is not None
+        or getattr(b.mlp, "unit_mask", None) is not None
+        or (b.attn.router is not None and b.attn.router.logit_bias is not None)
+        or (getattr(b.mlp, "routed", False) and b.mlp.router.logit_bias is not None)
+        for b in model.blocks
+    )
+
+
 class Engine:
     """Fast generation over a DecoderLM's own weights (nothing copied): a static KV cache, no routing
     statistics, sync-free top-K MLP experts (dsmoe/model/sparse.py) and, on CUDA, each decode step
@@ -262,16 +276,7 @@ class Engine:
                 f"Engine keeps every attention expert (the paper's rule): routing.attention must be dense, "
                 f"got {routing.attention}"
             )
-        masked = model.channel_mask is not None or any(
-            getattr(b, "channel_mask", None) is not None
-            or getattr(b, "gate", None) is not None
-            or b.attn.head_mask is not None
-            or getattr(b.mlp, "unit_mask", None) is not None
-            or (b.attn.router is not None and b.attn.router.logit_bias is not None)
-            or (getattr(b.mlp, "routed", False) and b.mlp.router.logit_bias is not None)
-            for b in model.blocks
-        )
-        if masked:
+        if in_growth_ramp(model):
             raise ValueError("Engine runs finished models: this one is in the middle of a growth ramp")
         self.model, self.routing, self.expert_path = model.eval(), routing, expert_path
         weight = model.embed.weight
@@ -286,10 +291,19 @@ class Engine:
         self.positions = torch.arange(self.max_len, device=self.device)
         self.pos = torch.zeros((), dtype=torch.long, device=self.device)  # the decode step's position
         self.length = 0
-        graph_safe = routing.mlp.mode in ("dense", "top_k")
+        # A decode step is graph-safe when nothing in it syncs with the host: dense routing, or top-K on an
+        # expert path with fixed shapes (the portable loop reads per-expert counts on the host).
+        probe = torch.empty(batch, cfg.d_model, device=self.device, dtype=self.dtype)
+        with torch.no_grad():  # decode steps run without autograd
+            picked = pick_path(probe)
+        path = expert_path or picked
+        graph_safe = routing.mlp.mode == "dense" or (routing.mlp.mode == "top_k" and path != "loop")
         self.cuda_graph = (self.device.type == "cuda" and graph_safe) if cuda_graph is None else cuda_graph
         if self.cuda_graph and not graph_safe:
-            raise ValueError(f"routing {routing.mlp} syncs with the host: it cannot run in a CUDA graph")
+            raise ValueError(
+                f"routing {routing.mlp} on the '{path}' expert path syncs with the host: it cannot run in a "
+                "CUDA graph (pass cuda_graph=False)"
+            )
         self.graph: torch.cuda.CUDAGraph | None = None
         self.static_token = torch.zeros(batch, 1, dtype=torch.long, device=self.device)
         self.static_logits: torch.Tensor | None = None
@@ -301,10 +315,7 @@ class Engine:
         )
         self._post = functools.partial(_decode_post, eps=cfg.norm_eps, top_k=self._top_k)
         # Few tokens on CUDA: router, softmax and top-K in one Triton kernel before the gather-GEMV experts.
-        probe = torch.empty(batch, cfg.d_model, device=self.device, dtype=self.dtype)
-        with torch.no_grad():  # decode steps run without autograd
-            gemv = pick_path(probe) == "gemv"
-        self._fused_route = bool(self._top_k) and expert_path in (None, "gemv") and gemv
+        self._fused_route = bool(self._top_k) and expert_path in (None, "gemv") and picked == "gemv"
         if compile:  # fuse each segment's small kernels; shapes are static, every layer reuses the code
             # one version per (batch, K, first layer or not): more than dynamo's default 8 in a sweep
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
@@ -335,7 +346,7 @@ class Engine:
             if self.graph is None:
                 self._capture()
             self.graph.replay()
-            logits = self.static_logits
+            logits = self.static_logits.clone()  # the next replay overwrites the graph's buffer
         self.length += 1
         return logits
 
@@ -354,9 +365,10 @@ class Engine:
             for _ in range(2):
                 self._forward(self.static_token, pos=self.pos)
         torch.cuda.current_stream().wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
             self.static_logits = self._forward(self.static_token, pos=self.pos)[:, -1]
+        self.graph = graph  # only a capture that succeeded is replayed
 
     def _forward(self, idx, start: int = 0, pos: torch.Tensor | None = None, last_only: bool = True):
         model = self.model

@@ -232,3 +232,13 @@ def test_topk_dispatch_equals_a_per_token_reference(act):
     assert (experts.flatten()[order].diff() >= 0).all()
     with pytest.raises(ValueError, match="gemv|grouped|loop"):
         moe_topk_forward(x, weights, experts, layer.w_in, layer.w_out, act, path="fast")
+
+
+def test_every_routing_rule_names_itself():
+    """Rules print in tools' output (generate.py, eval tables); threshold-top-K once raised KeyError there."""
+    from dsmoe.model.moe import RoutingRule
+
+    names = [
+        str(RoutingRule(mode, k=2, eps=1.0)) for mode in ("dense", "top_k", "threshold", "threshold_top_k")
+    ]
+    assert names == ["dense", "top-2", "threshold N*p>1", "threshold-top-K N*p>1"]

@@ -20,7 +20,7 @@ from _cli import add_routing_arguments, load_model_or_exit, routing_from_args
 from tokenizers import Tokenizer
 
 from dsmoe.data.tokens import EOS
-from dsmoe.infer import Engine, generate, generate_fast
+from dsmoe.infer import Engine, generate, generate_fast, in_growth_ramp
 
 
 def main() -> int:
@@ -45,7 +45,7 @@ def main() -> int:
     generator = torch.Generator(device=args.device).manual_seed(args.seed)
     model = loaded.model.to(args.device)
     sampling = (args.temperature, args.top_k, args.top_p, tok.token_to_id(EOS), generator)
-    if routing.attention.mode == "dense":
+    if routing.attention.mode == "dense" and not in_growth_ramp(model):  # else the plain KV-cache loop
         max_len = min(prompt.shape[1] + args.max_new_tokens, model.cfg.max_seq_len)
         engine = Engine(model, routing, batch=args.samples, max_len=max_len)
         out = generate_fast(engine, prompt, args.max_new_tokens, *sampling)

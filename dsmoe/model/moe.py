@@ -44,9 +44,12 @@ class RoutingRule:
             raise ValueError(f"threshold routing needs eps >= 0, got {self.eps}")
 
     def __str__(self) -> str:
-        return {"dense": "dense", "top_k": f"top-{self.k}", "threshold": f"threshold N*p>{self.eps:g}"}[
-            self.mode
-        ]
+        return {
+            "dense": "dense",
+            "top_k": f"top-{self.k}",
+            "threshold": f"threshold N*p>{self.eps:g}",
+            "threshold_top_k": f"threshold-top-K N*p>{self.eps:g}",
+        }[self.mode]
 
     def to_dict(self) -> dict:
         return {"mode": self.mode, "k": self.k, "eps": self.eps}
