@@ -236,8 +236,6 @@ def test_topk_dispatch_equals_a_per_token_reference(act):
 
 def test_every_routing_rule_names_itself():
     """Rules print in tools' output (generate.py, eval tables); threshold-top-K once raised KeyError there."""
-    from dsmoe.model.moe import RoutingRule
-
     names = [
         str(RoutingRule(mode, k=2, eps=1.0)) for mode in ("dense", "top_k", "threshold", "threshold_top_k")
     ]
