@@ -106,6 +106,20 @@ def test_flops_per_token_counts_every_expert_and_attention(tied):
     assert model.num_expert_params() < dense_part  # the experts are inside the count, all of them
 
 
+def kept_and_recomputed(model, idx: torch.Tensor) -> list[tuple[torch.Tensor, dict[str, torch.Tensor]]]:
+    """(loss, gradients by name) of one forward + backward keeping activations, then recomputing each block
+    (model.checkpoint_blocks): what the CPU and GPU checkpointing tests compare."""
+    results = []
+    for recompute in (False, True):
+        model.checkpoint_blocks = recompute
+        model.zero_grad(set_to_none=True)
+        out = model(idx, idx)
+        out.loss.backward()
+        grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((out.loss.detach(), grads))
+    return results
+
+
 def test_activation_checkpointing_gives_the_same_loss_and_gradients():
     torch.manual_seed(0)
     cfg = model_cfg(
@@ -113,14 +127,8 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients():
     )
     model = build(cfg)
     idx = torch.randint(0, cfg.vocab_size, (2, 16))
-    results = []
-    for recompute in (False, True):
-        model.checkpoint_blocks = recompute
-        model.zero_grad(set_to_none=True)
-        out = model(idx, idx)
-        out.loss.backward()
-        results.append((out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
-    (loss_ref, grads_ref), (loss, grads) = results
+    (loss_ref, grads_ref), (loss, grads) = kept_and_recomputed(model, idx)
+    assert grads.keys() == grads_ref.keys() == {n for n, _ in model.named_parameters()}
     torch.testing.assert_close(loss, loss_ref, rtol=0, atol=0)
     for name, g in grads_ref.items():
         torch.testing.assert_close(grads[name], g, rtol=0, atol=0, msg=name)
