@@ -18,8 +18,8 @@ from dsmoe.data.sampler import eval_windows
 from dsmoe.data.tokens import encode_documents, open_pretokenized
 from dsmoe.export import is_export, load_export, load_from_run
 from dsmoe.model import TRAINING, DecoderLM, Routing, RoutingRule
-from dsmoe.model.attention import apply_rope, rope_cos_sin
-from dsmoe.model.sparse import moe_topk_forward, pick_path, route_topk
+from dsmoe.model.attention import ATTENTION_BACKENDS, apply_rope, causal_mask, rope_cos_sin
+from dsmoe.model.sparse import gemv_topk_partials, moe_topk_forward, pick_path, route_topk
 
 
 @dataclass
@@ -311,15 +311,18 @@ class Engine:
         a = cfg.attention
         self._top_k = _decode_top_k(model, routing.mlp)
         self._pre = functools.partial(
-            _decode_pre, eps=cfg.norm_eps, n_heads=a.num_heads, n_kv=a.num_kv_heads, head_dim=cfg.head_dim
+            _segment_pre, eps=cfg.norm_eps, n_heads=a.num_heads, n_kv=a.num_kv_heads, head_dim=cfg.head_dim
         )
-        self._post = functools.partial(_decode_post, eps=cfg.norm_eps, top_k=self._top_k)
-        # Few tokens on CUDA: router, softmax and top-K in one Triton kernel before the gather-GEMV experts.
+        self._post = functools.partial(_segment_post, eps=cfg.norm_eps, top_k=self._top_k)
+        self._decode_post = functools.partial(_decode_post, eps=cfg.norm_eps, top_k=self._top_k)
+        # Few tokens on CUDA: the router's scores (one fp32-output GEMM) and one Triton softmax + top-K before
+        # the gather-GEMV experts, outside the compiled segment (fewer launches than its softmax and topk).
         self._fused_route = bool(self._top_k) and expert_path in (None, "gemv") and picked == "gemv"
-        if compile:  # fuse each segment's small kernels; shapes are static, every layer reuses the code
-            # one version per (batch, K, first layer or not): more than dynamo's default 8 in a sweep
+        if compile:  # fuse each segment's small kernels; every layer reuses the code
+            # one version per (batch, K, first layer or not, prefill length): more than dynamo's default 8
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
             self._pre, self._post = torch.compile(self._pre), torch.compile(self._post)
+            self._decode_post = torch.compile(self._decode_post)
 
     def reset(self) -> None:
         """Forget the cached tokens (the captured graph stays valid: it reads the position tensor)."""
@@ -371,87 +374,64 @@ class Engine:
         self.graph = graph  # only a capture that succeeded is replayed
 
     def _forward(self, idx, start: int = 0, pos: torch.Tensor | None = None, last_only: bool = True):
+        """Prefill (T tokens at positions start..) or, with `pos`, one decode token per sequence. Per layer a
+        `pre` segment (previous MLP's residual, norm, projections, QK-norm, RoPE), the new K/V written into
+        the static cache, attention, a `post` segment (MoA scaling, output projection, residual, norm,
+        router, top-K), then the experts. The segments are pure functions of tensors, so one compiled
+        version serves every layer."""
         model = self.model
         x = model.embed(idx)  # (B, T, D)
-        T = idx.shape[1]
-        if pos is not None:
-            return self._decode_forward(x, pos)
-        cos, sin = self.cos[start : start + T], self.sin[start : start + T]
-        for layer, block in enumerate(model.blocks):
-            x = x + self._attention(layer, block.attn, block.attn_norm(x), cos, sin, start)
-            x = x + self._mlp(block.mlp, block.mlp_norm(x))
+        B, T = idx.shape
+        if pos is not None:  # decode: the new token's position is a device tensor (graph replays move it)
+            cos, sin = self.cos.index_select(0, pos.view(1)), self.sin.index_select(0, pos.view(1))
+        else:
+            cos, sin = self.cos[start : start + T], self.sin[start : start + T]
+            causal, mask = causal_mask(T, start, self.device)
+        carry = None
+        for layer, (block, w) in enumerate(zip(model.blocks, self._layers, strict=True)):
+            x, h, q, k, v = self._pre(x, carry, w.attn_norm, w.q, w.k, w.v, w.q_norm, w.k_norm, cos, sin)
+            renormalize = block.mlp.renormalize if w.mlp_router is not None else False
+            if pos is not None:
+                self.k[layer].index_copy_(2, pos.view(1), k)
+                self.v[layer].index_copy_(2, pos.view(1), v)
+                x, h, gate, experts = self._decode_post(
+                    x, h, q, self.k[layer], self.v[layer], pos, self.positions, w.o, w.attn_router,
+                    w.mlp_norm, None if self._fused_route else w.mlp_router, renormalize,
+                )  # fmt: skip
+            else:
+                self.k[layer, :, :, start : start + T] = k
+                self.v[layer, :, :, start : start + T] = v
+                keys, values = self.k[layer, :, :, : start + T], self.v[layer, :, :, : start + T]
+                y = ATTENTION_BACKENDS[block.attn.backend](q, keys, values, causal=causal, mask=mask)
+                x, h, gate, experts = self._post(
+                    x, h, y.transpose(1, 2).reshape(B, T, -1), w.o, w.attn_router, w.mlp_norm,
+                    w.mlp_router, renormalize,
+                )  # fmt: skip
+            carry = self._experts(block.mlp, h, gate, experts, fused_route=pos is not None)
+        x = _add_carry(x, carry)
         if last_only:
             x = x[:, -1:]
         return model.lm_head(model.final_norm(x))
 
-    def _decode_forward(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        """One token per sequence at the device position `pos`: per layer a `pre` segment (residual, norm,
-        projections, RoPE), the K/V written into the cache at `pos`, a `post` segment (attention over the
-        whole masked cache, MoA scaling, output projection, residual, norm, router, top-K), then the
-        experts. The segments are pure functions of tensors, so one compiled version serves every layer."""
-        cos, sin = self.cos.index_select(0, pos.view(1)), self.sin.index_select(0, pos.view(1))
-        carry = None
-        for layer, (block, w) in enumerate(zip(self.model.blocks, self._layers, strict=True)):
-            x, h, q, k, v = self._pre(x, carry, w.attn_norm, w.q, w.k, w.v, w.q_norm, w.k_norm, cos, sin)
-            self.k[layer].index_copy_(2, pos.view(1), k)
-            self.v[layer].index_copy_(2, pos.view(1), v)
-            x, h, gate, experts = self._post(
-                x, h, q, self.k[layer], self.v[layer], pos, self.positions, w.o, w.attn_router, w.mlp_norm,
-                None if self._fused_route else w.mlp_router,
-                block.mlp.renormalize if w.mlp_router is not None else False,
-            )  # fmt: skip
-            carry = self._decode_mlp(block.mlp, h, gate, experts)
-        x = x + carry
-        return self.model.lm_head(self.model.final_norm(x))
-
-    def _decode_mlp(self, mlp, h, gate, experts) -> torch.Tensor:
+    def _experts(self, mlp, h, gate, experts, fused_route: bool) -> torch.Tensor:
+        """The MLP's output for its input h, from the post segment's routing: (weights, ids) of the top K,
+        or every expert's probability (dense and threshold rules), or nothing (a dense MLP, or a decode step
+        whose router runs here, fused)."""
         if not getattr(mlp, "routed", False):
             return mlp(h)[0]
         x_TD = h.reshape(-1, h.shape[-1])
-        if self._fused_route:
-            gate, experts = route_topk(x_TD, mlp.router.weight, self._top_k)
-            if mlp.renormalize:
-                gate = gate / gate.sum(-1, keepdim=True).clamp_min(1e-20)
+        if fused_route and self._fused_route:
+            gate, experts = route_topk(x_TD, mlp.router.weight, self._top_k, mlp.renormalize)
         if experts is None:  # gate holds every expert's probability
             rule = self.routing.mlp
             if rule.mode in ("threshold", "threshold_top_k"):  # variable pairs: host sync, no graph
                 return mlp._sparse_forward(x_TD, gate, rule, mlp.renormalize)[0].view_as(h)
             return mlp._dense_forward(x_TD, gate).view_as(h)
-        y_TD = moe_topk_forward(x_TD, gate, experts, mlp.w_in, mlp.w_out, mlp.activation, self.expert_path)
-        return y_TD.view_as(h)
-
-    def _attention(self, layer, attn, h, cos, sin, start):
-        B, T, D = h.shape
-        q = attn.project_q(h, attn.q_proj.weight)  # (B, T, H, hd)
-        k, v = attn.project_kv(h, cos, sin)  # (B, KV, T, hd)
-        self.k[layer, :, :, start : start + T] = k
-        self.v[layer, :, :, start : start + T] = v
-        keys, values = self.k[layer, :, :, : start + T], self.v[layer, :, :, : start + T]
-        y = attn.attend(q, keys, values, cos, sin)  # (B, T, H, hd)
-        if attn.router is not None:  # MoA, every expert kept: scale expert e's heads by its probability
-            probs_TE = attn.router(h.reshape(B * T, D))
-            y = y.reshape(B, T, attn.num_experts, -1) * probs_TE.view(B, T, -1, 1).to(y.dtype)
-        return attn.o_proj(y.reshape(B, T, -1))
-
-    def _mlp(self, mlp, h: torch.Tensor) -> torch.Tensor:
-        if not getattr(mlp, "routed", False):
-            return mlp(h)[0]
-        x_TD = h.reshape(-1, h.shape[-1])
-        probs_TE = mlp.router(x_TD)
-        rule = self.routing.mlp
-        if rule.mode == "dense" and mlp.train_top_k:  # an SMoE runs as it was trained
-            rule = RoutingRule("top_k", k=mlp.train_top_k)
-        if rule.mode == "dense":
-            y_TD = mlp._dense_forward(x_TD, probs_TE)
-        elif rule.mode == "top_k":
-            weights_TK, experts_TK = probs_TE.topk(min(rule.k, mlp.num_experts), dim=-1)
-            if mlp.renormalize:
-                weights_TK = weights_TK / weights_TK.sum(-1, keepdim=True).clamp_min(1e-20)
-            y_TD = moe_topk_forward(
-                x_TD, weights_TK, experts_TK, mlp.w_in, mlp.w_out, mlp.activation, self.expert_path
-            )
-        else:
-            y_TD, _ = mlp._sparse_forward(x_TD, probs_TE, rule, mlp.renormalize)
+        path = self.expert_path or pick_path(x_TD)
+        if path == "gemv":  # fp32 partial sums (S, B, T, D): the next segment adds them up (_add_carry)
+            partials = gemv_topk_partials(x_TD, gate, experts, mlp.w_in, mlp.w_out, mlp.activation)
+            return partials.view(-1, *h.shape)
+        y_TD = moe_topk_forward(x_TD, gate, experts, mlp.w_in, mlp.w_out, mlp.activation, path)
         return y_TD.view_as(h)
 
 
@@ -498,21 +478,31 @@ def _decode_top_k(model: DecoderLM, rule: RoutingRule) -> int:
     return min(rule.k, experts) if rule.mode == "top_k" else 0
 
 
-def _decode_pre(
+def _add_carry(x: torch.Tensor, carry: torch.Tensor | None) -> torch.Tensor:
+    """The residual add of the previous MLP's output: (B, T, D) in x's dtype, or the gather-GEMV's fp32
+    partial sums (S, B, T, D), summed and rounded here (inside a compiled segment: one kernel with the
+    add and the next norm instead of a reduction of its own)."""
+    if carry is None:
+        return x
+    if carry.dim() == x.dim() + 1:
+        carry = carry.sum(0).to(x.dtype)
+    return x + carry
+
+
+def _segment_pre(
     x, carry, attn_norm, q_w, k_w, v_w, q_norm, k_norm, cos, sin, *, eps, n_heads, n_kv, head_dim
 ):
-    """Residual of the previous MLP, attention norm, projections, QK-norm, RoPE of one new token per row.
-    Returns x, h and q (B, H, 1, hd), k, v (B, KV, 1, hd)."""
-    if carry is not None:
-        x = x + carry
-    B = x.shape[0]
+    """Residual of the previous MLP, attention norm, projections, QK-norm, RoPE of T new tokens per row.
+    Returns x, h and q (B, H, T, hd), k, v (B, KV, T, hd)."""
+    x = _add_carry(x, carry)
+    B, T = x.shape[:2]
     h = F.rms_norm(x, (x.shape[-1],), attn_norm, eps)
-    q = (h @ q_w.T).view(B, 1, n_heads, head_dim)
-    k = (h @ k_w.T).view(B, 1, n_kv, head_dim)
+    q = (h @ q_w.T).view(B, T, n_heads, head_dim)
+    k = (h @ k_w.T).view(B, T, n_kv, head_dim)
     if q_norm is not None:
         q = F.rms_norm(q, (head_dim,), q_norm, eps)
         k = F.rms_norm(k, (head_dim,), k_norm, eps)
-    v = (h @ v_w.T).view(B, 1, n_kv, head_dim).transpose(1, 2)
+    v = (h @ v_w.T).view(B, T, n_kv, head_dim).transpose(1, 2)
     return x, h, apply_rope(q.transpose(1, 2), cos, sin), apply_rope(k.transpose(1, 2), cos, sin), v
 
 
@@ -522,21 +512,14 @@ def _router_probs(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return F.softmax(F.linear(h.reshape(-1, h.shape[-1]).to(dtype), weight.to(dtype)), dim=-1)
 
 
-def _decode_post(
-    x, h, q, keys, values, pos, positions, o_w, attn_router, mlp_norm, mlp_router, renormalize, *, eps, top_k
-):
-    """Attention of one query per row over the whole cache (B, KV, S, hd), query heads grouped per K/V
-    head (no copy of the cache), fp32 softmax, positions after `pos` masked; MoA scaling (every expert
-    kept); output projection and residual; MLP norm and router. Returns x, the MLP input, and either
-    (weights, expert ids) of the top K or (all probabilities, None)."""
-    B, H, _, hd = q.shape
-    KV = keys.shape[1]
-    scores = (q.reshape(B, KV, H // KV, hd) @ keys.transpose(-2, -1)).float() / math.sqrt(hd)  # (B, KV, G, S)
-    scores = scores.masked_fill(positions > pos, float("-inf"))
-    y = (scores.softmax(-1).to(values.dtype) @ values).reshape(B, 1, H * hd)  # (B, 1, H x hd)
+def _segment_post(x, h, y, o_w, attn_router, mlp_norm, mlp_router, renormalize, *, eps, top_k):
+    """After attention (y: (B, T, H x hd)): MoA scaling (every expert kept), output projection and
+    residual; MLP norm and router. Returns x, the MLP input, and either (weights, expert ids) of the top K
+    or (all probabilities, None); (None, None) without a router."""
+    B, T = x.shape[:2]
     if attn_router is not None:
-        probs = _router_probs(h, attn_router)  # (B, E)
-        y = (y.view(B, 1, probs.shape[-1], -1) * probs.view(B, 1, -1, 1).to(y.dtype)).view(B, 1, -1)
+        probs = _router_probs(h, attn_router)  # (B x T, E)
+        y = (y.view(B, T, probs.shape[-1], -1) * probs.view(B, T, -1, 1).to(y.dtype)).view(B, T, -1)
     x = x + y @ o_w.T
     h = F.rms_norm(x, (x.shape[-1],), mlp_norm, eps)
     if mlp_router is None:
@@ -548,6 +531,21 @@ def _decode_post(
     if renormalize:
         weights = weights / weights.sum(-1, keepdim=True).clamp_min(1e-20)
     return x, h, weights, experts
+
+
+def _decode_post(
+    x, h, q, keys, values, pos, positions, o_w, attn_router, mlp_norm, mlp_router, renormalize, *, eps, top_k
+):
+    """Attention of one query per row over the whole cache (B, KV, S, hd), query heads grouped per K/V
+    head (no copy of the cache), positions after `pos` masked, then the post segment. Scores and softmax
+    in fp32 (the training kernels' precision: bf16 scores lose ~3 digits); probabilities @ V in the cache's
+    dtype with fp32 accumulation, as flash attention does."""
+    B, H, _, hd = q.shape
+    KV = keys.shape[1]
+    scores = q.float().reshape(B, KV, H // KV, hd) @ keys.float().transpose(-2, -1)  # (B, KV, G, S)
+    scores = (scores / math.sqrt(hd)).masked_fill(positions > pos, float("-inf"))
+    y = (scores.softmax(-1).to(values.dtype) @ values).reshape(B, 1, H * hd)  # (B, 1, H x hd)
+    return _segment_post(x, h, y, o_w, attn_router, mlp_norm, mlp_router, renormalize, eps=eps, top_k=top_k)
 
 
 @torch.no_grad()

@@ -38,15 +38,20 @@ def test_fast_expert_paths_equal_the_portable_loop(activation, tokens, k, path):
 
 
 @pytest.mark.parametrize("experts, k", [(32, 4), (12, 3), (8, 8)])
-def test_fused_router_topk_equals_softmax_topk(experts, k):
+@pytest.mark.parametrize("renormalize", [False, True])
+def test_fused_router_topk_equals_softmax_topk(experts, k, renormalize):
     torch.manual_seed(experts)
     h = torch.randn(16, 320, device="cuda").bfloat16()
     weight = (torch.randn(experts, 320, device="cuda") * 0.1).bfloat16()
-    gates, ids = route_topk(h, weight, k)
+    gates, ids = route_topk(h, weight, k, renormalize)
     probs = torch.softmax(h.double() @ weight.double().T, dim=-1)
     reference = probs.topk(k, dim=-1)
+    values = reference.values / reference.values.sum(-1, keepdim=True) if renormalize else reference.values
     assert torch.equal(ids, reference.indices)  # random scores: no ties
-    torch.testing.assert_close(gates.double(), reference.values, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gates.double(), values, rtol=1e-5, atol=1e-6)
+    h[3] = float("nan")  # a NaN row picks valid expert ids (the experts' kernels index with them)
+    _, ids = route_topk(h, weight, k, renormalize)
+    assert int(ids.min()) >= 0 and int(ids.max()) < experts
 
 
 @pytest.mark.parametrize("mlp", ["dense", "top_k"])

@@ -33,7 +33,7 @@ from _cli import cuda_ms, elapsed_ms, git_commit  # noqa: E402
 from dsmoe import config as config_lib  # noqa: E402
 from dsmoe.infer import Engine, generate_fast  # noqa: E402
 from dsmoe.model import Routing, RoutingRule, build  # noqa: E402
-from dsmoe.model.sparse import moe_topk_forward  # noqa: E402
+from dsmoe.model.sparse import moe_topk_forward, route_topk  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 PPL_JSON = "infer_ppl_tiny.json"
@@ -85,6 +85,22 @@ def bench_layer_decode(model, repeats: int) -> list[dict]:
                 rows.append(
                     {"tokens": tokens, "rule": "top-4", "path": path, "us": 1e3 * ms, "speedup": dense / ms}
                 )
+            if DEVICE == "cuda":  # the Engine's decode: fused router (GEMM + Triton top-K), gather-GEMV
+
+                def fused(x=x):
+                    w, e = route_topk(x, layer.router.weight, 4)
+                    return moe_topk_forward(x, w, e, layer.w_in, layer.w_out, layer.activation, "gemv")
+
+                ms = graph_ms(fused, repeats)
+                rows.append(
+                    {
+                        "tokens": tokens,
+                        "rule": "top-4",
+                        "path": "gemv, fused router",
+                        "us": 1e3 * ms,
+                        "speedup": dense / ms,
+                    }
+                )
     return rows
 
 
@@ -123,11 +139,11 @@ def bench_layer(model, tokens: int, ks, repeats: int) -> list[dict]:
     return rows
 
 
-def bench_prefill(model, rule_list, batch: int, seq: int, repeats: int) -> list[dict]:
+def bench_prefill(model, rule_list, batch: int, seq: int, repeats: int, compile: bool) -> list[dict]:
     idx = torch.randint(0, model.cfg.vocab_size, (batch, seq), device=DEVICE)
     rows = []
     for name, routing in rule_list:
-        engine = Engine(model, routing, batch=batch, max_len=seq)
+        engine = Engine(model, routing, batch=batch, max_len=seq, compile=compile)
 
         def run(engine=engine):
             engine.reset()
@@ -324,7 +340,7 @@ def main() -> int:
     result["layer_decode"] = bench_layer_decode(model, reps * 10)
     print("layer decode", result["layer_decode"], f"{time.time() - t0:.0f}s", flush=True)
     batch, seq = (8, 2048) if DEVICE == "cuda" else (2, cfg.model.max_seq_len)
-    result["prefill"] = bench_prefill(model, rule_list, batch, seq, reps)
+    result["prefill"] = bench_prefill(model, rule_list, batch, seq, reps, args.compile)
     print("prefill", result["prefill"], f"{time.time() - t0:.0f}s", flush=True)
     for batch in (1, 64):
         steps = 32 if args.quick else 64
@@ -347,13 +363,13 @@ def main() -> int:
     eager.prefill(probe[:1, :64])
     title = f"decode b1 top-4 (one step without the graph{', compiled' if args.compile else ''})"
     profiles = {title: profile_table(lambda: eager.decode(probe[:1, :1]))}
-    pre = Engine(model, top4, batch=batch, max_len=seq)
+    pre = Engine(model, top4, batch=batch, max_len=seq, compile=args.compile)
 
     def prefill():
         pre.reset()
         pre.prefill(torch.randint(0, cfg.model.vocab_size, (batch, seq), device=DEVICE))
 
-    profiles["prefill 8x2048 top-4"] = profile_table(prefill)
+    profiles[f"prefill 8x2048 top-4{' (compiled segments)' if args.compile else ''}"] = profile_table(prefill)
     write_report(result, profiles, out_dir, Path(args.ppl_json))
     return 0
 
@@ -385,8 +401,8 @@ def write_report(result: dict, profiles: dict, out_dir: Path, ppl_json: Path) ->
         f"({result['params'] / 1e6:.0f}M parameters, {result['config']})",
         f"- command: `{result['command']}`",
         "- every rule runs the same weights through dsmoe.infer.Engine (static KV cache, no routing statistics; "
-        "decode steps are CUDA graphs except the threshold rules, which sync with the host; decode segments "
-        f"{'compiled (torch.compile)' if result['compile'] else 'not compiled'})",
+        "decode steps are CUDA graphs except the threshold rules, which sync with the host; prefill and decode "
+        f"segments {'compiled (torch.compile)' if result['compile'] else 'not compiled'})",
         "",
         "## Targets (issue #6)",
         "",

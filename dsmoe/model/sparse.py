@@ -133,31 +133,34 @@ def _gemv_kernels():
         tl.store(y_ptr + t * D + offs_d, acc.to(y_ptr.dtype.element_ty), mask=mask_d)
 
     @triton.jit
-    def route_topk_kernel(
-        h_ptr, w_ptr, gate_ptr, expert_ptr, D, E,
-        K: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr,
+    def softmax_topk_kernel(
+        logits_ptr, gate_ptr, expert_ptr, E,
+        K: tl.constexpr, BLOCK_E: tl.constexpr, RENORMALIZE: tl.constexpr,
     ):  # fmt: skip
-        """One token: fp32 router scores over all E experts, their softmax, and the K largest
-        probabilities (descending) with their expert ids."""
+        """One token: the softmax of its E fp32 router scores and the K largest probabilities (descending)
+        with their expert ids; renormalised to sum 1 if asked."""
         t = tl.program_id(0).to(tl.int64)
         offs_e = tl.arange(0, BLOCK_E)
         mask_e = offs_e < E
-        acc = tl.zeros([BLOCK_E], dtype=tl.float32)
-        for d0 in range(0, D, BLOCK_D):
-            offs_d = d0 + tl.arange(0, BLOCK_D)
-            mask_d = offs_d < D
-            hv = tl.load(h_ptr + t * D + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-            m = mask_e[:, None] & mask_d[None, :]
-            w = tl.load(w_ptr + offs_e[:, None] * D + offs_d[None, :], mask=m, other=0.0).to(tl.float32)
-            acc += tl.sum(w * hv[None, :], axis=1)
-        logits = tl.where(mask_e, acc, float("-inf"))
+        logits = tl.load(logits_ptr + t * E + offs_e, mask=mask_e, other=float("-inf"))
         p = tl.exp(logits - tl.max(logits, axis=0))
         p = p / tl.sum(p, axis=0)
+        scale = 1.0
+        if RENORMALIZE:  # a first pass for the sum of the K largest
+            remaining = tl.where(mask_e, p, -1.0)
+            total = 0.0
+            for _ in tl.static_range(K):
+                best = tl.max(remaining, axis=0)
+                idx = tl.min(tl.where(remaining == best, offs_e, BLOCK_E), axis=0)
+                total += best
+                remaining = tl.where(offs_e == idx, -1.0, remaining)
+            scale = 1.0 / tl.maximum(total, 1e-20)
         remaining = tl.where(mask_e, p, -1.0)
         for k in tl.static_range(K):
             best = tl.max(remaining, axis=0)
-            idx = tl.min(tl.where(remaining == best, offs_e, BLOCK_E), axis=0)
-            tl.store(gate_ptr + t * K + k, best)
+            # a NaN row matches no probability: clamp, so the experts' kernels never read past expert E-1
+            idx = tl.minimum(tl.min(tl.where(remaining == best, offs_e, BLOCK_E), axis=0), E - 1)
+            tl.store(gate_ptr + t * K + k, best * scale)
             tl.store(expert_ptr + t * K + k, idx.to(tl.int64))
             remaining = tl.where(offs_e == idx, -1.0, remaining)
 
@@ -197,10 +200,11 @@ def _gemv_kernels():
     @triton.jit
     def down_kernel(
         h_ptr, w_ptr, e_ptr, g_ptr, y_ptr, P, D, F,
-        BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr,
+        K: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr,
     ):  # fmt: skip
-        """y[s, p, d] = g_p * sum_{f in split s} h[p, f] * w_out[e_p, f, d]: one (BLOCK_F, BLOCK_D) tile of
-        the expert's rows per program, the splits summed afterwards (no atomics)."""
+        """y[s * K + k, t, d] = g_p * sum_{f in split s} h[p, f] * w_out[e_p, f, d] for pair p = (t, k): one
+        (BLOCK_F, BLOCK_D) tile of the expert's rows per program, the partials summed afterwards (no
+        atomics)."""
         p = tl.program_id(0).to(tl.int64)
         offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
         split = tl.program_id(2)
@@ -213,9 +217,10 @@ def _gemv_kernels():
         w = tl.load(w_ptr + e * F * D + offs_f[:, None] * D + offs_d[None, :], mask=m, other=0.0)
         acc = tl.sum(w.to(tl.float32) * hv[:, None], axis=0)
         g = tl.load(g_ptr + p).to(tl.float32)
-        tl.store(y_ptr + (split * P + p) * D + offs_d, acc * g, mask=mask_d)
+        row = split * P + (p % K) * (P // K) + p // K
+        tl.store(y_ptr + row * D + offs_d, acc * g, mask=mask_d)
 
-    return triton, up_kernel, down_kernel, gather_sum_kernel, route_topk_kernel
+    return triton, up_kernel, down_kernel, gather_sum_kernel, softmax_topk_kernel
 
 
 def gemv_topk_forward(
@@ -225,11 +230,26 @@ def gemv_topk_forward(
     w_in: torch.Tensor,
     w_out: torch.Tensor,
     activation: str,
+) -> torch.Tensor:
+    """The decode path, (T, D) in x's dtype: the gather-GEMV partial sums added up."""
+    partials = gemv_topk_partials(x_TD, weights_TK, experts_TK, w_in, w_out, activation)
+    return partials.sum(0).to(x_TD.dtype)
+
+
+def gemv_topk_partials(
+    x_TD: torch.Tensor,
+    weights_TK: torch.Tensor,
+    experts_TK: torch.Tensor,
+    w_in: torch.Tensor,
+    w_out: torch.Tensor,
+    activation: str,
     block_f: int = 4,
     block_d: int = 1024,
 ) -> torch.Tensor:
-    """The decode path: fp32 accumulation, the (T, K, D) weighted pair outputs summed over K. Small tiles
-    and many programs: at batch 1 only K experts' rows are read, and they must stream from every SM."""
+    """The gather-GEMV's fp32 partial outputs, (S, T, D) whose sum over S is the top-K MLP output: one per
+    (split of the hidden units, k). The Engine sums them inside its next compiled segment (one launch less
+    a layer). Small tiles and many programs: at batch 1 only K experts' rows are read, and they must stream
+    from every SM."""
     triton, up_kernel, down_kernel, *_ = _gemv_kernels()
     T, K = experts_TK.shape
     E, F, D = w_out.shape
@@ -246,11 +266,11 @@ def gemv_topk_forward(
     )
     down_f, down_d = min(64, triton.next_power_of_2(F)), min(128, triton.next_power_of_2(D))
     splits = triton.cdiv(F, down_f)
-    y = torch.empty(splits, P, D, device=x_TD.device, dtype=torch.float32)
+    y = torch.empty(splits * K, T, D, device=x_TD.device, dtype=torch.float32)
     down_kernel[(P, triton.cdiv(D, down_d), splits)](
-        h, w_out, experts, gates, y, P, D, F, BLOCK_F=down_f, BLOCK_D=down_d
+        h, w_out, experts, gates, y, P, D, F, K=K, BLOCK_F=down_f, BLOCK_D=down_d
     )
-    return y.view(splits, T, K, D).sum((0, 2)).to(x_TD.dtype)
+    return y
 
 
 def gather_sum(src_PD: torch.Tensor, rows_TK: torch.Tensor) -> torch.Tensor:
@@ -267,26 +287,25 @@ def gather_sum(src_PD: torch.Tensor, rows_TK: torch.Tensor) -> torch.Tensor:
     return y
 
 
-def route_topk(h_TD: torch.Tensor, router_weight: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(weights, expert ids), each (T, k): the k largest of softmax(h W_r^T) in fp32, descending, from one
-    Triton kernel per batch (router scores, softmax and top-k fused; CUDA). The router's own
-    F.linear + softmax + topk, without their dozen small launches at decode."""
+def route_topk(
+    h_TD: torch.Tensor, router_weight: torch.Tensor, k: int, renormalize: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weights, expert ids), each (T, k): the k largest of softmax(h W_r^T), descending, for decode (CUDA).
+
+    Two launches: the router scores from one GEMM that accumulates and writes fp32 (as the model's Router
+    does for bf16), then one Triton program per token for the softmax and top-k (and the renormalisation).
+    A single fused kernel was slower: one program per token read the whole (E, D) router serially."""
     triton, *_, kernel = _gemv_kernels()
-    T, D = h_TD.shape
+    T = h_TD.shape[0]
     E = router_weight.shape[0]
+    if h_TD.dtype in (torch.bfloat16, torch.float16) and router_weight.dtype == h_TD.dtype:
+        logits = torch.mm(h_TD, router_weight.T, out_dtype=torch.float32)
+    else:
+        logits = h_TD.float() @ router_weight.float().T
     gates = torch.empty(T, k, device=h_TD.device, dtype=torch.float32)
     experts = torch.empty(T, k, device=h_TD.device, dtype=torch.long)
-    block_e = triton.next_power_of_2(E)
-    block_d = max(16, min(triton.next_power_of_2(D), 8192 // block_e))
     kernel[(T,)](
-        h_TD.contiguous(),
-        router_weight.contiguous(),
-        gates,
-        experts,
-        D,
-        E,
-        K=k,
-        BLOCK_E=block_e,
-        BLOCK_D=block_d,
-    )
+        logits.contiguous(), gates, experts, E,
+        K=k, BLOCK_E=triton.next_power_of_2(E), RENORMALIZE=renormalize,
+    )  # fmt: skip
     return gates, experts

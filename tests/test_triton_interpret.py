@@ -1,0 +1,61 @@
+"""The inference Triton kernels (dsmoe/model/sparse.py) on CPU through Triton's interpreter, where triton is
+installed (it is not a CPU dependency: in CI this skips; the GPU runs them compiled in test_gpu_infer.py).
+The interpreter must be on before the kernels are defined, so the checks run in a fresh process."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+CHECKS = r"""
+import torch
+from test_generate import model_for
+from dsmoe.infer import Engine
+from dsmoe.model import Routing, RoutingRule
+from dsmoe.model.sparse import moe_topk_forward, route_topk
+
+torch.manual_seed(0)
+for act in ("gelu", "swiglu"):  # gather-GEMV (partial sums added up) equals the portable loop
+    E, F, D = 8, 24, 40
+    w_in, w_out = torch.randn(E, 2 * F if act == "swiglu" else F, D) * 0.1, torch.randn(E, F, D) * 0.1
+    x = torch.randn(3, D)
+    w, e = torch.randn(3, E).softmax(-1).topk(2, -1)
+    with torch.no_grad():
+        fast = moe_topk_forward(x, w, e, w_in, w_out, act, path="gemv")
+    torch.testing.assert_close(fast, moe_topk_forward(x, w, e, w_in, w_out, act, path="loop"))
+for E, k, renormalize in ((32, 4, False), (12, 3, True), (8, 8, False)):  # softmax + top-k kernel
+    h, weight = torch.randn(5, 64), torch.randn(E, 64) * 0.1
+    gates, ids = route_topk(h, weight, k, renormalize)
+    top = torch.softmax(h.double() @ weight.double().T, -1).topk(k, -1)
+    values = top.values / top.values.sum(-1, keepdim=True) if renormalize else top.values
+    assert torch.equal(ids, top.indices)
+    torch.testing.assert_close(gates.double(), values, rtol=1e-5, atol=1e-6)
+h[2] = float("nan")
+assert int(route_topk(h, weight, 2)[1].max()) < weight.shape[0]  # a NaN row still names real experts
+model = model_for(True, True)  # the Engine on the gather-GEMV path equals the model
+idx = torch.randint(0, 96, (2, 14))
+routing = Routing(RoutingRule("top_k", k=2))
+with torch.no_grad():
+    full = model(idx, routing=routing).logits
+engine = Engine(model, routing, batch=2, max_len=20, expert_path="gemv")
+pieces = [engine.prefill(idx[:, :8], all_logits=True)]
+pieces += [engine.decode(idx[:, t : t + 1]).unsqueeze(1) for t in range(8, 14)]
+torch.testing.assert_close(torch.cat(pieces, 1), full, rtol=1e-5, atol=1e-5)
+print("interpreted kernels ok")
+"""
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+def test_inference_kernels_under_the_triton_interpreter():
+    tests = Path(__file__).resolve().parent
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([str(tests.parent), str(tests)]))
+    result = subprocess.run(
+        [sys.executable, "-c", CHECKS], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "interpreted kernels ok" in result.stdout
