@@ -34,6 +34,10 @@ from dsmoe import config as config_lib
 from dsmoe.model import DecoderLM, EncoderMLM, Routing
 from dsmoe.model.attention import KVCache
 
+CACHE_KEY = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+"""What transformers calls the cache in model outputs and generate()'s model inputs (renamed from
+past_key_values in transformers 5.2x; the GPU image's 5.17 still uses the old name)."""
+
 
 class DSMoEConfig(PretrainedConfig):
     """The `config.json` of an export: our full config under `dsmoe`, the routing rule under `routing`."""
@@ -134,11 +138,11 @@ class DSMoEForCausalLM(PreTrainedModel, GenerationMixin):
                 labels[:, 1:].reshape(-1),
                 ignore_index=-100,
             )
-        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=cache)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE_KEY: cache})
 
     def prepare_inputs_for_generation(self, input_ids, **kwargs):
         inputs = super().prepare_inputs_for_generation(input_ids, **kwargs)
-        if inputs.get("cache") is None:  # full recompute: the model sees its last max_seq_len tokens
+        if inputs.get(CACHE_KEY) is None:  # full recompute: the model sees its last max_seq_len tokens
             window = self.decoder.cfg.max_seq_len
             inputs["input_ids"] = inputs["input_ids"][:, -window:]
             if inputs.get("attention_mask") is not None:

@@ -209,7 +209,8 @@ def bench_hf(model, cfg, prompt_len: int, new_tokens: int, compile: bool = False
         hf_s = time.perf_counter() - t0
         # untimed: the cache generate() ran with (None = recomputing the whole prefix every step)
         probe = hf.generate(prompt, max_new_tokens=2, return_dict_in_generate=True, **kw)
-        hf_cache = None if probe.get("cache") is None else type(probe.cache).__name__
+        cache = probe.get(dsmoe.hf.CACHE_KEY)
+        hf_cache = None if cache is None else type(cache).__name__
     engine = Engine(model, routing, batch=1, max_len=prompt_len + new_tokens, compile=compile)
     generate_fast(engine, prompt, 4, temperature=0)  # warm-up and graph capture
     sync()
