@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from dsmoe.config import ConfigError
-from dsmoe.train.budget import BudgetError, RstClock, RstEntry, RstTable, StepConfig
+from dsmoe.train.budget import BudgetError, RstClock, RstEntry, RstTable, RstTableError, StepConfig
 from dsmoe.train.logging import read_metrics
 from dsmoe.train.loop import run
 
@@ -168,10 +168,16 @@ def test_resume_keeps_the_budget(small_cfg, tmp_path, optimizer):
     ids=lambda m: m[0].split("=")[1],
 )
 def test_each_method_trains_and_charges_its_passes(small_cfg, tmp_path, method):
+    from dsmoe.train.budgeted import BudgetedRun
+    from parallel import groups
+
     table = write_table(tmp_path / "t.json")
-    result = run(small_cfg(*budget_args(tmp_path / "t.json", 2.0, *method)))
+    cfg = small_cfg(*budget_args(tmp_path / "t.json", 2.0, *method))
+    possible = {p.describe() for p in BudgetedRun(cfg, groups.init(cfg.parallel)).possible_passes()}
+    result = run(cfg)
     assert result.steps >= 3 and all(torch.isfinite(torch.tensor(result.losses)))
     charges = result.budget["charges"]
+    assert set(charges) <= possible  # what the start-up table check looked up covers every charge
     by_desc = {e.step.describe(): e.seconds for e in table.entries}
     charged = sum(by_desc[d] * n for d, n in charges.items())
     assert result.budget["rst_s"] == pytest.approx(charged, abs=1e-9)  # the clock is the table's sum
@@ -185,6 +191,88 @@ def test_each_method_trains_and_charges_its_passes(small_cfg, tmp_path, method):
         assert len(result.engine.module.blocks) == 2 and any("1 active layers" in d for d in charges)
     if name == "layer_drop":
         assert any("1 active layers" in d for d in charges)  # block 1 was dropped at least once
+
+
+def table_without(path, drop) -> RstTable:
+    """write_table's table less the entries `drop(step)` names."""
+    full = write_table(path)
+    table = RstTable(
+        device=full.device,
+        date=full.date,
+        commit=full.commit,
+        torch_version=full.torch_version,
+        entries=[e for e in full.entries if not drop(e.step)],
+    )
+    table.save(path)
+    return table
+
+
+@pytest.mark.parametrize(
+    "method, drop, named",
+    [  # each lacks a configuration step 0 does not execute: the old check (step 0's plan) let it start
+        (
+            ("train.method.name=layer_stacking", "train.method.stack_at=[0.5]"),
+            lambda s: s.kind == "train" and s.active_layers == 2,
+            ["train pass: 2 active layers"],
+        ),
+        (
+            ("train.method.name=layer_drop",),
+            lambda s: s.kind == "train" and s.active_layers == 1,
+            ["train pass: 1 active layers"],
+        ),
+        (
+            ("train.optimizer=sophia", "train.sophia_hessian_interval=2"),
+            lambda s: s.kind == "hessian",
+            ["hessian pass: 2 active layers"],
+        ),
+        (
+            ("train.method.name=rho_loss", "train.method.irreducible_layers=1"),
+            lambda s: s.kind == "forward" and s.active_layers == 2,
+            ["forward pass: 2 active layers, batch 16", "--forward-batches 2"],
+        ),
+    ],
+    ids=["layer_stacking", "layer_drop", "sophia", "rho_loss"],
+)
+def test_a_table_lacking_any_configuration_the_run_can_execute_is_refused_before_training(
+    small_cfg, tmp_path, method, drop, named
+):
+    """Every configuration the method can reach over the whole run is looked up at start (stacked depths,
+    every active-layer count of layer dropping, scoring and Hessian passes), not only step 0's."""
+    table_without(tmp_path / "t.json", drop)
+    cfg = small_cfg(*budget_args(tmp_path / "t.json", 2.0, *method))
+    with pytest.raises(RstTableError, match="tools/calibrate_rst.py") as error:
+        run(cfg)
+    for text in [str(tmp_path / "t.json"), "--layers", *named]:
+        assert text in str(error.value)
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()  # refused before the first step
+
+
+@pytest.mark.parametrize(
+    "method, expected",
+    [
+        ((), {("train", 2, "adamw")}),
+        (
+            ("train.method.name=layer_stacking", "train.method.stack_at=[0.5]"),
+            {("train", 1, "adamw"), ("train", 2, "adamw")},
+        ),
+        (("train.method.name=layer_drop",), {("train", 1, "adamw"), ("train", 2, "adamw")}),
+        (("train.method.name=layer_drop", "train.method.theta_bar=1.0"), {("train", 2, "adamw")}),
+        (
+            ("train.method.name=rho_loss", "train.method.irreducible_layers=1"),
+            {("train", 2, "adamw"), ("train", 1, "adamw"), ("forward", 2, "none"), ("forward", 1, "none")},
+        ),
+        (("train.optimizer=sophia",), {("train", 2, "sophia"), ("hessian", 2, "sophia")}),
+    ],
+    ids=["baseline", "layer_stacking", "layer_drop", "layer_drop_never", "rho_loss", "sophia"],
+)
+def test_possible_passes_are_exactly_what_the_method_can_execute(small_cfg, tmp_path, method, expected):
+    from dsmoe.train.budgeted import BudgetedRun
+    from parallel import groups
+
+    write_table(tmp_path / "t.json")
+    cfg = small_cfg(*budget_args(tmp_path / "t.json", 2.0, *method))
+    passes = BudgetedRun(cfg, groups.init(cfg.parallel)).possible_passes()
+    assert {(p.kind, p.active_layers, p.optimizer) for p in passes} == expected
 
 
 def test_the_launcher_trains_a_method_under_a_budget_and_exports(tmp_path, cache_dir):

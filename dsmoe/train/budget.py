@@ -134,6 +134,9 @@ class RstTable:
                 + ("; ".join(near) if near else "none")
             ) from None
 
+    def __contains__(self, step: StepConfig) -> bool:
+        return step in self._seconds
+
     def nanoseconds(self, step: StepConfig) -> int:
         return round(self.seconds(step) * 1e9)
 

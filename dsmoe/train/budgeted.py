@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from dsmoe.config import Config
-from dsmoe.train.budget import RstClock, RstTable, StepConfig
+from dsmoe.train.budget import RstClock, RstTable, RstTableError, StepConfig
 from dsmoe.train.methods import (
     LayerDropSchedule,
     per_sequence_loss,
@@ -70,6 +70,7 @@ class BudgetedRun:
         self.irreducible = None
         """RHO-loss's irreducible-loss model (a plain module, eval mode)."""
         self.drop = LayerDropSchedule(theta_bar=self.method.theta_bar, gamma=self.method.gamma)
+        self.check_table()
 
     # --- accounting -------------------------------------------------------------------------------------
 
@@ -114,6 +115,63 @@ class BudgetedRun:
         if hessian:
             passes.append(self._pass("hessian", depth, t.global_batch_size))
         return StepPlan(depth=depth, active=active, passes=passes, hessian=hessian)
+
+    def reachable_depths(self) -> list[int]:
+        """Every depth the model can have from now to the budget's end: layer stacking doubles it up to
+        model.n_layers (plan() takes the same steps, stacked_layers_at); other methods keep it."""
+        if self.method.name != "layer_stacking":
+            return [self.depth]
+        depths = [self.depth]
+        while depths[-1] < self.cfg.model.n_layers:
+            depths.append(2 * depths[-1])
+        return depths
+
+    def possible_passes(self) -> set[StepConfig]:
+        """Every pass this run can charge, from now to the budget's end (plan()'s passes at every reachable
+        depth, and RHO-loss's irreducible-loss steps): all of them, not those of a sample of steps, so a
+        table that lacks one is refused before any work instead of failing mid-run."""
+        t, m = self.cfg.train, self.method
+        passes = set()
+        if m.name == "rho_loss":
+            passes.add(self._pass("train", self.irreducible_layers, t.global_batch_size, "adamw"))
+            passes.add(self._pass("forward", self.irreducible_layers, self.scoring_batch))
+        # Layer dropping: once theta < 1 every block's keep probability is in (0, 1), so any number of
+        # blocks may run (none runs as block 0 alone); with theta_bar 1 or gamma 0 no block is ever dropped.
+        drops = m.name == "layer_drop" and m.theta_bar < 1.0 and m.gamma > 0.0
+        for depth in self.reachable_depths():
+            for active in range(1, depth + 1) if drops else [depth]:
+                passes.add(self._pass("train", active, t.global_batch_size))
+            if m.name in ("selective_backprop", "rho_loss"):
+                passes.add(self._pass("forward", depth, self.scoring_batch))
+            if t.optimizer == "sophia":
+                passes.add(self._pass("hessian", depth, t.global_batch_size))
+        return passes
+
+    def check_table(self) -> None:
+        """Refuse a table that lacks any pass the run can execute, naming each and how to calibrate it."""
+        missing = sorted(
+            (p for p in self.possible_passes() if p not in self.table),
+            key=lambda p: (p.kind, p.active_layers, p.batch_size, p.optimizer, p.routing),
+        )
+        if not missing:
+            return
+        t = self.cfg.train
+        hint = ["--layers " + " ".join(str(n) for n in sorted({p.active_layers for p in missing}))]
+        optimizers = sorted({p.optimizer for p in missing} - {"none"})
+        if optimizers:
+            hint.append("--optimizers " + " ".join(optimizers))
+        forwards = sorted({p.batch_size for p in missing if p.kind == "forward"})
+        if forwards:  # calibrate_rst times scoring batches as multiples of the global batch
+            hint.append("--forward-batches " + " ".join(f"{b / t.global_batch_size:g}" for b in forwards))
+        if any(p.routing == "sparse" for p in missing):
+            hint.append("--routings sparse")
+        raise RstTableError(
+            f"the RST table {self.table.source} (device {self.table.device}) lacks {len(missing)} step "
+            f"configuration(s) that train.method.name={self.method.name} with train.optimizer={t.optimizer} "
+            f"can execute in this run: {'; '.join(p.describe() for p in missing)}. Calibrate them on the "
+            f"reference device with tools/calibrate_rst.py and this run's config ({' '.join(hint)}), or "
+            "point train.budget.reference at a table that has them"
+        )
 
     def fits(self, plan: StepPlan) -> bool:
         return self.clock.fits(plan.passes)
