@@ -197,7 +197,8 @@ class MethodConfig:
     """selective_backprop / rho_loss: the share of a larger forward batch (global_batch_size / fraction
     sequences, scored without gradients) that one training step backpropagates."""
     irreducible_steps: int = 100
-    """rho_loss: optimizer steps of the irreducible-loss model on held-out training data (charged)."""
+    """rho_loss: optimizer steps of the irreducible-loss model on held-out training data, charged to the budget
+    first; the main model's LR schedule (warmup, decay) then spans the budget left."""
     irreducible_layers: int = 0
     """rho_loss: blocks of the irreducible-loss model (0: model.n_layers)."""
     holdout_fraction: float = 0.1

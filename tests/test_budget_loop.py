@@ -79,6 +79,32 @@ def test_budget_stops_where_the_next_step_does_not_fit_and_lr_ends_at_its_final_
     assert read_metrics(tmp_path / "b")[-1]["lr"] == 0.0
 
 
+def test_rho_loss_main_schedule_spans_the_budget_left_after_the_irreducible_model(small_cfg, tmp_path):
+    """The irreducible-loss model's steps are charged first (2 x 0.103 s, 12% of the budget); the main
+    model then warms up from its own first step and decays to the final LR exactly at the budget's end,
+    as a baseline given the budget that is left would."""
+    table = write_table(tmp_path / "t.json")
+    cost = lambda kind, layers, batch=BATCH: table.seconds(  # noqa: E731
+        StepConfig(kind=kind, active_layers=layers, batch_size=batch, micro_batch_size=MICRO, seq_len=SEQ)
+    )
+    irreducible = 2 * cost("train", 1)
+    per_step = cost("forward", 2, 2 * BATCH) + cost("forward", 1, 2 * BATCH) + cost("train", 2)
+    rho = (
+        "train.method.name=rho_loss",
+        "train.method.irreducible_steps=2",
+        "train.method.irreducible_layers=1",
+        "train.budget.warmup_fraction=0.4",
+    )
+    cfg = small_cfg(*budget_args(tmp_path / "t.json", irreducible + 5 * per_step, *rho))
+    result = run(cfg)
+    assert result.steps == 5
+    # steps end at 1/5 .. 5/5 of the main model's budget: warmup over 0.4, then linear to 0
+    lrs = [m["lr"] / cfg.train.lr for m in read_metrics(tmp_path / "run")]
+    assert lrs == pytest.approx([0.5, 1.0, 2 / 3, 1 / 3, 0.0], abs=1e-9)
+    assert lrs[-1] == 0.0
+    assert result.budget["rst_s"] == pytest.approx(irreducible + 5 * per_step, abs=1e-9)
+
+
 def test_a_budget_below_one_step_is_a_clear_error(small_cfg, tmp_path):
     write_table(tmp_path / "t.json")
     with pytest.raises(BudgetError, match="cannot pay for one step"):

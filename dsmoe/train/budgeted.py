@@ -239,6 +239,8 @@ class BudgetedRun:
                         engine_lib.boundary_step(engine)
                 if charge:
                     self.clock.charge(passes)
+        if charge:  # the main model's schedule spans what is left (resumed: the clock already knows)
+            self.clock.start_main()
         self.irreducible = engine.module.eval()
         engine.destroy()
 
