@@ -301,6 +301,39 @@ def test_possible_passes_are_exactly_what_the_method_can_execute(small_cfg, tmp_
     assert {(p.kind, p.active_layers, p.optimizer) for p in passes} == expected
 
 
+def test_a_layer_stacking_checkpoint_before_full_depth_exports_and_resumes(small_cfg, tmp_path):
+    """Saved while the model has 1 of its 2 blocks: the export is the 1-block model it was (its depth is in
+    the checkpoint's budget state), and the resumed run stacks at the same step as one uncut run."""
+    from dsmoe.export import export, load_export, load_from_run
+    from dsmoe.model import Routing
+
+    write_table(tmp_path / "t.json")
+    args = budget_args(
+        tmp_path / "t.json", 2.0, "train.method.name=layer_stacking", "train.method.stack_at=[0.5]"
+    )
+    full = run(small_cfg(*args, run_dir=tmp_path / "full"))
+    first = run(small_cfg(*args, "train.exit_at_step=3", run_dir=tmp_path / "cut"))
+    assert first.steps == 3 and len(first.engine.module.blocks) == 1
+    model, cfg, _, _ = load_export(export(tmp_path / "cut", tmp_path / "export", Routing()))
+    assert cfg.model.n_layers == 1 and len(model.blocks) == 1 and cfg.train.method.name == "none"
+    trained, _, _, step = load_from_run(tmp_path / "cut")
+    assert step == 3 and len(trained.blocks) == 1
+    idx = torch.randint(0, cfg.model.vocab_size, (2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx).logits, trained(idx).logits, rtol=0, atol=0)
+        engine_logits = first.engine.module.float().eval()(idx).logits
+    torch.testing.assert_close(model(idx).logits, engine_logits, rtol=1e-6, atol=1e-6)
+    resumed = run(small_cfg(*args, run_dir=tmp_path / "cut"))
+    assert len(resumed.engine.module.blocks) == len(full.engine.module.blocks) == 2
+    assert resumed.steps == full.steps and resumed.budget["rst_s"] == full.budget["rst_s"]
+    assert first.losses + resumed.losses == full.losses
+    logged = read_metrics(tmp_path / "cut")
+    assert [m["active_layers"] for m in logged] == [
+        m["active_layers"] for m in read_metrics(tmp_path / "full")
+    ]
+    assert [m["lr"] for m in logged] == [m["lr"] for m in read_metrics(tmp_path / "full")]
+
+
 def test_the_launcher_trains_a_method_under_a_budget_and_exports(tmp_path, cache_dir):
     """`python launchers/train.py` (configs/tiny.yaml under the small overrides) with a budget and selective
     backprop: it stops where the budget ends, checkpoints that step, exports and evaluates."""
