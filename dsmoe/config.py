@@ -195,9 +195,12 @@ class MethodConfig:
     """layer_drop: theta(f) = theta_bar + (1 - theta_bar) exp(-gamma f), f the spent budget fraction."""
     fraction: float = 0.5
     """selective_backprop / rho_loss: the share of a larger forward batch (global_batch_size / fraction
-    sequences, scored without gradients) that one training step backpropagates."""
+    sequences, scored without gradients) that one training step backpropagates. The highest-scoring share of
+    the whole forward batch, whatever the layout: data-parallel ranks gather their scores (it must split into
+    micro-batches over them)."""
     irreducible_steps: int = 100
-    """rho_loss: optimizer steps of the irreducible-loss model on held-out training data (charged)."""
+    """rho_loss: optimizer steps of the irreducible-loss model on held-out training data, charged to the budget
+    first; the main model's LR schedule (warmup, decay) then spans the budget left."""
     irreducible_layers: int = 0
     """rho_loss: blocks of the irreducible-loss model (0: model.n_layers)."""
     holdout_fraction: float = 0.1
@@ -545,12 +548,15 @@ def _check_budget(cfg: Config, check) -> None:
     check(me.gamma >= 0, "train.method.gamma", f"must be >= 0, got {me.gamma}")
     check(0 < me.fraction <= 1, "train.method.fraction", f"must be in (0, 1], got {me.fraction}")
     if me.name in ("selective_backprop", "rho_loss"):
-        big = t.global_batch_size / me.fraction
+        # the scoring batch splits over the data-parallel ranks; a dp derived from the world size is
+        # checked when the run starts (dsmoe.train.budgeted.scoring_micro_batches)
+        big, ranks = t.global_batch_size / me.fraction, max(1, cfg.parallel.dp)
         check(
-            abs(big - round(big)) < 1e-9 and round(big) % t.micro_batch_size == 0,
+            abs(big - round(big)) < 1e-9 and round(big) % (t.micro_batch_size * ranks) == 0,
             "train.method.fraction",
-            f"({me.fraction}): train.global_batch_size / fraction = {big:g} must be a whole multiple of "
-            f"train.micro_batch_size ({t.micro_batch_size})",
+            f"({me.fraction}): the scoring batch train.global_batch_size / fraction = {big:g} must be a whole "
+            f"multiple of train.micro_batch_size ({t.micro_batch_size})"
+            + (f" x parallel.dp ({ranks})" if cfg.parallel.dp else ""),
         )
     check(me.irreducible_steps >= 1, "train.method.irreducible_steps", "must be >= 1")
     check(

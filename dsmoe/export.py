@@ -50,7 +50,7 @@ def load_from_run(
     state_dict, ours = consolidated_state_dict(root, tag)
     if "config" not in ours:
         raise CheckpointError(f"{root / tag} was not written by dsmoe (no config in its client state)")
-    cfg = config_lib.from_dict(ours["config"], source=f"{root / tag} (saved config)")
+    cfg = saved_config(ours, root / tag)
     model = build(copy.deepcopy(cfg.model))
     step = int(ours["step"])
     ramping = growth.replay(model, cfg.growth, step, cfg.train.seed) is not None  # the saved shapes
@@ -70,6 +70,18 @@ def load_from_run(
     return model.eval(), cfg, root / tag / "tokenizer.json", step
 
 
+def saved_config(ours: dict, checkpoint_dir: Path) -> config_lib.Config:
+    """The config of a checkpoint's model. NTNG's layer stacking saved before full depth holds fewer blocks
+    than model.n_layers: the depth it had is in its budget state, and the model is described as the plain
+    model of that depth (train.method none: stacking's settings do not fit a shallower n_layers)."""
+    cfg = config_lib.from_dict(ours["config"], source=f"{checkpoint_dir} (saved config)")
+    depth = int((ours.get("budget") or {}).get("depth", cfg.model.n_layers))
+    if depth != cfg.model.n_layers:
+        cfg = copy.deepcopy(cfg)
+        cfg.model.n_layers, cfg.train.method = depth, config_lib.MethodConfig()
+    return cfg
+
+
 def run_config(run_dir: str | Path, tag: str | None = None) -> tuple[config_lib.Config, int]:
     """The config and step of a run's checkpoint (latest intact by default), without loading weights."""
     from dsmoe.train.checkpoint import read_client_state
@@ -78,9 +90,7 @@ def run_config(run_dir: str | Path, tag: str | None = None) -> tuple[config_lib.
     if tag is None:
         raise CheckpointError(f"{run_dir} has no complete checkpoint (nothing in {checkpoint_root(run_dir)})")
     ours = read_client_state(checkpoint_root(run_dir) / tag)
-    return config_lib.from_dict(
-        ours["config"], source=f"{checkpoint_root(run_dir) / tag} (saved config)"
-    ), int(ours["step"])
+    return saved_config(ours, checkpoint_root(run_dir) / tag), int(ours["step"])
 
 
 def export(run_dir: str | Path, out_dir: str | Path, routing: Routing, tag: str | None = None) -> Path:

@@ -217,8 +217,25 @@ def test_clock_state_resumes_and_refuses_another_budget():
     resumed = RstClock(t, 5.0)
     resumed.load_state_dict(json.loads(json.dumps(clock.state_dict())))  # survives JSON (client state)
     assert resumed.spent_ns == clock.spent_ns and resumed.charges == clock.charges
+    assert resumed.fraction == clock.fraction
     with pytest.raises(BudgetError, match="same budget"):
         RstClock(t, 6.0).load_state_dict(clock.state_dict())
+
+
+def test_the_main_models_fraction_starts_after_what_was_charged_before_it():
+    """RHO-loss: the irreducible-loss model's cost is charged, then start_main; the schedules' fraction
+    runs from 0 at the main model's start to 1 at the budget's end, and survives a resume."""
+    clock = RstClock(table(), 4.0)
+    clock.charge_seconds(1.0, "irreducible-loss model")
+    clock.start_main()
+    assert clock.fraction == 0.0
+    clock.charge_seconds(1.5, "main steps")
+    assert clock.fraction == 0.5 and clock.spent_s == 2.5
+    resumed = RstClock(table(), 4.0)
+    resumed.load_state_dict(json.loads(json.dumps(clock.state_dict())))
+    assert resumed.fraction == 0.5
+    clock.charge_seconds(1.5, "main steps")
+    assert clock.fraction == 1.0
 
 
 @pytest.mark.usefixtures("single_process_group")

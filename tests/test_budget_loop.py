@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from dsmoe.config import ConfigError
-from dsmoe.train.budget import BudgetError, RstClock, RstEntry, RstTable, StepConfig
+from dsmoe.train.budget import BudgetError, RstClock, RstEntry, RstTable, RstTableError, StepConfig
 from dsmoe.train.logging import read_metrics
 from dsmoe.train.loop import run
 
@@ -77,6 +77,32 @@ def test_budget_stops_where_the_next_step_does_not_fit_and_lr_ends_at_its_final_
         run(small_cfg(*budget_args(tmp_path / "t.json", 5.9 * per_step), run_dir=tmp_path / "b")).steps == 5
     )
     assert read_metrics(tmp_path / "b")[-1]["lr"] == 0.0
+
+
+def test_rho_loss_main_schedule_spans_the_budget_left_after_the_irreducible_model(small_cfg, tmp_path):
+    """The irreducible-loss model's steps are charged first (2 x 0.103 s, 12% of the budget); the main
+    model then warms up from its own first step and decays to the final LR exactly at the budget's end,
+    as a baseline given the budget that is left would."""
+    table = write_table(tmp_path / "t.json")
+    cost = lambda kind, layers, batch=BATCH: table.seconds(  # noqa: E731
+        StepConfig(kind=kind, active_layers=layers, batch_size=batch, micro_batch_size=MICRO, seq_len=SEQ)
+    )
+    irreducible = 2 * cost("train", 1)
+    per_step = cost("forward", 2, 2 * BATCH) + cost("forward", 1, 2 * BATCH) + cost("train", 2)
+    rho = (
+        "train.method.name=rho_loss",
+        "train.method.irreducible_steps=2",
+        "train.method.irreducible_layers=1",
+        "train.budget.warmup_fraction=0.4",
+    )
+    cfg = small_cfg(*budget_args(tmp_path / "t.json", irreducible + 5 * per_step, *rho))
+    result = run(cfg)
+    assert result.steps == 5
+    # steps end at 1/5 .. 5/5 of the main model's budget: warmup over 0.4, then linear to 0
+    lrs = [m["lr"] / cfg.train.lr for m in read_metrics(tmp_path / "run")]
+    assert lrs == pytest.approx([0.5, 1.0, 2 / 3, 1 / 3, 0.0], abs=1e-9)
+    assert lrs[-1] == 0.0
+    assert result.budget["rst_s"] == pytest.approx(irreducible + 5 * per_step, abs=1e-9)
 
 
 def test_a_budget_below_one_step_is_a_clear_error(small_cfg, tmp_path):
@@ -168,10 +194,16 @@ def test_resume_keeps_the_budget(small_cfg, tmp_path, optimizer):
     ids=lambda m: m[0].split("=")[1],
 )
 def test_each_method_trains_and_charges_its_passes(small_cfg, tmp_path, method):
+    from dsmoe.train.budgeted import BudgetedRun
+    from parallel import groups
+
     table = write_table(tmp_path / "t.json")
-    result = run(small_cfg(*budget_args(tmp_path / "t.json", 2.0, *method)))
+    cfg = small_cfg(*budget_args(tmp_path / "t.json", 2.0, *method))
+    possible = {p.describe() for p in BudgetedRun(cfg, groups.init(cfg.parallel)).possible_passes()}
+    result = run(cfg)
     assert result.steps >= 3 and all(torch.isfinite(torch.tensor(result.losses)))
     charges = result.budget["charges"]
+    assert set(charges) <= possible  # what the start-up table check looked up covers every charge
     by_desc = {e.step.describe(): e.seconds for e in table.entries}
     charged = sum(by_desc[d] * n for d, n in charges.items())
     assert result.budget["rst_s"] == pytest.approx(charged, abs=1e-9)  # the clock is the table's sum
@@ -185,6 +217,121 @@ def test_each_method_trains_and_charges_its_passes(small_cfg, tmp_path, method):
         assert len(result.engine.module.blocks) == 2 and any("1 active layers" in d for d in charges)
     if name == "layer_drop":
         assert any("1 active layers" in d for d in charges)  # block 1 was dropped at least once
+
+
+def table_without(path, drop) -> RstTable:
+    """write_table's table less the entries `drop(step)` names."""
+    full = write_table(path)
+    table = RstTable(
+        device=full.device,
+        date=full.date,
+        commit=full.commit,
+        torch_version=full.torch_version,
+        entries=[e for e in full.entries if not drop(e.step)],
+    )
+    table.save(path)
+    return table
+
+
+@pytest.mark.parametrize(
+    "method, drop, named",
+    [  # each lacks a configuration step 0 does not execute: the old check (step 0's plan) let it start
+        (
+            ("train.method.name=layer_stacking", "train.method.stack_at=[0.5]"),
+            lambda s: s.kind == "train" and s.active_layers == 2,
+            ["train pass: 2 active layers"],
+        ),
+        (
+            ("train.method.name=layer_drop",),
+            lambda s: s.kind == "train" and s.active_layers == 1,
+            ["train pass: 1 active layers"],
+        ),
+        (
+            ("train.optimizer=sophia", "train.sophia_hessian_interval=2"),
+            lambda s: s.kind == "hessian",
+            ["hessian pass: 2 active layers"],
+        ),
+        (
+            ("train.method.name=rho_loss", "train.method.irreducible_layers=1"),
+            lambda s: s.kind == "forward" and s.active_layers == 2,
+            ["forward pass: 2 active layers, batch 16", "--forward-batches 2"],
+        ),
+    ],
+    ids=["layer_stacking", "layer_drop", "sophia", "rho_loss"],
+)
+def test_a_table_lacking_any_configuration_the_run_can_execute_is_refused_before_training(
+    small_cfg, tmp_path, method, drop, named
+):
+    """Every configuration the method can reach over the whole run is looked up at start (stacked depths,
+    every active-layer count of layer dropping, scoring and Hessian passes), not only step 0's."""
+    table_without(tmp_path / "t.json", drop)
+    cfg = small_cfg(*budget_args(tmp_path / "t.json", 2.0, *method))
+    with pytest.raises(RstTableError, match="tools/calibrate_rst.py") as error:
+        run(cfg)
+    for text in [str(tmp_path / "t.json"), "--layers", *named]:
+        assert text in str(error.value)
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()  # refused before the first step
+
+
+@pytest.mark.parametrize(
+    "method, expected",
+    [
+        ((), {("train", 2, "adamw")}),
+        (
+            ("train.method.name=layer_stacking", "train.method.stack_at=[0.5]"),
+            {("train", 1, "adamw"), ("train", 2, "adamw")},
+        ),
+        (("train.method.name=layer_drop",), {("train", 1, "adamw"), ("train", 2, "adamw")}),
+        (("train.method.name=layer_drop", "train.method.theta_bar=1.0"), {("train", 2, "adamw")}),
+        (
+            ("train.method.name=rho_loss", "train.method.irreducible_layers=1"),
+            {("train", 2, "adamw"), ("train", 1, "adamw"), ("forward", 2, "none"), ("forward", 1, "none")},
+        ),
+        (("train.optimizer=sophia",), {("train", 2, "sophia"), ("hessian", 2, "sophia")}),
+    ],
+    ids=["baseline", "layer_stacking", "layer_drop", "layer_drop_never", "rho_loss", "sophia"],
+)
+def test_possible_passes_are_exactly_what_the_method_can_execute(small_cfg, tmp_path, method, expected):
+    from dsmoe.train.budgeted import BudgetedRun
+    from parallel import groups
+
+    write_table(tmp_path / "t.json")
+    cfg = small_cfg(*budget_args(tmp_path / "t.json", 2.0, *method))
+    passes = BudgetedRun(cfg, groups.init(cfg.parallel)).possible_passes()
+    assert {(p.kind, p.active_layers, p.optimizer) for p in passes} == expected
+
+
+def test_a_layer_stacking_checkpoint_before_full_depth_exports_and_resumes(small_cfg, tmp_path):
+    """Saved while the model has 1 of its 2 blocks: the export is the 1-block model it was (its depth is in
+    the checkpoint's budget state), and the resumed run stacks at the same step as one uncut run."""
+    from dsmoe.export import export, load_export, load_from_run
+    from dsmoe.model import Routing
+
+    write_table(tmp_path / "t.json")
+    args = budget_args(
+        tmp_path / "t.json", 2.0, "train.method.name=layer_stacking", "train.method.stack_at=[0.5]"
+    )
+    full = run(small_cfg(*args, run_dir=tmp_path / "full"))
+    first = run(small_cfg(*args, "train.exit_at_step=3", run_dir=tmp_path / "cut"))
+    assert first.steps == 3 and len(first.engine.module.blocks) == 1
+    model, cfg, _, _ = load_export(export(tmp_path / "cut", tmp_path / "export", Routing()))
+    assert cfg.model.n_layers == 1 and len(model.blocks) == 1 and cfg.train.method.name == "none"
+    trained, _, _, step = load_from_run(tmp_path / "cut")
+    assert step == 3 and len(trained.blocks) == 1
+    idx = torch.randint(0, cfg.model.vocab_size, (2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx).logits, trained(idx).logits, rtol=0, atol=0)
+        engine_logits = first.engine.module.float().eval()(idx).logits
+    torch.testing.assert_close(model(idx).logits, engine_logits, rtol=1e-6, atol=1e-6)
+    resumed = run(small_cfg(*args, run_dir=tmp_path / "cut"))
+    assert len(resumed.engine.module.blocks) == len(full.engine.module.blocks) == 2
+    assert resumed.steps == full.steps and resumed.budget["rst_s"] == full.budget["rst_s"]
+    assert first.losses + resumed.losses == full.losses
+    logged = read_metrics(tmp_path / "cut")
+    assert [m["active_layers"] for m in logged] == [
+        m["active_layers"] for m in read_metrics(tmp_path / "full")
+    ]
+    assert [m["lr"] for m in logged] == [m["lr"] for m in read_metrics(tmp_path / "full")]
 
 
 def test_the_launcher_trains_a_method_under_a_budget_and_exports(tmp_path, cache_dir):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -211,6 +212,89 @@ def test_rho_loss_selects_by_reducible_not_training_loss():
     ]  # the training loss of the selected, irreducible detached
     with pytest.raises(ValueError, match="shapes differ"):
         reducible_loss(train, irreducible[:3])
+
+
+# Batch selection over data-parallel ranks: a forward batch of 16 in micro-batches of 2 on 2 ranks. Rank r's
+# micro-batch m holds samples (2m + r) * 2 and the next (PackedSampler.micro_batch); every highest score
+# sits in rank 0's share, so selecting per rank would train on other sequences than one device does.
+FORWARD, MICRO, RANKS = 16, 2, 2
+RANK0 = [(2 * m) * MICRO + i for m in range(FORWARD // (MICRO * RANKS)) for i in range(MICRO)]
+
+
+def forward_batch_scores() -> torch.Tensor:
+    scores = torch.arange(FORWARD, dtype=torch.float32)
+    scores[RANK0] += 100.0
+    return scores
+
+
+def selection_rank(rank: int, world: int, port: int, out: str) -> None:
+    """One rank of the gloo test below: score its micro-batches, gather, select, take its share."""
+    import os
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    import torch.distributed as dist
+
+    from dsmoe.train.budgeted import gather_scores, rank_share
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    dims = SimpleNamespace(batch_rank=rank, batch_ranks=world, data_group=None)
+    mine = [(m * world + rank) * MICRO + i for m in range(FORWARD // (MICRO * world)) for i in range(MICRO)]
+    gathered = gather_scores(forward_batch_scores()[mine], dims, MICRO)
+    chosen = select_highest(gathered, 0.5)
+    torch.save(
+        {"gathered": gathered, "chosen": chosen, "share": rank_share(chosen, dims, MICRO)},
+        Path(out) / f"rank{rank}.pt",
+    )
+    dist.destroy_process_group()
+
+
+def test_batch_selection_is_global_over_data_parallel_ranks(tmp_path):
+    """Every rank gathers the whole forward batch's scores and picks the same top half, the sequences one
+    device picks; the ranks then train on equal, disjoint parts of it (dealt as a training batch)."""
+    import torch.multiprocessing as mp
+
+    from dsmoe.train.budgeted import gather_scores, rank_share
+    from tests.parallel_worker import free_port
+
+    scores = forward_batch_scores()
+    one_device = select_highest(scores, 0.5)
+    assert one_device.tolist() == RANK0  # per-rank selection would give rank 1 four of its own
+    single = SimpleNamespace(batch_rank=0, batch_ranks=1, data_group=None)
+    assert torch.equal(gather_scores(scores, single, MICRO), scores)
+    assert rank_share(one_device, single, MICRO).flatten().tolist() == RANK0
+    mp.start_processes(
+        selection_rank, args=(RANKS, free_port(), str(tmp_path)), nprocs=RANKS, start_method="spawn"
+    )
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(RANKS)]
+    for r in ranks:
+        assert torch.equal(r["gathered"], scores) and torch.equal(r["chosen"], one_device)
+        assert r["share"].shape == (FORWARD // 2 // (MICRO * RANKS), MICRO)  # equal counts
+    # rank r's micro-batch m: chosen[(m * ranks + r) * micro ...], as PackedSampler deals a training batch
+    dealt = torch.stack([r["share"] for r in ranks], dim=1).flatten()
+    assert dealt.tolist() == one_device.tolist()
+
+
+def test_a_scoring_batch_the_ranks_cannot_split_is_refused_at_start(small_cfg, tmp_path):
+    """global_batch_size / fraction sequences are scored in micro-batches on every data-parallel rank: a
+    layout that does not divide them is refused when the config loads (parallel.dp set) or the run
+    starts (dp from the world size), naming the options to change, not at the first step."""
+    from dsmoe.config import ConfigError
+    from dsmoe.train.budgeted import scoring_micro_batches
+
+    table = tmp_path / "t.json"  # never read: the checks come first
+    budget = [f"train.budget.rst_hours={1 / 3600!r}", f"train.budget.reference={table}"]
+    # 8 / 0.8 = 10 sequences: micro-batches of 2 on 4 ranks split the training batch, not the scoring one
+    method = ["train.method.name=selective_backprop", "train.method.fraction=0.8", "train.micro_batch_size=2"]
+    with pytest.raises(ConfigError, match=r"train.method.fraction.*parallel.dp \(4\)"):
+        small_cfg(*budget, *method, "parallel.dp=4")
+    cfg = small_cfg(*budget, *method)
+    assert scoring_micro_batches(cfg, SimpleNamespace(batch_ranks=1)) == 5
+    with pytest.raises(
+        ConfigError, match=r"10 must be a multiple of train.micro_batch_size x the data-parallel"
+    ):
+        scoring_micro_batches(cfg, SimpleNamespace(batch_ranks=4))
 
 
 # --- Lion and Sophia-G ----------------------------------------------------------------------------------

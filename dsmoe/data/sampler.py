@@ -38,7 +38,12 @@ class PackedSampler:
 
     def batch(self, first_sample: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(inputs, targets), each (size, seq_len) int64, for samples first_sample .. first_sample+size-1."""
-        rows = np.stack([self.window(s) for s in range(first_sample, first_sample + size)]).astype(np.int64)
+        return self.samples(range(first_sample, first_sample + size))
+
+    def samples(self, numbers) -> tuple[torch.Tensor, torch.Tensor]:
+        """(inputs, targets), each (len(numbers), seq_len) int64, for the given sample numbers in order
+        (batch selection trains on samples picked from the whole forward batch)."""
+        rows = np.stack([self.window(int(s)) for s in numbers]).astype(np.int64)
         rows_t = torch.from_numpy(rows)
         return rows_t[:, :-1], rows_t[:, 1:]
 

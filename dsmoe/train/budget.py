@@ -9,7 +9,9 @@ total is exact and independent of summation order.
 
 Every schedule is a function of the budget fraction spent when a step *ends*: the step that spends the
 budget exactly trains at the final learning rate (NTNG's fully-decayed baseline: the LR decays to its
-final value at the end of the budget, not at some step count).
+final value at the end of the budget, not at some step count). The fraction is of the main model's budget:
+what is left after costs charged before its first step (RHO-loss's irreducible-loss model), so its warmup
+starts at its first step however much an auxiliary model spent.
 """
 
 from __future__ import annotations
@@ -134,6 +136,9 @@ class RstTable:
                 + ("; ".join(near) if near else "none")
             ) from None
 
+    def __contains__(self, step: StepConfig) -> bool:
+        return step in self._seconds
+
     def nanoseconds(self, step: StepConfig) -> int:
         return round(self.seconds(step) * 1e9)
 
@@ -231,6 +236,8 @@ class RstClock:
         self.charges: Counter[StepConfig] = Counter()
         self.extra: dict[str, int] = {}
         """Lump charges (ns) for costs measured elsewhere, e.g. training RHO-loss's irreducible-loss model."""
+        self.main_start_ns = 0
+        """Spent before the main model's first step (start_main): its schedule spans the rest."""
 
     @property
     def budget_s(self) -> float:
@@ -242,8 +249,16 @@ class RstClock:
 
     @property
     def fraction(self) -> float:
-        """Share of the budget spent, in [0, 1]: what the schedules read."""
-        return min(1.0, self.spent_ns / self.budget_ns)
+        """Share of the main model's budget spent, in [0, 1]: what the schedules and methods read. That
+        budget is what start_main left, so the warmup begins at the main model's first step and the decay
+        still ends exactly at the budget's end."""
+        main_ns = max(1, self.budget_ns - self.main_start_ns)  # an exhausted budget: require_one_step says so
+        return min(1.0, max(0, self.spent_ns - self.main_start_ns) / main_ns)
+
+    def start_main(self) -> None:
+        """Mark the main model's start: what was spent so far (an auxiliary model's training) is outside
+        its schedule."""
+        self.main_start_ns = self.spent_ns
 
     def cost_ns(self, passes: list[StepConfig] | StepConfig) -> int:
         passes = [passes] if isinstance(passes, StepConfig) else passes
@@ -289,6 +304,7 @@ class RstClock:
             "spent_ns": self.spent_ns,
             "charges": [[dataclasses.asdict(step), n] for step, n in self.charges.items()],
             "extra": dict(self.extra),
+            "main_start_ns": self.main_start_ns,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -300,6 +316,7 @@ class RstClock:
         self.spent_ns = int(state["spent_ns"])
         self.charges = Counter({StepConfig(**step): n for step, n in state["charges"]})
         self.extra = dict(state["extra"])
+        self.main_start_ns = int(state.get("main_start_ns", 0))  # absent: saved before it existed
 
 
 SCHEDULES = ("linear", "cosine", "one_cycle")

@@ -14,10 +14,11 @@ import time
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
-from dsmoe.config import Config
-from dsmoe.train.budget import RstClock, RstTable, StepConfig
+from dsmoe.config import Config, ConfigError
+from dsmoe.train.budget import RstClock, RstTable, RstTableError, StepConfig
 from dsmoe.train.methods import (
     LayerDropSchedule,
     per_sequence_loss,
@@ -29,6 +30,50 @@ from dsmoe.train.methods import (
 )
 
 SECONDS_PER_HOUR = 3600.0
+BATCH_SELECTION = ("selective_backprop", "rho_loss")
+
+
+def scoring_batch_size(cfg: Config) -> int:
+    """Batch selection's forward batch: global_batch_size / fraction sequences (config load checks it is whole)."""
+    return round(cfg.train.global_batch_size / cfg.train.method.fraction)
+
+
+def scoring_micro_batches(cfg: Config, dims) -> int:
+    """Micro-batches of the scoring forward each data-parallel rank runs per step (batch selection: the
+    forward batch of global_batch_size / fraction sequences split like a training batch); the loop calls it
+    at start, so a layout the forward batch does not split over is refused before any work. 0: the method
+    scores nothing."""
+    t, m = cfg.train, cfg.train.method
+    if m.name not in BATCH_SELECTION:
+        return 0
+    forward_batch = scoring_batch_size(cfg)
+    per_pass = t.micro_batch_size * dims.batch_ranks
+    if forward_batch % per_pass:
+        raise ConfigError(
+            f"train.method.name={m.name}: the scoring batch train.global_batch_size / train.method.fraction = "
+            f"{t.global_batch_size} / {m.fraction} = {forward_batch} must be a multiple of train.micro_batch_size "
+            f"x the data-parallel ranks ({t.micro_batch_size} x {dims.batch_ranks} = {per_pass}): change "
+            "train.method.fraction, train.global_batch_size, train.micro_batch_size or the number of ranks"
+        )
+    return forward_batch // per_pass
+
+
+def gather_scores(scores_local: torch.Tensor, dims, micro_batch_size: int) -> torch.Tensor:
+    """(forward batch,) scores of the whole forward batch in sample order, the same on every rank, from
+    each rank's scores of its micro-batches (rank r's micro-batch m holds samples (m * ranks + r) * micro
+    onwards, PackedSampler.micro_batch), gathered over the data-parallel group."""
+    local_MS = scores_local.reshape(-1, micro_batch_size)  # (micro-batches, micro)
+    if dims.batch_ranks == 1:
+        return local_MS.flatten()
+    gathered = [torch.empty_like(local_MS) for _ in range(dims.batch_ranks)]
+    dist.all_gather(gathered, local_MS.contiguous(), group=dims.data_group)
+    return torch.stack(gathered, dim=1).flatten()  # (micro-batches, ranks, micro) -> sample order
+
+
+def rank_share(chosen: torch.Tensor, dims, micro_batch_size: int) -> torch.Tensor:
+    """(micro-batches, micro) this rank's part of the chosen samples (ascending offsets, global_batch_size
+    of them), dealt as PackedSampler.micro_batch deals a training batch: every rank gets as many."""
+    return chosen.reshape(-1, dims.batch_ranks, micro_batch_size)[:, dims.batch_rank]
 
 
 @dataclass
@@ -70,6 +115,7 @@ class BudgetedRun:
         self.irreducible = None
         """RHO-loss's irreducible-loss model (a plain module, eval mode)."""
         self.drop = LayerDropSchedule(theta_bar=self.method.theta_bar, gamma=self.method.gamma)
+        self.check_table()
 
     # --- accounting -------------------------------------------------------------------------------------
 
@@ -87,7 +133,7 @@ class BudgetedRun:
 
     @property
     def scoring_batch(self) -> int:
-        return round(self.cfg.train.global_batch_size / self.method.fraction)
+        return scoring_batch_size(self.cfg)
 
     @property
     def irreducible_layers(self) -> int:
@@ -105,7 +151,7 @@ class BudgetedRun:
             generator = torch.Generator().manual_seed(t.seed * 1_000_003 + step)
             active = sample_active_layers(self.drop.keep_probs(fraction, depth), generator) or [0]
         passes = []
-        if m.name in ("selective_backprop", "rho_loss"):
+        if m.name in BATCH_SELECTION:
             passes.append(self._pass("forward", depth, self.scoring_batch))
         if m.name == "rho_loss":
             passes.append(self._pass("forward", self.irreducible_layers, self.scoring_batch))
@@ -114,6 +160,63 @@ class BudgetedRun:
         if hessian:
             passes.append(self._pass("hessian", depth, t.global_batch_size))
         return StepPlan(depth=depth, active=active, passes=passes, hessian=hessian)
+
+    def reachable_depths(self) -> list[int]:
+        """Every depth the model can have from now to the budget's end: layer stacking doubles it up to
+        model.n_layers (plan() takes the same steps, stacked_layers_at); other methods keep it."""
+        if self.method.name != "layer_stacking":
+            return [self.depth]
+        depths = [self.depth]
+        while depths[-1] < self.cfg.model.n_layers:
+            depths.append(2 * depths[-1])
+        return depths
+
+    def possible_passes(self) -> set[StepConfig]:
+        """Every pass this run can charge, from now to the budget's end (plan()'s passes at every reachable
+        depth, and RHO-loss's irreducible-loss steps): all of them, not those of a sample of steps, so a
+        table that lacks one is refused before any work instead of failing mid-run."""
+        t, m = self.cfg.train, self.method
+        passes = set()
+        if m.name == "rho_loss":
+            passes.add(self._pass("train", self.irreducible_layers, t.global_batch_size, "adamw"))
+            passes.add(self._pass("forward", self.irreducible_layers, self.scoring_batch))
+        # Layer dropping: once theta < 1 every block's keep probability is in (0, 1), so any number of
+        # blocks may run (none runs as block 0 alone); with theta_bar 1 or gamma 0 no block is ever dropped.
+        drops = m.name == "layer_drop" and m.theta_bar < 1.0 and m.gamma > 0.0
+        for depth in self.reachable_depths():
+            for active in range(1, depth + 1) if drops else [depth]:
+                passes.add(self._pass("train", active, t.global_batch_size))
+            if m.name in BATCH_SELECTION:
+                passes.add(self._pass("forward", depth, self.scoring_batch))
+            if t.optimizer == "sophia":
+                passes.add(self._pass("hessian", depth, t.global_batch_size))
+        return passes
+
+    def check_table(self) -> None:
+        """Refuse a table that lacks any pass the run can execute, naming each and how to calibrate it."""
+        missing = sorted(
+            (p for p in self.possible_passes() if p not in self.table),
+            key=lambda p: (p.kind, p.active_layers, p.batch_size, p.optimizer, p.routing),
+        )
+        if not missing:
+            return
+        t = self.cfg.train
+        hint = ["--layers " + " ".join(str(n) for n in sorted({p.active_layers for p in missing}))]
+        optimizers = sorted({p.optimizer for p in missing} - {"none"})
+        if optimizers:
+            hint.append("--optimizers " + " ".join(optimizers))
+        forwards = sorted({p.batch_size for p in missing if p.kind == "forward"})
+        if forwards:  # calibrate_rst times scoring batches as multiples of the global batch
+            hint.append("--forward-batches " + " ".join(f"{b / t.global_batch_size:g}" for b in forwards))
+        if any(p.routing == "sparse" for p in missing):
+            hint.append("--routings sparse")
+        raise RstTableError(
+            f"the RST table {self.table.source} (device {self.table.device}) lacks {len(missing)} step "
+            f"configuration(s) that train.method.name={self.method.name} with train.optimizer={t.optimizer} "
+            f"can execute in this run: {'; '.join(p.describe() for p in missing)}. Calibrate them on the "
+            f"reference device with tools/calibrate_rst.py and this run's config ({' '.join(hint)}), or "
+            "point train.budget.reference at a table that has them"
+        )
 
     def fits(self, plan: StepPlan) -> bool:
         return self.clock.fits(plan.passes)
@@ -181,6 +284,8 @@ class BudgetedRun:
                         engine_lib.boundary_step(engine)
                 if charge:
                     self.clock.charge(passes)
+        if charge:  # the main model's schedule spans what is left (resumed: the clock already knows)
+            self.clock.start_main()
         self.irreducible = engine.module.eval()
         engine.destroy()
 
@@ -197,11 +302,14 @@ class BudgetedRun:
 
     def batches(self, step: int, sampler, engine, gas: int) -> list:
         """This rank's training micro-batches of step `step`: the plain ones, or for batch selection the
-        highest-scoring `fraction` of this rank's share of a forward batch of global_batch_size / fraction
+        highest-scoring `fraction` of the step's whole forward batch of global_batch_size / fraction
         sequences (selective backprop: by the current loss; RHO-loss: by the loss minus the irreducible
-        loss), re-cut into the step's micro-batches."""
+        loss). Selection is global, as on the one reference device: each rank scores its share of the
+        forward batch, the scores are gathered, every rank picks the same top sequences, and each trains on
+        an equal part of them (re-read from the sampler), so any data-parallel layout trains on the same
+        sequences."""
         t, d = self.cfg.train, self.dims
-        if self.method.name not in ("selective_backprop", "rho_loss"):
+        if self.method.name not in BATCH_SELECTION:
             return [
                 sampler.micro_batch(
                     step, micro, d.batch_rank, d.batch_ranks, t.micro_batch_size, t.global_batch_size
@@ -211,15 +319,14 @@ class BudgetedRun:
         big = self.scoring_batch
         rows = [
             sampler.micro_batch(step, micro, d.batch_rank, d.batch_ranks, t.micro_batch_size, big)
-            for micro in range(big // (t.micro_batch_size * d.batch_ranks))
+            for micro in range(scoring_micro_batches(self.cfg, d))
         ]
         scores = self._scores(engine.module, rows)
         if self.method.name == "rho_loss":
             scores = reducible_loss(scores, self._scores(self.irreducible, rows))
-        chosen = select_highest(scores, self.method.fraction).cpu()
-        x = torch.cat([r[0] for r in rows])[chosen]
-        y = torch.cat([r[1] for r in rows])[chosen]
-        return list(zip(x.split(t.micro_batch_size), y.split(t.micro_batch_size), strict=True))
+        chosen = select_highest(gather_scores(scores, d, t.micro_batch_size), self.method.fraction).cpu()
+        mine = rank_share(chosen, d, t.micro_batch_size)  # (gas, micro) offsets in the forward batch
+        return [sampler.samples((step * big + offsets).tolist()) for offsets in mine]
 
     def hessian_pass(self, engine, batches: list) -> None:
         """Sophia-G's Gauss-Newton-Bartlett pass over this step's batch: the cross-entropy against labels

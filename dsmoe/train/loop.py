@@ -182,6 +182,10 @@ def run(cfg: Config) -> RunResult:
         cfg, dims
     )  # a batch the layout cannot split: say so before any work
     t = cfg.train
+    if t.budget.rst_hours > 0:
+        from dsmoe.train.budgeted import scoring_micro_batches
+
+        scoring_micro_batches(cfg, dims)  # nor a batch-selection scoring batch
     run_dir = Path(t.run_dir)
     token_data = _resolved_data(cfg, dims)
     # The encoder adds its mask and padding tokens after the tokenizer's (dsmoe.data.mlm).
