@@ -343,10 +343,11 @@ def main() -> int:
     batch, seq = (8, 2048) if DEVICE == "cuda" else (2, cfg.model.max_seq_len)
     result["prefill"] = bench_prefill(model, rule_list, batch, seq, reps, args.compile)
     print("prefill", result["prefill"], f"{time.time() - t0:.0f}s", flush=True)
-    for batch in (1, 64):
+    for decode_batch in (1, 64):  # (batch, seq) stay the prefill's, for its profile below
         steps = 32 if args.quick else 64
-        result[f"decode_b{batch}"] = bench_decode(model, rule_list, batch, 64, steps, args.compile)
-        print(f"decode b{batch}", result[f"decode_b{batch}"], f"{time.time() - t0:.0f}s", flush=True)
+        key = f"decode_b{decode_batch}"
+        result[key] = bench_decode(model, rule_list, decode_batch, 64, steps, args.compile)
+        print(key, result[key], f"{time.time() - t0:.0f}s", flush=True)
     if args.compile:  # the same engines without torch.compile, for the record
         plain = [r for r in rule_list if r[0] in ("dense", "top-4")]
         result["decode_not_compiled"] = {
@@ -370,7 +371,9 @@ def main() -> int:
         pre.reset()
         pre.prefill(torch.randint(0, cfg.model.vocab_size, (batch, seq), device=DEVICE))
 
-    profiles[f"prefill 8x2048 top-4{' (compiled segments)' if args.compile else ''}"] = profile_table(prefill)
+    profiles[f"prefill {batch}x{seq} top-4{' (compiled segments)' if args.compile else ''}"] = profile_table(
+        prefill
+    )
     write_report(result, profiles, out_dir, Path(args.ppl_json))
     return 0
 
