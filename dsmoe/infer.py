@@ -20,7 +20,7 @@ from dsmoe.export import is_export, load_export, load_from_run
 from dsmoe.model import TRAINING, DecoderLM, Routing, RoutingRule
 from dsmoe.model.attention import ATTENTION_BACKENDS, apply_rope, causal_mask, rope_cos_sin
 from dsmoe.model.moe import fp32_scores_available
-from dsmoe.model.sparse import gemv_topk_partials, moe_topk_forward, pick_path, route_topk
+from dsmoe.model.sparse import gemv_topk_partials, masked_table, moe_topk_forward, pick_path, route_topk
 
 
 @dataclass
@@ -254,9 +254,11 @@ class Engine:
     The cache is preallocated for `batch` sequences of `max_len` tokens, so a decode step has fixed shapes:
     the new token's position is a device tensor, its K/V are written there, and attention reads the whole
     cache with the positions after it masked. Every attention expert runs (the paper's rule; routing
-    .attention must be dense); the MLP takes routing.mlp: top-K is graph-safe, the threshold rules need a
-    host sync per layer and run eagerly. Prefill returns the last position's logits unless asked for all.
-    `compile` runs the decode step's per-layer segments through torch.compile (fewer, fused kernels).
+    .attention must be dense); the MLP takes routing.mlp: top-K is graph-safe; the threshold rules are too
+    where the gather-GEMV runs (a masked table of every pair, dropped pairs read nothing: few tokens on
+    CUDA), elsewhere they keep a variable number of pairs, with a host sync per layer, and run eagerly.
+    Prefill returns the last position's logits unless asked for all. `compile` runs the per-layer
+    segments of prefill and decode through torch.compile (fewer, fused kernels).
     """
 
     def __init__(
@@ -298,7 +300,12 @@ class Engine:
         with torch.no_grad():  # decode steps run without autograd
             picked = pick_path(probe)
         path = expert_path or picked
-        graph_safe = routing.mlp.mode == "dense" or (routing.mlp.mode == "top_k" and path != "loop")
+        # Threshold rules keep a variable number of experts: graph-safe as a masked table on the gather-GEMV.
+        graph_safe = (
+            routing.mlp.mode == "dense"
+            or (routing.mlp.mode == "top_k" and path != "loop")
+            or (routing.mlp.mode in ("threshold", "threshold_top_k") and path == "gemv")
+        )
         self.cuda_graph = (self.device.type == "cuda" and graph_safe) if cuda_graph is None else cuda_graph
         if self.cuda_graph and not graph_safe:
             raise ValueError(
@@ -423,12 +430,15 @@ class Engine:
         x_TD = h.reshape(-1, h.shape[-1])
         if fused_route and self._fused_route:
             gate, experts = route_topk(x_TD, mlp.router.weight, self._top_k, mlp.renormalize)
+        path = self.expert_path or pick_path(x_TD)
         if experts is None:  # gate holds every expert's probability
             rule = self.routing.mlp
-            if rule.mode in ("threshold", "threshold_top_k"):  # variable pairs: host sync, no graph
-                return mlp._sparse_forward(x_TD, gate, rule, mlp.renormalize)[0].view_as(h)
-            return mlp._dense_forward(x_TD, gate).view_as(h)
-        path = self.expert_path or pick_path(x_TD)
+            if rule.mode in ("threshold", "threshold_top_k"):
+                if path != "gemv":  # a variable number of pairs: host sync, no graph
+                    return mlp._sparse_forward(x_TD, gate, rule, mlp.renormalize)[0].view_as(h)
+                gate, experts = masked_table(gate, rule, mlp.renormalize)  # fixed shape, zero-weight pairs
+            else:
+                return mlp._dense_forward(x_TD, gate).view_as(h)
         if path == "gemv":  # fp32 partial sums (S, B, T, D): the next segment adds them up (_add_carry)
             partials = gemv_topk_partials(x_TD, gate, experts, mlp.w_in, mlp.w_out, mlp.activation)
             return partials.view(-1, *h.shape)

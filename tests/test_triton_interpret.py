@@ -37,15 +37,25 @@ for E, k, renormalize in ((32, 4, False), (12, 3, True), (8, 8, False)):  # soft
     torch.testing.assert_close(gates.double(), values, rtol=1e-5, atol=1e-6)
 h[2] = float("nan")
 assert int(route_topk(h, weight, 2)[1].max()) < weight.shape[0]  # a NaN row still names real experts
-model = model_for(True, True)  # the Engine on the gather-GEMV path equals the model
+model = model_for(True, True)  # the Engine on the gather-GEMV path equals the model, every sparse rule
 idx = torch.randint(0, 96, (2, 14))
-routing = Routing(RoutingRule("top_k", k=2))
-with torch.no_grad():
-    full = model(idx, routing=routing).logits
-engine = Engine(model, routing, batch=2, max_len=20, expert_path="gemv")
-pieces = [engine.prefill(idx[:, :8], all_logits=True)]
-pieces += [engine.decode(idx[:, t : t + 1]).unsqueeze(1) for t in range(8, 14)]
-torch.testing.assert_close(torch.cat(pieces, 1), full, rtol=1e-5, atol=1e-5)
+rules = [RoutingRule("top_k", k=2), RoutingRule("threshold", eps=0.9), RoutingRule("threshold_top_k", eps=0.9)]
+
+def steps(path, routing):
+    engine = Engine(model, routing, batch=2, max_len=20, expert_path=path)
+    pieces = [engine.prefill(idx[:, :8], all_logits=True)]
+    pieces += [engine.decode(idx[:, t : t + 1]).unsqueeze(1) for t in range(8, 14)]
+    return torch.cat(pieces, 1)
+
+
+for rule in rules:  # threshold rules: a masked table of every pair, the dropped ones skipped
+    routing = Routing(rule)
+    if rule.mode == "threshold_top_k":  # K is the mean over the batch at hand: the same steps on the loop
+        expected = steps("loop", routing)
+    else:
+        with torch.no_grad():
+            expected = model(idx, routing=routing).logits
+    torch.testing.assert_close(steps("gemv", routing), expected, rtol=1e-5, atol=1e-5)
 print("interpreted kernels ok")
 """
 

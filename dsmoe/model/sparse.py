@@ -68,6 +68,27 @@ def sort_pairs(experts_TK: torch.Tensor, num_experts: int) -> tuple[torch.Tensor
     return order, counts
 
 
+def masked_table(
+    probs_TE: torch.Tensor, rule, renormalize: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A threshold rule as a fixed (T, N) table of every (token, expert) pair, weight 0 where the rule drops
+    the expert (dsmoe.model.moe.select_experts' choice), without a host sync: the gather-GEMV skips the
+    zero-weight pairs, so few tokens read only the kept experts and a decode step stays one CUDA graph.
+    Threshold: N * p_i > eps; threshold-top-K: the K largest, K the batch's mean threshold count."""
+    T, E = probs_TE.shape
+    keep_TE = E * probs_TE > rule.eps
+    if rule.mode == "threshold_top_k":
+        k = keep_TE.sum(-1).float().mean().round().clamp_min(1)  # a device tensor: no .item()
+        ranks_TE = probs_TE.argsort(-1, descending=True).argsort(-1)
+        keep_TE = ranks_TE < k
+    elif rule.mode != "threshold":
+        raise ValueError(f"masked_table is for the threshold rules, got {rule.mode!r}")
+    weights_TE = probs_TE * keep_TE
+    if renormalize:
+        weights_TE = weights_TE / weights_TE.sum(-1, keepdim=True).clamp_min(1e-20)
+    return weights_TE, torch.arange(E, device=probs_TE.device).expand(T, E)
+
+
 def moe_topk_forward(
     x_TD: torch.Tensor,
     weights_TK: torch.Tensor,
@@ -166,13 +187,14 @@ def _gemv_kernels():
 
     @triton.jit
     def up_kernel(
-        x_ptr, w_ptr, e_ptr, h_ptr, K, D, F,
+        x_ptr, w_ptr, e_ptr, g_ptr, h_ptr, K, D, F,
         ACT: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr,
     ):  # fmt: skip
-        """h[p, f] = act(sum_d x[p // K, d] * w_in[e_p, f, d]) for one block of f."""
+        """h[p, f] = act(sum_d x[p // K, d] * w_in[e_p, f, d]) for one block of f; a pair of weight 0 (a
+        threshold rule dropped it) reads no weights."""
         p = tl.program_id(0)
         offs_f = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)
-        mask_f = offs_f < F
+        mask_f = offs_f < tl.where(tl.load(g_ptr + p) != 0, F, 0)
         e = tl.load(e_ptr + p).to(tl.int64)
         t = (p // K).to(tl.int64)
         rows_in = F * 2 if ACT != 0 else F
@@ -210,13 +232,13 @@ def _gemv_kernels():
         split = tl.program_id(2)
         offs_f = split * BLOCK_F + tl.arange(0, BLOCK_F)
         mask_d = offs_d < D
-        mask_f = offs_f < F
         e = tl.load(e_ptr + p).to(tl.int64)
+        g = tl.load(g_ptr + p).to(tl.float32)
+        mask_f = offs_f < tl.where(g != 0, F, 0)  # a dropped pair reads no weights (its partial is 0)
         hv = tl.load(h_ptr + p * F + offs_f, mask=mask_f, other=0.0)
         m = mask_f[:, None] & mask_d[None, :]
         w = tl.load(w_ptr + e * F * D + offs_f[:, None] * D + offs_d[None, :], mask=m, other=0.0)
         acc = tl.sum(w.to(tl.float32) * hv[:, None], axis=0)
-        g = tl.load(g_ptr + p).to(tl.float32)
         row = split * P + (p % K) * (P // K) + p // K
         tl.store(y_ptr + row * D + offs_d, acc * g, mask=mask_d)
 
@@ -262,7 +284,7 @@ def gemv_topk_partials(
     block_d = min(block_d, triton.next_power_of_2(D))
     h = torch.empty(P, F, device=x_TD.device, dtype=torch.float32)
     up_kernel[(P, triton.cdiv(F, block_f))](
-        x_TD, w_in, experts, h, K, D, F, ACT=ACTIVATIONS[activation], BLOCK_F=block_f, BLOCK_D=block_d
+        x_TD, w_in, experts, gates, h, K, D, F, ACT=ACTIVATIONS[activation], BLOCK_F=block_f, BLOCK_D=block_d
     )
     down_f, down_d = min(64, triton.next_power_of_2(F)), min(128, triton.next_power_of_2(D))
     splits = triton.cdiv(F, down_f)
