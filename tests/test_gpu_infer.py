@@ -88,14 +88,17 @@ def test_cuda_graph_decode_equals_eager_decode(mlp, batch):
         "threshold": Routing(RoutingRule("threshold", eps=1.0)),
     }[mlp]
     idx = torch.randint(0, 512, (batch, 40), device="cuda")
+    # A threshold prefill of more than 16 tokens runs the model's own sparse forward, whose index_add_ sums
+    # bf16 rows with atomics (run-to-run roundings): prefill 12 tokens there, on the deterministic kernels.
+    start = 12 if mlp == "threshold" else 30
     logits = {}
     for graph, compile in ((False, False), (True, False), (True, True)):
         engine = Engine(model, routing, batch=batch, max_len=64, cuda_graph=graph, compile=compile)
-        steps = [engine.prefill(idx[:, :30])]
-        steps += [engine.decode(idx[:, t : t + 1]).clone() for t in range(30, 40)]
+        steps = [engine.prefill(idx[:, :start])]
+        steps += [engine.decode(idx[:, t : t + 1]).clone() for t in range(start, start + 10)]
         logits[graph, compile] = torch.stack(steps, 1).float()
     assert relative_error(logits[True, False], logits[False, False]) < 1e-3  # the same kernels, replayed
     assert share_close(logits[True, True], logits[False, False], 1e-2) > 0.9  # compiled: fused roundings
     with torch.no_grad():
-        full = model(idx, routing=routing).logits[:, 29:40].float()
+        full = model(idx[:, : start + 10], routing=routing).logits[:, start - 1 :].float()
     assert share_close(logits[True, False], full, 1e-2) > 0.9
