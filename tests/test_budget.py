@@ -255,7 +255,7 @@ def test_calibrate_rst_times_every_configuration_of_a_config(small_cfg, tmp_path
         repeats=2,
         warmup=1,
         layers=None,
-        forward_batches=[2],
+        forward_batches=[1.5, 2],  # 12 and 16 sequences: a fraction 2/3 or 1/2 scores them
         optimizers=["adamw", "sophia"],
         routings=None,
         statistic="median",
@@ -265,6 +265,8 @@ def test_calibrate_rst_times_every_configuration_of_a_config(small_cfg, tmp_path
     kinds = sorted((e.step.kind, e.step.optimizer, e.step.active_layers) for e in saved.entries)
     assert kinds == [
         ("forward", "none", 1),
+        ("forward", "none", 1),
+        ("forward", "none", 2),
         ("forward", "none", 2),
         ("hessian", "sophia", 1),
         ("hessian", "sophia", 2),
@@ -280,6 +282,11 @@ def test_calibrate_rst_times_every_configuration_of_a_config(small_cfg, tmp_path
     clock = RstClock(saved, budget_seconds=60)
     clock.charge([forward, train])
     assert clock.spent_s == pytest.approx(saved.seconds(forward) + saved.seconds(train), abs=1e-9)
+    assert saved.seconds(
+        StepConfig(kind="forward", active_layers=1, batch_size=12, micro_batch_size=4, seq_len=32)
+    )
+    with pytest.raises(SystemExit, match="--forward-batches 1.25: .* multiple of train.micro_batch_size 4"):
+        tool.scoring_size(1.25, 8, 4)  # 10 sequences: not whole micro-batches
 
 
 @pytest.mark.usefixtures("single_process_group")

@@ -142,6 +142,18 @@ def scoring_pass(engine, micro_batches, active: int) -> None:
             per_sequence_loss(engine(x).logits, y)
 
 
+def scoring_size(multiple: float, global_batch: int, micro_batch: int) -> int:
+    """Sequences in a scoring pass of `multiple` x the global batch: a whole number of micro-batches, as
+    batch selection runs it (global_batch_size / fraction; config load refuses a fraction that is not)."""
+    size = round(multiple * global_batch)
+    if abs(size - multiple * global_batch) > 1e-6 or size % micro_batch or size <= 0:
+        raise SystemExit(
+            f"--forward-batches {multiple:g}: {multiple:g} x train.global_batch_size {global_batch} must be a "
+            f"positive multiple of train.micro_batch_size {micro_batch}"
+        )
+    return size
+
+
 def calibrate(cfg, args, command: str):
     from dsmoe.train.budget import RstEntry, RstTable, StepConfig
     from parallel import engine as engine_lib
@@ -164,7 +176,10 @@ def calibrate(cfg, args, command: str):
         return x.to(dims.device), torch.randint(0, vocab, shape, generator=generator).to(dims.device)
 
     micro_batches = [batch() for _ in range(gas)]
-    scoring_batches = [batch() for _ in range(max(args.forward_batches, default=0) * gas)]
+    forward_sizes = [
+        scoring_size(multiple, t.global_batch_size, t.micro_batch_size) for multiple in args.forward_batches
+    ]
+    scoring_batches = [batch() for _ in range(max(forward_sizes, default=0) // t.micro_batch_size)]
     entries = []
 
     def measure(fn, **key) -> None:
@@ -198,13 +213,13 @@ def calibrate(cfg, args, command: str):
                         **common,
                     )
                 if index == 0:  # a forward pass costs the same under every optimizer
-                    for multiple in args.forward_batches:
-                        passes = scoring_batches[: multiple * gas]
+                    for size in forward_sizes:
+                        passes = scoring_batches[: size // t.micro_batch_size]
                         measure(
                             lambda e=engine, a=active, p=passes: scoring_pass(e, p, a),
                             kind="forward",
                             active_layers=active,
-                            batch_size=multiple * t.global_batch_size,
+                            batch_size=size,
                             routing=routing,
                         )
             engine.destroy()
@@ -255,10 +270,11 @@ def main() -> int:
     )
     parser.add_argument(
         "--forward-batches",
-        type=int,
+        type=float,
         nargs="*",
         default=[1, 2],
-        help="scoring-pass sizes as multiples of the global batch (selective backprop at fraction 1/2 scores 2x)",
+        help="scoring-pass sizes as multiples of the global batch (selective backprop at fraction 1/2 scores 2x, "
+        "at 0.8 1.25x)",
     )
     parser.add_argument("--optimizers", nargs="*", default=["adamw"], choices=["adamw", "lion", "sophia"])
     parser.add_argument("--routings", nargs="*", choices=["dense", "sparse"], help="DS-MoE training routings")
