@@ -19,8 +19,8 @@ from dsmoe.data.tokens import encode_documents, open_pretokenized
 from dsmoe.export import is_export, load_export, load_from_run
 from dsmoe.model import TRAINING, DecoderLM, Routing, RoutingRule
 from dsmoe.model.attention import ATTENTION_BACKENDS, apply_rope, causal_mask, rope_cos_sin
-from dsmoe.model.moe import fp32_scores_available
-from dsmoe.model.sparse import gemv_topk_partials, masked_table, moe_topk_forward, pick_path, route_topk
+from dsmoe.model.moe import masked_table, router_scores, top_k_table
+from dsmoe.model.sparse import gemv_topk_partials, moe_topk_forward, pick_path, route_topk
 
 
 @dataclass
@@ -518,14 +518,9 @@ def _segment_pre(
 
 
 def _router_probs(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """dsmoe.model.moe.Router: fp32 scores over all experts and their softmax. bf16 on CUDA: one bf16 GEMM
-    that accumulates and writes fp32, as the Router's forward (an fp32 copy of the (T, D) activations and an
-    fp32 GEMM cost 3.9 of a 52 ms 8 x 2048 prefill)."""
-    x_TD = h.reshape(-1, h.shape[-1])
-    if fp32_scores_available(x_TD, weight):
-        return F.softmax(torch.mm(x_TD, weight.t(), out_dtype=torch.float32), dim=-1)
-    dtype = torch.promote_types(h.dtype, torch.float32)
-    return F.softmax(F.linear(x_TD.to(dtype), weight.to(dtype)), dim=-1)
+    """dsmoe.model.moe.Router's probabilities: its fp32 scores (one bf16 GEMM writing fp32 on CUDA; an fp32
+    copy of the (T, D) activations and an fp32 GEMM cost 3.9 of a 52 ms 8 x 2048 prefill) and softmax."""
+    return F.softmax(router_scores(h.reshape(-1, h.shape[-1]), weight), dim=-1)
 
 
 def _segment_post(x, h, y, o_w, attn_router, mlp_norm, mlp_router, renormalize, *, eps, top_k):
@@ -543,10 +538,7 @@ def _segment_post(x, h, y, o_w, attn_router, mlp_norm, mlp_router, renormalize, 
     probs = _router_probs(h, mlp_router)
     if not top_k:
         return x, h, probs, None
-    weights, experts = probs.topk(top_k, dim=-1)
-    if renormalize:
-        weights = weights / weights.sum(-1, keepdim=True).clamp_min(1e-20)
-    return x, h, weights, experts
+    return (x, h, *top_k_table(probs, top_k, renormalize))
 
 
 def _decode_post(

@@ -133,9 +133,40 @@ def select_experts(probs_TE: torch.Tensor, rule: RoutingRule) -> torch.Tensor:
     above_TE = num_experts * probs_TE > rule.eps
     if rule.mode == "threshold":
         return above_TE
-    k = rule.k if rule.mode == "top_k" else max(1, round(above_TE.sum(-1).float().mean().item()))
-    top_idx_TK = probs_TE.topk(min(k, num_experts), dim=-1).indices
-    return torch.zeros_like(probs_TE, dtype=torch.bool).scatter_(-1, top_idx_TK, True)
+    if rule.mode == "top_k":
+        top_idx_TK = probs_TE.topk(min(rule.k, num_experts), dim=-1).indices
+        return torch.zeros_like(probs_TE, dtype=torch.bool).scatter_(-1, top_idx_TK, True)
+    # Threshold-top-K: K is the batch's mean threshold count (at least 1), kept as a device tensor (no host
+    # sync, so the inference Engine's decode step stays one CUDA graph); each token keeps its K largest.
+    k = above_TE.sum(-1).float().mean().round().clamp_min(1)
+    ranks_TE = probs_TE.argsort(dim=-1, descending=True, stable=True).argsort(dim=-1)
+    return ranks_TE < k
+
+
+def kept_weights(probs_TE: torch.Tensor, keep_TE: torch.Tensor, renormalize: bool = False) -> torch.Tensor:
+    """Each token's probabilities of the experts it keeps (0 for the others): DS-MoE weights the experts by
+    their raw probabilities (paper); `renormalize` makes them sum to 1 (as in Mixtral; a token may keep none)."""
+    kept_TE = probs_TE * keep_TE
+    return kept_TE / kept_TE.sum(-1, keepdim=True).clamp_min(1e-20) if renormalize else kept_TE
+
+
+def top_k_table(
+    probs_TE: torch.Tensor, k: int, renormalize: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weights, expert ids), each (T, k): the k largest probabilities, descending (renormalised if asked)."""
+    weights_TK, experts_TK = probs_TE.topk(k, dim=-1)
+    if renormalize:
+        weights_TK = weights_TK / weights_TK.sum(-1, keepdim=True).clamp_min(1e-20)
+    return weights_TK, experts_TK
+
+
+def masked_table(probs_TE: torch.Tensor, rule: RoutingRule, renormalize: bool = False):
+    """A rule as a fixed (T, N) table of every (token, expert) pair, weight 0 where the rule drops the
+    expert, without a host sync: the gather-GEMV (dsmoe/model/sparse.py) skips zero-weight pairs, so few
+    tokens read only the kept experts' weights, and threshold rules fit a CUDA graph. Returns (weights, ids)."""
+    T, E = probs_TE.shape
+    weights_TE = kept_weights(probs_TE, select_experts(probs_TE, rule), renormalize)
+    return weights_TE, torch.arange(E, device=probs_TE.device).expand(T, E)
 
 
 class Router(nn.Module):
@@ -156,14 +187,19 @@ class Router(nn.Module):
         self.logit_bias: torch.Tensor | None = None  # MSG growth: log c on new experts (dsmoe/growth.py)
 
     def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
-        if self.fused and fp32_scores_available(x_TD, self.weight):
-            logits = Fp32Scores.apply(x_TD, self.weight)
-        else:
-            dtype = torch.promote_types(x_TD.dtype, torch.float32)
-            logits = F.linear(x_TD.to(dtype), self.weight.to(dtype))
+        logits = router_scores(x_TD, self.weight)
         if self.logit_bias is not None:
             logits = logits + self.logit_bias
         return F.softmax(logits, dim=-1)  # (T, N)
+
+
+def router_scores(x_TD: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """fp32 (T, N) scores x W^T of a router weight (N, D): one low-precision GEMM writing fp32 where it runs
+    (Router.fused), else an fp32 GEMM of the upcast inputs. The Router and the inference Engine use it."""
+    if Router.fused and fp32_scores_available(x_TD, weight):
+        return Fp32Scores.apply(x_TD, weight)
+    dtype = torch.promote_types(x_TD.dtype, torch.float32)
+    return F.linear(x_TD.to(dtype), weight.to(dtype))
 
 
 def fp32_scores_available(x_TD: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -286,24 +322,20 @@ class DSMoE(nn.Module):
         # top-K is a fixed (T, K) table of pairs: sync-free dispatch (dsmoe/model/sparse.py)
         if routing.mode == "top_k":
             k = min(routing.k, self.num_experts)
-            weights_TK, experts_TK = probs_TE.topk(k, dim=-1)
-            if renormalize:
-                weights_TK = weights_TK / weights_TK.sum(-1, keepdim=True).clamp_min(1e-20)
+            weights_TK, experts_TK = top_k_table(probs_TE, k, renormalize)
             y_TD = moe_topk_forward(
                 x_TD, weights_TK, experts_TK, self.w_in, self.expert_w_out(), self.activation
             )
             return y_TD, probs_TE.new_tensor(k / self.num_experts, dtype=torch.float32)
         keep_TE = select_experts(probs_TE, routing)
-        if renormalize:  # the kept probabilities of each token sum to 1 (differentiable, as in Mixtral)
-            kept_TE = probs_TE * keep_TE
-            probs_TE = kept_TE / kept_TE.sum(-1, keepdim=True).clamp_min(1e-20)  # a token may keep none
+        probs_TE = kept_weights(probs_TE, keep_TE, renormalize)  # differentiable
         # Group (token, expert) pairs by expert: transposing makes nonzero() come out expert-major.
         expert_idx, token_idx = keep_TE.T.nonzero(as_tuple=True)
         x_sorted = x_TD[token_idx]  # (P, D), P = kept pairs
         out_sorted = grouped_expert_forward(
             x_sorted, keep_TE.sum(0), self.w_in, self.expert_w_out(), self.activation
         )
-        weights_P = probs_TE[token_idx, expert_idx].to(x_TD.dtype)  # DS-MoE: raw probabilities (paper)
+        weights_P = probs_TE[token_idx, expert_idx].to(x_TD.dtype)
         y_TD = torch.zeros_like(x_TD).index_add_(0, token_idx, out_sorted * weights_P.unsqueeze(-1))
         return y_TD, keep_TE.float().mean()
 

@@ -68,27 +68,6 @@ def sort_pairs(experts_TK: torch.Tensor, num_experts: int) -> tuple[torch.Tensor
     return order, counts
 
 
-def masked_table(
-    probs_TE: torch.Tensor, rule, renormalize: bool = False
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """A threshold rule as a fixed (T, N) table of every (token, expert) pair, weight 0 where the rule drops
-    the expert (dsmoe.model.moe.select_experts' choice), without a host sync: the gather-GEMV skips the
-    zero-weight pairs, so few tokens read only the kept experts and a decode step stays one CUDA graph.
-    Threshold: N * p_i > eps; threshold-top-K: the K largest, K the batch's mean threshold count."""
-    T, E = probs_TE.shape
-    keep_TE = E * probs_TE > rule.eps
-    if rule.mode == "threshold_top_k":
-        k = keep_TE.sum(-1).float().mean().round().clamp_min(1)  # a device tensor: no .item()
-        ranks_TE = probs_TE.argsort(-1, descending=True).argsort(-1)
-        keep_TE = ranks_TE < k
-    elif rule.mode != "threshold":
-        raise ValueError(f"masked_table is for the threshold rules, got {rule.mode!r}")
-    weights_TE = probs_TE * keep_TE
-    if renormalize:
-        weights_TE = weights_TE / weights_TE.sum(-1, keepdim=True).clamp_min(1e-20)
-    return weights_TE, torch.arange(E, device=probs_TE.device).expand(T, E)
-
-
 def moe_topk_forward(
     x_TD: torch.Tensor,
     weights_TK: torch.Tensor,
@@ -317,13 +296,12 @@ def route_topk(
     Two launches: the router scores from one GEMM that accumulates and writes fp32 (as the model's Router
     does for bf16), then one Triton program per token for the softmax and top-k (and the renormalisation).
     A single fused kernel was slower: one program per token read the whole (E, D) router serially."""
+    from dsmoe.model.moe import router_scores  # moe imports this module
+
     triton, *_, kernel = _gemv_kernels()
     T = h_TD.shape[0]
     E = router_weight.shape[0]
-    if h_TD.dtype in (torch.bfloat16, torch.float16) and router_weight.dtype == h_TD.dtype:
-        logits = torch.mm(h_TD, router_weight.T, out_dtype=torch.float32)
-    else:
-        logits = h_TD.float() @ router_weight.float().T
+    logits = router_scores(h_TD, router_weight)
     gates = torch.empty(T, k, device=h_TD.device, dtype=torch.float32)
     experts = torch.empty(T, k, device=h_TD.device, dtype=torch.long)
     kernel[(T,)](
