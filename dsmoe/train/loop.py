@@ -287,10 +287,9 @@ def run(cfg: Config) -> RunResult:
                 break
             started = time.perf_counter()  # a growth event's engine rebuild counts in its step's time
             if plan is not None:
-                while plan.depth > budgeted.depth:  # layer stacking: double the depth (copies of the blocks),
-                    engine = stack_engine(
-                        engine, cfg, dims, dispatch, budgeted.clock
-                    )  # as often as the plan says
+                # layer stacking: double the depth (copies of the blocks) as often as the plan says
+                while plan.depth > budgeted.depth:
+                    engine = stack_engine(engine, cfg, dims, dispatch, budgeted.clock)
                     result.engine, budgeted.depth = engine, len(engine.module.blocks)
                     if dims.is_main:
                         print(f"step {step}: stacked to {budgeted.depth} layers", flush=True)
