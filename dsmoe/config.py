@@ -47,8 +47,8 @@ class AttentionConfig:
     """'sdpa' (PyTorch scaled_dot_product_attention), 'eager' (plain reference), or 'auto' (sdpa). The
     encoder also takes 'flash' (flash-attn varlen with ALiBi slopes), 'flex' (FlexAttention with an ALiBi
     score_mod and a document mask) and 'triton' (our varlen ALiBi kernels, dsmoe/model/alibi_triton.py, on
-    CUDA; SDPA on other devices); its 'auto' takes flash-attn when installed, else FlexAttention on CUDA,
-    else SDPA (dsmoe.model.attention.resolve_backend)."""
+    CUDA; SDPA on other devices); its 'auto' takes flash-attn when installed, else our Triton kernels on CUDA
+    (FlexAttention where triton is missing), else SDPA (dsmoe.model.attention.resolve_backend)."""
 
     @property
     def num_heads(self) -> int:
