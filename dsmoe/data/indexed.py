@@ -188,7 +188,7 @@ class PrepareSummary:
             f"tokens       {self.tokens:,} ({self.dtype}, end-of-document tokens included)",
             f"bad records  {self.bad.total:,}" + (f": {self.bad.by_kind()}" if self.bad.total else ""),
             *(f"  {example}" for example in self.bad.examples),
-            f"seconds      {self.seconds:.1f}",
+            f"seconds      {self.seconds:.2f}",
             f"tokens/s     {self.tokens_per_second:,.0f}",
             f"input MB/s   {self.input_mb_per_second:.2f} "
             f"({self.input_bytes / 1e6:.1f} MB in {self.input_files} files)",
