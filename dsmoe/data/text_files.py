@@ -32,9 +32,8 @@ FORMATS = {
 }
 SUPPORTED = ", ".join(FORMATS)
 BAD_EXAMPLES = 5  # bad records named in full; the rest are only counted
-PARQUET_MAX_ROWS = (
-    4096  # a chunk's rows when the column's metadata underestimates its text (dictionary pages)
-)
+# At most this many rows to a chunk: a column's metadata undercounts its text when it is dictionary-encoded.
+PARQUET_MAX_ROWS = 4096
 UTF8_BOM = b"\xef\xbb\xbf"
 
 
@@ -173,7 +172,8 @@ def _parquet_chunks(path: Path, text_key: str, chunk_bytes: int) -> Iterator[Chu
     rows = parquet.metadata.num_rows
     if rows == 0:
         return
-    column = parquet.schema_arrow.get_field_index(text_key)
+    # The metadata counts leaf columns (a struct column has several), so find the text's by its path.
+    column = next(i for i in range(parquet.metadata.num_columns) if parquet.schema.column(i).path == text_key)
     text_bytes = sum(
         parquet.metadata.row_group(g).column(column).total_uncompressed_size
         for g in range(parquet.metadata.num_row_groups)
@@ -183,7 +183,7 @@ def _parquet_chunks(path: Path, text_key: str, chunk_bytes: int) -> Iterator[Chu
     row = 0
     for batch in parquet.iter_batches(batch_size=batch_rows, columns=[text_key]):
         texts = batch.column(0)
-        # On-disk bytes in proportion to rows, the last batch taking the remainder so the total is exact.
+        # On-disk bytes in proportion to rows; the differences of floors add up to the file's size exactly.
         on_disk = size * (row + len(texts)) // rows - size * row // rows
         yield Chunk(str(path), "parquet", texts, row, on_disk)
         row += len(texts)
