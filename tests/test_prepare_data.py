@@ -18,9 +18,9 @@ import pyarrow.parquet as pq
 import pytest
 import zstandard
 
-from dsmoe.data import indexed as indexed_module
+from dsmoe.data import prepare_data as library
 from dsmoe.data.corpus import DataError
-from dsmoe.data.indexed import output_path, prepare_indexed, temporary_path
+from dsmoe.data.prepare_data import output_path, prepare_indexed, temporary_path
 from dsmoe.data.tokenizer import load_tokenizer
 from dsmoe.data.tokens import EOS, train_tokenizer
 
@@ -328,9 +328,9 @@ def test_tool_prints_the_summary_and_records_the_tokenizer_as_given(tmp_path, to
 
 def test_each_worker_encodes_on_one_core(tokenizer, monkeypatch):
     monkeypatch.delenv("TOKENIZERS_PARALLELISM", raising=False)
-    monkeypatch.setattr(indexed_module, "_worker_settings", None)  # restored after the test
-    monkeypatch.setattr(indexed_module.signal, "signal", lambda *args: None)  # pytest keeps its Ctrl-C
-    indexed_module._start_worker(tokenizer, "text", True)
+    monkeypatch.setattr(library, "_worker_settings", None)  # restored after the test
+    monkeypatch.setattr(library.signal, "signal", lambda *args: None)  # pytest keeps its Ctrl-C
+    library._start_worker(tokenizer, "text", True)
     assert os.environ["TOKENIZERS_PARALLELISM"] == "false"
 
 
@@ -367,7 +367,7 @@ def test_a_crash_while_publishing_never_pairs_a_new_bin_with_an_old_idx(
         calls.append(dst)
         real_replace(src, dst)
 
-    monkeypatch.setattr(indexed_module.os, "replace", replace_until_the_crash)
+    monkeypatch.setattr(library.os, "replace", replace_until_the_crash)
     with pytest.raises(Crash):
         prepare_indexed([tmp_path / "new.jsonl"], tokenizer, prefix, workers=0)
     assert complete_prefix(prefix) is None  # not the old prefix: its .idx went first; the new .idx comes last

@@ -24,7 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
 from dsmoe.data.corpus import DataError  # noqa: E402
-from dsmoe.data.indexed import prepare_indexed  # noqa: E402
+from dsmoe.data.prepare_data import prepare_indexed  # noqa: E402
 from dsmoe.data.tokenizer import load_tokenizer  # noqa: E402
 
 
