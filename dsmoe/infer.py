@@ -10,12 +10,12 @@ from pathlib import Path
 import torch
 import torch._dynamo
 import torch.nn.functional as F
-from tokenizers import Tokenizer
 
 from dsmoe import config as config_lib
 from dsmoe.data.corpus import load_corpus
-from dsmoe.data.sampler import eval_windows
-from dsmoe.data.tokens import encode_documents, open_pretokenized
+from dsmoe.data.tokenizer import load_tokenizer
+from dsmoe.data.tokens import open_pretokenized
+from dsmoe.evaluation import EvalResult, HeldOut, evaluate
 from dsmoe.export import is_export, load_export, load_from_run
 from dsmoe.model import TRAINING, DecoderLM, Routing, RoutingRule
 from dsmoe.model.attention import ATTENTION_BACKENDS, apply_rope, causal_mask, rope_cos_sin
@@ -44,71 +44,25 @@ def load(path: str | Path) -> LoadedModel:
 
 
 def held_out_tokens(cfg: config_lib.Config, tokenizer_path: Path):
-    """The validation works of the model's corpus, tokenised with the model's own tokenizer."""
+    """The validation works of the model's corpus, tokenised with the model's own tokenizer (corpora of token
+    arrays; an indexed blend's held-out sample is dsmoe.evaluation.held_out_set)."""
     if cfg.data.corpus == "tokens":
         return open_pretokenized(cfg.data).val
+    if cfg.data.corpus == "indexed":
+        raise ValueError("an indexed blend has no held-out token array: use dsmoe.evaluation.held_out_set")
     corpus = load_corpus(cfg.data.corpus, cfg.data.val_works)
-    return encode_documents(
-        Tokenizer.from_file(str(tokenizer_path)), [corpus.val[k] for k in sorted(corpus.val)]
-    )
+    tokenizer = load_tokenizer(tokenizer_path, cfg.data.eos_token)
+    return tokenizer.encode_documents([corpus.val[k] for k in sorted(corpus.val)])
 
 
-@dataclass
-class PerplexityResult:
-    routing: str
-    perplexity: float
-    tokens: int
-    expert_active_fraction: float
-    """Mean fraction of the MLP experts' parameters computed per token (1 for dense MLPs)."""
-    attention_active_fraction: float
-    """Mean fraction of the MoA experts' query/output projections computed per token (1 without MoA)."""
-    param_active_fraction: float
-    """Share of all non-embedding parameters computed per token (shared K/V and routers always run)."""
-
-    def row(self) -> str:
-        return (
-            f"{self.routing:<52} ppl {self.perplexity:8.2f}   MLP experts {100 * self.expert_active_fraction:5.1f}%"
-            f"   attention experts {100 * self.attention_active_fraction:5.1f}%"
-            f"   params {100 * self.param_active_fraction:5.1f}%"
-        )
+PerplexityResult = EvalResult  # the name the tools and the report have used
 
 
-@torch.no_grad()
 def perplexity(
     model: DecoderLM, tokens, seq_len: int, routing: Routing, max_tokens: int = 0, batch_size: int = 16
-) -> PerplexityResult:
+) -> EvalResult:
     """exp(mean next-token NLL) over consecutive held-out windows of `seq_len`, and the active shares."""
-    if model.cfg.is_encoder:
-        raise ValueError(
-            "next-token perplexity is for decoders; evaluate an encoder with dsmoe.infer.mlm_loss"
-        )
-    model.eval()
-    device = next(model.parameters()).device
-    windows = eval_windows(tokens, seq_len, max_tokens)
-    nll_sum, n_tokens, mlp_active, attention_active = 0.0, 0, 0.0, 0.0
-    for i in range(0, len(windows), batch_size):
-        x = torch.stack([w[0] for w in windows[i : i + batch_size]]).to(device)
-        y = torch.stack([w[1] for w in windows[i : i + batch_size]]).to(device)
-        out = model(x, y, routing=routing)
-        nll_sum += out.lm_loss.item() * y.numel()
-        n_tokens += y.numel()
-        mlp_active += (out.mlp.active_fraction.mean().item() if out.mlp else 1.0) * y.numel()
-        attention_active += (
-            out.attention.active_fraction.mean().item() if out.attention else 1.0
-        ) * y.numel()
-    mlp_frac, attention_frac = mlp_active / n_tokens, attention_active / n_tokens
-    total = model.num_params(exclude_embedding=True)
-    skipped = model.num_expert_params() * (1.0 - mlp_frac) + model.num_attention_expert_params() * (
-        1.0 - attention_frac
-    )
-    return PerplexityResult(
-        str(routing),
-        math.exp(nll_sum / n_tokens),
-        n_tokens,
-        mlp_frac,
-        attention_frac,
-        (total - skipped) / total,
-    )
+    return evaluate(model, HeldOut.from_tokens(tokens, seq_len, max_tokens), routing, batch_size)
 
 
 @dataclass

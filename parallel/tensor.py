@@ -198,12 +198,15 @@ class VocabParallelHead(nn.Module):
 class VocabParallelCrossEntropy(nn.Module):
     """megatron-core's cross-entropy over vocab-sharded logits (no rank holds a whole row)."""
 
-    def forward(self, logits_NV: torch.Tensor, targets_N: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, logits_NV: torch.Tensor, targets_N: torch.Tensor, reduction: str = "mean"
+    ) -> torch.Tensor:
         from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
         # megatron shifts the logits in place: give it its own fp32 copy
         logits = logits_NV.float() if logits_NV.element_size() < 4 else logits_NV.clone()
-        return vocab_parallel_cross_entropy(logits, targets_N).mean()
+        per_token = vocab_parallel_cross_entropy(logits, targets_N)  # every tensor-parallel rank has them all
+        return per_token.mean() if reduction == "mean" else per_token
 
 
 def gather_logits(logits: torch.Tensor, dims: ParallelDims) -> torch.Tensor:

@@ -41,10 +41,11 @@ def main() -> int:
     loaded = load_model_or_exit(args.path)
     routing = routing_from_args(args, loaded.routing, mlp_prefix="mlp_")
     tok = Tokenizer.from_file(str(loaded.tokenizer_path))
-    prompt = torch.tensor([tok.encode(args.prompt).ids] * args.samples, device=args.device)
+    prompt = torch.tensor([tok.encode(args.prompt, add_special_tokens=False).ids] * args.samples, device=args.device)
     generator = torch.Generator(device=args.device).manual_seed(args.seed)
     model = loaded.model.to(args.device)
-    sampling = (args.temperature, args.top_k, args.top_p, tok.token_to_id(EOS), generator)
+    eos = tok.token_to_id(loaded.cfg.data.eos_token or EOS)  # the end-of-document token the run trained on
+    sampling = (args.temperature, args.top_k, args.top_p, eos, generator)
     if routing.attention.mode == "dense" and not in_growth_ramp(model):  # else the plain KV-cache loop
         max_len = min(prompt.shape[1] + args.max_new_tokens, model.cfg.max_seq_len)
         engine = Engine(model, routing, batch=args.samples, max_len=max_len)

@@ -1,4 +1,4 @@
-"""Deterministic sampler of packed sequences that resumes at an exact position.
+"""Deterministic samplers of packed sequences that resume at an exact position.
 
 The token stream is cut into non-overlapping windows of seq_len + 1 tokens (inputs and shifted targets).
 Each epoch visits every window once in an order drawn from (seed, epoch), so sample number s is a pure
@@ -15,26 +15,13 @@ import torch
 from dsmoe.data.corpus import DataError
 
 
-class PackedSampler:
-    """Maps a global sample index to a (seq_len + 1)-token window, shuffled per epoch."""
+class WindowSampler:
+    """Batches of samples, each a (seq_len + 1)-token window that is a pure function of its number."""
 
-    def __init__(self, tokens: np.ndarray, seq_len: int, seed: int):
-        self.tokens, self.seq_len, self.seed = tokens, seq_len, seed
-        self.windows_per_epoch = (len(tokens) - 1) // seq_len
-        if self.windows_per_epoch < 1:
-            raise DataError(f"corpus has {len(tokens)} tokens: too few for one sequence of {seq_len}")
-        self._epoch, self._perm = -1, None
-
-    def _order(self, epoch: int) -> torch.Tensor:
-        if epoch != self._epoch:
-            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            self._epoch, self._perm = epoch, torch.randperm(self.windows_per_epoch, generator=gen)
-        return self._perm
+    seq_len: int
 
     def window(self, sample: int) -> np.ndarray:
-        epoch, i = divmod(sample, self.windows_per_epoch)
-        start = int(self._order(epoch)[i]) * self.seq_len
-        return self.tokens[start : start + self.seq_len + 1]
+        raise NotImplementedError  # PackedSampler (a token array), IndexedSampler (megatron-core datasets)
 
     def batch(self, first_sample: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(inputs, targets), each (size, seq_len) int64, for samples first_sample .. first_sample+size-1."""
@@ -53,6 +40,28 @@ class PackedSampler:
         """Rank `dp_rank`'s micro-batch number `micro` of optimizer step `step`."""
         first = step * global_batch_size + (micro * dp + dp_rank) * micro_batch_size
         return self.batch(first, micro_batch_size)
+
+
+class PackedSampler(WindowSampler):
+    """Maps a global sample index to a (seq_len + 1)-token window of a token array, shuffled per epoch."""
+
+    def __init__(self, tokens: np.ndarray, seq_len: int, seed: int):
+        self.tokens, self.seq_len, self.seed = tokens, seq_len, seed
+        self.windows_per_epoch = (len(tokens) - 1) // seq_len
+        if self.windows_per_epoch < 1:
+            raise DataError(f"corpus has {len(tokens)} tokens: too few for one sequence of {seq_len}")
+        self._epoch, self._perm = -1, None
+
+    def _order(self, epoch: int) -> torch.Tensor:
+        if epoch != self._epoch:
+            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._epoch, self._perm = epoch, torch.randperm(self.windows_per_epoch, generator=gen)
+        return self._perm
+
+    def window(self, sample: int) -> np.ndarray:
+        epoch, i = divmod(sample, self.windows_per_epoch)
+        start = int(self._order(epoch)[i]) * self.seq_len
+        return self.tokens[start : start + self.seq_len + 1]
 
 
 def eval_windows(

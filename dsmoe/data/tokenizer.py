@@ -83,7 +83,9 @@ def fingerprint(backend: Tokenizer) -> str:
     pre-tokenizer, model), not of what does not (padding, truncation, the BOS/EOS template transformers
     adds as a post-processor, the decoder) or of the file's formatting."""
     spec = json.loads(backend.to_str())
-    return hashlib.sha256(json.dumps([spec.get(k) for k in IDS_DECIDED_BY], sort_keys=True).encode()).hexdigest()
+    return hashlib.sha256(
+        json.dumps([spec.get(k) for k in IDS_DECIDED_BY], sort_keys=True).encode()
+    ).hexdigest()
 
 
 def load_tokenizer(spec: str | Path, eos_token: str = "") -> LocalTokenizer:
@@ -106,7 +108,11 @@ def load_tokenizer(spec: str | Path, eos_token: str = "") -> LocalTokenizer:
     if not eos or backend.token_to_id(eos) is None:
         raise DataError(
             f"tokenizer {path}: "
-            + (f"its end-of-document token {eos!r} is not in its vocabulary" if eos else "no end-of-document token")
+            + (
+                f"its end-of-document token {eos!r} is not in its vocabulary"
+                if eos
+                else "no end-of-document token"
+            )
             + f" (tried {', '.join(KNOWN_EOS)}); name one with data.eos_token (or --eos-token)"
         )
     return LocalTokenizer(backend, eos, str(path))
@@ -118,7 +124,9 @@ def _from_directory(path: Path) -> tuple[Tokenizer, str]:
     try:
         hf = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     except Exception as e:
-        raise DataError(f"tokenizer directory {path} does not load with AutoTokenizer: {str(e)[:300]}") from None
+        raise DataError(
+            f"tokenizer directory {path} does not load with AutoTokenizer: {str(e)[:300]}"
+        ) from None
     if not getattr(hf, "is_fast", False):
         raise DataError(
             f"tokenizer directory {path} holds a slow (Python) tokenizer; dsmoe needs a fast one "

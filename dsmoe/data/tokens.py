@@ -1,4 +1,5 @@
-"""Byte-level BPE trained locally, and a uint16 memmap token cache built once per corpus and tokenizer.
+"""Byte-level BPE trained locally (or any local tokenizer), and a memmap token cache built once per corpus and
+tokenizer: uint16 ids, or int32 for vocabularies above 65,536 entries.
 
 The cache directory is keyed by a hash of the corpus text and the tokenizer settings, built under a
 temporary name and published by an atomic rename, so a killed build never leaves a half-written cache.
@@ -19,6 +20,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from dsmoe.config import DataConfig
 from dsmoe.data.corpus import Corpus, DataError, load_corpus
+from dsmoe.data.tokenizer import LocalTokenizer, load_tokenizer
 
 EOS = "<|endoftext|>"
 CACHE_FORMAT = 1  # bump when the cache layout changes
@@ -44,14 +46,20 @@ def train_tokenizer(texts: list[str], vocab_size: int) -> Tokenizer:
     return tok
 
 
-def encode_documents(tok: Tokenizer, docs: list[str]) -> np.ndarray:
-    """Concatenate documents, each followed by EOS, as uint16 token ids."""
-    eos = tok.token_to_id(EOS)
-    ids: list[int] = []
-    for enc in tok.encode_batch(docs):
-        ids.extend(enc.ids)
-        ids.append(eos)
-    return np.asarray(ids, dtype=np.uint16)
+def encode_documents(tok: Tokenizer, docs: list[str], eos_token: str = EOS) -> np.ndarray:
+    """Concatenate documents, each followed by the end-of-document token, in the vocabulary's dtype."""
+    return LocalTokenizer(tok, eos_token, "").encode_documents(docs)
+
+
+def tokenizer_file(tok: LocalTokenizer, cache_dir: str) -> Path:
+    """The tokenizer.json a run saves and its exports carry, written once per tokenizer under the cache."""
+    path = Path(os.path.expanduser(cache_dir)) / "tokenizers" / tok.fingerprint[:16] / "tokenizer.json"
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"tokenizer.json.tmp{os.getpid()}")
+        tok.save(tmp)
+        os.replace(tmp, path)
+    return path
 
 
 @dataclass
@@ -65,10 +73,14 @@ class TokenData:
     vocab_size: int
     """Tokenizer vocabulary size (unpadded)."""
     eos_id: int
+    eos_token: str = EOS
 
 
-def cache_key(corpus: Corpus, cfg: DataConfig) -> str:
-    h = hashlib.sha256(json.dumps({"format": CACHE_FORMAT, "vocab": cfg.tokenizer_vocab_size}).encode())
+def cache_key(corpus: Corpus, cfg: DataConfig, tok: LocalTokenizer | None = None) -> str:
+    settings = {"format": CACHE_FORMAT, "vocab": cfg.tokenizer_vocab_size}
+    if tok is not None:  # a given tokenizer instead of the BPE trained here
+        settings = {"format": CACHE_FORMAT, "tokenizer": tok.fingerprint, "eos": tok.eos_token}
+    h = hashlib.sha256(json.dumps(settings).encode())
     for split, docs in (("train", corpus.train), ("val", corpus.val)):
         for name in sorted(docs):
             h.update(f"{split}/{name}\0".encode())
@@ -76,14 +88,16 @@ def cache_key(corpus: Corpus, cfg: DataConfig) -> str:
     return h.hexdigest()[:16]
 
 
-def cache_dir_for(cfg: DataConfig, corpus: Corpus) -> Path:
-    return Path(os.path.expanduser(cfg.cache_dir)) / f"{corpus.name}-{cache_key(corpus, cfg)}"
+def cache_dir_for(cfg: DataConfig, corpus: Corpus, tok: LocalTokenizer | None = None) -> Path:
+    return Path(os.path.expanduser(cfg.cache_dir)) / f"{corpus.name}-{cache_key(corpus, cfg, tok)}"
 
 
 def prepare(cfg: DataConfig, texts_dir: Path | None = None) -> Path:
-    """Build the tokenizer and token cache if absent; return its directory. Run on one rank."""
+    """Build the tokenizer (unless data.tokenizer names one) and token cache if absent; return its directory.
+    Run on one rank."""
     corpus = load_corpus(cfg.corpus, cfg.val_works, texts_dir)
-    final = cache_dir_for(cfg, corpus)
+    given = load_tokenizer(cfg.tokenizer, cfg.eos_token) if cfg.tokenizer else None
+    final = cache_dir_for(cfg, corpus, given)
     if (final / "meta.json").is_file():
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -91,16 +105,18 @@ def prepare(cfg: DataConfig, texts_dir: Path | None = None) -> Path:
     try:
         train_docs = [corpus.train[k] for k in sorted(corpus.train)]
         val_docs = [corpus.val[k] for k in sorted(corpus.val)]
-        tok = train_tokenizer(train_docs, cfg.tokenizer_vocab_size)
-        tok.save(str(tmp / "tokenizer.json"))
-        encode_documents(tok, train_docs).tofile(tmp / "train.bin")
-        encode_documents(tok, val_docs).tofile(tmp / "val.bin")
+        tok = given or LocalTokenizer(train_tokenizer(train_docs, cfg.tokenizer_vocab_size), EOS, "trained")
+        tok.save(tmp / "tokenizer.json")
+        tok.encode_documents(train_docs).tofile(tmp / "train.bin")
+        tok.encode_documents(val_docs).tofile(tmp / "val.bin")
         meta = {
             "corpus": corpus.name,
             "train_works": sorted(corpus.train),
             "val_works": sorted(corpus.val),
-            "vocab_size": tok.get_vocab_size(),
-            "eos_id": tok.token_to_id(EOS),
+            "vocab_size": tok.vocab_size,
+            "eos_id": tok.eos_id,
+            "eos_token": tok.eos_token,
+            "dtype": np.dtype(tok.token_dtype).name,
             "format": CACHE_FORMAT,
         }
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
@@ -115,27 +131,32 @@ def prepare(cfg: DataConfig, texts_dir: Path | None = None) -> Path:
 
 
 def open_pretokenized(cfg: DataConfig) -> TokenData:
-    """corpus=tokens: token files made elsewhere (e.g. base units of tools/ablate_data.py) and their tokenizer."""
-    paths = {
-        key: Path(os.path.expanduser(getattr(cfg, key)))
-        for key in ("train_tokens", "val_tokens", "tokenizer")
-    }
+    """corpus=tokens: token files made elsewhere (e.g. base units of tools/ablate_data.py) and their tokenizer;
+    the files hold ids in the dtype the tokenizer's vocabulary needs (uint16, or int32 above 65,536)."""
+    paths = {key: Path(os.path.expanduser(getattr(cfg, key))) for key in ("train_tokens", "val_tokens")}
     for key, path in paths.items():
         if not path.is_file():
             raise DataError(f"data.{key}: {path} does not exist")
-    train = np.memmap(paths["train_tokens"], dtype=np.uint16, mode="r")
-    val = np.memmap(paths["val_tokens"], dtype=np.uint16, mode="r")
-    for key, tokens in (("train_tokens", train), ("val_tokens", val)):
-        if len(tokens) == 0:
-            raise DataError(f"data.{key}: {paths[key]} holds no tokens")
-    tok = Tokenizer.from_file(str(paths["tokenizer"]))
+    tok = load_tokenizer(cfg.tokenizer, cfg.eos_token)
+    dtype = tok.token_dtype
+    arrays = {}
+    for key, path in paths.items():
+        if path.stat().st_size % np.dtype(dtype).itemsize:
+            raise DataError(
+                f"data.{key}: {path} is not a whole number of {np.dtype(dtype).name} ids (the dtype "
+                f"data.tokenizer's vocabulary of {tok.vocab_size} needs): made with another tokenizer?"
+            )
+        arrays[key] = np.memmap(path, dtype=dtype, mode="r")
+        if len(arrays[key]) == 0:
+            raise DataError(f"data.{key}: {path} holds no tokens")
     return TokenData(
         paths["train_tokens"].parent,
-        paths["tokenizer"],
-        train,
-        val,
-        tok.get_vocab_size(),
-        tok.token_to_id(EOS),
+        tokenizer_file(tok, cfg.cache_dir),
+        arrays["train_tokens"],
+        arrays["val_tokens"],
+        tok.vocab_size,
+        tok.eos_id,
+        tok.eos_token,
     )
 
 
@@ -145,8 +166,17 @@ def open_token_data(directory: Path) -> TokenData:
     if not meta_path.is_file():
         raise DataError(f"token cache {directory} is incomplete (no meta.json); delete it and run again")
     meta = json.loads(meta_path.read_text())
-    train = np.memmap(directory / "train.bin", dtype=np.uint16, mode="r")
-    val = np.memmap(directory / "val.bin", dtype=np.uint16, mode="r")
+    dtype = np.dtype(meta.get("dtype", "uint16"))
+    train = np.memmap(directory / "train.bin", dtype=dtype, mode="r")
+    val = np.memmap(directory / "val.bin", dtype=dtype, mode="r")
     if len(train) == 0 or len(val) == 0:
         raise DataError(f"token cache {directory} has an empty split; delete it and run again")
-    return TokenData(directory, directory / "tokenizer.json", train, val, meta["vocab_size"], meta["eos_id"])
+    return TokenData(
+        directory,
+        directory / "tokenizer.json",
+        train,
+        val,
+        meta["vocab_size"],
+        meta["eos_id"],
+        meta.get("eos_token", EOS),
+    )

@@ -63,10 +63,12 @@ class DecoderOutput:
 
 
 class CrossEntropy(nn.Module):
-    """Mean next-token cross-entropy of (N, V) logits, computed in fp32."""
+    """Mean next-token cross-entropy of (N, V) logits, computed in fp32 ("none": each token's, for evaluation)."""
 
-    def forward(self, logits_NV: torch.Tensor, targets_N: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(logits_NV.float(), targets_N)
+    def forward(
+        self, logits_NV: torch.Tensor, targets_N: torch.Tensor, reduction: str = "mean"
+    ) -> torch.Tensor:
+        return F.cross_entropy(logits_NV.float(), targets_N, reduction=reduction)
 
 
 class Block(nn.Module):

@@ -98,6 +98,10 @@ class RunLogger:
         extra = {"rst_s": f"{record['rst_s']:.1f}"} if "rst_s" in record else {}
         self.bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}", **extra)
 
+    def write(self, line: str) -> None:
+        """A line on the console that leaves the progress bar in place."""
+        self.bar.write(line)
+
     def log_summary(self, summary: dict) -> None:
         if self.wandb_run is not None:
             self.wandb_run.summary.update(summary)

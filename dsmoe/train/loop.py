@@ -22,9 +22,13 @@ from dsmoe import config as config_lib
 from dsmoe import growth
 from dsmoe.config import Config, ConfigError
 from dsmoe.data import PackedSampler, open_token_data, pad_vocab, prepare
+from dsmoe.data.corpus import DataError
+from dsmoe.data.loader import StepMicroBatches, step_batches
 from dsmoe.data.mlm import IGNORE_INDEX, MLMBatches
-from dsmoe.data.tokens import open_pretokenized
-from dsmoe.model import build
+from dsmoe.data.tokenizer import load_tokenizer
+from dsmoe.data.tokens import TokenData, open_pretokenized, tokenizer_file
+from dsmoe.evaluation import HeldOut, evaluate, validation_samples
+from dsmoe.model import TRAINING, build
 from dsmoe.model.attention import resolve_backend
 from dsmoe.train import checkpoint, methods
 from dsmoe.train.checkpoint import CheckpointError
@@ -35,6 +39,8 @@ from parallel import groups
 
 # Sections a resumed run must share with the checkpoint it resumes; train.* may change (e.g. max_steps).
 RESUME_MUST_MATCH = ("model", "data")  # the layout may change: checkpoints are resharded (checkpoint.py)
+# Settings resolved when a run first starts ("" / 0: work it out); a resumed run keeps the saved value.
+RESOLVED_AT_START = {"data.eos_token": "", "data.train_samples": 0}
 
 
 def _layout(config: dict, world_size: int) -> dict:
@@ -83,6 +89,7 @@ def check_resume_config(saved: dict, current: Config, run_dir: Path) -> None:
             f"{k}: checkpoint {a.get(k)!r}, now {b.get(k)!r}"
             for k in sorted(a.keys() | b.keys())
             if a.get(k) != b.get(k)
+            and not (k in RESOLVED_AT_START and RESOLVED_AT_START[k] in (a.get(k), b.get(k)))
         ]
     if diffs:
         raise ConfigError(
@@ -91,13 +98,60 @@ def check_resume_config(saved: dict, current: Config, run_dir: Path) -> None:
         )
 
 
-def _resolved_data(cfg: Config, dims: groups.ParallelDims):
-    """Prepare the token cache on rank 0, then open it everywhere (or open pre-tokenized files)."""
+def _resolved_data(cfg: Config, dims: groups.ParallelDims) -> TokenData:
+    """Rank 0 prepares the token cache (tokenizer training, tokenization) or checks the given tokenizer and
+    token files, everyone then opens them; an error reaches every rank. An indexed blend's datasets are
+    opened later (_indexed_splits), once the vocabulary and the resume point are known."""
+    outcome: list = [None, None]
+    if dims.is_main:
+        try:
+            if cfg.data.corpus == "indexed":
+                tok = load_tokenizer(cfg.data.tokenizer, cfg.data.eos_token)
+                outcome[0] = str(tokenizer_file(tok, cfg.data.cache_dir))
+            elif cfg.data.corpus == "shakespeare":
+                outcome[0] = str(prepare(cfg.data))
+            else:
+                open_pretokenized(cfg.data)
+        except (DataError, ConfigError) as e:
+            outcome[1] = e
+    dist.broadcast_object_list(outcome, src=0)
+    if outcome[1] is not None:
+        raise outcome[1]
+    if cfg.data.corpus == "indexed":  # the end-of-document token as data.tokenizer declares it
+        tok, path = load_tokenizer(cfg.data.tokenizer, cfg.data.eos_token), Path(outcome[0])
+        return TokenData(path.parent, path, None, None, tok.vocab_size, tok.eos_id, tok.eos_token)
     if cfg.data.corpus == "tokens":
         return open_pretokenized(cfg.data)
-    path = [str(prepare(cfg.data))] if dims.is_main else [None]
-    dist.broadcast_object_list(path, src=0)
-    return open_token_data(Path(path[0]))
+    return open_token_data(Path(outcome[0]))
+
+
+def _indexed_splits(cfg: Config, dims: groups.ParallelDims, token_data: TokenData):
+    """megatron-core's training and validation datasets of data.blend, after rank 0 checked every prefix."""
+    from dsmoe.data.indexed import build_splits, check_sources
+
+    tok = load_tokenizer(token_data.tokenizer_path, token_data.eos_token)
+    outcome: list = [[], None]
+    if dims.is_main:
+        try:
+            outcome[0] = check_sources(cfg.data, tok, cfg.model.vocab_size)
+        except DataError as e:
+            outcome[1] = e
+    dist.broadcast_object_list(outcome, src=0)
+    if outcome[1] is not None:
+        raise outcome[1]
+    if dims.is_main:
+        for warning in outcome[0]:
+            print(f"warning: {warning}", flush=True)
+        needed = cfg.train.max_steps * cfg.train.global_batch_size
+        if needed > cfg.data.train_samples:
+            print(
+                f"warning: train.max_steps needs {needed} sequences but data.train_samples is "
+                f"{cfg.data.train_samples} (fixed when the run started): the sample order repeats from its start",
+                flush=True,
+            )
+    return build_splits(
+        cfg.data, tok, cfg.data.seq_len, cfg.train.seed, cfg.data.train_samples, validation_samples(cfg)
+    )
 
 
 def _initialise_from(model, export_dir: Path) -> None:
@@ -141,14 +195,21 @@ def _resume_point(
     cfg: Config, dims: groups.ParallelDims, run_dir: Path, tokenizer_path: Path
 ) -> tuple[str | None, bool, int, dict | None]:
     """The verified checkpoint to resume from, whether it was saved in this layout, and its step (rank 0
-    decides, everyone follows), after checking it fits."""
-    decision: list = [None, None, True, 0, None]
+    decides, everyone follows), after checking it fits. Settings resolved when the run first started
+    (RESOLVED_AT_START) are taken from the checkpoint."""
+    decision: list = [None, None, True, 0, None, {}]
     if dims.is_main:
         try:
             tag = checkpoint.resume_tag(run_dir)
             if tag is not None:
                 ours = checkpoint.read_client_state(checkpoint.checkpoint_root(run_dir) / tag)
                 check_resume_config(ours["config"], cfg, run_dir)
+                saved = _flatten(ours["config"])
+                decision[5] = {
+                    k: saved[k]
+                    for k in RESOLVED_AT_START
+                    if saved.get(k, RESOLVED_AT_START[k]) != RESOLVED_AT_START[k]
+                }
                 decision[3] = int(ours["step"])
                 decision[4] = ours.get("budget")
                 saved = _layout(ours["config"], ours.get("world_size", dims.world_size))
@@ -173,6 +234,9 @@ def _resume_point(
     dist.broadcast_object_list(decision, src=0)
     if decision[1] is not None:
         raise decision[1]
+    for key, value in decision[5].items():
+        section, name = key.split(".")
+        setattr(getattr(cfg, section), name, value)
     return decision[0], decision[2], decision[3], decision[4]
 
 
@@ -197,10 +261,16 @@ def run(cfg: Config) -> RunResult:
             f"model.vocab_size {cfg.model.vocab_size} < tokenizer vocabulary {token_data.vocab_size}"
             + (" + the mask and padding tokens" if cfg.model.is_encoder else "")
         )
+    cfg.data.eos_token = token_data.eos_token  # saved with the run: exports name it
 
     resume_from, same_layout, steps_done, budget_state = _resume_point(
         cfg, dims, run_dir, token_data.tokenizer_path
     )
+    splits = None
+    if cfg.data.corpus == "indexed":
+        if cfg.data.train_samples == 0:  # a new run: as many as max_steps takes (a resumed one kept its own)
+            cfg.data.train_samples = t.max_steps * t.global_batch_size
+        splits = _indexed_splits(cfg, dims, token_data)
     budgeted = None
     if t.budget.rst_hours > 0:  # NTNG: the reference-time budget, its schedule and the method
         from dsmoe.train.budgeted import BudgetedRun
@@ -235,10 +305,37 @@ def run(cfg: Config) -> RunResult:
     else:
         torch.manual_seed(t.seed + 1 + dims.rank)  # per-rank stream for anything stochastic in training
 
-    train_tokens = budgeted.train_tokens(token_data.train) if budgeted else token_data.train
-    sampler = PackedSampler(train_tokens, cfg.data.seq_len, t.seed)
+    if splits is not None:  # megatron-core's packed, shuffled, blended samples
+        from dsmoe.data.indexed import IndexedSampler
+
+        sampler = IndexedSampler(splits.train, cfg.data.seq_len)
+    else:
+        train_tokens = budgeted.train_tokens(token_data.train) if budgeted else token_data.train
+        sampler = PackedSampler(train_tokens, cfg.data.seq_len, t.seed)
     if cfg.model.is_encoder:  # (input_ids, attention_mask, labels): mixed lengths, masked
         sampler = MLMBatches(sampler, token_data.vocab_size, cfg.mlm, t.seed)
+    held_out = _held_out(cfg, token_data, splits)
+    validation = _Validation(cfg, held_out, token_data.vocab_size, dims)
+    loader = None
+    if budgeted is None:  # batch selection reads its own larger batches
+        workers = (
+            cfg.data.num_workers if cfg.data.num_workers >= 0 else (2 if dims.device.type == "cuda" else 0)
+        )
+        loader = step_batches(
+            StepMicroBatches(
+                sampler,
+                start_step,
+                t.max_steps,
+                gas,
+                dims.batch_rank,
+                dims.batch_ranks,
+                t.micro_batch_size,
+                t.global_batch_size,
+            ),
+            workers,
+            cfg.data.prefetch_factor,
+            pin_memory=dims.device.type == "cuda",
+        )
     backend = (
         model.attention_backend(dims.device)
         if cfg.model.is_encoder
@@ -315,26 +412,17 @@ def run(cfg: Config) -> RunResult:
             if budgeted is not None:  # batch selection scores a larger batch first
                 batches = budgeted.batches(step, sampler, engine, gas)
             else:
-                batches = [
-                    sampler.micro_batch(
-                        step,
-                        micro,
-                        dims.batch_rank,
-                        dims.batch_ranks,
-                        t.micro_batch_size,
-                        t.global_batch_size,
-                    )
-                    for micro in range(gas)
-                ]
+                batches = next(loader)
             weights = _mlm_token_weights(batches, dims) if cfg.model.is_encoder else [1.0] * gas
             for micro, batch in enumerate(batches):
                 # decoder: (inputs, targets); encoder: (input_ids, attention_mask, labels)
                 real_tokens += int(batch[1].sum()) if cfg.model.is_encoder else batch[0].numel()
+                batch = [part.to(dims.device, non_blocking=True) for part in batch]  # pinned on a GPU
                 if plan is not None and len(plan.active) < plan.depth:  # layer dropping
                     with methods.run_blocks(engine.module, plan.active):
-                        out = engine(*(part.to(dims.device) for part in batch))
+                        out = engine(*batch)
                 else:
-                    out = engine(*(part.to(dims.device) for part in batch))
+                    out = engine(*batch)
                 w = weights[micro]
                 engine.backward(out.loss if w == 1.0 else out.loss + (w - 1.0) * out.lm_loss)
                 if micro < gas - 1:
@@ -372,6 +460,8 @@ def run(cfg: Config) -> RunResult:
                 finished = not budgeted.fits(plan)
             else:
                 finished = step + 1 == t.max_steps
+            if t.eval_every and ((step + 1) % t.eval_every == 0 or finished):
+                record.update(validation.run(engine.module, step + 1, logger))
             finite = applied and math.isfinite(record["loss"]) and math.isfinite(record["grad_norm"])
             record["skipped"] = not finite
             bad_steps = 0 if finite else bad_steps + 1
@@ -426,10 +516,62 @@ def run(cfg: Config) -> RunResult:
         from dsmoe.train.report import encoder_report, final_report
 
         report = encoder_report if cfg.model.is_encoder else final_report
-        result.summary = report(run_dir, cfg, logger)
+        result.summary = report(run_dir, cfg, logger, held_out)
     if logger:
         logger.close()
     return result
+
+
+def _held_out(cfg: Config, token_data: TokenData, splits) -> HeldOut:
+    """The fixed validation sample every evaluation of this run reads (dsmoe.evaluation)."""
+    if splits is None:
+        return HeldOut.from_tokens(token_data.val, cfg.data.seq_len, cfg.train.eval_tokens)
+    from dsmoe.data.indexed import validation_rows
+
+    rows, source = validation_rows(splits, validation_samples(cfg))
+    return HeldOut(rows, source, splits.source_names)
+
+
+class _Validation:
+    """train.eval_every: held-out loss of the training model on the fixed sample, on every rank (the decoder's
+    rows shared over the data-parallel ranks; the encoder's masked batches, data parallel only, on each)."""
+
+    def __init__(self, cfg: Config, held_out: HeldOut, tokenizer_vocab: int, dims: groups.ParallelDims):
+        self.cfg, self.held_out, self.dims = cfg, held_out, dims
+        self.mlm_batches = None
+        if cfg.model.is_encoder and cfg.train.eval_every:
+            from dsmoe.data.mlm import eval_batches
+
+            self.mlm_batches = eval_batches(
+                held_out.token_stream(),
+                cfg.data.seq_len,
+                cfg.mlm.eval_probability,
+                tokenizer_vocab,
+                batch_size=cfg.train.micro_batch_size,
+                seed=cfg.train.seed,
+            )
+
+    def run(self, model, step: int, logger) -> dict:
+        if self.mlm_batches is not None:
+            from dsmoe.infer import mlm_loss
+
+            result = mlm_loss(model, self.mlm_batches, TRAINING, self.cfg.data.seq_len)
+            model.train()
+            figures = {
+                "val_loss": result.loss,
+                "val_ppl": result.perplexity,
+                "val_mlm_accuracy": result.accuracy,
+            }
+        else:
+            result = evaluate(model, self.held_out, TRAINING, self.cfg.train.micro_batch_size, self.dims)
+            figures = result.metrics()
+        if logger is not None:
+            sources = {k.split("/", 1)[1]: v for k, v in figures.items() if k.startswith("val_ppl/")}
+            logger.write(
+                f"step {step}: held-out loss {figures['val_loss']:.4f}, perplexity {figures['val_ppl']:.2f}"
+                + (" (" + ", ".join(f"{k} {v:.2f}" for k, v in sources.items()) + ")" if sources else "")
+            )
+        return figures
 
 
 def _expert_dispatch(cfg: Config, model, dims: groups.ParallelDims) -> str:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from dsmoe.config import Config
+from dsmoe.evaluation import HeldOut, evaluate, held_out_set
 from dsmoe.export import export
-from dsmoe.infer import held_out_tokens, load, perplexity
+from dsmoe.infer import load
 from dsmoe.model import Routing, RoutingRule
 from dsmoe.train.logging import read_metrics
 
@@ -24,29 +26,44 @@ def evaluation_rules(cfg: Config) -> list[Routing]:
     return rules
 
 
-def final_report(run_dir: Path, cfg: Config, logger=None) -> dict:
+def held_out_name(cfg: Config, held_out: HeldOut) -> str:
+    """What the held-out sample is, for the report's heading."""
+    if cfg.data.corpus == "indexed":
+        split = "data.valid_blend" if cfg.data.valid_blend else f"validation split {cfg.data.split}"
+        return f"{split} of {', '.join(held_out.source_names)}"
+    return ", ".join(cfg.data.val_works) if cfg.data.corpus == "shakespeare" else cfg.data.val_tokens
+
+
+def final_report(run_dir: Path, cfg: Config, logger=None, held_out: HeldOut | None = None) -> dict:
+    """Export with the paper's default rule, then the held-out perplexity of each rule on the run's fixed
+    validation sample, with the evaluator that ran during training (dsmoe.evaluation)."""
     rules = evaluation_rules(cfg)
     # The export carries the paper's default: the threshold rule on the MLP, every attention expert kept.
     default = next((r for r in rules if r.mlp.mode == "threshold" and r.attention.mode == "dense"), rules[0])
     export_dir = export(run_dir, run_dir / "export", default)
     loaded = load(export_dir)
-    tokens = held_out_tokens(loaded.cfg, loaded.tokenizer_path)
-    results = [
-        perplexity(loaded.model, tokens, cfg.data.seq_len, rule, cfg.train.eval_tokens) for rule in rules
-    ]
+    held_out = held_out or held_out_set(loaded.cfg, loaded.tokenizer_path)
+    results = [evaluate(loaded.model, held_out, rule) for rule in rules]
+    rows = [r.row() for r in results]
+    if len(held_out.source_names) > 1:
+        rows += [
+            f"{r.routing:<52} per source: "
+            + ", ".join(f"{name} {math.exp(loss):.2f}" for name, loss in r.source_loss.items())
+            for r in results
+        ]
     summary = _write_summary(
         run_dir,
         export_dir,
         {"eval_tokens": results[0].tokens, "results": [r.__dict__ for r in results]},
-        f"held-out perplexity ({', '.join(cfg.data.val_works)}; {results[0].tokens} tokens), exported to {export_dir}:",
-        [r.row() for r in results],
+        f"held-out perplexity ({held_out_name(cfg, held_out)}; {results[0].tokens} tokens), exported to {export_dir}:",
+        rows,
     )
     if logger is not None:
         logger.log_summary({f"eval/ppl/{r.routing}": r.perplexity for r in results})
     return summary
 
 
-def encoder_report(run_dir: Path, cfg: Config, logger=None) -> dict:
+def encoder_report(run_dir: Path, cfg: Config, logger=None, held_out: HeldOut | None = None) -> dict:
     """The encoder's end of run: export, then held-out MLM loss at 15% masking (mlm.eval_probability) at the
     training length and at mlm.eval_seq_lens (ALiBi extrapolation), dense and, for DS-MoE, under the
     configured top-K and threshold rules."""
@@ -59,7 +76,8 @@ def encoder_report(run_dir: Path, cfg: Config, logger=None) -> dict:
     default = next((r for r in rules if r.mlp.mode == "threshold"), rules[0])
     export_dir = export(run_dir, run_dir / "export", default)
     loaded = load(export_dir)
-    tokens = held_out_tokens(loaded.cfg, loaded.tokenizer_path)
+    held_out = held_out or held_out_set(loaded.cfg, loaded.tokenizer_path)
+    tokens = held_out.token_stream()
     tokenizer_vocab = Tokenizer.from_file(str(loaded.tokenizer_path)).get_vocab_size()
     results = []
     for seq_len in [cfg.data.seq_len, *cfg.mlm.eval_seq_lens]:
@@ -79,7 +97,7 @@ def encoder_report(run_dir: Path, cfg: Config, logger=None) -> dict:
             "eval_masking": cfg.mlm.eval_probability,
             "results": [dict(r.__dict__, perplexity=r.perplexity) for r in results],
         },
-        f"held-out MLM ({', '.join(cfg.data.val_works)}; {cfg.mlm.eval_probability:.0%} masked), "
+        f"held-out MLM ({held_out_name(cfg, held_out)}; {cfg.mlm.eval_probability:.0%} masked), "
         f"exported to {export_dir}:",
         [r.row() for r in results],
     )

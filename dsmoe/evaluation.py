@@ -1,0 +1,199 @@
+"""Held-out evaluation: one fixed validation sample and one evaluator, for training and for exported models.
+
+The sample is chosen once from the run's config (the first train.eval_tokens of the held-out works, or the
+first validation sequences of an indexed blend) and every evaluation reads the same rows: the periodic
+validation during training, the end-of-run report on the export, and tools/eval_ppl.py. The evaluator
+reports the token-weighted mean next-token loss overall and per source (a blend's prefixes), and how much of
+the model each routing rule ran.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from dsmoe import config as config_lib
+from dsmoe.data.corpus import DataError
+from dsmoe.model import TRAINING, Routing
+
+HELD_OUT = "held-out"  # the one source of a corpus without a blend
+
+
+@dataclass
+class HeldOut:
+    """The fixed validation sample: rows of seq_len + 1 tokens and the source each row came from."""
+
+    rows: torch.Tensor
+    """(N, seq_len + 1) int64 token ids: inputs are rows[:, :-1], next-token targets rows[:, 1:]."""
+    source: torch.Tensor
+    """(N,) int64 index into source_names."""
+    source_names: list[str]
+
+    @property
+    def tokens(self) -> int:
+        return self.rows.shape[0] * (self.rows.shape[1] - 1)
+
+    def token_stream(self) -> np.ndarray:
+        """The rows as one token array (consecutive rows of a token corpus share their boundary token)."""
+        return torch.cat([self.rows[:, :-1].reshape(-1), self.rows[-1, -1:]]).numpy()
+
+    def first(self, max_tokens: int) -> HeldOut:
+        """The sample cut to its first max_tokens tokens (whole rows, at least one; 0: all)."""
+        if not max_tokens:
+            return self
+        n = max(1, max_tokens // (self.rows.shape[1] - 1))
+        return HeldOut(self.rows[:n], self.source[:n], self.source_names)
+
+    @classmethod
+    def from_tokens(cls, tokens, seq_len: int, max_tokens: int = 0, name: str = HELD_OUT) -> HeldOut:
+        """Consecutive non-overlapping windows over a held-out token array, in order."""
+        n = (len(tokens) - 1) // seq_len
+        if max_tokens:
+            n = min(n, max(1, max_tokens // seq_len))
+        if n < 1:
+            raise DataError(f"held-out split has {len(tokens)} tokens: too few for one window of {seq_len}")
+        flat = torch.from_numpy(np.asarray(tokens[: n * seq_len + 1], dtype=np.int64))
+        rows = torch.stack([flat[i * seq_len : (i + 1) * seq_len + 1] for i in range(n)])
+        return cls(rows, torch.zeros(n, dtype=torch.long), [name])
+
+
+def validation_samples(cfg: config_lib.Config) -> int:
+    """Rows of the fixed sample of an indexed blend: train.eval_tokens in whole sequences."""
+    return max(1, math.ceil(cfg.train.eval_tokens / cfg.data.seq_len))
+
+
+def held_out_set(cfg: config_lib.Config, tokenizer_path: Path, splits=None) -> HeldOut:
+    """The run's fixed validation sample, from its saved config and tokenizer (indexed blends: from
+    megatron-core's validation split, built here unless the run's `splits` are given)."""
+    if cfg.data.corpus != "indexed":
+        from dsmoe.infer import held_out_tokens
+
+        return HeldOut.from_tokens(
+            held_out_tokens(cfg, tokenizer_path), cfg.data.seq_len, cfg.train.eval_tokens
+        )
+    from dsmoe.data.indexed import build_splits, validation_rows
+    from dsmoe.data.tokenizer import load_tokenizer
+
+    if splits is None:
+        tokenizer = load_tokenizer(tokenizer_path, cfg.data.eos_token)
+        splits = build_splits(
+            cfg.data,
+            tokenizer,
+            cfg.data.seq_len,
+            cfg.train.seed,
+            cfg.data.train_samples,
+            validation_samples(cfg),
+        )
+    rows, source = validation_rows(splits, validation_samples(cfg))
+    return HeldOut(rows, source, splits.source_names)
+
+
+@dataclass
+class EvalResult:
+    """Held-out next-token loss of a model under a routing rule, overall and per source."""
+
+    routing: str
+    perplexity: float
+    tokens: int
+    expert_active_fraction: float
+    """Mean fraction of the MLP experts' parameters computed per token (1 for dense MLPs)."""
+    attention_active_fraction: float
+    """Mean fraction of the MoA experts' query/output projections computed per token (1 without MoA)."""
+    param_active_fraction: float
+    """Share of all non-embedding parameters computed per token (shared K/V and routers always run)."""
+    loss: float = 0.0
+    """Mean next-token cross-entropy (nats); perplexity = exp(loss)."""
+    source_loss: dict[str, float] = field(default_factory=dict)
+    """The same mean over each source's rows."""
+
+    def row(self) -> str:
+        return (
+            f"{self.routing:<52} ppl {self.perplexity:8.2f}   MLP experts {100 * self.expert_active_fraction:5.1f}%"
+            f"   attention experts {100 * self.attention_active_fraction:5.1f}%"
+            f"   params {100 * self.param_active_fraction:5.1f}%"
+        )
+
+    def metrics(self, prefix: str = "val") -> dict[str, float]:
+        """Flat figures for metrics.jsonl and wandb: val_loss, val_ppl, and per source val_loss/NAME, ..."""
+        out = {f"{prefix}_loss": self.loss, f"{prefix}_ppl": self.perplexity}
+        if len(self.source_loss) > 1:
+            for name, loss in self.source_loss.items():
+                out[f"{prefix}_loss/{name}"] = loss
+                out[f"{prefix}_ppl/{name}"] = math.exp(loss)
+        return out
+
+
+@torch.no_grad()
+def evaluate(
+    model, held_out: HeldOut, routing: Routing = TRAINING, batch_size: int = 16, dims=None
+) -> EvalResult:
+    """Mean next-token loss of `model` over the fixed sample. With `dims` (a parallel layout, during training)
+    the rows are shared out over the data-parallel ranks and every rank runs the same number of equal
+    forwards (expert and tensor parallelism and ZeRO-3 exchange in each), the last padded with weightless
+    rows; the sums are taken over the world, so any layout gives the one-process figure."""
+    if model.cfg.is_encoder:
+        raise ValueError("next-token loss is for decoders; evaluate an encoder with dsmoe.infer.mlm_loss")
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    ranks, rank = (dims.batch_ranks, dims.batch_rank) if dims is not None else (1, 0)
+    n, n_sources = held_out.rows.shape[0], len(held_out.source_names)
+    chunk = batch_size * ranks
+    # nll per source, tokens per source, MLP and attention experts run (token-weighted)
+    sums = torch.zeros(2 * n_sources + 2, dtype=torch.float64, device=device)
+    for start in range(0, n, chunk):
+        picks = torch.arange(start + rank * batch_size, start + (rank + 1) * batch_size)
+        real = picks < n
+        if ranks == 1:  # one process: no peers to keep in step, so no padding
+            picks = picks[real]
+            real = real[real]
+        picks = torch.where(real, picks, torch.zeros_like(picks))
+        rows = held_out.rows[picks].to(device)
+        x_BT, y_BT = rows[:, :-1], rows[:, 1:]
+        out = model(x_BT, routing=routing)
+        B, T = y_BT.shape
+        nll_BT = model.cross_entropy(out.logits.reshape(B * T, -1), y_BT.reshape(-1), reduction="none").view(
+            B, T
+        )
+        weight_B = real.to(device, torch.float64)
+        source_B = held_out.source[picks].to(device)
+        sums[:n_sources].index_add_(0, source_B, nll_BT.double().sum(1) * weight_B)
+        sums[n_sources : 2 * n_sources].index_add_(0, source_B, weight_B * T)
+        tokens = weight_B.sum() * T
+        sums[-2] += (out.mlp.active_fraction.mean().double() if out.mlp else 1.0) * tokens
+        sums[-1] += (out.attention.active_fraction.mean().double() if out.attention else 1.0) * tokens
+    if dims is not None and dims.world_size > 1:
+        dist.all_reduce(sums)
+        sums /= dims.tp  # tensor-parallel ranks hold copies of their slice's figures
+    model.train(was_training)
+    nll, counts = sums[:n_sources], sums[n_sources : 2 * n_sources]
+    total = float(counts.sum())
+    loss = float(nll.sum()) / total
+    mlp_frac, attention_frac = float(sums[-2]) / total, float(sums[-1]) / total
+    return EvalResult(
+        routing=str(routing),
+        perplexity=math.exp(loss),
+        tokens=int(total),
+        expert_active_fraction=mlp_frac,
+        attention_active_fraction=attention_frac,
+        param_active_fraction=active_params(model, mlp_frac, attention_frac),
+        loss=loss,
+        source_loss={
+            name: float(nll[i] / counts[i]) for i, name in enumerate(held_out.source_names) if counts[i] > 0
+        },
+    )
+
+
+def active_params(model, mlp_frac: float, attention_frac: float) -> float:
+    """Share of the non-embedding parameters computed per token when that share of the MLP and MoA experts
+    runs (shared K/V projections and routers always run)."""
+    total = model.num_params(exclude_embedding=True)
+    skipped = model.num_expert_params() * (1.0 - mlp_frac) + model.num_attention_expert_params() * (
+        1.0 - attention_frac
+    )
+    return (total - skipped) / total
