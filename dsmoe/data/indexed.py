@@ -217,7 +217,9 @@ def build_splits(
         "indices": [_file_identity(p) for p in train_blend[0] + (valid_blend[0] if valid_blend else [])],
     }
     marker = cache / f"complete-{hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:24]}.json"
-    distributed = dist.is_available() and dist.is_initialized()
+    if not dist.is_initialized():  # a tool on one process: megatron-core's BlendedDataset asks for a rank
+        _one_process_group()
+    distributed = dist.get_world_size() > 1
     rank = dist.get_rank() if distributed else 0
     missing = [not marker.is_file()]  # rank 0 decides: every rank must take part in a build's barriers
     if distributed:
@@ -228,6 +230,11 @@ def build_splits(
         dist.barrier()
     train, valid, _ = builder(cache, lambda: True).build()  # every rank: read from the cache
     return IndexedSplits(train, valid, source_names((valid_blend or train_blend)[0]))
+
+
+def _one_process_group() -> None:
+    store = dist.FileStore(tempfile.mktemp(prefix="dsmoe-pg-"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
 
 
 def _file_identity(prefix: str) -> list:

@@ -41,6 +41,8 @@ from parallel import groups
 RESUME_MUST_MATCH = ("model", "data")  # the layout may change: checkpoints are resharded (checkpoint.py)
 # Settings resolved when a run first starts ("" / 0: work it out); a resumed run keeps the saved value.
 RESOLVED_AT_START = {"data.eos_token": "", "data.train_samples": 0}
+# Data settings that say how to read, not what: a resumed run may change them.
+RESUME_MAY_CHANGE = ("data.num_workers", "data.prefetch_factor", "data.cache_dir")
 
 
 def _layout(config: dict, world_size: int) -> dict:
@@ -89,6 +91,7 @@ def check_resume_config(saved: dict, current: Config, run_dir: Path) -> None:
             f"{k}: checkpoint {a.get(k)!r}, now {b.get(k)!r}"
             for k in sorted(a.keys() | b.keys())
             if a.get(k) != b.get(k)
+            and k not in RESUME_MAY_CHANGE
             and not (k in RESOLVED_AT_START and RESOLVED_AT_START[k] in (a.get(k), b.get(k)))
         ]
     if diffs:
