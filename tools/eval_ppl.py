@@ -2,19 +2,22 @@
 
     python tools/eval_ppl.py MODEL_OR_RUN_DIR [--top-k K | --threshold EPS | --dense] [--max-tokens N]
 
-Prints perplexity on the held-out works and the fraction of MLP expert parameters (and of all
-non-embedding parameters) computed per token. Without a rule: the export's own rule, or dense for a run.
+Prints perplexity on the run's fixed held-out sample (the held-out works, or the validation split of an
+indexed blend, overall and per source) and the fraction of MLP expert parameters (and of all non-embedding
+parameters) computed per token. Without a rule: the export's own rule, or dense for a run.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 import torch
 from _cli import add_routing_arguments, load_model_or_exit, routing_from_args
 
-from dsmoe.infer import held_out_tokens, perplexity
+from dsmoe.evaluation import evaluate, held_out_set
+from dsmoe.train.report import held_out_name
 
 
 def main() -> int:
@@ -23,7 +26,7 @@ def main() -> int:
     )
     parser.add_argument("path", help="exported model directory or training run directory")
     parser.add_argument(
-        "--max-tokens", type=int, default=0, help="evaluate at most this many tokens (0: all)"
+        "--max-tokens", type=int, default=0, help="evaluate the first this many tokens of the sample (0: all)"
     )
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -32,10 +35,14 @@ def main() -> int:
     loaded = load_model_or_exit(args.path)
     rule = routing_from_args(args, loaded.routing)
     model = loaded.model.to(args.device)
-    tokens = held_out_tokens(loaded.cfg, loaded.tokenizer_path)
-    result = perplexity(model, tokens, loaded.cfg.data.seq_len, rule, args.max_tokens, args.batch_size)
-    print(f"{args.path}: held-out {', '.join(loaded.cfg.data.val_works)}, {result.tokens} tokens")
+    held_out = held_out_set(loaded.cfg, loaded.tokenizer_path).first(args.max_tokens)
+    result = evaluate(model, held_out, rule, args.batch_size)
+    print(f"{args.path}: held-out {held_out_name(loaded.cfg, held_out)}, {result.tokens} tokens")
     print(result.row())
+    if len(result.source_loss) > 1:
+        print(
+            "  per source: " + ", ".join(f"{k} ppl {math.exp(v):.2f}" for k, v in result.source_loss.items())
+        )
     return 0
 
 

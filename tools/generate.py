@@ -41,7 +41,9 @@ def main() -> int:
     loaded = load_model_or_exit(args.path)
     routing = routing_from_args(args, loaded.routing, mlp_prefix="mlp_")
     tok = Tokenizer.from_file(str(loaded.tokenizer_path))
-    prompt = torch.tensor([tok.encode(args.prompt, add_special_tokens=False).ids] * args.samples, device=args.device)
+    prompt = torch.tensor(
+        [tok.encode(args.prompt, add_special_tokens=False).ids] * args.samples, device=args.device
+    )
     generator = torch.Generator(device=args.device).manual_seed(args.seed)
     model = loaded.model.to(args.device)
     eos = tok.token_to_id(loaded.cfg.data.eos_token or EOS)  # the end-of-document token the run trained on

@@ -412,10 +412,12 @@ def run(cfg: Config) -> RunResult:
                         )
             lr = engine.get_lr()[0]
             sums, real_tokens = None, 0
+            waited = time.perf_counter()
             if budgeted is not None:  # batch selection scores a larger batch first
                 batches = budgeted.batches(step, sampler, engine, gas)
             else:
                 batches = next(loader)
+            data_wait_s = time.perf_counter() - waited  # the step's time spent waiting for its batches
             weights = _mlm_token_weights(batches, dims) if cfg.model.is_encoder else [1.0] * gas
             for micro, batch in enumerate(batches):
                 # decoder: (inputs, targets); encoder: (input_ids, attention_mask, labels)
@@ -450,10 +452,13 @@ def run(cfg: Config) -> RunResult:
             dist.all_reduce(packed)
             stop_now = bool(packed[-1] > 0)
             record = _unpack(packed[:-2] / (gas * dims.world_size), sums, step + 1)
+            step_s = time.perf_counter() - started  # the all_reduce's .item()s above synchronised the device
             record.update(
                 lr=lr,
                 grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
-                tokens_per_s=float(packed[-2]) / (time.perf_counter() - started),
+                tokens_per_s=float(packed[-2]) / step_s,
+                step_s=step_s,
+                data_wait_s=data_wait_s,
             )
             if budgeted is not None:
                 record.update(
