@@ -78,6 +78,9 @@ def loader_alone(overrides: list[str], steps: int, workers: int) -> float:
     from dsmoe.data.tokenizer import load_tokenizer
 
     cfg = config_lib.load(REPO / "configs" / "dsmoe_1b.yaml", overrides)
+    from parallel import groups
+
+    groups.init(cfg.parallel)  # the process group the training run then finds (one process, as it sets it up)
     t = cfg.train
     tok = load_tokenizer(cfg.data.tokenizer)
     splits = build_splits(cfg.data, tok, cfg.data.seq_len, t.seed, steps * t.global_batch_size, 8)
