@@ -113,6 +113,16 @@ def run_rank(
         result["mi"].append((float(stats[1]), float(stats[2])))
         result["norm"].append(norm)
     result["weights"] = {n: p.detach().to("cpu", copy=True) for n, p in engine.module.named_parameters()}
+    # Held-out evaluation as train.eval_every runs it: 7 rows of two sources shared out over the batch ranks,
+    # the last forward padded (7 is no multiple of any layout's rows per forward).
+    from dsmoe.evaluation import HeldOut, evaluate
+    from dsmoe.model import TRAINING
+
+    g = torch.Generator().manual_seed(99)
+    held_out = HeldOut(
+        torch.randint(0, VOCAB, (7, SEQ + 1), generator=g), torch.tensor([0, 1, 1, 0, 1, 0, 0]), ["a", "b"]
+    )
+    result["eval"] = evaluate(engine.module, held_out, TRAINING, batch_size=2, dims=dims)
     engine.module.eval()
     with torch.no_grad():
         sparse = Routing(RoutingRule("top_k", k=2), RoutingRule("top_k", k=2))

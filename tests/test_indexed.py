@@ -291,3 +291,12 @@ def test_a_killed_index_build_leaves_nothing_that_looks_cached(corpus, tmp_path,
     monkeypatch.setattr(gpt_dataset.numpy, "save", real_save)
     assert len(_splits(corpus, cache_dir=cache).train) > 0
     assert list(indices.glob("complete-*"))
+
+
+def test_the_indexed_preset_loads_and_names_its_data():
+    cfg = config_lib.load("configs/dsmoe_1b_indexed.yaml", ["data.tokenizer=/models/llama3"])
+    assert cfg.data.corpus == "indexed" and config_lib.parse_blend(cfg.data.blend, "data.blend")[1] == [
+        0.7,
+        0.3,
+    ]
+    assert (cfg.model.vocab_size, cfg.train.eval_every, cfg.data.tokenizer) == (0, 1000, "/models/llama3")

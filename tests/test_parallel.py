@@ -89,6 +89,13 @@ def test_layout_trains_like_one_process(name, references, tmp_path):
                 f"{name}: gradient of {n}, relative error {e:.2e}"
             )
 
+    # Held-out evaluation during training (dsmoe.evaluation.evaluate with the layout): the one-process figures.
+    for r in ranks:
+        assert r["eval"].loss == pytest.approx(reference["eval"].loss, rel=TOL)
+        assert r["eval"].tokens == reference["eval"].tokens == 7 * 16
+        for source, loss in reference["eval"].source_loss.items():
+            assert r["eval"].source_loss[source] == pytest.approx(loss, rel=TOL)
+
     # Sparse inference (top-2 MLP and attention experts; all-to-all dispatch under ep): each batch slice's
     # logits, from its first tensor-parallel rank, equal the single-process sparse logits of those rows.
     micro = reference["sparse_logits"].shape[0] // (dp * ep)
