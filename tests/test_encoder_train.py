@@ -89,8 +89,19 @@ def test_resume_continues_the_same_mlm_loss_curve(tmp_path, cache_dir):
 
 @pytest.mark.parametrize("ffn", ["geglu", "dsmoe"])
 def test_export_reloads_with_equal_logits(tmp_path, cache_dir, ffn):
-    result = run(tiny_mlm(tmp_path / "run", cache_dir, *SMALL, *(DSMOE if ffn == "dsmoe" else [])))
+    result = run(
+        tiny_mlm(
+            tmp_path / "run", cache_dir, *SMALL, *(DSMOE if ffn == "dsmoe" else []), "train.eval_every=6"
+        )
+    )
     export_dir = tmp_path / "run" / "export"
+    # The last periodic validation and the end-of-run report on the export: the same masked batches, the same
+    # mask id (the report once masked with an untrained id), the same loss.
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert (summary["results"][0]["routing"], summary["results"][0]["seq_len"]) == ("dense", 32)
+    assert read_metrics(tmp_path / "run")[-1]["val_loss"] == pytest.approx(
+        summary["results"][0]["loss"], rel=1e-5
+    )
     ours, cfg, routing, tokenizer_path = load_export(export_dir)
     if ffn == "dsmoe":  # the sparse rule rides along, as for the decoder
         assert routing == Routing(mlp=RoutingRule("threshold", eps=cfg.train.eval_threshold))

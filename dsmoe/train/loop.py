@@ -132,7 +132,7 @@ def _indexed_splits(cfg: Config, dims: groups.ParallelDims, token_data: TokenDat
     """megatron-core's training and validation datasets of data.blend, after rank 0 checked every prefix."""
     from dsmoe.data.indexed import build_splits, check_sources
 
-    tok = load_tokenizer(token_data.tokenizer_path, token_data.eos_token)
+    tok = load_tokenizer(cfg.data.tokenizer, token_data.eos_token)
     outcome: list = [[], None]
     if dims.is_main:
         try:

@@ -69,7 +69,7 @@ def encoder_report(run_dir: Path, cfg: Config, logger=None, held_out: HeldOut | 
     configured top-K and threshold rules."""
     from tokenizers import Tokenizer
 
-    from dsmoe.data.mlm import eval_batches
+    from dsmoe.data.mlm import MASK_TOKEN, eval_batches
     from dsmoe.infer import mlm_loss
 
     rules = evaluation_rules(cfg)
@@ -78,7 +78,10 @@ def encoder_report(run_dir: Path, cfg: Config, logger=None, held_out: HeldOut | 
     loaded = load(export_dir)
     held_out = held_out or held_out_set(loaded.cfg, loaded.tokenizer_path)
     tokens = held_out.token_stream()
-    tokenizer_vocab = Tokenizer.from_file(str(loaded.tokenizer_path)).get_vocab_size()
+    # The export's tokenizer carries the mask and padding tokens after the run's own ids: the mask's id is the
+    # size of the vocabulary training masked with (its get_vocab_size() counts both, which masked with an
+    # untrained id before 2026-12-02).
+    tokenizer_vocab = Tokenizer.from_file(str(loaded.tokenizer_path)).token_to_id(MASK_TOKEN)
     results = []
     for seq_len in [cfg.data.seq_len, *cfg.mlm.eval_seq_lens]:
         batches = eval_batches(
