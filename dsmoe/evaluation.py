@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from dsmoe import config as config_lib
-from dsmoe.data.corpus import DataError
+from dsmoe.data.sampler import eval_windows
 from dsmoe.model import TRAINING, Routing
 
 HELD_OUT = "held-out"  # the one source of a corpus without a blend
@@ -52,14 +52,9 @@ class HeldOut:
     @classmethod
     def from_tokens(cls, tokens, seq_len: int, max_tokens: int = 0, name: str = HELD_OUT) -> HeldOut:
         """Consecutive non-overlapping windows over a held-out token array, in order."""
-        n = (len(tokens) - 1) // seq_len
-        if max_tokens:
-            n = min(n, max(1, max_tokens // seq_len))
-        if n < 1:
-            raise DataError(f"held-out split has {len(tokens)} tokens: too few for one window of {seq_len}")
-        flat = torch.from_numpy(np.asarray(tokens[: n * seq_len + 1], dtype=np.int64))
-        rows = torch.stack([flat[i * seq_len : (i + 1) * seq_len + 1] for i in range(n)])
-        return cls(rows, torch.zeros(n, dtype=torch.long), [name])
+        windows = eval_windows(tokens, seq_len, max_tokens)
+        rows = torch.stack([torch.cat([inputs, targets[-1:]]) for inputs, targets in windows])
+        return cls(rows, torch.zeros(len(windows), dtype=torch.long), [name])
 
 
 def validation_samples(cfg: config_lib.Config) -> int:

@@ -258,14 +258,21 @@ def _parquet_documents(chunk: Chunk, bad: BadRecords) -> tuple[list[str], list[i
     for offset, text in enumerate(values):
         if isinstance(text, bytes):
             bad.add("not UTF-8", where(chunk, offset))
-        elif text is None:
-            bad.add("text not a string", where(chunk, offset), "null")
-        elif not text.strip():
-            bad.add("empty text", where(chunk, offset))
-        else:
+        elif _usable(text, chunk, offset, bad):
             texts.append(text)
             offsets.append(offset)
     return texts, offsets
+
+
+def _usable(text, chunk: Chunk, offset: int, bad: BadRecords) -> bool:
+    """A record's text is a non-blank string; anything else is counted as a bad record."""
+    if not isinstance(text, str):
+        bad.add("text not a string", where(chunk, offset), "null" if text is None else type(text).__name__)
+        return False
+    if not text.strip():
+        bad.add("empty text", where(chunk, offset))
+        return False
+    return True
 
 
 def _jsonl_documents(chunk: Chunk, text_key: str, bad: BadRecords) -> tuple[list[str], list[int]]:
@@ -288,14 +295,7 @@ def _jsonl_documents(chunk: Chunk, text_key: str, bad: BadRecords) -> tuple[list
         if text_key not in record:
             bad.add("missing text key", where(chunk, offset), f"no {text_key!r}")
             continue
-        text = record[text_key]
-        if not isinstance(text, str):
-            bad.add(
-                "text not a string", where(chunk, offset), "null" if text is None else type(text).__name__
-            )
-        elif not text.strip():
-            bad.add("empty text", where(chunk, offset))
-        else:
-            texts.append(text)
+        if _usable(record[text_key], chunk, offset, bad):
+            texts.append(record[text_key])
             offsets.append(offset)
     return texts, offsets
