@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -550,11 +551,8 @@ def parse_blend(values: list, key: str, source: str = "config") -> tuple[list[st
 
 def parse_split(split: str, key: str, source: str = "config") -> list[float]:
     """'969,30,1' -> [0.969, 0.03, 0.001] (train, validation, test shares; missing ones are 0)."""
-    try:
-        parts = [float(x) for x in str(split).replace("/", ",").split(",")]
-    except ValueError:
-        parts = []
-    if not 1 <= len(parts) <= 3 or any(x < 0 for x in parts) or sum(parts) <= 0:
+    parts = [float(x) for x in re.findall(r"[.0-9]+", str(split))]  # megatron-core's own reading of --split
+    if not 1 <= len(parts) <= 3 or not re.fullmatch(r"[\s.0-9,/]+", str(split)) or sum(parts) <= 0:
         raise ConfigError(
             f"{source}: '{key}' {split!r} must be up to three non-negative shares, e.g. '969,30,1'"
         )

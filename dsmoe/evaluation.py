@@ -57,6 +57,59 @@ class HeldOut:
         return cls(rows, torch.zeros(len(windows), dtype=torch.long), [name])
 
 
+def run_held_out(cfg: config_lib.Config, val_tokens, splits) -> HeldOut:
+    """The fixed validation sample of a training run: windows of its held-out tokens, or the first validation
+    sequences of its indexed blend (`splits`, dsmoe.data.indexed.IndexedSplits)."""
+    if splits is None:
+        return HeldOut.from_tokens(val_tokens, cfg.data.seq_len, cfg.train.eval_tokens)
+    from dsmoe.data.indexed import validation_rows
+
+    rows, source = validation_rows(splits, validation_samples(cfg))
+    return HeldOut(rows, source, splits.source_names)
+
+
+class PeriodicValidation:
+    """train.eval_every: held-out loss of the training model on the fixed sample, on every rank (the decoder's
+    rows shared over the data-parallel ranks; the encoder's masked batches, data parallel only, on each)."""
+
+    def __init__(self, cfg: config_lib.Config, held_out: HeldOut, tokenizer_vocab: int, dims):
+        self.cfg, self.held_out, self.dims = cfg, held_out, dims
+        self.mlm_batches = None
+        if cfg.model.is_encoder:
+            from dsmoe.data.mlm import eval_batches
+
+            self.mlm_batches = eval_batches(
+                held_out.token_stream(),
+                cfg.data.seq_len,
+                cfg.mlm.eval_probability,
+                tokenizer_vocab,
+                batch_size=cfg.train.micro_batch_size,
+                seed=cfg.train.seed,
+            )
+
+    def run(self, model, step: int, logger) -> dict:
+        if self.mlm_batches is not None:
+            from dsmoe.infer import mlm_loss
+
+            result = mlm_loss(model, self.mlm_batches, TRAINING, self.cfg.data.seq_len)
+            model.train()
+            figures = {
+                "val_loss": result.loss,
+                "val_ppl": result.perplexity,
+                "val_mlm_accuracy": result.accuracy,
+            }
+        else:
+            result = evaluate(model, self.held_out, TRAINING, self.cfg.train.micro_batch_size, self.dims)
+            figures = result.metrics()
+        if logger is not None:
+            sources = {k.split("/", 1)[1]: v for k, v in figures.items() if k.startswith("val_ppl/")}
+            logger.write(
+                f"step {step}: held-out loss {figures['val_loss']:.4f}, perplexity {figures['val_ppl']:.2f}"
+                + (" (" + ", ".join(f"{k} {v:.2f}" for k, v in sources.items()) + ")" if sources else "")
+            )
+        return figures
+
+
 def validation_samples(cfg: config_lib.Config) -> int:
     """Rows of the fixed sample of an indexed blend: train.eval_tokens in whole sequences."""
     return max(1, math.ceil(cfg.train.eval_tokens / cfg.data.seq_len))

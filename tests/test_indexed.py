@@ -239,7 +239,81 @@ def test_bad_datasets_are_refused_before_any_compute_naming_the_file(corpus, tmp
     builder.add_item(torch.arange(0, 600, dtype=torch.int64))
     builder.end_document()
     builder.finalize(str(tmp_path / "foreign.idx"))
-    assert "token id 599, beyond model.vocab_size 512" in refused(tmp_path / "foreign")
+    assert "token id 599, beyond the vocabulary" in refused(tmp_path / "foreign")
+    # a .bin cut short, an .idx cut short, a record that no longer describes its files
+    for name, cut in (("short_bin", ".bin"), ("short_idx", ".idx")):
+        for suffix in (".bin", ".idx", ".json"):
+            shutil.copy(corpus / f"code{suffix}", tmp_path / f"{name}{suffix}")
+        raw = (tmp_path / f"{name}{cut}").read_bytes()
+        (tmp_path / f"{name}{cut}").write_bytes(raw[:-8])
+        assert "truncated" in refused(tmp_path / name)
+    for suffix in (".bin", ".idx"):
+        shutil.copy(corpus / f"verse{suffix}", tmp_path / f"stale{suffix}")
+    shutil.copy(corpus / "code.json", tmp_path / "stale.json")
+    assert "stale .json" in refused(tmp_path / "stale")
+    # documents ended with another end-of-document token than this run's
+    assert "ends its documents with" in refused(
+        corpus / "code", other=load_tokenizer(corpus / "tokenizer.json", "e")
+    )
+
+
+def test_a_split_share_without_documents_is_refused_not_built_forever(corpus, tmp_path):
+    """megatron-core's index build loops forever over a split with no tokens: 5 documents at 969,30,1 give
+    the validation share round(0.969 * 5) .. round(0.999 * 5) = none."""
+    tokenizer = load_tokenizer(corpus / "tokenizer.json")
+    (tmp_path / "few.jsonl").write_text(
+        "".join(json.dumps({"text": f"document {i}"}) + "\n" for i in range(5))
+    )
+    prepare_indexed([tmp_path / "few.jsonl"], tokenizer, tmp_path / "few", workers=0)
+    cfg = config_lib.load(
+        None,
+        indexed_overrides(corpus, tmp_path / "r", f"data.blend=[{tmp_path / 'few'}]", "data.split=969,30,1"),
+    )
+    with pytest.raises(DataError, match="leaves its validation share empty"):
+        check_sources(cfg.data, tokenizer, 512)
+
+
+def test_a_resume_refuses_what_would_change_the_samples(corpus, tmp_path):
+    """Another seed or global batch, or datasets made again under the same prefixes, would read other samples."""
+    from dsmoe.train.checkpoint import CheckpointError
+    from dsmoe.train.loop import run
+
+    for name in ("verse", "code"):
+        for suffix in (".bin", ".idx", ".json"):
+            shutil.copy(corpus / f"{name}{suffix}", tmp_path / f"{name}{suffix}")
+    overrides = small_overrides(tmp_path / "run", corpus / "cache") + [
+        "data.corpus=indexed",
+        f"data.tokenizer={corpus / 'tokenizer.json'}",
+        f"data.blend=[0.8,{tmp_path / 'verse'},0.2,{tmp_path / 'code'}]",
+        "data.split=95,5,0",
+        "train.exit_at_step=2",
+        "train.export_at_end=false",
+    ]
+    run(config_lib.load(None, overrides))
+    for change in ("train.seed=7", "train.global_batch_size=16"):
+        with pytest.raises(config_lib.ConfigError, match=change.split("=")[0]):
+            run(config_lib.load(None, overrides + [change]))
+    texts = [json.loads(line)["text"] for line in (corpus / "code.jsonl").read_text().splitlines()]
+    (tmp_path / "code.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts[:-3]))
+    prepare_indexed(
+        [tmp_path / "code.jsonl"], load_tokenizer(corpus / "tokenizer.json"), tmp_path / "code", workers=0
+    )
+    with pytest.raises(CheckpointError, match="datasets of data.blend changed"):
+        run(config_lib.load(None, overrides))
+
+
+def test_a_vocabulary_with_gaps_counts_its_largest_id():
+    from tokenizers import Tokenizer, models
+
+    gaps = Tokenizer(models.WordLevel({"a": 0, "b": 70_000, EOS: 1, "[UNK]": 2}, unk_token="[UNK]"))
+    tokenizer = load_tokenizer_from(gaps)
+    assert tokenizer.vocab_size == 70_001 and tokenizer.token_dtype == np.int32
+
+
+def load_tokenizer_from(backend):
+    from dsmoe.data.tokenizer import LocalTokenizer
+
+    return LocalTokenizer(backend, EOS, "test")
 
 
 def test_the_run_refuses_bad_data_before_building_the_model(corpus, tmp_path):

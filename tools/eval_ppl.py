@@ -16,6 +16,7 @@ import sys
 import torch
 from _cli import add_routing_arguments, load_model_or_exit, routing_from_args
 
+from dsmoe.data.corpus import DataError
 from dsmoe.evaluation import evaluate, held_out_set
 from dsmoe.train.report import held_out_name
 
@@ -35,7 +36,11 @@ def main() -> int:
     loaded = load_model_or_exit(args.path)
     rule = routing_from_args(args, loaded.routing)
     model = loaded.model.to(args.device)
-    held_out = held_out_set(loaded.cfg, loaded.tokenizer_path).first(args.max_tokens)
+    try:
+        held_out = held_out_set(loaded.cfg, loaded.tokenizer_path).first(args.max_tokens)
+    except DataError as e:  # an indexed run's sample is its validation split: the data must be where it was
+        print(f"error: the held-out sample of {args.path} cannot be read: {e}", file=sys.stderr)
+        return 2
     result = evaluate(model, held_out, rule, args.batch_size)
     print(f"{args.path}: held-out {held_out_name(loaded.cfg, held_out)}, {result.tokens} tokens")
     print(result.row())

@@ -34,10 +34,9 @@ from dsmoe.data.corpus import DataError
 from dsmoe.data.sampler import WindowSampler
 from dsmoe.data.tokenizer import LocalTokenizer
 
-INDEX_HEADER = b"MMIDIDX\x00\x00"  # megatron-core's .idx magic, version 1
-DTYPES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 8: np.uint16}  # token dtypes only
-RECORD_FORMAT = "dsmoe-indexed-1"
+RECORD_FORMAT = "dsmoe-indexed-1"  # PREFIX.json as tools/prepare_data.py writes it; bump when its keys change
 CACHE_LAYOUT = 1  # bump when what the cache key covers changes
+INDEX_HEAD = 34  # magic (9), version (8), dtype code (1), sequence count (8), document count + 1 (8)
 
 
 @dataclass
@@ -48,6 +47,13 @@ class IndexHeader:
     dtype: type[np.integer]
     sequences: int
     documents: int
+    tokens: int
+
+    def sequence_lengths(self) -> np.ndarray:
+        """Tokens per sequence (one sequence a document for GPT data), memory-mapped."""
+        return np.memmap(
+            self.prefix + ".idx", dtype=np.int32, mode="r", offset=INDEX_HEAD, shape=(self.sequences,)
+        )
 
 
 def read_header(prefix: str, key: str) -> IndexHeader:
@@ -62,33 +68,63 @@ def read_header(prefix: str, key: str) -> IndexHeader:
         raise DataError(f"{key}: {idx} does not exist ({hint})")
     if not bin_.is_file():
         raise DataError(f"{key}: {prefix} has its .idx but no {bin_.name}")
+    from megatron.core.datasets.indexed_dataset import _INDEX_HEADER, DType  # the format's one definition
+
     with idx.open("rb") as f:
-        head = f.read(34)
-    if len(head) < 34 or head[:9] != INDEX_HEADER:
+        head = f.read(INDEX_HEAD)
+    if len(head) < INDEX_HEAD or head[:9] != _INDEX_HEADER:
         raise DataError(f"{key}: {idx} is not a megatron-core index (no MMIDIDX header)")
-    version, code, sequences, documents = struct.unpack("<QBQQ", head[9:34])
+    version, code, sequences, document_entries = struct.unpack("<QBQQ", head[9:INDEX_HEAD])
     if version != 1:
         raise DataError(f"{key}: {idx} is index version {version}; megatron-core reads version 1")
-    if code not in DTYPES:
+    integer_codes = {t.value: getattr(np, t.name) for t in DType if t.name.startswith(("int", "uint"))}
+    if code not in integer_codes:
         raise DataError(f"{key}: {idx} stores tokens as dtype code {code}, not an integer type we read")
-    dtype = DTYPES[code]
-    if bin_.stat().st_size % np.dtype(dtype).itemsize:
-        raise DataError(f"{key}: {bin_} is not a whole number of {np.dtype(dtype).name} tokens (truncated?)")
+    dtype = integer_codes[code]
     if sequences == 0:
         raise DataError(f"{key}: {prefix} holds no documents")
-    return IndexHeader(prefix, dtype, sequences, documents - 1)
+    # lengths (int32), byte offsets (int64) per sequence, then the document boundaries (int64)
+    expected_idx = INDEX_HEAD + 12 * sequences + 8 * document_entries
+    if idx.stat().st_size != expected_idx:
+        raise DataError(
+            f"{key}: {idx} is {idx.stat().st_size} bytes where its header needs {expected_idx} (truncated?)"
+        )
+    with idx.open("rb") as f:
+        f.seek(INDEX_HEAD + 4 * (sequences - 1))
+        (last_length,) = struct.unpack("<i", f.read(4))
+        f.seek(INDEX_HEAD + 4 * sequences + 8 * (sequences - 1))
+        (last_offset,) = struct.unpack("<q", f.read(8))
+    itemsize = np.dtype(dtype).itemsize
+    if bin_.stat().st_size != last_offset + last_length * itemsize:
+        raise DataError(
+            f"{key}: {bin_} is {bin_.stat().st_size} bytes where {idx.name} says "
+            f"{last_offset + last_length * itemsize}: the two files are not one dataset (truncated, or one was "
+            "made again without the other)"
+        )
+    return IndexHeader(prefix, dtype, sequences, document_entries - 1, bin_.stat().st_size // itemsize)
 
 
-def read_record(prefix: str) -> dict | None:
-    """PREFIX.json, written by tools/prepare_data.py (tokenizer fingerprint, counts, largest id), if present."""
-    path = Path(prefix + ".json")
+def read_record(header: IndexHeader, key: str) -> dict | None:
+    """PREFIX.json, written by tools/prepare_data.py (tokenizer fingerprint, counts, largest id), if present;
+    refused when it no longer describes the .bin and .idx beside it."""
+    path = Path(header.prefix + ".json")
     if not path.is_file():
         return None
     try:
         record = json.loads(path.read_text())
-    except ValueError:
-        return None
-    return record if record.get("format") == RECORD_FORMAT else None
+    except ValueError as e:
+        raise DataError(
+            f"{key}: {path} is not valid JSON ({e}); delete it or make the dataset again"
+        ) from None
+    if not isinstance(record, dict) or record.get("format") != RECORD_FORMAT:
+        return None  # someone else's JSON beside the prefix: not our record
+    if (record.get("documents"), record.get("tokens")) != (header.sequences, header.tokens):
+        raise DataError(
+            f"{key}: {path} records {record.get('documents')} documents and {record.get('tokens')} tokens but "
+            f"the dataset holds {header.sequences} and {header.tokens}: the .bin/.idx were made again without "
+            "it; delete the stale .json (or run tools/prepare_data.py again)"
+        )
+    return record
 
 
 def largest_token_id(header: IndexHeader, record: dict | None, cache_dir: Path) -> int:
@@ -112,37 +148,84 @@ def largest_token_id(header: IndexHeader, record: dict | None, cache_dir: Path) 
 
 
 def check_sources(cfg: DataConfig, tokenizer: LocalTokenizer, vocab_size: int) -> list[str]:
-    """Check every prefix of data.blend and data.valid_blend before any compute; return warnings to print."""
+    """Check every prefix of data.blend and data.valid_blend before any compute (files, tokenizer, end-of-document
+    token, ids within the tokenizer's vocabulary and model.vocab_size, non-empty splits); return warnings."""
     warnings = []
     cache_dir = Path(os.path.expanduser(cfg.cache_dir))
+    shares = None if cfg.valid_blend else parse_split(cfg.split, "data.split")
     for key, values in (("data.blend", cfg.blend), ("data.valid_blend", cfg.valid_blend)):
         if not values:
             continue
         prefixes, _ = parse_blend(values, key)
         for prefix in prefixes:
             header = read_header(prefix, key)
-            record = read_record(prefix)
+            record = read_record(header, key)
             if record is None:
                 warnings.append(
                     f"{key}: {prefix} has no PREFIX.json record of its tokenizer (made outside "
                     "tools/prepare_data.py?): its ids are checked against the vocabulary, not its tokenizer"
                 )
             else:
-                made_with = record.get("tokenizer", {})
-                if made_with.get("fingerprint") != tokenizer.fingerprint:
-                    raise DataError(
-                        f"{key}: {prefix} was made with the tokenizer {made_with.get('source', '?')} "
-                        f"(fingerprint {str(made_with.get('fingerprint'))[:12]}), not data.tokenizer "
-                        f"{tokenizer.source} ({tokenizer.fingerprint[:12]}): its ids would mean other "
-                        "tokens; use that tokenizer or prepare the data again with this one"
-                    )
-            largest = largest_token_id(header, record, cache_dir)
-            if largest >= vocab_size:
+                _check_record(record, tokenizer, key, prefix, warnings)
+            largest, limit = (
+                largest_token_id(header, record, cache_dir),
+                min(tokenizer.vocab_size, vocab_size),
+            )
+            if largest >= limit:
                 raise DataError(
-                    f"{key}: {prefix} holds token id {largest}, beyond model.vocab_size {vocab_size}: "
-                    "the dataset was made with a larger vocabulary than this model's"
+                    f"{key}: {prefix} holds token id {largest}, beyond the vocabulary (data.tokenizer "
+                    f"{tokenizer.vocab_size}, model.vocab_size {vocab_size}): it was made with a larger one"
                 )
+            if shares is not None and key == "data.blend":
+                _check_split_shares(header, shares, key, cfg.split)
     return warnings
+
+
+def _check_record(
+    record: dict, tokenizer: LocalTokenizer, key: str, prefix: str, warnings: list[str]
+) -> None:
+    made_with = record.get("tokenizer", {})
+    if made_with.get("fingerprint") != tokenizer.fingerprint:
+        raise DataError(
+            f"{key}: {prefix} was made with the tokenizer {made_with.get('source', '?')} "
+            f"(fingerprint {str(made_with.get('fingerprint'))[:12]}), not data.tokenizer "
+            f"{tokenizer.source} ({tokenizer.fingerprint[:12]}): its ids would mean other "
+            "tokens; use that tokenizer or prepare the data again with this one"
+        )
+    if record.get("append_eos", True) and made_with.get("eos_id") != tokenizer.eos_id:
+        raise DataError(
+            f"{key}: {prefix} ends its documents with {made_with.get('eos_token')!r} (id {made_with.get('eos_id')}), "
+            f"this run with {tokenizer.eos_token!r} (id {tokenizer.eos_id}): set data.eos_token="
+            f"{made_with.get('eos_token')} or prepare the data again"
+        )
+    if not record.get("append_eos", True):
+        warnings.append(f"{key}: {prefix} was made with --no-append-eos: its documents run into each other")
+
+
+def _check_split_shares(header: IndexHeader, shares: list[float], key: str, split: str) -> None:
+    """megatron-core gives split i the documents round(a_i n) .. round(b_i n); a split the run reads that gets no
+    tokens would make its index build loop forever, so refuse it here."""
+    lengths = header.sequence_lengths()
+    bounds = np.cumsum([0.0, *shares])
+    for i, name in ((0, "training"), (1, "validation")):
+        begin, end = (int(round(b * header.sequences)) for b in (bounds[i], bounds[i + 1]))
+        if end <= begin or int(lengths[begin:end].sum()) == 0:
+            raise DataError(
+                f"{key}: {header.prefix} has {header.sequences} documents: data.split {split!r} leaves its "
+                f"{name} share empty; give that share more, or name a data.valid_blend"
+            )
+
+
+def dataset_identity(cfg: DataConfig) -> list[list]:
+    """What a resumed run checks its datasets against: each prefix's size in documents and tokens (the
+    sample order follows from them, the blend, the split and the seed, all of which the config holds)."""
+    identity = []
+    for key, values in (("data.blend", cfg.blend), ("data.valid_blend", cfg.valid_blend)):
+        if values:
+            for prefix in parse_blend(values, key)[0]:
+                header = read_header(prefix, key)
+                identity.append([prefix, header.sequences, header.tokens])
+    return identity
 
 
 class _MegatronTokenizer:
@@ -182,6 +265,9 @@ def build_splits(
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 
+    for key, values in (("data.blend", cfg.blend), ("data.valid_blend", cfg.valid_blend)):
+        for prefix in parse_blend(values, key)[0] if values else []:
+            read_header(prefix, key)  # a missing or broken prefix says so, naming it
     train_blend = _weighted(parse_blend(cfg.blend, "data.blend"))
     valid_blend = _weighted(parse_blend(cfg.valid_blend, "data.valid_blend")) if cfg.valid_blend else None
     cache = Path(os.path.expanduser(cfg.cache_dir)) / "megatron_indices"
@@ -233,7 +319,8 @@ def build_splits(
 
 
 def _one_process_group() -> None:
-    store = dist.FileStore(tempfile.mktemp(prefix="dsmoe-pg-"), 1)
+    """A tool reading an indexed blend in one process (tools/eval_ppl.py): a world of one, over gloo."""
+    store = dist.FileStore(str(Path(tempfile.mkdtemp(prefix="dsmoe-pg-")) / "store"), 1)
     dist.init_process_group("gloo", store=store, rank=0, world_size=1)
 
 
@@ -263,7 +350,11 @@ def _build_and_publish(builder, cache: Path, marker: Path, identity: dict, rank:
     if rank != 0:
         builder(cache, lambda: False).build()
         return
-    private = Path(tempfile.mkdtemp(prefix=".building-", dir=cache))
+    for stale in cache.glob(".building-*"):  # left by a build that was killed
+        owner = stale.name.split("-")[1]
+        if not owner.isdigit() or not Path(f"/proc/{owner}").exists():
+            shutil.rmtree(stale, ignore_errors=True)
+    private = Path(tempfile.mkdtemp(prefix=f".building-{os.getpid()}-", dir=cache))
     try:
         builder(private, lambda: True).build()
         files = sorted(private.iterdir(), key=lambda p: p.name.endswith("description.txt"))

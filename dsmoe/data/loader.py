@@ -8,6 +8,8 @@ the loader at its checkpoint's step.
 
 from __future__ import annotations
 
+import signal
+
 import torch
 from torch.utils.data import DataLoader, Dataset
 
@@ -40,6 +42,10 @@ class StepMicroBatches(Dataset):
 
 def _worker_init(_: int) -> None:
     torch.set_num_threads(1)  # a worker packs batches; the step's threads need the cores
+    # Ctrl-C and a scheduler's SIGTERM are the training process's to handle (a checkpoint, then a clean exit,
+    # which stops the workers); a worker must not run its handler too.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def step_batches(dataset: StepMicroBatches, num_workers: int, prefetch_factor: int, pin_memory: bool):
@@ -53,10 +59,19 @@ def step_batches(dataset: StepMicroBatches, num_workers: int, prefetch_factor: i
         pin_memory=pin_memory,
         worker_init_fn=_worker_init if num_workers else None,
         persistent_workers=False,
+        # its own generator: starting the iterator draws a base seed, which must not move the run's global
+        # RNG stream (a resumed run restores that stream and would be one draw behind the uninterrupted one)
+        generator=torch.Generator().manual_seed(0),
     )
-    step: list = []
-    for micro_batch in loader:
-        step.append(micro_batch)
-        if len(step) == dataset.gas:
-            yield step
-            step = []
+    iterator = iter(loader)
+    try:
+        step: list = []
+        for micro_batch in iterator:
+            step.append(micro_batch)
+            if len(step) == dataset.gas:
+                yield step
+                step = []
+    finally:
+        del (
+            iterator
+        )  # releasing the iterator stops its workers (a run that stops early closes this generator)

@@ -33,6 +33,7 @@ import numpy as np
 from tqdm import tqdm
 
 from dsmoe.data.corpus import DataError
+from dsmoe.data.indexed import RECORD_FORMAT
 from dsmoe.data.text_files import (
     BadRecords,
     Chunk,
@@ -44,7 +45,6 @@ from dsmoe.data.text_files import (
 )
 from dsmoe.data.tokenizer import LocalTokenizer
 
-SIDECAR_FORMAT = "dsmoe-indexed-1"  # bump when the sidecar's keys change meaning
 # A worker's unit of work: ~1 MiB of text takes a fraction of a second to tokenize, so sending it costs
 # little in comparison, and the few chunks in flight per worker hold little memory.
 CHUNK_BYTES = 1 << 20
@@ -249,7 +249,7 @@ def prepare_indexed(
                 )
             raise DataError(f"nothing to write: the inputs hold no records ({len(paths)} files)")
         sidecar = {
-            "format": SIDECAR_FORMAT,
+            "format": RECORD_FORMAT,
             "tokenizer": {
                 "fingerprint": tokenizer.fingerprint,
                 "vocab_size": tokenizer.vocab_size,

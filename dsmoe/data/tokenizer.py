@@ -8,6 +8,7 @@ so a dataset, a checkpoint and an export can tell whether they were made with th
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from dataclasses import dataclass
@@ -38,10 +39,11 @@ class LocalTokenizer:
     source: str
     """Where it was loaded from (for messages)."""
 
-    @property
+    @functools.cached_property
     def vocab_size(self) -> int:
-        """Every id the tokenizer can produce, added tokens included."""
-        return self.backend.get_vocab_size(with_added_tokens=True)
+        """One more than the largest id the tokenizer can produce, added tokens included (a vocabulary may
+        leave gaps in its ids: the count of its entries could be smaller)."""
+        return max(self.backend.get_vocab(with_added_tokens=True).values()) + 1
 
     @property
     def eos_id(self) -> int:

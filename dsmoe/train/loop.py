@@ -22,13 +22,12 @@ from dsmoe import config as config_lib
 from dsmoe import growth
 from dsmoe.config import Config, ConfigError
 from dsmoe.data import PackedSampler, open_token_data, pad_vocab, prepare
-from dsmoe.data.corpus import DataError
 from dsmoe.data.loader import StepMicroBatches, step_batches
 from dsmoe.data.mlm import IGNORE_INDEX, MLMBatches
 from dsmoe.data.tokenizer import load_tokenizer
 from dsmoe.data.tokens import TokenData, open_pretokenized, tokenizer_file
-from dsmoe.evaluation import HeldOut, evaluate, validation_samples
-from dsmoe.model import TRAINING, build
+from dsmoe.evaluation import PeriodicValidation, run_held_out, validation_samples
+from dsmoe.model import build
 from dsmoe.model.attention import resolve_backend
 from dsmoe.train import checkpoint, methods
 from dsmoe.train.checkpoint import CheckpointError
@@ -39,6 +38,8 @@ from parallel import groups
 
 # Sections a resumed run must share with the checkpoint it resumes; train.* may change (e.g. max_steps).
 RESUME_MUST_MATCH = ("model", "data")  # the layout may change: checkpoints are resharded (checkpoint.py)
+# Settings outside those sections that decide which samples each step reads.
+RESUME_MUST_MATCH_KEYS = ("train.seed", "train.global_batch_size")
 # Settings resolved when a run first starts ("" / 0: work it out); a resumed run keeps the saved value.
 RESOLVED_AT_START = {"data.eos_token": "", "data.train_samples": 0}
 # Data settings that say how to read, not what: a resumed run may change them.
@@ -94,6 +95,12 @@ def check_resume_config(saved: dict, current: Config, run_dir: Path) -> None:
             and k not in RESUME_MAY_CHANGE
             and not (k in RESOLVED_AT_START and RESOLVED_AT_START[k] in (a.get(k), b.get(k)))
         ]
+    flat_saved, flat_now = _flatten(saved), _flatten(now)
+    diffs += [
+        f"{k}: checkpoint {flat_saved.get(k)!r}, now {flat_now.get(k)!r} (it decides which samples each step reads)"
+        for k in RESUME_MUST_MATCH_KEYS
+        if flat_saved.get(k) != flat_now.get(k)
+    ]
     if diffs:
         raise ConfigError(
             f"{run_dir} holds a run with a different configuration ({'; '.join(diffs)}); "
@@ -115,7 +122,7 @@ def _resolved_data(cfg: Config, dims: groups.ParallelDims) -> TokenData:
                 outcome[0] = str(prepare(cfg.data))
             else:
                 open_pretokenized(cfg.data)
-        except (DataError, ConfigError) as e:
+        except Exception as e:  # every rank raises it, rather than the others waiting on rank 0
             outcome[1] = e
     dist.broadcast_object_list(outcome, src=0)
     if outcome[1] is not None:
@@ -137,7 +144,7 @@ def _indexed_splits(cfg: Config, dims: groups.ParallelDims, token_data: TokenDat
     if dims.is_main:
         try:
             outcome[0] = check_sources(cfg.data, tok, cfg.model.vocab_size)
-        except DataError as e:
+        except Exception as e:  # every rank raises it, rather than the others waiting on rank 0
             outcome[1] = e
     dist.broadcast_object_list(outcome, src=0)
     if outcome[1] is not None:
@@ -207,6 +214,16 @@ def _resume_point(
             if tag is not None:
                 ours = checkpoint.read_client_state(checkpoint.checkpoint_root(run_dir) / tag)
                 check_resume_config(ours["config"], cfg, run_dir)
+                if "datasets" in ours:  # an indexed blend: the same datasets, or other samples would follow
+                    from dsmoe.data.indexed import dataset_identity
+
+                    now_datasets = dataset_identity(cfg.data)
+                    if now_datasets != ours["datasets"]:
+                        raise CheckpointError(
+                            f"the datasets of data.blend changed since {tag} was saved (prefix, documents, "
+                            f"tokens: then {ours['datasets']}, now {now_datasets}): the resumed run would read "
+                            "other samples; restore them or start a new train.run_dir"
+                        )
                 saved = _flatten(ours["config"])
                 decision[5] = {
                     k: saved[k]
@@ -232,7 +249,7 @@ def _resume_point(
                     )
             checkpoint.remove_partial_saves(run_dir)
             decision[0] = tag
-        except (ConfigError, CheckpointError) as e:
+        except Exception as e:  # every rank raises it, rather than the others waiting on rank 0
             decision[1] = e
     dist.broadcast_object_list(decision, src=0)
     if decision[1] is not None:
@@ -274,6 +291,11 @@ def run(cfg: Config) -> RunResult:
         if cfg.data.train_samples == 0:  # a new run: as many as max_steps takes (a resumed one kept its own)
             cfg.data.train_samples = t.max_steps * t.global_batch_size
         splits = _indexed_splits(cfg, dims, token_data)
+    datasets = None
+    if splits is not None:
+        from dsmoe.data.indexed import dataset_identity
+
+        datasets = dataset_identity(cfg.data)
     budgeted = None
     if t.budget.rst_hours > 0:  # NTNG: the reference-time budget, its schedule and the method
         from dsmoe.train.budgeted import BudgetedRun
@@ -317,8 +339,9 @@ def run(cfg: Config) -> RunResult:
         sampler = PackedSampler(train_tokens, cfg.data.seq_len, t.seed)
     if cfg.model.is_encoder:  # (input_ids, attention_mask, labels): mixed lengths, masked
         sampler = MLMBatches(sampler, token_data.vocab_size, cfg.mlm, t.seed)
-    held_out = _held_out(cfg, token_data, splits)
-    validation = _Validation(cfg, held_out, token_data.vocab_size, dims)
+    # The fixed held-out sample: every rank evaluates it under train.eval_every, rank 0 at the end of the run.
+    held_out = run_held_out(cfg, token_data.val, splits) if t.eval_every or dims.is_main else None
+    validation = PeriodicValidation(cfg, held_out, token_data.vocab_size, dims) if t.eval_every else None
     loader = None
     if budgeted is None:  # batch selection reads its own larger batches
         workers = (
@@ -367,6 +390,8 @@ def run(cfg: Config) -> RunResult:
         }
         if budgeted is not None:
             ours["budget"] = budgeted.state()
+        if datasets is not None:  # a resume checks that the datasets are the ones these samples came from
+            ours["datasets"] = datasets
         checkpoint.save(
             engine, run_dir, step, {"dsmoe": ours}, token_data.tokenizer_path, dims.rank, t.keep_checkpoints
         )
@@ -468,7 +493,7 @@ def run(cfg: Config) -> RunResult:
                 finished = not budgeted.fits(plan)
             else:
                 finished = step + 1 == t.max_steps
-            if t.eval_every and ((step + 1) % t.eval_every == 0 or finished):
+            if validation is not None and ((step + 1) % t.eval_every == 0 or finished):
                 record.update(validation.run(engine.module, step + 1, logger))
             finite = applied and math.isfinite(record["loss"]) and math.isfinite(record["grad_norm"])
             record["skipped"] = not finite
@@ -499,6 +524,8 @@ def run(cfg: Config) -> RunResult:
                 break
     finally:
         signals.restore()
+        if loader is not None:
+            loader.close()  # its worker processes stop here, also when the run raised
 
     if dims.is_main and dims.device.type == "cuda":
         print(f"peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB", flush=True)
@@ -528,58 +555,6 @@ def run(cfg: Config) -> RunResult:
     if logger:
         logger.close()
     return result
-
-
-def _held_out(cfg: Config, token_data: TokenData, splits) -> HeldOut:
-    """The fixed validation sample every evaluation of this run reads (dsmoe.evaluation)."""
-    if splits is None:
-        return HeldOut.from_tokens(token_data.val, cfg.data.seq_len, cfg.train.eval_tokens)
-    from dsmoe.data.indexed import validation_rows
-
-    rows, source = validation_rows(splits, validation_samples(cfg))
-    return HeldOut(rows, source, splits.source_names)
-
-
-class _Validation:
-    """train.eval_every: held-out loss of the training model on the fixed sample, on every rank (the decoder's
-    rows shared over the data-parallel ranks; the encoder's masked batches, data parallel only, on each)."""
-
-    def __init__(self, cfg: Config, held_out: HeldOut, tokenizer_vocab: int, dims: groups.ParallelDims):
-        self.cfg, self.held_out, self.dims = cfg, held_out, dims
-        self.mlm_batches = None
-        if cfg.model.is_encoder and cfg.train.eval_every:
-            from dsmoe.data.mlm import eval_batches
-
-            self.mlm_batches = eval_batches(
-                held_out.token_stream(),
-                cfg.data.seq_len,
-                cfg.mlm.eval_probability,
-                tokenizer_vocab,
-                batch_size=cfg.train.micro_batch_size,
-                seed=cfg.train.seed,
-            )
-
-    def run(self, model, step: int, logger) -> dict:
-        if self.mlm_batches is not None:
-            from dsmoe.infer import mlm_loss
-
-            result = mlm_loss(model, self.mlm_batches, TRAINING, self.cfg.data.seq_len)
-            model.train()
-            figures = {
-                "val_loss": result.loss,
-                "val_ppl": result.perplexity,
-                "val_mlm_accuracy": result.accuracy,
-            }
-        else:
-            result = evaluate(model, self.held_out, TRAINING, self.cfg.train.micro_batch_size, self.dims)
-            figures = result.metrics()
-        if logger is not None:
-            sources = {k.split("/", 1)[1]: v for k, v in figures.items() if k.startswith("val_ppl/")}
-            logger.write(
-                f"step {step}: held-out loss {figures['val_loss']:.4f}, perplexity {figures['val_ppl']:.2f}"
-                + (" (" + ", ".join(f"{k} {v:.2f}" for k, v in sources.items()) + ")" if sources else "")
-            )
-        return figures
 
 
 def _expert_dispatch(cfg: Config, model, dims: groups.ParallelDims) -> str:
