@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import time
 from pathlib import Path
 
@@ -107,8 +108,11 @@ def test_rho_loss_main_schedule_spans_the_budget_left_after_the_irreducible_mode
 
 def test_a_budget_below_one_step_is_a_clear_error(small_cfg, tmp_path):
     write_table(tmp_path / "t.json")
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
     with pytest.raises(BudgetError, match="cannot pay for one step"):
         run(small_cfg(*budget_args(tmp_path / "t.json", 0.1)))
+    # the run's checkpoint-on-SIGTERM handler is not left behind (processes forked later inherited it)
+    assert {sig: signal.getsignal(sig) for sig in handlers} == handlers
 
 
 def test_budget_config_errors_name_the_key(small_cfg, tmp_path):

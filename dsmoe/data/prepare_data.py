@@ -123,6 +123,9 @@ def _start_worker(tokenizer: LocalTokenizer, text_key: str, append_eos: bool) ->
     # Ctrl-C reaches the whole process group: the main process stops the pool, workers should not each
     # print a traceback.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # The pool stops its workers with SIGTERM: a handler inherited from the parent (a training run's
+    # checkpoint-then-exit, say) would keep a worker waiting on the task queue alive and the pool's join stuck.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     _worker_settings = (tokenizer, text_key, append_eos)
 
 

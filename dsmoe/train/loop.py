@@ -397,7 +397,6 @@ def run(cfg: Config) -> RunResult:
         )
 
     result = RunResult(run_dir, start_step, engine=engine)
-    signals = StopSignals()
     bad_steps, last_saved = 0, start_step
     finished = start_step == t.max_steps  # under a budget: when the next step does not fit
     plan = None
@@ -406,6 +405,7 @@ def run(cfg: Config) -> RunResult:
         if start_step == 0:
             budgeted.clock.require_one_step(plan.passes)
         finished = not budgeted.fits(plan)
+    signals = StopSignals()  # installed right before the try that restores them, whatever is raised
     try:
         for step in range(start_step, t.max_steps if budgeted is None else 2**62):
             if finished:
