@@ -132,22 +132,38 @@ def _skip_shared_memory_op() -> None:
     deepspeed.ops.__compatible_ops__[ShareMemCommBuilder.NAME] = False
 
 
+# This process's groups for the layout megatron-core's parallel_state holds now: (world, tp, ep) -> the tp x ep
+# block's group. Process groups live as long as the process (as parallel_state's own do); building them again
+# for every run in one process (tests, notebooks) left ~50 gloo threads a run behind, thousands in the suite.
+_model_group_of_layout: dict[tuple[int, int, int], object] = {}
+
+
 def _megatron_groups(tp: int, ep: int) -> dict:
     """Build (or rebuild, for another layout) megatron-core's groups; its CUDA-only RNG seeding is skipped:
-    every rank seeds torch itself and builds the same full model before it is split."""
+    every rank seeds torch itself and builds the same full model before it is split. A run in a process
+    whose groups already have this layout reuses them."""
     from megatron.core import parallel_state as ps
 
-    if ps.model_parallel_is_initialized():
-        ps.destroy_model_parallel()
-    ps.initialize_model_parallel(tensor_model_parallel_size=tp, expert_model_parallel_size=ep)
     world, rank = dist.get_world_size(), dist.get_rank()
-    # The tp x ep block of this rank's data-parallel replica (rank order tp-ep-dp: contiguous).
-    block = tp * ep
-    model_group = None
-    for first in range(0, world, block):
-        group = dist.new_group(list(range(first, first + block)))
-        if first <= rank < first + block:
-            model_group = group
+    layout = (world, tp, ep)
+    same = (
+        ps.model_parallel_is_initialized()
+        and layout in _model_group_of_layout
+        and ps.get_tensor_model_parallel_world_size() == tp
+        and ps.get_expert_model_parallel_world_size() == ep
+    )
+    if not same:
+        if ps.model_parallel_is_initialized():
+            ps.destroy_model_parallel()
+        _model_group_of_layout.clear()
+        ps.initialize_model_parallel(tensor_model_parallel_size=tp, expert_model_parallel_size=ep)
+        # The tp x ep block of this rank's data-parallel replica (rank order tp-ep-dp: contiguous).
+        block = tp * ep
+        for first in range(0, world, block):
+            group = dist.new_group(list(range(first, first + block)))
+            if first <= rank < first + block:
+                _model_group_of_layout[layout] = group
+    model_group = _model_group_of_layout[layout]
     return {
         "tp_group": ps.get_tensor_model_parallel_group(),
         "ep_group": ps.get_expert_model_parallel_group(),
