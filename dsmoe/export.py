@@ -14,6 +14,7 @@ padding tokens (dsmoe.data.mlm).
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 from pathlib import Path
 
@@ -38,9 +39,10 @@ MODEL_TYPES = (MODEL_TYPE, ENCODER_MODEL_TYPE)
 
 
 def load_from_run(
-    run_dir: str | Path, tag: str | None = None
+    run_dir: str | Path, tag: str | None = None, trust_pickle: bool = False
 ) -> tuple[DecoderLM | EncoderMLM, config_lib.Config, Path, int]:
-    """The trained model of a run's checkpoint (latest by default): (model, config, tokenizer path, step)."""
+    """The trained model of a run's checkpoint (latest by default): (model, config, tokenizer path, step).
+    Reads only safetensors and JSON unless `trust_pickle` (checkpoints saved before 2026-12-02)."""
     root = checkpoint_root(run_dir)
     if tag is None:
         tag = resume_tag(run_dir)  # latest if intact, else the newest intact one (with a warning)
@@ -48,7 +50,7 @@ def load_from_run(
             raise CheckpointError(f"{run_dir} has no complete checkpoint (nothing in {root})")
     elif problems := verify(root / tag):
         raise CheckpointError(f"{root / tag} is damaged or inconsistent: {'; '.join(problems)}")
-    state_dict, ours = consolidated_state_dict(root, tag)
+    state_dict, ours = consolidated_state_dict(root, tag, trust_pickle)
     if "config" not in ours:
         raise CheckpointError(f"{root / tag} was not written by dsmoe (no config in its client state)")
     cfg = saved_config(ours, root / tag)
@@ -83,20 +85,28 @@ def saved_config(ours: dict, checkpoint_dir: Path) -> config_lib.Config:
     return cfg
 
 
-def run_config(run_dir: str | Path, tag: str | None = None) -> tuple[config_lib.Config, int]:
+def run_config(
+    run_dir: str | Path, tag: str | None = None, trust_pickle: bool = False
+) -> tuple[config_lib.Config, int]:
     """The config and step of a run's checkpoint (latest intact by default), without loading weights."""
     from dsmoe.train.checkpoint import read_client_state
 
     tag = tag or resume_tag(run_dir)
     if tag is None:
         raise CheckpointError(f"{run_dir} has no complete checkpoint (nothing in {checkpoint_root(run_dir)})")
-    ours = read_client_state(checkpoint_root(run_dir) / tag)
+    ours = read_client_state(checkpoint_root(run_dir) / tag, trust_pickle)
     return saved_config(ours, checkpoint_root(run_dir) / tag), int(ours["step"])
 
 
-def export(run_dir: str | Path, out_dir: str | Path, routing: Routing, tag: str | None = None) -> Path:
+def export(
+    run_dir: str | Path,
+    out_dir: str | Path,
+    routing: Routing,
+    tag: str | None = None,
+    trust_pickle: bool = False,
+) -> Path:
     """Write the sparse-inference model of `run_dir`'s checkpoint to `out_dir`."""
-    model, cfg, tokenizer_path, step = load_from_run(run_dir, tag)
+    model, cfg, tokenizer_path, step = load_from_run(run_dir, tag, trust_pickle)
     return write_export(model, cfg, tokenizer_path, out_dir, routing, step)
 
 
@@ -133,6 +143,8 @@ def write_export(
         "routing": routing.to_dict(),
         "dsmoe": config_lib.to_dict(cfg),
         "trained_steps": step,
+        # tells a damaged copy (truncated, altered) from a wrong one (another model's config)
+        "weights_sha256": file_sha256(out / "model.safetensors"),
     }
     (out / "config.json").write_text(json.dumps(hf_config, indent=2))
     tokenizer_config = {
@@ -160,26 +172,64 @@ def _write_encoder_tokenizer(tokenizer_path: Path, out_path: Path) -> None:
     tok.save(str(out_path))
 
 
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def check_export(path: str | Path) -> dict:
+    """An export directory's config.json, after checking that its files are there and whole; a problem raises
+    CheckpointError with one line naming the file and what is wrong."""
+    path = Path(path)
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise CheckpointError(f"{path} is not an exported dsmoe model: {config_file} does not exist")
+    try:
+        meta = json.loads(config_file.read_text())
+    except ValueError as e:
+        raise CheckpointError(f"{config_file} is not valid JSON ({e})") from None
+    if not isinstance(meta, dict) or meta.get("model_type") not in MODEL_TYPES:
+        found = meta.get("model_type") if isinstance(meta, dict) else None
+        raise CheckpointError(
+            f"{config_file} is the config of another model (model_type {found!r}, not one of {MODEL_TYPES})"
+        )
+    for name in ("model.safetensors", "tokenizer.json"):
+        if not (path / name).is_file():
+            raise CheckpointError(f"{path / name} does not exist: the export is incomplete")
+    weights = path / "model.safetensors"
+    recorded = meta.get("weights_sha256")
+    if recorded and file_sha256(weights) != recorded:
+        raise CheckpointError(
+            f"{weights} is damaged: its SHA-256 differs from the one config.json records "
+            f"({weights.stat().st_size} bytes; a truncated or altered copy)"
+        )
+    return meta
+
+
 def is_export(path: str | Path) -> bool:
     """Whether `path` is an exported dsmoe model directory (a run directory has config.json too)."""
     config_file = Path(path) / "config.json"
-    return config_file.is_file() and json.loads(config_file.read_text()).get("model_type") in MODEL_TYPES
+    try:
+        return config_file.is_file() and json.loads(config_file.read_text()).get("model_type") in MODEL_TYPES
+    except (ValueError, AttributeError):
+        return False
 
 
 def load_export(path: str | Path) -> tuple[DecoderLM | EncoderMLM, config_lib.Config, Routing, Path]:
     """An exported model directory: (model, config, its routing rule, tokenizer path)."""
     path = Path(path)
-    config_file = path / "config.json"
-    if not config_file.is_file():
-        raise CheckpointError(f"{path} is not an exported dsmoe model (no config.json)")
-    meta = json.loads(config_file.read_text())
-    if meta.get("model_type") not in MODEL_TYPES:
-        raise CheckpointError(
-            f"{config_file}: model_type is {meta.get('model_type')!r}, expected one of {MODEL_TYPES}"
-        )
-    cfg = config_lib.from_dict(meta["dsmoe"], source=str(config_file))
+    meta = check_export(path)
+    cfg = config_lib.from_dict(meta["dsmoe"], source=str(path / "config.json"))
     model = build(cfg.model)
-    load_model(model, str(path / "model.safetensors"))
+    try:
+        load_model(model, str(path / "model.safetensors"))
+    except Exception as e:  # an export from before weights_sha256: safetensors says what it found
+        raise CheckpointError(
+            f"{path / 'model.safetensors'} cannot be read: {str(e).splitlines()[0][:300]}"
+        ) from None
     return model.eval(), cfg, Routing.from_dict(meta["routing"]), path / "tokenizer.json"
 
 
@@ -198,7 +248,9 @@ def qwen3_moe_incompatibilities(cfg: config_lib.Config) -> list[str]:
     return problems
 
 
-def export_qwen3_moe(run_dir: str | Path, out_dir: str | Path, top_k: int, tag: str | None = None) -> Path:
+def export_qwen3_moe(
+    run_dir: str | Path, out_dir: str | Path, top_k: int, tag: str | None = None, trust_pickle: bool = False
+) -> Path:
     """Write the run's model as a stock Qwen3-MoE checkpoint: top-K routing, no renormalisation.
 
     Qwen3-MoE routes by softmax over all experts and weights the top K by their raw probabilities when
@@ -209,7 +261,7 @@ def export_qwen3_moe(run_dir: str | Path, out_dir: str | Path, top_k: int, tag: 
     import torch
     from transformers import PreTrainedTokenizerFast, Qwen3MoeConfig, Qwen3MoeForCausalLM
 
-    model, cfg, tokenizer_path, _ = load_from_run(run_dir, tag)
+    model, cfg, tokenizer_path, _ = load_from_run(run_dir, tag, trust_pickle)
     problems = qwen3_moe_incompatibilities(cfg)
     if problems:
         raise CheckpointError("cannot export as qwen3_moe: " + "; ".join(problems))

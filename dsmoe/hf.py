@@ -60,6 +60,16 @@ def _config_kwargs(config: PretrainedConfig, dsmoe: dict | None, routing: dict |
     return kwargs
 
 
+def _checked(path) -> None:
+    """Before transformers reads an export: its files are there and whole, else one line naming the file."""
+    from pathlib import Path
+
+    from dsmoe.export import check_export
+
+    if Path(str(path)).is_dir():
+        check_export(path)
+
+
 class DSMoEForCausalLM(PreTrainedModel, GenerationMixin):
     """DecoderLM behind the transformers interface (logits, loss with shifted labels, generate)."""
 
@@ -77,6 +87,11 @@ class DSMoEForCausalLM(PreTrainedModel, GenerationMixin):
 
     def _init_weights(self, module):  # weights come from the checkpoint; DecoderLM initialises its own
         pass
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        _checked(pretrained_model_name_or_path)
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
 
     def get_input_embeddings(self):
         return self.decoder.embed
@@ -277,6 +292,11 @@ class DSMoEEncoderForMaskedLM(PreTrainedModel):
 
     def _init_weights(self, module):  # weights come from the checkpoint
         pass
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        _checked(pretrained_model_name_or_path)
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
 
     def get_input_embeddings(self):
         return self.encoder.embed

@@ -32,13 +32,15 @@ class LoadedModel:
     tokenizer_path: Path
 
 
-def load(path: str | Path) -> LoadedModel:
-    """An exported model directory (config.json) or a run directory (checkpoints/)."""
+def load(path: str | Path, trust_pickle: bool = False) -> LoadedModel:
+    """An exported model directory (config.json) or a run directory (checkpoints/; `trust_pickle` for one
+    saved before 2026-12-02, see dsmoe.train.checkpoint)."""
     path = Path(path)
-    if is_export(path):
+    model_dir = (path / "config.json").is_file() and not (path / "checkpoints").is_dir()
+    if is_export(path) or model_dir:  # an export, sound or not (check_export says which file is wrong)
         model, cfg, routing, tok = load_export(path)
     else:
-        model, cfg, tok, _ = load_from_run(path)
+        model, cfg, tok, _ = load_from_run(path, trust_pickle=trust_pickle)
         routing = Routing()
     return LoadedModel(model, cfg, routing, tok)
 

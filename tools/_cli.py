@@ -56,16 +56,26 @@ def cuda_ms(fn, repeats: int = 30, warmup: int = 3) -> float:
     return statistics.median(elapsed_ms(fn) for _ in range(repeats))
 
 
-def load_model_or_exit(path: str):
-    """dsmoe.infer.load, or exit with status 2 and the reason (the tools' common start)."""
+def load_model_or_exit(path: str, trust_pickle: bool = False):
+    """dsmoe.infer.load, or exit with status 2 and the reason in one line (the tools' common start)."""
+    from dsmoe.config import ConfigError
     from dsmoe.infer import load
     from dsmoe.train.checkpoint import CheckpointError
 
     try:
-        return load(path)
-    except CheckpointError as e:
+        return load(path, trust_pickle)
+    except (CheckpointError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def add_trust_pickle_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--trust-pickle",
+        action="store_true",
+        help="read a run checkpoint saved before 2026-12-02 through DeepSpeed's pickled files (they can run "
+        "code when loaded: only for checkpoints you trust); newer checkpoints need only safetensors and JSON",
+    )
 
 
 def add_routing_arguments(parser: argparse.ArgumentParser, mlp_prefix: str = "") -> None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from _cli import add_routing_arguments, routing_from_args
+from _cli import add_routing_arguments, add_trust_pickle_argument, routing_from_args
 
 from dsmoe.export import export, export_qwen3_moe, run_config
 from dsmoe.model import Routing, RoutingRule
@@ -35,13 +35,14 @@ def main() -> int:
         "needs SwiGLU experts, plain GQA attention and QK-norm)",
     )
     add_routing_arguments(parser)
+    add_trust_pickle_argument(parser)
     args = parser.parse_args()
     try:
-        cfg, step = run_config(args.run_dir, args.tag)
+        cfg, step = run_config(args.run_dir, args.tag, args.trust_pickle)
         if args.format == "qwen3_moe":
             if args.top_k is None:
                 parser.error("--format qwen3_moe routes the MLP by top-K: give --top-k K")
-            out = export_qwen3_moe(args.run_dir, args.out_dir, args.top_k, args.tag)
+            out = export_qwen3_moe(args.run_dir, args.out_dir, args.top_k, args.tag, args.trust_pickle)
             print(
                 f"exported step {step} of {args.run_dir} to {out} as qwen3_moe (top-{args.top_k}, no renormalisation)"
             )
@@ -53,7 +54,7 @@ def main() -> int:
         ):
             if layer_rule.mode != "dense" and layer_rule.k > experts:
                 parser.error(f"{kind} top-K {layer_rule.k} exceeds the model's {experts} {kind} experts")
-        out = export(args.run_dir, args.out_dir, rule, args.tag)
+        out = export(args.run_dir, args.out_dir, rule, args.tag, args.trust_pickle)
     except CheckpointError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

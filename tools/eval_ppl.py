@@ -14,7 +14,7 @@ import math
 import sys
 
 import torch
-from _cli import add_routing_arguments, load_model_or_exit, routing_from_args
+from _cli import add_routing_arguments, add_trust_pickle_argument, load_model_or_exit, routing_from_args
 
 from dsmoe.data.corpus import DataError
 from dsmoe.evaluation import evaluate, held_out_set
@@ -32,8 +32,9 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     add_routing_arguments(parser)
+    add_trust_pickle_argument(parser)
     args = parser.parse_args()
-    loaded = load_model_or_exit(args.path)
+    loaded = load_model_or_exit(args.path, args.trust_pickle)
     rule = routing_from_args(args, loaded.routing)
     model = loaded.model.to(args.device)
     try:

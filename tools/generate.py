@@ -16,7 +16,7 @@ import argparse
 import sys
 
 import torch
-from _cli import add_routing_arguments, load_model_or_exit, routing_from_args
+from _cli import add_routing_arguments, add_trust_pickle_argument, load_model_or_exit, routing_from_args
 from tokenizers import Tokenizer
 
 from dsmoe.data.tokens import EOS
@@ -37,8 +37,9 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     add_routing_arguments(parser, mlp_prefix="mlp-")
+    add_trust_pickle_argument(parser)
     args = parser.parse_args()
-    loaded = load_model_or_exit(args.path)
+    loaded = load_model_or_exit(args.path, args.trust_pickle)
     routing = routing_from_args(args, loaded.routing, mlp_prefix="mlp_")
     tok = Tokenizer.from_file(str(loaded.tokenizer_path))
     prompt = torch.tensor(

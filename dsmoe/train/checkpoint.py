@@ -10,6 +10,10 @@ Layout of RUN_DIR/checkpoints/:
                           (load_resharded; also the way back for ep > 1 without ZeRO, where DeepSpeed's
                           files hold only the first expert rank's optimizer state)
     tokenizer.json        the tokenizer the run trained
+    dsmoe_state.json      our state (step, config, layout, budget, datasets) as JSON: with the shards, all that
+                          exporting or evaluating a checkpoint reads, so neither unpickles anything (a
+                          checkpoint from elsewhere could run code on load); DeepSpeed's files and the RNG
+                          states are pickles, read only to resume one's own run
     manifest.json         every file above with its size and SHA-256; written last
   step_00000200.partial/  a save in progress (or one a killed process left behind): never loaded
   latest                  the tag of the newest complete checkpoint
@@ -38,6 +42,11 @@ import torch.distributed as dist
 
 CHECKPOINTS = "checkpoints"
 MANIFEST = "manifest.json"
+STATE = "dsmoe_state.json"
+TRUST_PICKLE = (
+    "it holds no dsmoe_state.json and parameter shards (saved before 2026-12-02), so reading it means "
+    "unpickling DeepSpeed's files, which can run code: pass --trust-pickle (trust_pickle=True) if it is yours"
+)
 PARTIAL = ".partial"
 
 
@@ -205,6 +214,9 @@ def save(
         if rank == 0:
             shutil.copyfile(tokenizer_path, staging / "tokenizer.json")
         client_state["dsmoe"]["engine"] = engine_counters(engine)
+        if rank == 0:
+            # What JSON cannot hold (none today) is written as text: exports read only config, step and depth.
+            (staging / STATE).write_text(json.dumps(client_state["dsmoe"], indent=1, default=str))
         with _as_plain_deepspeed(engine):
             engine.save_checkpoint(str(root), tag=staging.name, client_state=client_state, save_latest=False)
         _save_shards(engine, staging)
@@ -250,7 +262,7 @@ def load(engine, run_dir: str | Path, tag: str, rank: int, same_layout: bool = T
     # Without ZeRO, DeepSpeed keeps one optimizer state (the first expert rank's): expert ranks read ours.
     experts_apart = dims is not None and dims.ep > 1 and not engine.zero_optimization()
     if not same_layout or experts_apart:
-        ours = read_client_state(root / tag)
+        ours = read_client_state(root / tag, trust_pickle=True)  # resuming one's own run
         activation = ours["config"]["model"]["moe"]["activation"]
         load_resharded(engine, root / tag, ours["engine"], activation)
         own_rng = root / tag / f"rng_rank{rank}.pt"
@@ -536,10 +548,19 @@ def local_pieces(full: dict[str, torch.Tensor], dims, activation: str) -> dict[s
     }
 
 
-def read_client_state(checkpoint_dir: Path) -> dict:
-    """Our part of a checkpoint's client state (step, config, layout), without loading any weights' copies."""
-    states = _model_states(checkpoint_dir)
-    return torch.load(states, map_location="cpu", weights_only=False, mmap=True).get("dsmoe", {})
+def read_client_state(checkpoint_dir: Path, trust_pickle: bool = False) -> dict:
+    """Our part of a checkpoint's client state (step, config, layout). With `trust_pickle` (resuming one's own
+    run: DeepSpeed unpickles its files anyway) the objects exactly as saved, from DeepSpeed's model states;
+    without, only the JSON copy, so reading a checkpoint from elsewhere runs none of its code."""
+    if trust_pickle:
+        states = _model_states(checkpoint_dir)
+        return torch.load(states, map_location="cpu", weights_only=False, mmap=True).get("dsmoe", {})
+    if not (checkpoint_dir / STATE).is_file():
+        raise CheckpointError(f"{checkpoint_dir}: {TRUST_PICKLE}")
+    try:
+        return json.loads((checkpoint_dir / STATE).read_text())
+    except ValueError as e:
+        raise CheckpointError(f"{checkpoint_dir / STATE} is not valid JSON ({e})") from None
 
 
 def _model_states(checkpoint_dir: Path) -> Path:
@@ -549,21 +570,31 @@ def _model_states(checkpoint_dir: Path) -> Path:
     raise CheckpointError(f"{checkpoint_dir} holds no DeepSpeed model states: not a complete checkpoint")
 
 
-def consolidated_state_dict(checkpoint_dir: str | Path, tag: str | None = None) -> tuple[dict, dict]:
+def consolidated_state_dict(
+    checkpoint_dir: str | Path, tag: str | None = None, trust_pickle: bool = False
+) -> tuple[dict, dict]:
     """One fp32 state dict from a checkpoint (verify it first) of any ZeRO stage and rank count, plus our state.
 
-    ZeRO 1-3 keep the fp32 master weights in optimizer shards: DeepSpeed's zero_to_fp32 merges them.
-    Stage 0 keeps them whole: the module itself in fp32, or (bf16) the optimizer's fp32 groups, which
-    we name from the parameter names saved with each optimizer group.
+    A checkpoint with our JSON state and layout-free shards (every save since 2026-12-02) is read from those
+    alone: safetensors and JSON, no pickle. Older ones need `trust_pickle`: ZeRO 1-3 keep the fp32 master
+    weights in optimizer shards, which DeepSpeed's zero_to_fp32 merges; stage 0 keeps them whole, the module
+    itself in fp32, or (bf16) the optimizer's fp32 groups, named from each group's saved parameter names.
     """
     root = Path(checkpoint_dir)
     tag = tag or _read_latest(root)
     if tag is None:
         raise CheckpointError(f"{root} has no 'latest' checkpoint")
+    files = shard_files(root / tag)
+    if files and (root / tag / STATE).is_file():
+        ours = read_client_state(root / tag)
+        activation = ours.get("config", {}).get("model", {}).get("moe", {}).get("activation", "gelu")
+        return _unshard_checkpoint(files, activation), ours
+    if not trust_pickle:
+        raise CheckpointError(f"{root / tag}: {TRUST_PICKLE}")
     states = torch.load(_model_states(root / tag), map_location="cpu", weights_only=False)
     ours = states.get("dsmoe", {})
     config = ours.get("config", {})
-    if files := shard_files(root / tag):  # tensor/expert-parallel layout: join the shards
+    if files:  # tensor/expert-parallel layout: join the shards
         return _unshard_checkpoint(
             files, config.get("model", {}).get("moe", {}).get("activation", "gelu")
         ), ours

@@ -212,7 +212,10 @@ def _resume_point(
         try:
             tag = checkpoint.resume_tag(run_dir)
             if tag is not None:
-                ours = checkpoint.read_client_state(checkpoint.checkpoint_root(run_dir) / tag)
+                # resuming one's own run, whose DeepSpeed files are pickles DeepSpeed loads anyway
+                ours = checkpoint.read_client_state(
+                    checkpoint.checkpoint_root(run_dir) / tag, trust_pickle=True
+                )
                 check_resume_config(ours["config"], cfg, run_dir)
                 if "datasets" in ours:  # an indexed blend: the same datasets, or other samples would follow
                     from dsmoe.data.indexed import dataset_identity
