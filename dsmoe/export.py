@@ -6,9 +6,11 @@ The directory holds:
   tokenizer.json     the run's tokenizer: the byte-level BPE it trained or the one data.tokenizer named
                      (+ tokenizer_config.json for AutoTokenizer, with its end-of-document token)
 
-After `import dsmoe.hf`, transformers' AutoModelForCausalLM / AutoTokenizer load the directory; an encoder's
-(model_type "dsmoe_encoder") loads with AutoModelForMaskedLM, and its tokenizer carries the mask and
-padding tokens (dsmoe.data.mlm).
+  *.py, modeling_dsmoe.py  the model's code (dsmoe/model and dsmoe/hf.py) as transformers remote code
+
+transformers' AutoModelForCausalLM / AutoTokenizer load the directory with trust_remote_code=True where dsmoe is
+not installed (or without it after `import dsmoe.hf`); an encoder's (model_type "dsmoe_encoder") loads with
+AutoModelForMaskedLM, and its tokenizer carries the mask and padding tokens (dsmoe.data.mlm).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from dsmoe import growth
 from dsmoe.data.mlm import MASK_TOKEN, PAD_TOKEN, special_ids
 from dsmoe.data.tokens import EOS
 from dsmoe.model import DecoderLM, EncoderMLM, Routing, build
+from dsmoe.remote_code import auto_map, write_remote_code
 from dsmoe.train.checkpoint import (
     CheckpointError,
     checkpoint_root,
@@ -141,11 +144,13 @@ def write_export(
         "max_position_embeddings": cfg.model.max_seq_len,
         "torch_dtype": "float32",
         "routing": routing.to_dict(),
+        "auto_map": auto_map(encoder),  # the model's own code beside the weights (dsmoe/remote_code.py)
         "dsmoe": config_lib.to_dict(cfg),
         "trained_steps": step,
         # tells a damaged copy (truncated, altered) from a wrong one (another model's config)
         "weights_sha256": file_sha256(out / "model.safetensors"),
     }
+    write_remote_code(out)
     (out / "config.json").write_text(json.dumps(hf_config, indent=2))
     tokenizer_config = {
         "tokenizer_class": "PreTrainedTokenizerFast",

@@ -30,9 +30,13 @@ from transformers import (
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import CausalLMOutputWithPast, MaskedLMOutput
 
-from dsmoe import config as config_lib
-from dsmoe.model import DecoderLM, EncoderMLM, Routing
+# Only the model package, which depends on torch alone: an export carries this file and the model's files as
+# transformers remote code (dsmoe/remote_code.py rewrites these imports to relative ones).
 from dsmoe.model.attention import KVCache
+from dsmoe.model.config import model_config_from_dict
+from dsmoe.model.encoder import EncoderMLM
+from dsmoe.model.moe import Routing
+from dsmoe.model.transformer import DecoderLM
 
 CACHE_KEY = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 """What transformers calls the cache in model outputs and generate()'s model inputs (renamed from
@@ -64,8 +68,10 @@ def _checked(path) -> None:
     """Before transformers reads an export: its files are there and whole, else one line naming the file."""
     from pathlib import Path
 
-    from dsmoe.export import check_export
-
+    try:  # with dsmoe installed; the export's remote code runs without it (and without this check)
+        from dsmoe.export import check_export
+    except ImportError:
+        return
     if Path(str(path)).is_dir():
         check_export(path)
 
@@ -80,9 +86,9 @@ class DSMoEForCausalLM(PreTrainedModel, GenerationMixin):
 
     def __init__(self, config: DSMoEConfig):
         super().__init__(config)
-        cfg = config_lib.from_dict(config.dsmoe, source="config.json (dsmoe)")
+        model_cfg = model_config_from_dict(config.dsmoe["model"])
         self.routing = Routing.from_dict(config.routing)
-        self.decoder = DecoderLM(cfg.model)
+        self.decoder = DecoderLM(model_cfg)
         self.post_init()
 
     def _init_weights(self, module):  # weights come from the checkpoint; DecoderLM initialises its own
@@ -285,9 +291,9 @@ class DSMoEEncoderForMaskedLM(PreTrainedModel):
 
     def __init__(self, config: DSMoEEncoderConfig):
         super().__init__(config)
-        cfg = config_lib.from_dict(config.dsmoe, source="config.json (dsmoe)")
+        model_cfg = model_config_from_dict(config.dsmoe["model"])
         self.routing = Routing.from_dict(config.routing)
-        self.encoder = EncoderMLM(cfg.model)
+        self.encoder = EncoderMLM(model_cfg)
         self.post_init()
 
     def _init_weights(self, module):  # weights come from the checkpoint
@@ -315,7 +321,19 @@ class DSMoEEncoderForMaskedLM(PreTrainedModel):
         return MaskedLMOutput(loss=loss, logits=logits)
 
 
-AutoConfig.register("dsmoe", DSMoEConfig)
-AutoModelForCausalLM.register(DSMoEConfig, DSMoEForCausalLM)
-AutoConfig.register("dsmoe_encoder", DSMoEEncoderConfig)
-AutoModelForMaskedLM.register(DSMoEEncoderConfig, DSMoEEncoderForMaskedLM)
+def _register() -> None:
+    """`import dsmoe.hf` lets the Auto classes load exports without trust_remote_code. As an export's remote
+    code, loaded beside an installed dsmoe, this module may find the names taken: transformers then uses
+    the export's own classes through auto_map."""
+    for model_type, config_class, auto_class, model_class in (
+        ("dsmoe", DSMoEConfig, AutoModelForCausalLM, DSMoEForCausalLM),
+        ("dsmoe_encoder", DSMoEEncoderConfig, AutoModelForMaskedLM, DSMoEEncoderForMaskedLM),
+    ):
+        try:
+            AutoConfig.register(model_type, config_class)
+            auto_class.register(config_class, model_class)
+        except ValueError:
+            pass
+
+
+_register()

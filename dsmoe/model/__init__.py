@@ -1,6 +1,6 @@
 """The plain single-process model: attention (plain or MoA), DS-MoE layer, dense MLP, backbones."""
 
-from dsmoe.config import ModelConfig
+from dsmoe.model.config import ModelConfig
 from dsmoe.model.encoder import EncoderMLM, EncoderOutput
 from dsmoe.model.moe import DENSE, TRAINING, DSMoE, Routing, RoutingRule, mutual_information_loss
 from dsmoe.model.transformer import DecoderLM, DecoderOutput

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dsmoe.config import ModelConfig
+from dsmoe.model.config import ModelConfig
 from dsmoe.model.moe import DENSE, MoEAux, Router, RoutingRule, routing_aux, select_experts
 
 
@@ -399,9 +399,9 @@ def plan_attention(backend: str, varlen: Varlen, n_heads: int, dtype: torch.dtyp
         )
         plan.score_mod = alibi
     elif backend == "triton":
-        from dsmoe.model import alibi_triton
+        from dsmoe.model.alibi_triton import available as alibi_triton_available
 
-        if device.type != "cuda" or not alibi_triton.available():
+        if device.type != "cuda" or not alibi_triton_available():
             raise RuntimeError(
                 "model.attention.backend 'triton' needs CUDA and triton; on CPU use 'sdpa' (or 'auto')"
             )

@@ -16,9 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dsmoe.config import ModelConfig
-from dsmoe.model import alibi_triton  # noqa: F401  (registers the dsmoe:: custom ops)
+from dsmoe.model.alibi_triton import available as alibi_triton_available  # noqa: F401  (registers the dsmoe:: ops)
 from dsmoe.model.attention import BidirectionalSelfAttention, Varlen, plan_attention, resolve_backend
+from dsmoe.model.config import ModelConfig
 from dsmoe.model.mlp import DenseMLP
 from dsmoe.model.moe import TRAINING, DSMoE, MoEAux, Routing
 from dsmoe.model.transformer import CrossEntropy, RouterStats

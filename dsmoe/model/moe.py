@@ -21,8 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dsmoe.model import moe_triton
 from dsmoe.model.mlp import activate
+from dsmoe.model.moe_triton import available as scaled_gelu_available
+from dsmoe.model.moe_triton import scaled_gelu
 from dsmoe.model.sparse import grouped_mm_available, moe_topk_forward
 
 
@@ -308,8 +309,8 @@ class DSMoE(nn.Module):
     def _dense_forward(self, x_TD: torch.Tensor, probs_TE: torch.Tensor) -> torch.Tensor:
         T, N, F_ = x_TD.shape[0], self.num_experts, self.expert_hidden
         h_TK = x_TD @ self.w_in.view(-1, x_TD.shape[1]).T  # one GEMM, width K = N*F_in
-        if self.fused and moe_triton.available(h_TK, self.activation):  # one pass each way (moe_triton.py)
-            h_TK = moe_triton.scaled_gelu(h_TK, probs_TE)
+        if self.fused and scaled_gelu_available(h_TK, self.activation):  # one pass each way (moe_triton.py)
+            h_TK = scaled_gelu(h_TK, probs_TE)
         else:
             h_TNF = activate(h_TK.view(T, N, -1), self.activation)  # (T, N, F)
             h_TNF = h_TNF * probs_TE.to(h_TNF.dtype).unsqueeze(-1)  # scale expert i's block by p_i

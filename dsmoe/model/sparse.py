@@ -117,8 +117,11 @@ ACTIVATIONS = {"gelu": 0, "swiglu": 1, "geglu": 2}
 
 @functools.cache
 def _gemv_kernels():
-    import triton
-    import triton.language as tl
+    try:  # in a try: transformers' remote-code check then does not require triton (CPU installs lack it)
+        import triton
+        import triton.language as tl
+    except ImportError:  # callers check triton_available() first
+        raise
 
     @triton.jit
     def gather_sum_kernel(src_ptr, rows_ptr, y_ptr, D, K: tl.constexpr, BLOCK_D: tl.constexpr):

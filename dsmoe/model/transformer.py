@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from dsmoe.config import ModelConfig
 from dsmoe.model.attention import CausalSelfAttention, KVCache, rope_cos_sin
+from dsmoe.model.config import ModelConfig
 from dsmoe.model.mlp import DenseMLP
 from dsmoe.model.moe import TRAINING, DSMoE, MoEAux, Routing
 
