@@ -134,4 +134,9 @@ def test_the_remote_code_needs_only_torch_and_transformers(runs, tmp_path):
     allowed = {"torch", "transformers", *sys.stdlib_module_names}
     for path in sorted(out.glob("*.py")):
         assert set(get_imports(path)) - allowed == set(), path.name
-    assert {p.name for p in out.glob("*.py")} >= {"modeling_dsmoe.py", "transformer.py", "moe.py", "config.py"}
+    assert {p.name for p in out.glob("*.py")} >= {
+        "modeling_dsmoe.py",
+        "transformer.py",
+        "moe.py",
+        "config.py",
+    }
