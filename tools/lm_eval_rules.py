@@ -82,7 +82,7 @@ def main() -> int:
     lines = [
         f"# lm-evaluation-harness on one export under each routing rule ({Path(args.run_dir).name}, step {step})",
         "",
-        f"- date: {datetime.date.today()}, commit: {git_commit()}",
+        f"- machine: {_machine()}; date: {datetime.date.today()}; commit: {git_commit()}",
         f"- command: `python tools/lm_eval_rules.py {shlex.join(sys.argv[1:])}`",
         f"- tasks: {args.tasks} (dsmoe/eval_tasks: offline, from the held-out works); lm-eval "
         f"{lm_eval.__version__}, model `hf` with trust_remote_code",
@@ -99,6 +99,15 @@ def main() -> int:
     )
     print("\n".join(lines))
     return 0
+
+
+def _machine() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "CPU")
+    return f"{os.cpu_count()} x {cpu}"
 
 
 def _cuda() -> bool:
