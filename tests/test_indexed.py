@@ -37,7 +37,7 @@ def _documents() -> dict[str, list[str]]:
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    """A tokenizer.json trained here and two indexed datasets made with tools/prepare_data.py's library."""
+    """A tokenizer.json trained here and two indexed datasets made with dsmoe prepare-data's library."""
     root = tmp_path_factory.mktemp("indexed")
     docs = _documents()
     train_tokenizer(docs["verse"][:40] + docs["code"][:10], 512).save(str(root / "tokenizer.json"))

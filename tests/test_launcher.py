@@ -114,14 +114,14 @@ def moments_at(run_dir: Path, tag: str) -> dict[str, torch.Tensor]:
 @pytest.mark.slow
 def test_checkpoints_reshard_between_layouts(tmp_path, cache_dir):
     """3 steps under ep2 x tp2 (ZeRO-1), resumed under dp2 (ZeRO-2) and in one process (ZeRO-0), and a
-    one-process checkpoint resumed under ep2 x tp2: the next 3 steps' losses and the Adam moments after
-    them are those of one uninterrupted process."""
+    one-process checkpoint resumed under ep2 x tp2, as it is and cut for it by `dsmoe reshard`: the next 3
+    steps' losses and the Adam moments after them are those of one uninterrupted process."""
     import shutil
 
     common = ["train.max_steps=6", "train.checkpoint_every=3", "train.keep_checkpoints=0"]
     one = ["train.micro_batch_size=8"]  # the global batch of 8 at once, as 2 data-parallel ranks x 4
     ep_tp = ["parallel.ep=2", "parallel.tp=2", "parallel.zero_stage=1"]
-    runs = {name: tmp_path / name for name in ("ref", "to_dp2", "to_one", "to_ep_tp")}
+    runs = {name: tmp_path / name for name in ("ref", "to_dp2", "to_one", "to_ep_tp", "resharded")}
     launch(1, small_overrides(runs["ref"], cache_dir) + common + one, "torchrun")
     launch(4, small_overrides(runs["to_dp2"], cache_dir) + common + ep_tp + ["train.exit_at_step=3"])
     shutil.copytree(runs["to_dp2"], runs["to_one"])
@@ -132,15 +132,21 @@ def test_checkpoints_reshard_between_layouts(tmp_path, cache_dir):
         "".join((runs["ref"] / "metrics.jsonl").read_text().splitlines(keepends=True)[:3])
     )
 
+    # `dsmoe reshard` cuts the one-process checkpoint for ep2 x tp2: each rank then reads only its own shard
+    cut = [sys.executable, "-m", "dsmoe", "reshard", str(runs["ref"]), str(runs["resharded"])]
+    subprocess.run(cut + ["--tag", "step_00000003", "--tp", "2", "--ep", "2"], cwd=REPO, check=True)
+
     dp2 = launch(2, small_overrides(runs["to_dp2"], cache_dir) + common + ["parallel.zero_stage=2"])
     assert "resuming step_00000003 in another layout (world_size 4 -> 2, ep 2 -> 1, tp 2 -> 1" in dp2.stdout
     launch(1, small_overrides(runs["to_one"], cache_dir) + common + one, "torchrun")
     launch(4, small_overrides(runs["to_ep_tp"], cache_dir) + common + ep_tp)
+    resharded = launch(4, small_overrides(runs["resharded"], cache_dir) + common + ep_tp)
+    assert "from its layout-free shards (dsmoe reshard): its own shard per rank" in resharded.stdout
 
     want_curve = [m["loss"] for m in read_metrics(runs["ref"])]
     want = moments_at(runs["ref"], "step_00000006")
     assert any(k.startswith("exp_avg_sq/blocks.0.mlp.w_in") for k in want)
-    for name in ("to_dp2", "to_one", "to_ep_tp"):
+    for name in ("to_dp2", "to_one", "to_ep_tp", "resharded"):
         curve = [m["loss"] for m in read_metrics(runs[name])]
         torch.testing.assert_close(curve, want_curve, rtol=1e-5, atol=1e-5, msg=name)
         got = moments_at(runs[name], "step_00000006")

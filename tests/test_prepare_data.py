@@ -1,4 +1,4 @@
-"""tools/prepare_data.py: raw text to megatron-core's indexed dataset, read back by megatron-core itself."""
+"""dsmoe prepare-data: raw text to megatron-core's indexed dataset, read back by megatron-core itself."""
 
 from __future__ import annotations
 
@@ -25,7 +25,6 @@ from dsmoe.data.tokenizer import load_tokenizer
 from dsmoe.data.tokens import EOS, train_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "tools"))
 
 with warnings.catch_warnings():  # megatron.core's import warns that Transformer Engine and Apex are missing
     warnings.simplefilter("ignore")
@@ -233,9 +232,9 @@ def test_bad_records_are_counted_by_kind_and_named_by_file_and_line(tmp_path, to
 
 
 def run_tool(argv: list[str]) -> int:
-    import prepare_data
+    from dsmoe.cli import main
 
-    return prepare_data.main([str(a) for a in argv])
+    return main(["prepare-data", *(str(a) for a in argv)])
 
 
 def test_strict_stops_at_the_first_bad_record_with_status_2(tmp_path, tokenizers_on_disk, capsys):
@@ -381,7 +380,9 @@ def kill_while_writing(tmp_path: Path, tokenizer_path: Path, prefix: Path) -> No
     process = subprocess.Popen(
         [
             sys.executable,
-            str(REPO / "tools" / "prepare_data.py"),
+            "-m",
+            "dsmoe",
+            "prepare-data",
             str(source),
             "--tokenizer",
             str(tokenizer_path),

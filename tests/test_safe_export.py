@@ -75,7 +75,7 @@ def test_conversion_reads_no_pickle(trained, tmp_path):
 
 def test_a_checkpoint_without_our_json_needs_trust_pickle(trained, tmp_path):
     copy, marker = _tampered_run(trained, tmp_path, keep_state=False)
-    cmd = [sys.executable, "tools/convert_to_sparse.py", str(copy), str(tmp_path / "out")]
+    cmd = [sys.executable, "-m", "dsmoe", "convert", str(copy), str(tmp_path / "out")]
     refused = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert refused.returncode == 2 and "--trust-pickle" in refused.stderr and not marker.exists()
     with pytest.raises(Exception):  # noqa: B017  trusted, the pickle runs (and then is no checkpoint)
@@ -104,9 +104,13 @@ def test_a_damaged_export_gets_one_line_naming_the_file(trained, tmp_path, how):
     import dsmoe.hf  # noqa: F401
 
     out, name = _damaged(trained, tmp_path, how)
-    for tool in (["tools/eval_ppl.py"], ["tools/generate.py", "--max-new-tokens", "2"]):
+    for tool in (["eval"], ["generate", "--max-new-tokens", "2"]):
         proc = subprocess.run(
-            [sys.executable, *tool, str(out)], cwd=REPO, capture_output=True, text=True, timeout=300
+            [sys.executable, "-m", "dsmoe", *tool, str(out)],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=300,
         )
         errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
         assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]

@@ -90,7 +90,7 @@ def test_export_holds_exactly_the_trained_weights(small_cfg, tmp_path, layout):
     assert abs(top1.param_active_fraction - (total - skipped) / total) < 1e-9
 
 
-def test_convert_and_eval_tools(small_cfg, tmp_path):
+def test_convert_eval_and_generate_commands(small_cfg, tmp_path):
     import subprocess
     import sys
     from pathlib import Path
@@ -99,23 +99,25 @@ def test_convert_and_eval_tools(small_cfg, tmp_path):
     run(small_cfg("train.max_steps=3", "train.export_at_end=false"))
 
     def tool(*args: str) -> str:
-        proc = subprocess.run([sys.executable, *args], cwd=repo, capture_output=True, text=True)
+        proc = subprocess.run(
+            [sys.executable, "-m", "dsmoe", *args], cwd=repo, capture_output=True, text=True
+        )
         assert proc.returncode == 0, proc.stderr
         return proc.stdout
 
-    out = tool("tools/convert_to_sparse.py", str(tmp_path / "run"), str(tmp_path / "top1"), "--top-k", "1")
+    out = tool("convert", str(tmp_path / "run"), str(tmp_path / "top1"), "--top-k", "1")
     assert "routing: mlp top-1" in out
     assert load_export(tmp_path / "top1")[2] == Routing(mlp=RoutingRule("top_k", k=1))
-    sparse = tool("tools/eval_ppl.py", str(tmp_path / "top1"), "--max-tokens", "512")
-    dense = tool("tools/eval_ppl.py", str(tmp_path / "run"), "--max-tokens", "512")
-    all_experts = tool("tools/eval_ppl.py", str(tmp_path / "top1"), "--top-k", "4", "--max-tokens", "512")
+    sparse = tool("eval", str(tmp_path / "top1"), "--max-tokens", "512")
+    dense = tool("eval", str(tmp_path / "run"), "--max-tokens", "512")
+    all_experts = tool("eval", str(tmp_path / "top1"), "--top-k", "4", "--max-tokens", "512")
     assert "top-1" in sparse and "MLP experts  25.0%" in sparse
     assert (
         dense.splitlines()[-1].split("ppl")[1].split()[0]
         == all_experts.splitlines()[-1].split("ppl")[1].split()[0]
     )
     text = tool(
-        "tools/generate.py",
+        "generate",
         str(tmp_path / "top1"),
         "--prompt",
         "ROMEO:",
@@ -126,7 +128,7 @@ def test_convert_and_eval_tools(small_cfg, tmp_path):
     )
     assert text.count("--- sample") == 2 and "ROMEO:" in text
     missing = subprocess.run(
-        [sys.executable, "tools/eval_ppl.py", str(tmp_path / "nothing")],
+        [sys.executable, "-m", "dsmoe", "eval", str(tmp_path / "nothing")],
         cwd=repo,
         capture_output=True,
         text=True,

@@ -125,7 +125,9 @@ def test_upcycle_command_writes_a_trainable_export(tmp_path):
     hf_checkpoint("llama", tmp_path / "llama")
     cmd = [
         sys.executable,
-        "tools/upcycle.py",
+        "-m",
+        "dsmoe",
+        "upcycle",
         str(tmp_path / "llama"),
         str(tmp_path / "moe"),
         "--experts",

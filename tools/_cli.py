@@ -1,8 +1,8 @@
-"""Argument helpers shared by the user-facing tools: routing rules per layer type."""
+"""What the benchmark and research drivers share: the commit a result was measured at, one timer. (The user
+commands' argument helpers live in dsmoe/commands/args.py.)"""
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import subprocess
@@ -13,8 +13,6 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
-
-from dsmoe.model import Routing, RoutingRule  # noqa: E402
 
 
 def git_commit() -> str:
@@ -54,65 +52,3 @@ def cuda_ms(fn, repeats: int = 30, warmup: int = 3) -> float:
     for _ in range(warmup):
         fn()
     return statistics.median(elapsed_ms(fn) for _ in range(repeats))
-
-
-def load_model_or_exit(path: str, trust_pickle: bool = False):
-    """dsmoe.infer.load, or exit with status 2 and the reason in one line (the tools' common start)."""
-    from dsmoe.config import ConfigError
-    from dsmoe.infer import load
-    from dsmoe.train.checkpoint import CheckpointError
-
-    try:
-        return load(path, trust_pickle)
-    except (CheckpointError, ConfigError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
-
-
-def add_trust_pickle_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--trust-pickle",
-        action="store_true",
-        help="read a run checkpoint saved before 2026-12-02 through DeepSpeed's pickled files (they can run "
-        "code when loaded: only for checkpoints you trust); newer checkpoints need only safetensors and JSON",
-    )
-
-
-def add_routing_arguments(parser: argparse.ArgumentParser, mlp_prefix: str = "") -> None:
-    for prefix, what in ((mlp_prefix, "MLP"), ("attention-", "MoA attention")):
-        group = parser.add_mutually_exclusive_group()
-        group.add_argument(
-            f"--{prefix}top-k", type=int, metavar="K", help=f"{what}: keep the K most probable experts"
-        )
-        group.add_argument(
-            f"--{prefix}threshold",
-            type=float,
-            metavar="EPS",
-            help=f"{what}: keep expert i when N * p_i > EPS",
-        )
-        group.add_argument(
-            f"--{prefix}threshold-top-k",
-            type=float,
-            metavar="EPS",
-            help=f"{what}: top-K with K the batch-average count of the threshold rule",
-        )
-        group.add_argument(f"--{prefix}dense", action="store_true", help=f"{what}: run every expert")
-
-
-def _rule(args: argparse.Namespace, prefix: str, default: RoutingRule) -> RoutingRule:
-    if getattr(args, f"{prefix}top_k") is not None:
-        return RoutingRule("top_k", k=getattr(args, f"{prefix}top_k"))
-    if getattr(args, f"{prefix}threshold") is not None:
-        return RoutingRule("threshold", eps=getattr(args, f"{prefix}threshold"))
-    if getattr(args, f"{prefix}threshold_top_k") is not None:
-        return RoutingRule("threshold_top_k", eps=getattr(args, f"{prefix}threshold_top_k"))
-    if getattr(args, f"{prefix}dense"):
-        return RoutingRule()
-    return default
-
-
-def routing_from_args(args: argparse.Namespace, default: Routing, mlp_prefix: str = "") -> Routing:
-    """The routing the flags ask for; a layer type without flags keeps `default`'s rule."""
-    return Routing(
-        mlp=_rule(args, mlp_prefix, default.mlp), attention=_rule(args, "attention_", default.attention)
-    )

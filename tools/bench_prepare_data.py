@@ -1,4 +1,4 @@
-"""tools/prepare_data.py against one process calling the tokenizers batch encoder, on the same real text.
+"""dsmoe prepare-data against one process calling the tokenizers batch encoder, on the same real text.
 
     python tools/bench_prepare_data.py [--max-mb 30] [--workers 1 2] [--out benchmarks/prepare_data_cpu]
 
@@ -93,7 +93,7 @@ def measure_baseline(corpus: Path, tokenizer_path: Path, batch_docs: int, rust_t
 
 
 def measure_prepare_data(corpus: Path, tokenizer_path: Path, out: Path, workers: int) -> dict:
-    command = [sys.executable, "tools/prepare_data.py", str(corpus), "--tokenizer", str(tokenizer_path)]
+    command = [sys.executable, "-m", "dsmoe", "prepare-data", str(corpus), "--tokenizer", str(tokenizer_path)]
     command += ["--out", str(out), "--workers", str(workers), "--no-progress"]
     cpu_before, started = children_cpu_seconds(), time.perf_counter()
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The data path on the GPU (issue 22, <= 9 min, after `source tools/device_wheels.sh install`): the GPU tests
 # (inference, training), then tools/bench_data.py share on an indexed blend carried in .bench_data/
-# (tokenizer.json, drama and code prefixes made here with tools/prepare_data.py).
+# (tokenizer.json, drama and code prefixes made here with dsmoe prepare-data).
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total --format=csv || true

@@ -20,8 +20,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-from _cli import add_trust_pickle_argument, git_commit
+from _cli import git_commit
 
+from dsmoe.commands.args import add_trust_pickle_argument
 from dsmoe.eval_tasks import TASKS_DIR
 from dsmoe.evaluation import evaluate, held_out_set
 from dsmoe.export import export, load_export, run_config
@@ -106,7 +107,9 @@ def _machine() -> str:
 
     if torch.cuda.is_available():
         return torch.cuda.get_device_name()
-    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "CPU")
+    cpu = next(
+        (ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "CPU"
+    )
     return f"{os.cpu_count()} x {cpu}"
 
 

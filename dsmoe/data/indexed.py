@@ -6,7 +6,7 @@ tokens, `BlendedDataset` draws from the sources in the blend's proportions, and 
 indices as .npy files so a corpus is indexed once. What we add:
 
 - checks before any compute, naming the prefix: its .idx exists and is one megatron-core reads, its
-  tokenizer is the run's (the fingerprint tools/prepare_data.py records in PREFIX.json), its ids fit the model;
+  tokenizer is the run's (the fingerprint dsmoe prepare-data records in PREFIX.json), its ids fit the model;
 - an atomic index cache: rank 0 builds into a private directory and publishes file by file, the descriptions
   last (megatron-core counts an index as cached only when its description exists), then a marker; a build
   killed half-way leaves nothing that looks cached (megatron-core writes its .npy files in place);
@@ -34,7 +34,7 @@ from dsmoe.data.corpus import DataError
 from dsmoe.data.sampler import WindowSampler
 from dsmoe.data.tokenizer import LocalTokenizer
 
-RECORD_FORMAT = "dsmoe-indexed-1"  # PREFIX.json as tools/prepare_data.py writes it; bump when its keys change
+RECORD_FORMAT = "dsmoe-indexed-1"  # PREFIX.json as dsmoe prepare-data writes it; bump when its keys change
 CACHE_LAYOUT = 1  # bump when what the cache key covers changes
 INDEX_HEAD = 34  # magic (9), version (8), dtype code (1), sequence count (8), document count + 1 (8)
 
@@ -61,9 +61,9 @@ def read_header(prefix: str, key: str) -> IndexHeader:
     idx, bin_ = Path(prefix + ".idx"), Path(prefix + ".bin")
     if not idx.is_file():
         hint = (
-            "its .bin exists without the .idx: an interrupted tools/prepare_data.py run? run it again"
+            "its .bin exists without the .idx: an interrupted dsmoe prepare-data run? run it again"
             if bin_.is_file()
-            else "name the prefix of a PREFIX.bin + PREFIX.idx pair (made by tools/prepare_data.py)"
+            else "name the prefix of a PREFIX.bin + PREFIX.idx pair (made by dsmoe prepare-data)"
         )
         raise DataError(f"{key}: {idx} does not exist ({hint})")
     if not bin_.is_file():
@@ -105,7 +105,7 @@ def read_header(prefix: str, key: str) -> IndexHeader:
 
 
 def read_record(header: IndexHeader, key: str) -> dict | None:
-    """PREFIX.json, written by tools/prepare_data.py (tokenizer fingerprint, counts, largest id), if present;
+    """PREFIX.json, written by dsmoe prepare-data (tokenizer fingerprint, counts, largest id), if present;
     refused when it no longer describes the .bin and .idx beside it."""
     path = Path(header.prefix + ".json")
     if not path.is_file():
@@ -122,7 +122,7 @@ def read_record(header: IndexHeader, key: str) -> dict | None:
         raise DataError(
             f"{key}: {path} records {record.get('documents')} documents and {record.get('tokens')} tokens but "
             f"the dataset holds {header.sequences} and {header.tokens}: the .bin/.idx were made again without "
-            "it; delete the stale .json (or run tools/prepare_data.py again)"
+            "it; delete the stale .json (or run dsmoe prepare-data again)"
         )
     return record
 
@@ -163,7 +163,7 @@ def check_sources(cfg: DataConfig, tokenizer: LocalTokenizer, vocab_size: int) -
             if record is None:
                 warnings.append(
                     f"{key}: {prefix} has no PREFIX.json record of its tokenizer (made outside "
-                    "tools/prepare_data.py?): its ids are checked against the vocabulary, not its tokenizer"
+                    "dsmoe prepare-data?): its ids are checked against the vocabulary, not its tokenizer"
                 )
             else:
                 _check_record(record, tokenizer, key, prefix, warnings)
@@ -319,7 +319,7 @@ def build_splits(
 
 
 def _one_process_group() -> None:
-    """A tool reading an indexed blend in one process (tools/eval_ppl.py): a world of one, over gloo."""
+    """A tool reading an indexed blend in one process (dsmoe eval): a world of one, over gloo."""
     store = dist.FileStore(str(Path(tempfile.mkdtemp(prefix="dsmoe-pg-")) / "store"), 1)
     dist.init_process_group("gloo", store=store, rank=0, world_size=1)
 

@@ -1,6 +1,6 @@
 """Raw text files for tokenizing: found, read in chunks of raw bytes, and turned into documents in workers.
 
-The main process of tools/prepare_data.py only finds files and cuts them into chunks (`read_chunks`: whole
+The main process of dsmoe prepare-data only finds files and cuts them into chunks (`read_chunks`: whole
 lines of JSON Lines bytes, one `.txt` file, or a record batch of a Parquet text column); the workers parse
 and check each record (`documents_of`), so parsing scales with the workers as tokenizing does. A record
 that cannot be a document is counted by kind and named by file and line (`BadRecords`), never guessed at.

@@ -15,6 +15,9 @@ Layout of RUN_DIR/checkpoints/:
                           checkpoint from elsewhere could run code on load); DeepSpeed's files and the RNG
                           states are pickles, read only to resume one's own run
     manifest.json         every file above with its size and SHA-256; written last
+    A checkpoint `dsmoe reshard` wrote holds only the shards (cut for its target layout), our state (marked
+    "layout_free"), the tokenizer, rank 0's RNG states and the manifest: it resumes through the shards, each
+    rank reading only its own file when the run's (tp, ep) is the one it was cut for.
   step_00000200.partial/  a save in progress (or one a killed process left behind): never loaded
   latest                  the tag of the newest complete checkpoint
 
@@ -39,6 +42,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+
+from dsmoe import config as config_lib
 
 CHECKPOINTS = "checkpoints"
 MANIFEST = "manifest.json"
@@ -266,7 +271,8 @@ def load(engine, run_dir: str | Path, tag: str, rank: int, same_layout: bool = T
         activation = ours["config"]["model"]["moe"]["activation"]
         load_resharded(engine, root / tag, ours["engine"], activation)
         own_rng = root / tag / f"rng_rank{rank}.pt"
-        set_rng_state(torch.load(own_rng if same_layout else root / tag / "rng_rank0.pt", weights_only=False))
+        rng = own_rng if same_layout and own_rng.is_file() else root / tag / "rng_rank0.pt"
+        set_rng_state(torch.load(rng, weights_only=False))
         return ours
     rng_file = root / tag / f"rng_rank{rank}.pt"
     if not rng_file.is_file():
@@ -430,17 +436,22 @@ def load_resharded(engine, directory: Path, counters: dict, activation: str) -> 
             f"{directory} has no parameter shards (shard_tp*_ep*.safetensors): it can only be "
             "resumed in the layout that saved it"
         )
-    saved = _unshard_checkpoint(files, activation, moments=True)
     dims = engine.dsmoe_dims
+    if shards_layout(files) == (dims.tp, dims.ep):  # cut for this layout (dsmoe reshard): read our file only
+        from safetensors.torch import load_file
+
+        local = load_file(directory / _shard_name(dims))
+    else:
+        local = local_pieces(_unshard_checkpoint(files, activation, moments=True), dims, activation)
     params = dict(engine.module.named_parameters())
     wanted = {k for n in params for k in (n, *(f"{m}/{n}" for m in moments_of(engine)))}
-    if missing := sorted(wanted - saved.keys()):
+    if missing := sorted(wanted - local.keys()):
         raise CheckpointError(f"{directory} lacks {len(missing)} tensors this model needs: {missing[:8]}")
-    if unexpected := sorted(saved.keys() - wanted):
+    if unexpected := sorted(local.keys() - wanted):
         raise CheckpointError(
             f"{directory} holds {len(unexpected)} tensors this model has no place for: {unexpected[:8]}"
         )
-    set_state(engine, local_pieces(saved, dims, activation), counters)
+    set_state(engine, local, counters)
 
 
 def set_state(engine, local: dict[str, torch.Tensor], counters: dict) -> None:
@@ -504,6 +515,87 @@ def shard_files(checkpoint_dir: Path) -> list[Path]:
     return sorted(checkpoint_dir.glob("shard_tp*_ep*.safetensors"))
 
 
+def shards_layout(files: list[Path]) -> tuple[int, int]:
+    """The (tp, ep) layout the shards were cut for (every file names it; they must agree and be complete)."""
+    from safetensors import safe_open
+
+    layouts = set()
+    for path in files:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+        if not {"tp", "ep"} <= meta.keys():
+            raise CheckpointError(f"{path} does not say which layout it belongs to (no tp/ep metadata)")
+        layouts.add((int(meta["tp"]), int(meta["ep"])))
+    if len(layouts) != 1 or len(files) != next(iter(layouts))[0] * next(iter(layouts))[1]:
+        raise CheckpointError(
+            f"{files[0].parent} holds {len(files)} shards of layouts {sorted(layouts)}: not one complete layout"
+        )
+    return layouts.pop()
+
+
+def reshard(
+    run_dir: str | Path, out_dir: str | Path, tp: int, ep: int, tag: str | None = None, progress=print
+) -> Path:
+    """Write checkpoint `tag` (default: the newest intact) of `run_dir` into the new run directory `out_dir`,
+    its parameters and Adam moments cut for tensor-parallel size `tp` and expert-parallel size `ep`, so a run
+    resumed there in that layout has each rank read only its own shard (resuming in another layout joins
+    every shard on every rank). Reads only safetensors and JSON; the metrics up to the step come along, so the
+    resumed run continues the same curve. Returns the new checkpoint directory."""
+    from types import SimpleNamespace
+
+    from safetensors.torch import save_file
+
+    tag = tag or resume_tag(run_dir)
+    if tag is None:
+        raise CheckpointError(f"{run_dir} has no checkpoint")
+    source = checkpoint_root(run_dir) / tag
+    if problems := verify(source):
+        raise CheckpointError(f"{source} is not intact: {'; '.join(problems[:3])}")
+    files = shard_files(source)
+    if not files or not (source / STATE).is_file():
+        raise CheckpointError(
+            f"{source} has no layout-free shards and dsmoe_state.json (saved before 2026-12-02): resume it "
+            "once in any layout and let it save, then reshard that checkpoint"
+        )
+    from_tp, from_ep = shards_layout(files)
+    ours = read_client_state(source)
+    activation = ours["config"]["model"]["moe"]["activation"]
+    ours["config"]["parallel"].update(tp=tp, ep=ep, dp=0)
+    # What the layout must divide (experts by ep, heads and widths by tp): a ConfigError naming the key.
+    config_lib.from_dict(ours["config"], source=f"{source} resharded for tp {tp} x ep {ep}")
+    out_root = checkpoint_root(out_dir)
+    if out_root.exists() and any(out_root.iterdir()):
+        raise CheckpointError(f"{out_root} already holds checkpoints: reshard into a new run directory")
+    staging = out_root / (tag + PARTIAL)
+    staging.mkdir(parents=True)
+    progress(f"joining the {len(files)} shards of {source}")
+    full = _unshard_checkpoint(files, activation, moments=True)
+    for t in range(tp):
+        for e in range(ep):
+            position = SimpleNamespace(tp=tp, ep=ep, tp_rank=t, ep_rank=e)
+            pieces = local_pieces(full, position, activation)
+            layout = {"tp": str(tp), "ep": str(ep), "tp_rank": str(t), "ep_rank": str(e)}
+            save_file(pieces, staging / _shard_name(position), metadata=layout)
+            progress(f"wrote {_shard_name(position)}")
+    for name in ("tokenizer.json", "rng_rank0.pt"):  # copied as bytes: nothing is unpickled here
+        shutil.copyfile(source / name, staging / name)
+    ours["layout_free"] = True
+    ours["resharded_from"] = {"checkpoint": str(source.resolve()), "tp": from_tp, "ep": from_ep}
+    (staging / STATE).write_text(json.dumps(ours, indent=1, default=str))
+    write_manifest(staging)
+    os.replace(staging, out_root / tag)
+    _fsync_dir(out_root)
+    _write_atomic(out_root / "latest", tag)
+    step = int(ours["step"])
+    metrics = Path(run_dir) / "metrics.jsonl"
+    if metrics.is_file():
+        kept = [
+            line for line in metrics.read_text().splitlines(keepends=True) if json.loads(line)["step"] <= step
+        ]
+        (Path(out_dir) / "metrics.jsonl").write_text("".join(kept))
+    return out_root / tag
+
+
 def _unshard_checkpoint(files: list[Path], activation: str, moments: bool = False) -> dict:
     """The plain model's state dict from the shards of every (tp, ep) position (with moments: also the
     Adam moments, as '<moment>/<name>')."""
@@ -552,7 +644,8 @@ def read_client_state(checkpoint_dir: Path, trust_pickle: bool = False) -> dict:
     """Our part of a checkpoint's client state (step, config, layout). With `trust_pickle` (resuming one's own
     run: DeepSpeed unpickles its files anyway) the objects exactly as saved, from DeepSpeed's model states;
     without, only the JSON copy, so reading a checkpoint from elsewhere runs none of its code."""
-    if trust_pickle:
+    layout_free = not any((checkpoint_dir / n).is_file() for n in MODEL_STATES)  # as dsmoe reshard writes
+    if trust_pickle and not layout_free:
         states = _model_states(checkpoint_dir)
         return torch.load(states, map_location="cpu", weights_only=False, mmap=True).get("dsmoe", {})
     if not (checkpoint_dir / STATE).is_file():
@@ -563,8 +656,11 @@ def read_client_state(checkpoint_dir: Path, trust_pickle: bool = False) -> dict:
         raise CheckpointError(f"{checkpoint_dir / STATE} is not valid JSON ({e})") from None
 
 
+MODEL_STATES = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")
+
+
 def _model_states(checkpoint_dir: Path) -> Path:
-    for name in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt"):
+    for name in MODEL_STATES:
         if (checkpoint_dir / name).is_file():
             return checkpoint_dir / name
     raise CheckpointError(f"{checkpoint_dir} holds no DeepSpeed model states: not a complete checkpoint")

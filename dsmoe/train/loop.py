@@ -237,7 +237,15 @@ def _resume_point(
                 decision[4] = ours.get("budget")
                 saved = _layout(ours["config"], ours.get("world_size", dims.world_size))
                 now = _layout(config_lib.to_dict(cfg), dims.world_size)
-                if saved != now:
+                if ours.get("layout_free"):  # written by dsmoe reshard: shards only, no DeepSpeed files
+                    shards = (
+                        "its own shard per rank"
+                        if (now["tp"], now["ep"]) == (saved["tp"], saved["ep"])
+                        else (f"joining its tp {saved['tp']} x ep {saved['ep']} shards")
+                    )
+                    print(f"resuming {tag} from its layout-free shards (dsmoe reshard): {shards}", flush=True)
+                    decision[2] = False
+                elif saved != now:
                     changes = ", ".join(f"{k} {saved[k]} -> {now[k]}" for k in saved if saved[k] != now[k])
                     print(
                         f"resuming {tag} in another layout ({changes}): resharding its checkpoint", flush=True

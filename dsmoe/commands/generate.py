@@ -1,6 +1,6 @@
 """Sample text from an exported model or a run, with a KV cache and sparse routing.
 
-    python tools/generate.py MODEL_OR_RUN_DIR --prompt "ROMEO:" [--max-new-tokens 120] [--temperature 0.8]
+    dsmoe generate MODEL_OR_RUN_DIR --prompt "ROMEO:" [--max-new-tokens 120] [--temperature 0.8]
         [--top-k 40] [--top-p 0.9] [--samples 2] [--seed 0] [--mlp-top-k K | --mlp-threshold EPS] ...
 
 --top-k / --top-p are sampling options here; the MLP routing rule takes the --mlp- prefix
@@ -12,21 +12,24 @@ attention rule takes dsmoe.infer.generate.
 
 from __future__ import annotations
 
-import argparse
-import sys
-
 import torch
-from _cli import add_routing_arguments, add_trust_pickle_argument, load_model_or_exit, routing_from_args
-from tokenizers import Tokenizer
 
-from dsmoe.data.tokens import EOS
-from dsmoe.infer import Engine, generate, generate_fast, in_growth_ramp
+from dsmoe.commands.args import (
+    add_routing_arguments,
+    add_trust_pickle_argument,
+    load_model_or_exit,
+    parser_for,
+    routing_from_args,
+)
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    from tokenizers import Tokenizer
+
+    from dsmoe.data.tokens import EOS
+    from dsmoe.infer import Engine, generate, generate_fast, in_growth_ramp
+
+    parser = parser_for(__doc__, prog)
     parser.add_argument("path", help="exported model directory or training run directory")
     parser.add_argument("--prompt", default="\n")
     parser.add_argument("--max-new-tokens", type=int, default=120)
@@ -38,7 +41,7 @@ def main() -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     add_routing_arguments(parser, mlp_prefix="mlp-")
     add_trust_pickle_argument(parser)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     loaded = load_model_or_exit(args.path, args.trust_pickle)
     routing = routing_from_args(args, loaded.routing, mlp_prefix="mlp_")
     tok = Tokenizer.from_file(str(loaded.tokenizer_path))
@@ -58,7 +61,3 @@ def main() -> int:
     for i, row in enumerate(out.tolist()):
         print(f"--- sample {i + 1} ({routing})\n{tok.decode(row)}")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

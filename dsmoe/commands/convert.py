@@ -1,29 +1,33 @@
 """Export a training run's checkpoint as a sparse-inference model directory.
 
-    python tools/convert_to_sparse.py RUN_DIR OUT_DIR [--top-k K | --threshold EPS] [--tag step_00000300]
-    python tools/convert_to_sparse.py RUN_DIR OUT_DIR --format qwen3_moe --top-k K
+    dsmoe convert RUN_DIR OUT_DIR [--top-k K | --threshold EPS] [--tag step_00000300]
+    dsmoe convert RUN_DIR OUT_DIR --format qwen3_moe --top-k K
 
 Consolidates any ZeRO stage and rank count into fp32 safetensors, with config.json (routing rule
-included) and tokenizer.json. Without a rule: the threshold rule (train.eval_threshold) on the MLP and
-every attention expert kept, as the paper serves its models. --attention-* flags set the MoA rule.
+included), tokenizer.json and the model's code (transformers remote code: AutoModelForCausalLM loads it with
+trust_remote_code=True where dsmoe is not installed). Without a rule: the threshold rule
+(train.eval_threshold) on the MLP and every attention expert kept, as the paper serves its models.
+--attention-* flags set the MoA rule.
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
 
-from _cli import add_routing_arguments, add_trust_pickle_argument, routing_from_args
+from dsmoe.commands.args import (
+    add_routing_arguments,
+    add_trust_pickle_argument,
+    parser_for,
+    routing_from_args,
+)
 
-from dsmoe.export import export, export_qwen3_moe, run_config
-from dsmoe.model import Routing, RoutingRule
-from dsmoe.train.checkpoint import CheckpointError
 
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    from dsmoe.export import export, export_qwen3_moe, run_config
+    from dsmoe.model import Routing, RoutingRule
+    from dsmoe.train.checkpoint import CheckpointError
 
-def main() -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = parser_for(__doc__, prog)
     parser.add_argument("run_dir")
     parser.add_argument("out_dir")
     parser.add_argument("--tag", default=None, help="checkpoint tag (default: latest)")
@@ -31,12 +35,12 @@ def main() -> int:
         "--format",
         choices=["dsmoe", "qwen3_moe"],
         default="dsmoe",
-        help="dsmoe (any model; load with `import dsmoe.hf`) or qwen3_moe (stock transformers, top-K MLP routing; "
-        "needs SwiGLU experts, plain GQA attention and QK-norm)",
+        help="dsmoe (any model; its code travels with it) or qwen3_moe (stock transformers, top-K MLP "
+        "routing; needs SwiGLU experts, plain GQA attention and QK-norm)",
     )
     add_routing_arguments(parser)
     add_trust_pickle_argument(parser)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     try:
         cfg, step = run_config(args.run_dir, args.tag, args.trust_pickle)
         if args.format == "qwen3_moe":
@@ -60,7 +64,3 @@ def main() -> int:
         return 2
     print(f"exported step {step} of {args.run_dir} to {out} (routing: {rule})")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,6 +1,6 @@
 """Upcycle a dense model into a DS-MoE model with the same function, ready to train on.
 
-    python tools/upcycle.py SOURCE OUT_DIR --experts 8 [--attention-experts 4]
+    dsmoe upcycle SOURCE OUT_DIR --experts 8 [--attention-experts 4]
 
 SOURCE: a dense dsmoe export or run directory (model.mlp: dense), or a transformers Llama-style checkpoint
 directory (config.json + *.safetensors; Llama, Mistral, Qwen3). OUT_DIR becomes an exported dsmoe model
@@ -8,37 +8,36 @@ directory (config.json + *.safetensors; Llama, Mistral, Qwen3). OUT_DIR becomes 
 
     deepspeed launchers/train.py --config OUT_DIR/train.yaml
 
-The script checks that the upcycled model's logits equal the dense model's on a random batch and prints the
-largest difference. A transformers source without tokenizer.json needs --tokenizer.
+The command checks that the upcycled model's logits equal the dense model's on a random batch and prints
+the largest difference. A transformers source without tokenizer.json needs --tokenizer.
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from dsmoe import config as config_lib  # noqa: E402
-from dsmoe.export import write_export  # noqa: E402
-from dsmoe.model import Routing  # noqa: E402
-from dsmoe.train.checkpoint import CheckpointError  # noqa: E402
-from dsmoe.upcycle import UpcycleError, build_upcycled, dense_model, load_dense  # noqa: E402
+from dsmoe.commands.args import parser_for
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    from omegaconf import OmegaConf
+
+    from dsmoe import config as config_lib
+    from dsmoe.export import write_export
+    from dsmoe.model import Routing
+    from dsmoe.train.checkpoint import CheckpointError
+    from dsmoe.upcycle import UpcycleError, build_upcycled, dense_model, load_dense
+
+    parser = parser_for(__doc__, prog)
     parser.add_argument("source")
     parser.add_argument("out_dir")
     parser.add_argument("--experts", type=int, required=True, help="MLP experts per layer")
     parser.add_argument("--attention-experts", type=int, default=0, help="MoA experts per layer (0: plain)")
     parser.add_argument("--tokenizer", help="tokenizer.json, when the source has none")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     try:
         sd, cfg, tokenizer = load_dense(args.source)
         tokenizer = Path(args.tokenizer) if args.tokenizer else tokenizer
@@ -57,8 +56,6 @@ def main() -> int:
     cfg.train.eval_top_k = min(cfg.train.eval_top_k, args.experts)
     cfg.train.init_from = str(Path(args.out_dir).resolve())
     out = write_export(moe, cfg, tokenizer, args.out_dir, Routing(), step=0)
-    from omegaconf import OmegaConf
-
     (out / "train.yaml").write_text(OmegaConf.to_yaml(config_lib.to_dict(cfg)))
     n_expert = moe.num_expert_params()
     print(
@@ -73,7 +70,3 @@ def main() -> int:
         f"wrote {out} (continue training: deepspeed launchers/train.py --config {out / 'train.yaml'})"
     )
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

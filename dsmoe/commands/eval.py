@@ -1,6 +1,6 @@
 """Held-out perplexity of an exported model or a run, under a routing rule.
 
-    python tools/eval_ppl.py MODEL_OR_RUN_DIR [--top-k K | --threshold EPS | --dense] [--max-tokens N]
+    dsmoe eval MODEL_OR_RUN_DIR [--top-k K | --threshold EPS | --dense] [--max-tokens N]
 
 Prints perplexity on the run's fixed held-out sample (the held-out works, or the validation split of an
 indexed blend, overall and per source) and the fraction of MLP expert parameters (and of all non-embedding
@@ -9,22 +9,26 @@ parameters) computed per token. Without a rule: the export's own rule, or dense 
 
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 
 import torch
-from _cli import add_routing_arguments, add_trust_pickle_argument, load_model_or_exit, routing_from_args
 
-from dsmoe.data.corpus import DataError
-from dsmoe.evaluation import evaluate, held_out_set
-from dsmoe.train.report import held_out_name
+from dsmoe.commands.args import (
+    add_routing_arguments,
+    add_trust_pickle_argument,
+    load_model_or_exit,
+    parser_for,
+    routing_from_args,
+)
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    from dsmoe.data.corpus import DataError
+    from dsmoe.evaluation import evaluate, held_out_set
+    from dsmoe.train.report import held_out_name
+
+    parser = parser_for(__doc__, prog)
     parser.add_argument("path", help="exported model directory or training run directory")
     parser.add_argument(
         "--max-tokens", type=int, default=0, help="evaluate the first this many tokens of the sample (0: all)"
@@ -33,7 +37,7 @@ def main() -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     add_routing_arguments(parser)
     add_trust_pickle_argument(parser)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     loaded = load_model_or_exit(args.path, args.trust_pickle)
     rule = routing_from_args(args, loaded.routing)
     model = loaded.model.to(args.device)
@@ -50,7 +54,3 @@ def main() -> int:
             "  per source: " + ", ".join(f"{k} ppl {math.exp(v):.2f}" for k, v in result.source_loss.items())
         )
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,6 +1,6 @@
 """Tokenize raw text into megatron-core's indexed dataset (PREFIX.bin + PREFIX.idx) and a PREFIX.json sidecar.
 
-    python tools/prepare_data.py INPUT [INPUT ...] --tokenizer TOK --out PREFIX [--text-key text]
+    dsmoe prepare-data INPUT [INPUT ...] --tokenizer TOK --out PREFIX [--text-key text]
         [--workers N] [--no-append-eos] [--eos-token T] [--strict]
 
 INPUT: files, globs or directories (every supported file under one, sorted) of .jsonl, .jsonl.gz, .jsonl.zst
@@ -19,19 +19,16 @@ import argparse
 import dataclasses
 import os
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
-
-from dsmoe.data.corpus import DataError  # noqa: E402
-from dsmoe.data.prepare_data import prepare_indexed  # noqa: E402
-from dsmoe.data.tokenizer import load_tokenizer  # noqa: E402
+from dsmoe.commands.args import parser_for
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    from dsmoe.data.corpus import DataError
+    from dsmoe.data.prepare_data import prepare_indexed
+    from dsmoe.data.tokenizer import load_tokenizer
+
+    parser = parser_for(__doc__, prog)
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help="input files, globs or directories")
     parser.add_argument("--tokenizer", required=True, help="tokenizer directory or tokenizer.json")
     parser.add_argument(
@@ -74,7 +71,3 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(summary.report())
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
