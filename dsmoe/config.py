@@ -169,6 +169,13 @@ class TrainConfig:
     """Recompute each transformer block's activations in the backward pass instead of keeping them
     (torch.utils.checkpoint, non-reentrant): about a third more compute for a block's activation memory,
     for micro-batches that would not fit otherwise."""
+    head_loss: Literal["auto", "fused", "logits", "liger"] = "auto"
+    """How the LM head meets its cross-entropy in training. fused: a chunk of tokens at a time, with the
+    gradients taken in the same pass (dsmoe/model/head_loss.py), so no (tokens x vocabulary) logits exist:
+    memory stops growing with the vocabulary that way. logits: the plain head, then the loss. auto: fused
+    for vocabularies of 32k ids and more (real tokenizers), where the logits dominate memory, else logits.
+    Tensor parallelism shards the logits over the vocabulary instead (tp x less) and always uses logits.
+    liger: Liger Kernel's fused linear cross-entropy (pip install liger-kernel; CUDA, decoder only)."""
     seed: int = 1234
     log_every: int = 10
     """wandb gets scalars every step, and the expert-load heatmap (with each layer's min/max load and dead
@@ -380,6 +387,11 @@ def validate(cfg: Config, source: str = "config") -> None:
     check(d.prefetch_factor >= 1, "data.prefetch_factor", f"must be >= 1, got {d.prefetch_factor}")
     check(t.eval_every >= 0, "train.eval_every", f"must be >= 0 (0: only at the end), got {t.eval_every}")
     check(t.eval_tokens >= 0, "train.eval_tokens", f"must be >= 0 (0: all), got {t.eval_tokens}")
+    check(
+        t.head_loss != "liger" or not m.is_encoder,
+        "train.head_loss",
+        "liger is for the decoder (the encoder's MLM head counts its correct predictions: use fused)",
+    )
     check(t.peak_tflops >= 0, "train.peak_tflops", f"must be >= 0 (0: from the device), got {t.peak_tflops}")
     check(0 <= p.zero_stage <= 3, "parallel.zero_stage", f"must be 0..3, got {p.zero_stage}")
     check(p.dp >= 0, "parallel.dp", "must be >= 0 (0: world_size / (ep * tp))")

@@ -18,6 +18,7 @@ MODEL_PACKAGE = Path(__file__).resolve().parent / "model"
 MODEL_FILES = (
     "config",
     "mlp",
+    "head_loss",
     "moe_triton",
     "alibi_triton",
     "sparse",

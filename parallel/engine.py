@@ -72,6 +72,32 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [groups[k] for k in order]
 
 
+FUSED_HEAD_LOSS_FROM_VOCAB = 32768  # train.head_loss auto: fused from here (real tokenizers' vocabularies)
+
+
+def liger_linear_cross_entropy(h_ND: torch.Tensor, weight_VD: torch.Tensor, targets_N: torch.Tensor):
+    """Liger Kernel's fused linear cross-entropy (Triton, CUDA only), for train.head_loss liger: the same job
+    as dsmoe.model.head_loss in its own kernels (measured against ours in benchmarks/head_loss_*.md)."""
+    from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+
+    return liger_fused_linear_cross_entropy(h_ND, weight_VD, targets_N, ignore_index=-100)
+
+
+def fused_head_loss(cfg: Config, dims: ParallelDims):
+    """train.head_loss resolved to the fused head + loss function, or None for the plain logits path. Fused
+    needs the whole head on one rank (tp 1): tensor parallelism shards the logits over the vocabulary."""
+    from dsmoe.model.head_loss import linear_cross_entropy
+
+    mode = cfg.train.head_loss
+    if dims.tp > 1 or mode == "logits":
+        return None
+    if mode == "liger":
+        return liger_linear_cross_entropy
+    if mode == "fused" or cfg.model.vocab_size >= FUSED_HEAD_LOSS_FROM_VOCAB:
+        return linear_cross_entropy
+    return None
+
+
 def initialize(model: torch.nn.Module, cfg: Config, dims: ParallelDims, clock=None):
     """deepspeed.initialize with our optimizer and config; returns the engine.
 
@@ -83,6 +109,7 @@ def initialize(model: torch.nn.Module, cfg: Config, dims: ParallelDims, clock=No
     t = cfg.train
     model = model.to(dims.device)
     model.checkpoint_blocks = t.activation_checkpointing  # DecoderLM recomputes blocks in backward
+    model.fused_head_loss = fused_head_loss(cfg, dims)
     if t.compile:  # regional compilation: blocks share code and shapes, so they share the compiled graph
         for block in model.blocks:  # the encoder's packed token count changes with every batch
             block.compile(dynamic=True if cfg.model.is_encoder else None)

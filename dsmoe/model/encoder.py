@@ -19,6 +19,7 @@ from torch import nn
 from dsmoe.model.alibi_triton import available as alibi_triton_available  # noqa: F401  (registers the dsmoe:: ops)
 from dsmoe.model.attention import BidirectionalSelfAttention, Varlen, plan_attention, resolve_backend
 from dsmoe.model.config import ModelConfig
+from dsmoe.model.head_loss import linear_cross_entropy
 from dsmoe.model.mlp import DenseMLP
 from dsmoe.model.moe import TRAINING, DSMoE, MoEAux, Routing
 from dsmoe.model.transformer import CrossEntropy, RouterStats
@@ -31,9 +32,9 @@ IGNORE_INDEX = -100
 class EncoderOutput:
     """Model outputs; `loss` is what the trainer backpropagates: MLM loss + alpha x MI loss."""
 
-    logits: torch.Tensor
-    """(M, V) at the M masked positions when labels are given (packed, row-major); else (B, S, V), zeros at
-    padding."""
+    logits: torch.Tensor | None
+    """(M, V) at the M masked positions when labels are given (packed, row-major; None when the loss was
+    computed without them, train.head_loss fused); else (B, S, V), zeros at padding."""
     loss: torch.Tensor | None = None
     lm_loss: torch.Tensor | None = None
     """Mean MLM cross-entropy over the masked positions."""
@@ -141,6 +142,7 @@ class EncoderMLM(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
         self.cross_entropy = CrossEntropy()
+        self.fused_head_loss = None  # train.head_loss: set by parallel.engine (ours: the count comes along)
         self._head_loss = type(self).masked_head_loss  # compile_head() swaps in a compiled one
         self.reset_parameters()
 
@@ -178,7 +180,14 @@ class EncoderMLM(nn.Module):
         return self.lm_head(self.head_norm(F.gelu(self.head_dense(h_MD))))
 
     def masked_head_loss(self, h_MD: torch.Tensor, targets_M: torch.Tensor):
-        """The head at the M masked positions: (M, V) logits, mean cross-entropy, detached correct count."""
+        """The head at the M masked positions: (M, V) logits, mean cross-entropy, detached correct count.
+        With train.head_loss fused the logits are never made (None)."""
+        if self.fused_head_loss is not None and torch.is_grad_enabled():
+            h_MD = self.head_norm(F.gelu(self.head_dense(h_MD)))
+            loss, correct = linear_cross_entropy(
+                h_MD, self.lm_head.weight, targets_M, self.lm_head.bias, with_correct=True
+            )
+            return None, loss, correct
         logits_MV = self.head(h_MD)
         correct = (logits_MV.detach().argmax(-1) == targets_M).sum()
         return logits_MV, self.cross_entropy(logits_MV, targets_M), correct

@@ -53,7 +53,8 @@ class RouterStats:
 class DecoderOutput:
     """Model outputs; `loss` is what the trainer backpropagates: LM loss + alpha-weighted MI losses."""
 
-    logits: torch.Tensor
+    logits: torch.Tensor | None
+    """(B, T, V); None when the loss was computed without them (train.head_loss: fused)."""
     loss: torch.Tensor | None = None
     lm_loss: torch.Tensor | None = None
     mlp: RouterStats | None = None
@@ -145,6 +146,9 @@ class DecoderLM(nn.Module):
         self.cross_entropy = CrossEntropy()  # tensor parallelism swaps in the vocab-parallel one
         self.channel_mask: torch.Tensor | None = None  # MSG hidden growth (dsmoe/growth.py)
         self.checkpoint_blocks = False  # train.activation_checkpointing (set by parallel.engine)
+        self.fused_head_loss = (
+            None  # train.head_loss: the fused head + loss function (set by parallel.engine)
+        )
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -200,12 +204,19 @@ class DecoderLM(nn.Module):
             mlp_auxes += [mlp_aux] if mlp_aux is not None else []
         if cache is not None:
             cache.length += T
-        logits = self.lm_head(self.final_norm(x))  # (B, T, V)
+        h = self.final_norm(x)
+        fused = targets is not None and self.fused_head_loss is not None and torch.is_grad_enabled()
+        logits = None if fused else self.lm_head(h)  # (B, T, V)
         out = DecoderOutput(
             logits=logits, mlp=RouterStats.stack(mlp_auxes), attention=RouterStats.stack(attn_auxes)
         )
         if targets is not None:
-            out.lm_loss = self.cross_entropy(logits.view(B * T, -1), targets.reshape(-1))
+            if fused:  # train.head_loss: the head and its loss a chunk of tokens at a time, no logits
+                out.lm_loss = self.fused_head_loss(
+                    h.view(B * T, -1), self.lm_head.weight, targets.reshape(-1)
+                )
+            else:
+                out.lm_loss = self.cross_entropy(logits.view(B * T, -1), targets.reshape(-1))
             out.loss = out.lm_loss
             if out.mlp is not None:
                 out.loss = out.loss + self.cfg.moe.alpha * out.mlp.mi_loss
