@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from dsmoe.config import Config, ConfigError
 from dsmoe.train.budget import RstClock, RstTable, RstTableError, StepConfig
+from dsmoe.train.feature import Feature
 from dsmoe.train.methods import (
     LayerDropSchedule,
     per_sequence_loss,
@@ -361,3 +362,80 @@ def _model_dict(cfg: Config) -> dict:
     from dsmoe import config as config_lib
 
     return config_lib.to_dict(cfg)["model"]
+
+
+class BudgetedTraining(Feature):
+    """No Train No Gain as a training feature (dsmoe/train/feature.py): the reference-time budget decides when
+    the run ends and the LR schedule; its method stacks layers, drops them, selects batches or adds Sophia's
+    Hessian pass. Every rank plans the same steps (BudgetedRun)."""
+
+    def setup(self, trainer) -> None:
+        cfg, dims = trainer.cfg, trainer.dims
+        scoring_micro_batches(cfg, dims)  # a batch-selection scoring batch the layout cannot split
+        saved = trainer.resumed.get("budget") if trainer.resumed else None
+        self.run = BudgetedRun(cfg, dims, saved)
+        trainer.clock, trainer.max_steps, trainer.use_loader = self.run.clock, None, False  # batches: ours
+        self.plan: StepPlan | None = None
+
+    def before_model(self, trainer) -> None:
+        trainer.model_cfg.n_layers = self.run.depth  # layer stacking starts shallow
+        if (
+            trainer.cfg.train.method.name == "rho_loss"
+        ):  # the irreducible-loss model first (its cost is charged)
+            self.run.train_irreducible(trainer.token_data.train, charge=not trainer.resume_from)
+        trainer.train_tokens = self.run.train_tokens(trainer.token_data.train)
+
+    def started(self, trainer) -> None:
+        self.plan = self.run.plan(trainer.start_step)
+        if trainer.start_step == 0:
+            self.run.clock.require_one_step(self.plan.passes)
+        trainer.finished = not self.run.fits(self.plan)
+
+    def before_step(self, trainer, step: int) -> None:
+        from dsmoe.train.grow import stack_engine
+
+        while self.plan.depth > self.run.depth:  # layer stacking: double the depth as often as the plan says
+            trainer.engine = stack_engine(
+                trainer.engine, trainer.cfg, trainer.dims, trainer.dispatch, self.run.clock
+            )
+            self.run.depth = len(trainer.engine.module.blocks)
+            if trainer.dims.is_main:
+                print(f"step {step}: stacked to {self.run.depth} layers", flush=True)
+        self.run.charge(self.plan, trainer.engine, step)
+
+    def batches(self, trainer, step: int) -> list:  # batch selection scores a larger batch first
+        return self.run.batches(step, trainer.sampler, trainer.engine, trainer.gas)
+
+    def active_blocks(self, trainer, step: int) -> list[int] | None:  # layer dropping
+        return self.plan.active if len(self.plan.active) < self.plan.depth else None
+
+    def after_update(self, trainer, step: int, batches: list) -> None:
+        if self.plan.hessian:  # Sophia-G's curvature estimate, after the update
+            self.run.hessian_pass(trainer.engine, batches)
+
+    def after_step(self, trainer, step: int, record: dict) -> None:
+        clock = self.run.clock
+        record.update(rst_s=clock.spent_s, wall_s=self.run.wall_s(), active_layers=len(self.plan.active))
+        self.plan = self.run.plan(step + 1)
+        trainer.finished = not self.run.fits(self.plan)
+
+    def state(self) -> dict:
+        return {"budget": self.run.state()}
+
+    def finish(self, trainer) -> None:
+        c, result = self.run.clock, trainer.result
+        result.budget = dict(
+            rst_s=c.spent_s,
+            budget_s=c.budget_s,
+            wall_s=self.run.wall_s(),
+            finished=trainer.finished,
+            charges={p.describe(): n for p, n in c.charges.items()},
+            clock=c.state_dict(),
+        )
+        if trainer.dims.is_main:
+            print(
+                f"RST budget: {c.spent_s:.2f} s of {c.budget_s:.2f} s spent in {result.steps} steps"
+                + (" (finished)" if trainer.finished else "")
+                + f"; wall {result.budget['wall_s']:.1f} s",
+                flush=True,
+            )

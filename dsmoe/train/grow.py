@@ -20,6 +20,7 @@ from dsmoe import growth
 from dsmoe.config import Config
 from dsmoe.model import build
 from dsmoe.train import checkpoint
+from dsmoe.train.feature import Feature
 from parallel import engine as engine_lib
 
 
@@ -128,3 +129,35 @@ def stack_engine(engine, cfg: Config, dims, dispatch: str = "tokens", clock=None
 
     new_engine, _ = rebuild_engine(engine, cfg, dims, dispatch, stack, clock)
     return new_engine
+
+
+class Growth(Feature):
+    """MSG growth as a training feature (dsmoe/train/feature.py): a resumed run gets the shapes and masks its
+    checkpoint was saved with; each step sets the running event's ramp c (its masks go at c = 1, before any
+    next event); at an event's step the engine is rebuilt around the grown model (new parts at c = 0)."""
+
+    def model_built(self, trainer, model) -> None:
+        if trainer.resume_from:
+            trainer.active_growth = growth.replay(
+                model, trainer.cfg.growth, trainer.steps_done, trainer.cfg.train.seed
+            )
+
+    def before_step(self, trainer, step: int) -> None:
+        active = trainer.active_growth
+        if active is not None:
+            e = active.event
+            active.set_c(growth.ramp(step, e.step, e.ramp_steps))
+            if active.c == 1.0:
+                active.finish()
+                trainer.active_growth = None
+        for index, event in enumerate(trainer.cfg.growth.events):
+            if event.step == step:
+                trainer.engine, trainer.active_growth = grow_engine(
+                    trainer.engine, trainer.cfg, trainer.dims, index, trainer.dispatch
+                )
+                if trainer.dims.is_main:
+                    print(
+                        f"step {step}: grew {event.dim} to {event.size} "
+                        f"({trainer.engine.module.num_params() / 1e6:.2f}M params), ramp over {event.ramp_steps} steps",
+                        flush=True,
+                    )

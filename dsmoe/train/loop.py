@@ -1,11 +1,15 @@
 """The training run: data -> model -> DeepSpeed engine -> steps -> checkpoints -> export and evaluation.
 
-`run(cfg)` is what `launchers/train.py` calls on every rank. Running it again with the same run_dir
-resumes from the last complete checkpoint and continues the same loss curve.
+`run(cfg)` is what `launchers/train.py` calls on every rank: a Trainer with the features cfg turns on
+(features_for). `Trainer.step` is one optimizer step, the part to read first; features (NTNG's budget and
+methods, MSG growth, the encoder's loss weighting) attach through the hooks of dsmoe/train/feature.py and live
+in their own modules. Running again with the same run_dir resumes from the last complete checkpoint and
+continues the same loss curve.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -19,11 +23,10 @@ import torch
 import torch.distributed as dist
 
 from dsmoe import config as config_lib
-from dsmoe import growth
 from dsmoe.config import Config, ConfigError
 from dsmoe.data import PackedSampler, open_token_data, pad_vocab, prepare
 from dsmoe.data.loader import StepMicroBatches, step_batches
-from dsmoe.data.mlm import IGNORE_INDEX, MLMBatches
+from dsmoe.data.mlm import MLMBatches
 from dsmoe.data.tokenizer import load_tokenizer
 from dsmoe.data.tokens import TokenData, open_pretokenized, tokenizer_file
 from dsmoe.evaluation import PeriodicValidation, run_held_out, validation_samples
@@ -31,7 +34,8 @@ from dsmoe.model import build
 from dsmoe.model.attention import resolve_backend
 from dsmoe.train import checkpoint, methods
 from dsmoe.train.checkpoint import CheckpointError
-from dsmoe.train.grow import apply_parallel, grow_engine, stack_engine
+from dsmoe.train.feature import Feature
+from dsmoe.train.grow import apply_parallel
 from dsmoe.train.logging import RunLogger
 from parallel import engine as engine_lib
 from parallel import groups
@@ -234,7 +238,7 @@ def _resume_point(
                     if saved.get(k, RESOLVED_AT_START[k]) != RESOLVED_AT_START[k]
                 }
                 decision[3] = int(ours["step"])
-                decision[4] = ours.get("budget")
+                decision[4] = {k: v for k, v in ours.items() if k != "config"}  # features read theirs
                 saved = _layout(ours["config"], ours.get("world_size", dims.world_size))
                 now = _layout(config_lib.to_dict(cfg), dims.world_size)
                 if ours.get("layout_free"):  # written by dsmoe reshard: shards only, no DeepSpeed files
@@ -272,17 +276,307 @@ def _resume_point(
 
 
 def run(cfg: Config) -> RunResult:
-    dims = groups.init(cfg.parallel)
-    engine_lib.gradient_accumulation_steps(
-        cfg, dims
-    )  # a batch the layout cannot split: say so before any work
-    t = cfg.train
-    if t.budget.rst_hours > 0:
-        from dsmoe.train.budgeted import scoring_micro_batches
+    """Train as cfg says, with the features it turns on; what launchers/train.py calls on every rank."""
+    return Trainer(cfg, features_for(cfg)).run()
 
-        scoring_micro_batches(cfg, dims)  # nor a batch-selection scoring batch
-    run_dir = Path(t.run_dir)
-    token_data = _resolved_data(cfg, dims)
+
+def features_for(cfg: Config) -> list[Feature]:
+    """The features of training cfg turns on (each in its own module; the Trainer names none of them)."""
+    features: list[Feature] = []
+    if cfg.train.budget.rst_hours > 0:
+        from dsmoe.train.budgeted import BudgetedTraining
+
+        features.append(BudgetedTraining())
+    if cfg.growth.events:
+        from dsmoe.train.grow import Growth
+
+        features.append(Growth())
+    if cfg.model.is_encoder:
+        from dsmoe.train.mlm import MLMTokenWeights
+
+        features.append(MLMTokenWeights())
+    return features
+
+
+class Trainer:
+    """One training run: data -> model -> DeepSpeed engine -> steps -> checkpoints -> export and evaluation.
+
+    `run()` is the loop and `step()` one optimizer step: batches, forward/backward per micro-batch, update,
+    log, validate, save. Features (dsmoe/train/feature.py) attach at fixed points through their hooks.
+    """
+
+    def __init__(self, cfg: Config, features: list[Feature] = ()):
+        self.cfg, self.features = cfg, list(features)
+        self.dims = dims = groups.init(cfg.parallel)
+        engine_lib.gradient_accumulation_steps(cfg, dims)  # a batch the layout cannot split: say so first
+        t = cfg.train
+        self.run_dir = Path(t.run_dir)
+        self.token_data = _resolved_data(cfg, dims)
+        _resolve_vocab(cfg, self.token_data)
+        self.resume_from, same_layout, steps_done, self.resumed = _resume_point(
+            cfg, dims, self.run_dir, self.token_data.tokenizer_path
+        )
+        if not self.resume_from:
+            self.resumed = None
+        self.splits = None
+        if cfg.data.corpus == "indexed":
+            if (
+                cfg.data.train_samples == 0
+            ):  # a new run: as many as max_steps takes (a resumed one kept its own)
+                cfg.data.train_samples = t.max_steps * t.global_batch_size
+            self.splits = _indexed_splits(cfg, dims, self.token_data)
+        self.datasets = None
+        if self.splits is not None:
+            from dsmoe.data.indexed import dataset_identity
+
+            self.datasets = dataset_identity(cfg.data)
+        self.use_loader, self.steps_done = True, steps_done
+        self.max_steps: int | None = t.max_steps  # None: a feature ends the run (a budget)
+        self.clock = None  # a feature's RST clock, which drives the LR schedule instead of the step count
+        self._hook("setup")
+        if dims.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.json").write_text(json.dumps(config_lib.to_dict(cfg), indent=2))
+            (self.run_dir / "tokenizer.json").write_bytes(self.token_data.tokenizer_path.read_bytes())
+        dist.barrier()
+
+        torch.manual_seed(t.seed)  # the same initial weights on every rank
+        self.model_cfg = copy.deepcopy(cfg.model)  # growth changes the model's own config, never the run's
+        self.train_tokens = self.token_data.train
+        self._hook("before_model")
+        torch.manual_seed(t.seed)
+        model = build(self.model_cfg)
+        if t.init_from and not self.resume_from:
+            _initialise_from(model, Path(t.init_from))
+        self.active_growth = None  # set by the growth feature: parallelism applies its masks
+        self._hook("model_built", model)
+        self.dispatch = _expert_dispatch(cfg, model, dims)
+        apply_parallel(model, dims, self.dispatch, self.active_growth)
+        self.engine = engine_lib.initialize(model, cfg, dims, self.clock)
+        self.gas = engine_lib.gradient_accumulation_steps(cfg, dims)
+        self.start_step = 0
+        if self.resume_from:
+            loaded = checkpoint.load(self.engine, self.run_dir, self.resume_from, dims.rank, same_layout)
+            self.start_step = int(loaded["step"])
+        else:
+            torch.manual_seed(t.seed + 1 + dims.rank)  # per-rank stream for anything stochastic in training
+
+        if self.splits is not None:  # megatron-core's packed, shuffled, blended samples
+            from dsmoe.data.indexed import IndexedSampler
+
+            self.sampler = IndexedSampler(self.splits.train, cfg.data.seq_len)
+        else:
+            self.sampler = PackedSampler(self.train_tokens, cfg.data.seq_len, t.seed)
+        if cfg.model.is_encoder:  # (input_ids, attention_mask, labels): mixed lengths, masked
+            self.sampler = MLMBatches(self.sampler, self.token_data.vocab_size, cfg.mlm, t.seed)
+        # The fixed held-out sample: every rank evaluates it under train.eval_every, rank 0 at the end of the run.
+        self.held_out = (
+            run_held_out(cfg, self.token_data.val, self.splits) if t.eval_every or dims.is_main else None
+        )
+        self.validation = (
+            PeriodicValidation(cfg, self.held_out, self.token_data.vocab_size, dims) if t.eval_every else None
+        )
+        self.loader = self._loader() if self.use_loader else None
+        self.logger = self._announce(model) if dims.is_main else None
+        self.result = RunResult(self.run_dir, self.start_step, engine=self.engine)
+        self.finished = self.start_step == t.max_steps
+        self._hook("started")
+
+    # --- the core ------------------------------------------------------------------------------------------
+
+    def run(self) -> RunResult:
+        t, result = self.cfg.train, self.result
+        self.bad_steps, self.last_saved = 0, self.start_step
+        signals = StopSignals()  # installed right before the try that restores them, whatever is raised
+        try:
+            step = self.start_step
+            while not self.finished and (self.max_steps is None or step < self.max_steps):
+                stop_now = self.step(step, signals)
+                step += 1
+                if stop_now:
+                    if self.dims.is_main and signals.received:
+                        print(
+                            f"stopped by {signals.received} after step {step}: run the same command to resume",
+                            flush=True,
+                        )
+                    result.interrupted = True
+                    break
+        finally:
+            signals.restore()
+            if self.loader is not None:
+                self.loader.close()  # its worker processes stop here, also when the run raised
+        if self.dims.is_main and self.dims.device.type == "cuda":
+            print(f"peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB", flush=True)
+        dist.barrier()
+        self._hook("finish")
+        if self.dims.is_main and t.export_at_end and self.finished and self.last_saved == result.steps:
+            from dsmoe.train.report import encoder_report, final_report
+
+            report = encoder_report if self.cfg.model.is_encoder else final_report
+            result.summary = report(self.run_dir, self.cfg, self.logger, self.held_out)
+        if self.logger:
+            self.logger.close()
+        return result
+
+    def step(self, step: int, signals: StopSignals) -> bool:
+        """Optimizer step `step` (0-based): True when the run must stop after it (a signal, train.exit_at_step)."""
+        t, dims = self.cfg.train, self.dims
+        started = time.perf_counter()  # an engine rebuild (growth, stacking) counts in its step's time
+        self._hook("before_step", step)
+        engine = self.result.engine = self.engine
+        lr = engine.get_lr()[0]
+        waited = time.perf_counter()
+        batches = self._first("batches", step) or next(self.loader)
+        data_wait_s = time.perf_counter() - waited  # the step's time spent waiting for its batches
+        weights = self._first("micro_weights", batches) or [1.0] * self.gas
+        active = self._first("active_blocks", step)  # None: every block
+        sums, real_tokens = None, 0
+        for micro, batch in enumerate(batches):
+            # decoder: (inputs, targets); encoder: (input_ids, attention_mask, labels)
+            real_tokens += int(batch[1].sum()) if self.cfg.model.is_encoder else batch[0].numel()
+            batch = [part.to(dims.device, non_blocking=True) for part in batch]  # pinned on a GPU
+            with (
+                methods.run_blocks(engine.module, active) if active is not None else contextlib.nullcontext()
+            ):
+                out = engine(*batch)
+            w = weights[micro]
+            engine.backward(out.loss if w == 1.0 else out.loss + (w - 1.0) * out.lm_loss)
+            if micro < self.gas - 1:
+                engine.step()  # accumulates; DeepSpeed updates only on the boundary
+            else:
+                if active is not None:  # blocks that did not run are not updated
+                    methods.release_dropped_grads(engine.module, active)
+                grad_norm, applied = engine_lib.boundary_step(engine)
+            stats = _step_stats(out, w)
+            sums = stats if sums is None else {k: sums[k] + stats[k] for k in sums}
+        self._hook("after_update", step, batches)
+        # Mean over micro-batches and ranks (tensor-parallel ranks hold copies of their batch slice's values,
+        # every slice equally many): equal to the single-process mean. The stop request rides along as a last
+        # element: its sum is > 0 if any rank was signalled; before it, the real (non-padding) tokens each
+        # rank trained on, summed (tensor-parallel ranks share theirs).
+        stop = signals.received is not None or step + 1 == t.exit_at_step
+        packed = torch.cat(
+            [v.flatten() for v in sums.values()]
+            + [sums["loss"].new_tensor([real_tokens / dims.tp, float(stop)])]
+        )
+        dist.all_reduce(packed)
+        stop_now = bool(packed[-1] > 0)
+        record = _unpack(packed[:-2] / (self.gas * dims.world_size), sums, step + 1)
+        step_s = time.perf_counter() - started  # the all_reduce's .item()s above synchronised the device
+        record.update(
+            lr=lr,
+            grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
+            tokens_per_s=float(packed[-2]) / step_s,
+            step_s=step_s,
+            data_wait_s=data_wait_s,
+            memory_gib=peak_memory_gib(dims.device),
+        )
+        self.finished = step + 1 == self.max_steps
+        self._hook("after_step", step, record)  # a feature may end the run sooner or later (a budget)
+        if self.validation is not None and ((step + 1) % t.eval_every == 0 or self.finished):
+            record.update(self.validation.run(self.engine.module, step + 1, self.logger))
+        finite = applied and math.isfinite(record["loss"]) and math.isfinite(record["grad_norm"])
+        record["skipped"] = not finite
+        self.bad_steps = 0 if finite else self.bad_steps + 1
+        self.result.losses.append(record["loss"])
+        self.result.steps = step + 1
+        if self.logger:
+            self.logger.log(record)
+            if not finite:
+                print(f"step {step + 1}: non-finite loss or gradient norm, update skipped", flush=True)
+        if self.bad_steps >= t.max_bad_steps:
+            raise TrainingDiverged(
+                f"{self.bad_steps} consecutive steps up to step {step + 1} had a non-finite loss or gradient norm "
+                f"(train.max_bad_steps={t.max_bad_steps}); the last good checkpoint is "
+                f"{checkpoint.resume_tag(self.run_dir) or 'none'} in {self.run_dir}; lower train.lr or check the data"
+            )
+        due = t.checkpoint_every and ((step + 1) % t.checkpoint_every == 0 or self.finished or stop_now)
+        if due and self.bad_steps == 0:  # never publish a state reached through skipped steps
+            self.save(step + 1)
+            self.last_saved = step + 1
+        return stop_now
+
+    def save(self, step: int) -> None:
+        t = self.cfg.train
+        ours = {
+            "step": step,
+            "samples_consumed": step * t.global_batch_size,
+            "world_size": self.dims.world_size,
+            "config": config_lib.to_dict(self.cfg),
+        }
+        for feature in self.features:
+            ours.update(feature.state())
+        if (
+            self.datasets is not None
+        ):  # a resume checks that the datasets are the ones these samples came from
+            ours["datasets"] = self.datasets
+        checkpoint.save(
+            self.engine,
+            self.run_dir,
+            step,
+            {"dsmoe": ours},
+            self.token_data.tokenizer_path,
+            self.dims.rank,
+            t.keep_checkpoints,
+        )
+
+    # --- helpers -------------------------------------------------------------------------------------------
+
+    def _hook(self, name: str, *args) -> None:
+        for feature in self.features:
+            getattr(feature, name)(self, *args)
+
+    def _first(self, name: str, *args):
+        """The first feature's answer that is not None (None when none answers)."""
+        for feature in self.features:
+            answer = getattr(feature, name)(self, *args)
+            if answer is not None:
+                return answer
+        return None
+
+    def _loader(self):
+        cfg, t, dims = self.cfg, self.cfg.train, self.dims
+        workers = (
+            cfg.data.num_workers if cfg.data.num_workers >= 0 else (2 if dims.device.type == "cuda" else 0)
+        )
+        micro_batches = StepMicroBatches(
+            self.sampler,
+            self.start_step,
+            t.max_steps,
+            self.gas,
+            dims.batch_rank,
+            dims.batch_ranks,
+            t.micro_batch_size,
+            t.global_batch_size,
+        )
+        return step_batches(
+            micro_batches, workers, cfg.data.prefetch_factor, pin_memory=dims.device.type == "cuda"
+        )
+
+    def _announce(self, model) -> RunLogger:
+        cfg, t, dims = self.cfg, self.cfg.train, self.dims
+        backend = (
+            model.attention_backend(dims.device)
+            if cfg.model.is_encoder
+            else resolve_backend(cfg.model.attention.backend)
+        )
+        n_params, n_expert = model.num_params(), model.num_expert_params()
+        print(
+            f"dsmoe: {n_params / 1e6:.2f}M params ({n_expert / 1e6:.2f}M in experts), world {dims.world_size} "
+            f"(dp {dims.dp} x ep {dims.ep} x tp {dims.tp}"
+            + (f", experts reached by gathering {self.dispatch}" if dims.ep > 1 else "")
+            + f"), device {dims.device.type}, attention {backend}, "
+            f"precision {t.precision}, ZeRO {cfg.parallel.zero_stage}, "
+            + (f"resuming from {self.resume_from}" if self.resume_from else "starting"),
+            flush=True,
+        )
+        return RunLogger(
+            self.run_dir, cfg, self.start_step, model.flops_per_token(cfg.data.seq_len), dims.world_size
+        )
+
+
+def _resolve_vocab(cfg: Config, token_data: TokenData) -> None:
+    """model.vocab_size from the tokenizer (padded) or checked against it; the end-of-document token."""
     # The encoder adds its mask and padding tokens after the tokenizer's (dsmoe.data.mlm).
     needed = token_data.vocab_size + (2 if cfg.model.is_encoder else 0)
     if cfg.model.vocab_size == 0:
@@ -293,280 +587,6 @@ def run(cfg: Config) -> RunResult:
             + (" + the mask and padding tokens" if cfg.model.is_encoder else "")
         )
     cfg.data.eos_token = token_data.eos_token  # saved with the run: exports name it
-
-    resume_from, same_layout, steps_done, budget_state = _resume_point(
-        cfg, dims, run_dir, token_data.tokenizer_path
-    )
-    splits = None
-    if cfg.data.corpus == "indexed":
-        if cfg.data.train_samples == 0:  # a new run: as many as max_steps takes (a resumed one kept its own)
-            cfg.data.train_samples = t.max_steps * t.global_batch_size
-        splits = _indexed_splits(cfg, dims, token_data)
-    datasets = None
-    if splits is not None:
-        from dsmoe.data.indexed import dataset_identity
-
-        datasets = dataset_identity(cfg.data)
-    budgeted = None
-    if t.budget.rst_hours > 0:  # NTNG: the reference-time budget, its schedule and the method
-        from dsmoe.train.budgeted import BudgetedRun
-
-        budgeted = BudgetedRun(cfg, dims, budget_state if resume_from else None)
-    if dims.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.json").write_text(json.dumps(config_lib.to_dict(cfg), indent=2))
-        (run_dir / "tokenizer.json").write_bytes(token_data.tokenizer_path.read_bytes())
-    dist.barrier()
-
-    torch.manual_seed(t.seed)  # the same initial weights on every rank
-    model_cfg = copy.deepcopy(cfg.model)  # growth changes the model's own config, never the run's
-    if budgeted is not None:
-        model_cfg.n_layers = budgeted.depth  # layer stacking starts shallow
-        if cfg.train.method.name == "rho_loss":  # the irreducible-loss model first (its cost is charged)
-            budgeted.train_irreducible(token_data.train, charge=not resume_from)
-    torch.manual_seed(t.seed)
-    model = build(model_cfg)
-    if t.init_from and not resume_from:
-        _initialise_from(model, Path(t.init_from))
-    active_growth = None
-    if resume_from and cfg.growth.events:  # the shapes (and masks) the checkpoint was saved with
-        active_growth = growth.replay(model, cfg.growth, steps_done, t.seed)
-    dispatch = _expert_dispatch(cfg, model, dims)
-    apply_parallel(model, dims, dispatch, active_growth)
-    engine = engine_lib.initialize(model, cfg, dims, budgeted.clock if budgeted else None)
-    gas = engine_lib.gradient_accumulation_steps(cfg, dims)
-    start_step = 0
-    if resume_from:
-        start_step = int(checkpoint.load(engine, run_dir, resume_from, dims.rank, same_layout)["step"])
-    else:
-        torch.manual_seed(t.seed + 1 + dims.rank)  # per-rank stream for anything stochastic in training
-
-    if splits is not None:  # megatron-core's packed, shuffled, blended samples
-        from dsmoe.data.indexed import IndexedSampler
-
-        sampler = IndexedSampler(splits.train, cfg.data.seq_len)
-    else:
-        train_tokens = budgeted.train_tokens(token_data.train) if budgeted else token_data.train
-        sampler = PackedSampler(train_tokens, cfg.data.seq_len, t.seed)
-    if cfg.model.is_encoder:  # (input_ids, attention_mask, labels): mixed lengths, masked
-        sampler = MLMBatches(sampler, token_data.vocab_size, cfg.mlm, t.seed)
-    # The fixed held-out sample: every rank evaluates it under train.eval_every, rank 0 at the end of the run.
-    held_out = run_held_out(cfg, token_data.val, splits) if t.eval_every or dims.is_main else None
-    validation = PeriodicValidation(cfg, held_out, token_data.vocab_size, dims) if t.eval_every else None
-    loader = None
-    if budgeted is None:  # batch selection reads its own larger batches
-        workers = (
-            cfg.data.num_workers if cfg.data.num_workers >= 0 else (2 if dims.device.type == "cuda" else 0)
-        )
-        loader = step_batches(
-            StepMicroBatches(
-                sampler,
-                start_step,
-                t.max_steps,
-                gas,
-                dims.batch_rank,
-                dims.batch_ranks,
-                t.micro_batch_size,
-                t.global_batch_size,
-            ),
-            workers,
-            cfg.data.prefetch_factor,
-            pin_memory=dims.device.type == "cuda",
-        )
-    backend = (
-        model.attention_backend(dims.device)
-        if cfg.model.is_encoder
-        else resolve_backend(cfg.model.attention.backend)
-    )
-    logger = None
-    if dims.is_main:
-        n_params, n_expert = model.num_params(), model.num_expert_params()
-        print(
-            f"dsmoe: {n_params / 1e6:.2f}M params ({n_expert / 1e6:.2f}M in experts), world {dims.world_size} "
-            f"(dp {dims.dp} x ep {dims.ep} x tp {dims.tp}"
-            + (f", experts reached by gathering {dispatch}" if dims.ep > 1 else "")
-            + f"), device {dims.device.type}, attention {backend}, "
-            f"precision {t.precision}, ZeRO {cfg.parallel.zero_stage}, "
-            + (f"resuming from {resume_from}" if resume_from else "starting"),
-            flush=True,
-        )
-        logger = RunLogger(run_dir, cfg, start_step, model.flops_per_token(cfg.data.seq_len), dims.world_size)
-
-    def save(step: int) -> None:
-        ours = {
-            "step": step,
-            "samples_consumed": step * t.global_batch_size,
-            "world_size": dims.world_size,
-            "config": config_lib.to_dict(cfg),
-        }
-        if budgeted is not None:
-            ours["budget"] = budgeted.state()
-        if datasets is not None:  # a resume checks that the datasets are the ones these samples came from
-            ours["datasets"] = datasets
-        checkpoint.save(
-            engine, run_dir, step, {"dsmoe": ours}, token_data.tokenizer_path, dims.rank, t.keep_checkpoints
-        )
-
-    result = RunResult(run_dir, start_step, engine=engine)
-    bad_steps, last_saved = 0, start_step
-    finished = start_step == t.max_steps  # under a budget: when the next step does not fit
-    plan = None
-    if budgeted is not None:
-        plan = budgeted.plan(start_step)
-        if start_step == 0:
-            budgeted.clock.require_one_step(plan.passes)
-        finished = not budgeted.fits(plan)
-    signals = StopSignals()  # installed right before the try that restores them, whatever is raised
-    try:
-        for step in range(start_step, t.max_steps if budgeted is None else 2**62):
-            if finished:
-                break
-            started = time.perf_counter()  # a growth event's engine rebuild counts in its step's time
-            if plan is not None:
-                # layer stacking: double the depth (copies of the blocks) as often as the plan says
-                while plan.depth > budgeted.depth:
-                    engine = stack_engine(engine, cfg, dims, dispatch, budgeted.clock)
-                    result.engine, budgeted.depth = engine, len(engine.module.blocks)
-                    if dims.is_main:
-                        print(f"step {step}: stacked to {budgeted.depth} layers", flush=True)
-                budgeted.charge(plan, engine, step)
-            if active_growth is not None:  # c for this step; at 1 the masks go (before any next event)
-                e = active_growth.event
-                active_growth.set_c(growth.ramp(step, e.step, e.ramp_steps))
-                if active_growth.c == 1.0:
-                    active_growth.finish()
-                    active_growth = None
-            for index, event in enumerate(cfg.growth.events):
-                if event.step == step:  # the new parts start at c = 0
-                    engine, active_growth = grow_engine(engine, cfg, dims, index, dispatch)
-                    result.engine = engine
-                    if dims.is_main:
-                        print(
-                            f"step {step}: grew {event.dim} to {event.size} "
-                            f"({engine.module.num_params() / 1e6:.2f}M params), ramp over {event.ramp_steps} steps",
-                            flush=True,
-                        )
-            lr = engine.get_lr()[0]
-            sums, real_tokens = None, 0
-            waited = time.perf_counter()
-            if budgeted is not None:  # batch selection scores a larger batch first
-                batches = budgeted.batches(step, sampler, engine, gas)
-            else:
-                batches = next(loader)
-            data_wait_s = time.perf_counter() - waited  # the step's time spent waiting for its batches
-            weights = _mlm_token_weights(batches, dims) if cfg.model.is_encoder else [1.0] * gas
-            for micro, batch in enumerate(batches):
-                # decoder: (inputs, targets); encoder: (input_ids, attention_mask, labels)
-                real_tokens += int(batch[1].sum()) if cfg.model.is_encoder else batch[0].numel()
-                batch = [part.to(dims.device, non_blocking=True) for part in batch]  # pinned on a GPU
-                if plan is not None and len(plan.active) < plan.depth:  # layer dropping
-                    with methods.run_blocks(engine.module, plan.active):
-                        out = engine(*batch)
-                else:
-                    out = engine(*batch)
-                w = weights[micro]
-                engine.backward(out.loss if w == 1.0 else out.loss + (w - 1.0) * out.lm_loss)
-                if micro < gas - 1:
-                    engine.step()  # accumulates; DeepSpeed updates only on the boundary
-                else:
-                    if plan is not None and len(plan.active) < plan.depth:  # dropped blocks are not updated
-                        methods.release_dropped_grads(engine.module, plan.active)
-                    grad_norm, applied = engine_lib.boundary_step(engine)
-                stats = _step_stats(out, w)
-                sums = stats if sums is None else {k: sums[k] + stats[k] for k in sums}
-            if plan is not None and plan.hessian:  # Sophia-G's curvature estimate, after the update
-                budgeted.hessian_pass(engine, batches)
-            # Mean over micro-batches and ranks (tensor-parallel ranks hold copies of their batch slice's
-            # values, every slice equally many): equal to the single-process mean. The stop
-            # request rides along as a last element: its sum is > 0 if any rank was signalled; before it, the
-            # real (non-padding) tokens each rank trained on, summed (tensor-parallel ranks share theirs).
-            stop = signals.received is not None or step + 1 == t.exit_at_step
-            packed = torch.cat(
-                [v.flatten() for v in sums.values()]
-                + [sums["loss"].new_tensor([real_tokens / dims.tp, float(stop)])]
-            )
-            dist.all_reduce(packed)
-            stop_now = bool(packed[-1] > 0)
-            record = _unpack(packed[:-2] / (gas * dims.world_size), sums, step + 1)
-            step_s = time.perf_counter() - started  # the all_reduce's .item()s above synchronised the device
-            record.update(
-                lr=lr,
-                grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
-                tokens_per_s=float(packed[-2]) / step_s,
-                step_s=step_s,
-                data_wait_s=data_wait_s,
-                memory_gib=peak_memory_gib(dims.device),
-            )
-            if budgeted is not None:
-                record.update(
-                    rst_s=budgeted.clock.spent_s, wall_s=budgeted.wall_s(), active_layers=len(plan.active)
-                )
-                plan = budgeted.plan(step + 1)
-                finished = not budgeted.fits(plan)
-            else:
-                finished = step + 1 == t.max_steps
-            if validation is not None and ((step + 1) % t.eval_every == 0 or finished):
-                record.update(validation.run(engine.module, step + 1, logger))
-            finite = applied and math.isfinite(record["loss"]) and math.isfinite(record["grad_norm"])
-            record["skipped"] = not finite
-            bad_steps = 0 if finite else bad_steps + 1
-            result.losses.append(record["loss"])
-            result.steps = step + 1
-            if logger:
-                logger.log(record)
-                if not finite:
-                    print(f"step {step + 1}: non-finite loss or gradient norm, update skipped", flush=True)
-            if bad_steps >= t.max_bad_steps:
-                raise TrainingDiverged(
-                    f"{bad_steps} consecutive steps up to step {step + 1} had a non-finite loss or gradient norm "
-                    f"(train.max_bad_steps={t.max_bad_steps}); the last good checkpoint is "
-                    f"{checkpoint.resume_tag(run_dir) or 'none'} in {run_dir}; lower train.lr or check the data"
-                )
-            due = t.checkpoint_every and ((step + 1) % t.checkpoint_every == 0 or finished or stop_now)
-            if due and bad_steps == 0:  # never publish a state reached through skipped steps
-                save(step + 1)
-                last_saved = step + 1
-            if stop_now:
-                if dims.is_main and signals.received:
-                    print(
-                        f"stopped by {signals.received} after step {step + 1}: run the same command to resume",
-                        flush=True,
-                    )
-                result.interrupted = True
-                break
-    finally:
-        signals.restore()
-        if loader is not None:
-            loader.close()  # its worker processes stop here, also when the run raised
-
-    if dims.is_main and dims.device.type == "cuda":
-        print(f"peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB", flush=True)
-    dist.barrier()
-    if budgeted is not None:
-        c = budgeted.clock
-        result.budget = dict(
-            rst_s=c.spent_s,
-            budget_s=c.budget_s,
-            wall_s=budgeted.wall_s(),
-            finished=finished,
-            charges={p.describe(): n for p, n in c.charges.items()},
-            clock=c.state_dict(),
-        )
-        if dims.is_main:
-            print(
-                f"RST budget: {c.spent_s:.2f} s of {c.budget_s:.2f} s spent in {result.steps} steps"
-                + (" (finished)" if finished else "")
-                + f"; wall {result.budget['wall_s']:.1f} s",
-                flush=True,
-            )
-    if dims.is_main and t.export_at_end and finished and last_saved == result.steps:
-        from dsmoe.train.report import encoder_report, final_report
-
-        report = encoder_report if cfg.model.is_encoder else final_report
-        result.summary = report(run_dir, cfg, logger, held_out)
-    if logger:
-        logger.close()
-    return result
 
 
 def peak_memory_gib(device: torch.device) -> float:
@@ -587,17 +607,6 @@ def _expert_dispatch(cfg: Config, model, dims: groups.ParallelDims) -> str:
     params = layers[0].w_in.numel() + layers[0].w_out.numel()
     tokens = cfg.train.micro_batch_size * cfg.data.seq_len
     return choose_dispatch(cfg.parallel.expert_dispatch, tokens, cfg.model.d_model, params, dims)
-
-
-def _mlm_token_weights(batches: list, dims: groups.ParallelDims) -> list[float]:
-    """Encoder: rows of mixed lengths give every micro-batch and rank its own number of predicted tokens, while
-    DeepSpeed averages micro-batches and ranks equally. Micro-batch m's MLM loss is weighted by
-    n_m x micro-batches x ranks / N (N: the step's predicted tokens over all ranks), so the step trains on, and
-    logs, the token-weighted mean over the whole batch, as one process taking it at once does."""
-    counts = torch.tensor([float((b[2] != IGNORE_INDEX).sum()) for b in batches], device=dims.device)
-    total = counts.sum()
-    dist.all_reduce(total)  # the encoder runs data parallel only: the world is the data-parallel group
-    return (counts * (len(batches) * dims.world_size) / total.clamp_min(1.0)).tolist()
 
 
 def _step_stats(out, weight: float = 1.0) -> dict[str, torch.Tensor]:

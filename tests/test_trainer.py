@@ -1,0 +1,64 @@
+"""A feature written here, outside dsmoe, attaches to the Trainer through its hooks (dsmoe/train/feature.py)
+without any change to the training loop, and the run does what the feature says."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dsmoe.train.feature import Feature
+from dsmoe.train.logging import read_metrics
+from dsmoe.train.loop import Trainer, features_for
+
+pytestmark = pytest.mark.usefixtures("single_process_group")
+
+
+class FreezeFirstBlock(Feature):
+    """Keep block 0's weights as they were for the first `steps` optimizer steps (a warm-up freeze)."""
+
+    def __init__(self, steps: int):
+        self.steps, self.kept, self.seen = steps, None, {}
+
+    def before_step(self, trainer, step: int) -> None:
+        if step < self.steps and self.kept is None:
+            self.kept = {n: p.detach().clone() for n, p in trainer.engine.module.blocks[0].named_parameters()}
+
+    def after_update(self, trainer, step: int, batches: list) -> None:
+        if step < self.steps:  # put the update of block 0 back
+            with torch.no_grad():
+                for name, p in trainer.engine.module.blocks[0].named_parameters():
+                    p.copy_(self.kept[name])
+
+    def after_step(self, trainer, step: int, record: dict) -> None:
+        model = trainer.engine.module
+        self.seen[step + 1] = {n: p.detach().clone() for n, p in model.named_parameters()}
+        record["frozen_block"] = int(step < self.steps)  # a figure of its own in metrics.jsonl
+
+
+def test_a_feature_from_outside_freezes_a_block_for_its_steps(small_cfg, tmp_path):
+    common = ("train.max_steps=4", "train.checkpoint_every=0", "train.export_at_end=false")
+    plain_cfg = small_cfg(*common, run_dir=tmp_path / "plain")
+    Trainer(plain_cfg, features_for(plain_cfg)).run()
+    cfg = small_cfg(*common, run_dir=tmp_path / "frozen")
+    freeze = FreezeFirstBlock(steps=2)
+    result = Trainer(cfg, features_for(cfg) + [freeze]).run()
+
+    assert result.steps == 4
+    initial = freeze.kept
+    after = {
+        step: {k[len("blocks.0.") :]: v for k, v in p.items() if k.startswith("blocks.0.")}
+        for step, p in freeze.seen.items()
+    }
+    for step in (1, 2):  # the frozen steps leave block 0 exactly as it started
+        assert all(torch.equal(after[step][n], initial[n]) for n in initial), step
+    assert not any(
+        torch.equal(after[4][n], initial[n]) for n in initial if n.endswith("weight")
+    )  # then it trains
+    assert not torch.equal(
+        freeze.seen[2]["blocks.1.mlp.w_in"], freeze.seen[1]["blocks.1.mlp.w_in"]
+    )  # the rest trains
+
+    plain, frozen = read_metrics(tmp_path / "plain"), read_metrics(tmp_path / "frozen")
+    assert [m["frozen_block"] for m in frozen] == [1, 1, 0, 0]
+    assert frozen[0]["loss"] == plain[0]["loss"]  # the first step's loss comes before any update
+    assert frozen[1]["loss"] != plain[1]["loss"]  # the second saw block 0 unchanged
