@@ -15,7 +15,7 @@ from dsmoe import config as config_lib
 from dsmoe.data.corpus import load_corpus
 from dsmoe.data.tokenizer import load_tokenizer
 from dsmoe.data.tokens import open_pretokenized
-from dsmoe.evaluation import EvalResult, HeldOut, evaluate
+from dsmoe.evaluation import EvalResult, HeldOut, MLMResult, evaluate, mlm_loss  # noqa: F401 (re-exported)
 from dsmoe.export import is_export, load_export, load_from_run
 from dsmoe.model import TRAINING, DecoderLM, Routing, RoutingRule
 from dsmoe.model.attention import ATTENTION_BACKENDS, apply_rope, causal_mask, rope_cos_sin
@@ -65,57 +65,6 @@ def perplexity(
 ) -> EvalResult:
     """exp(mean next-token NLL) over consecutive held-out windows of `seq_len`, and the active shares."""
     return evaluate(model, HeldOut.from_tokens(tokens, seq_len, max_tokens), routing, batch_size)
-
-
-@dataclass
-class MLMResult:
-    """Held-out masked-LM loss of an encoder under a routing rule, at one sequence length."""
-
-    routing: str
-    seq_len: int
-    loss: float
-    """Mean cross-entropy over the masked positions (nats)."""
-    accuracy: float
-    masked_tokens: int
-    expert_active_fraction: float
-    param_active_fraction: float
-
-    @property
-    def perplexity(self) -> float:
-        return math.exp(self.loss)
-
-    def row(self) -> str:
-        return (
-            f"{self.routing:<28} seq {self.seq_len:5d}   MLM loss {self.loss:6.3f}   ppl {self.perplexity:8.2f}"
-            f"   accuracy {100 * self.accuracy:5.1f}%   MLP experts {100 * self.expert_active_fraction:5.1f}%"
-            f"   params {100 * self.param_active_fraction:5.1f}%"
-        )
-
-
-@torch.no_grad()
-def mlm_loss(model, batches, routing: Routing, seq_len: int) -> MLMResult:
-    """Masked-LM loss and accuracy of an EncoderMLM over (input_ids, attention_mask, labels) batches
-    (dsmoe.data.mlm.eval_batches), summed over masked positions, and the share of parameters it ran."""
-    model.eval()
-    device = next(model.parameters()).device
-    nll_sum, correct, n_masked, mlp_active = 0.0, 0, 0, 0.0
-    for input_ids, attention_mask, labels in batches:
-        out = model(input_ids.to(device), attention_mask.to(device), labels.to(device), routing=routing)
-        nll_sum += out.lm_loss.item() * out.masked_tokens
-        correct += int(out.correct)
-        n_masked += out.masked_tokens
-        mlp_active += (out.mlp.active_fraction.mean().item() if out.mlp else 1.0) * out.masked_tokens
-    mlp_frac = mlp_active / n_masked
-    total = model.num_params(exclude_embedding=True)
-    return MLMResult(
-        str(routing),
-        seq_len,
-        nll_sum / n_masked,
-        correct / n_masked,
-        n_masked,
-        mlp_frac,
-        (total - model.num_expert_params() * (1.0 - mlp_frac)) / total,
-    )
 
 
 def sample_next(

@@ -39,8 +39,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     from dsmoe.data.corpus import DataError
+    from dsmoe.run import TrainingDiverged, run
     from dsmoe.train.checkpoint import CheckpointError
-    from dsmoe.train.loop import TrainingDiverged, run
 
     started = time.perf_counter()
     try:

@@ -15,7 +15,8 @@ from dsmoe.data.corpus import DataError
 from dsmoe.data.domains import read_domains
 from dsmoe.export import export, load_export
 from dsmoe.model import Routing, build
-from dsmoe.train.loop import _initialise_from, run
+from dsmoe.run import run
+from dsmoe.train.loop import _initialise_from
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
 import ablate_data  # noqa: E402
@@ -135,7 +136,7 @@ def test_modules_start_from_the_seed_and_trained_units_are_cached(pool, small_cf
     ]
     first = ablate_data.train(None, config_args + unit_over, in_process=True)
     stamp = (first / "model.safetensors").stat().st_mtime_ns
-    monkeypatch.setattr("dsmoe.train.loop.run", lambda cfg: pytest.fail("a cached unit was trained again"))
+    monkeypatch.setattr("dsmoe.cached.run", lambda cfg: pytest.fail("a cached unit was trained again"))
     assert ablate_data.train(None, config_args + unit_over, in_process=True) == first
     assert (first / "model.safetensors").stat().st_mtime_ns == stamp
     assert Routing() == load_export(first)[2] and export is not None and run is not None

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from dsmoe.config import ConfigError
+from dsmoe.run import run
 from dsmoe.train.budget import BudgetError, RstClock, RstEntry, RstTable, RstTableError, StepConfig
 from dsmoe.train.logging import read_metrics
-from dsmoe.train.loop import run
 
 pytestmark = pytest.mark.usefixtures("single_process_group")
 

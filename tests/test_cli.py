@@ -49,7 +49,7 @@ def shards(run_dir: Path, tag: str) -> dict[str, torch.Tensor]:
 def test_reshard_cuts_joins_and_resumes_on_the_same_curve(small_cfg, tmp_path, capsys):
     from safetensors import safe_open
 
-    from dsmoe.train.loop import run
+    from dsmoe.run import run
 
     common = ("train.max_steps=4", "train.checkpoint_every=2", "train.keep_checkpoints=0")
     ref = tmp_path / "ref"

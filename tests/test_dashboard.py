@@ -41,7 +41,7 @@ def wandb_records(path: Path) -> list:
 
 
 def test_the_dashboard_holds_what_a_user_reads_and_no_per_expert_series(small_cfg, tmp_path):
-    from dsmoe.train.loop import run
+    from dsmoe.run import run
 
     cfg = small_cfg(
         "train.wandb=true",

@@ -15,8 +15,8 @@ from dsmoe.data.mlm import MASK_TOKEN, eval_batches
 from dsmoe.export import load_export
 from dsmoe.infer import held_out_tokens
 from dsmoe.model import Routing, RoutingRule
+from dsmoe.run import run
 from dsmoe.train.logging import read_metrics
-from dsmoe.train.loop import run
 from tests.test_launcher import launch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -18,10 +18,10 @@ from dsmoe import config as config_lib
 from dsmoe.config import ConfigError
 from dsmoe.export import export, load_from_run
 from dsmoe.model import Routing
+from dsmoe.run import TrainingDiverged, run
 from dsmoe.train import checkpoint
 from dsmoe.train.checkpoint import CheckpointError
 from dsmoe.train.logging import read_metrics
-from dsmoe.train.loop import TrainingDiverged, run
 from parallel import groups
 from tests.conftest import small_overrides
 

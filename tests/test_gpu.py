@@ -33,7 +33,7 @@ def test_dense_moe_bf16_on_cuda_matches_fp64_reference():
 
 @pytest.mark.usefixtures("single_process_group")
 def test_training_runs_on_cuda_in_bf16(small_cfg, tmp_path):
-    from dsmoe.train.loop import run
+    from dsmoe.run import run
 
     result = run(small_cfg("train.precision=bf16", "train.max_steps=6"))
     assert next(result.engine.module.parameters()).device.type == "cuda"

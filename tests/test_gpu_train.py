@@ -183,7 +183,7 @@ def test_activation_checkpointing_equals_keeping_activations(compiled):
 
 @pytest.mark.usefixtures("single_process_group")
 def test_compiled_checkpointed_training_follows_the_eager_run(small_cfg, tmp_path):
-    from dsmoe.train.loop import run
+    from dsmoe.run import run
 
     common = [
         "train.precision=bf16",

@@ -229,7 +229,7 @@ def schedule(events: list[str]) -> str:
 
 @pytest.fixture(scope="module")
 def grown_mlm_run(tmp_path_factory, cache_dir, single_process_group):
-    from dsmoe.train.loop import run
+    from dsmoe.run import run
 
     run_dir = tmp_path_factory.mktemp("grown_mlm") / "run"
     return run_dir, run(tiny_mlm(run_dir, cache_dir, schedule(EVENTS), "train.checkpoint_every=4"))
@@ -237,11 +237,11 @@ def grown_mlm_run(tmp_path_factory, cache_dir, single_process_group):
 
 @pytest.mark.usefixtures("single_process_group")
 def test_a_growth_schedule_trains_with_the_ungrown_loss_at_each_event(grown_mlm_run, tmp_path, cache_dir):
-    """Through dsmoe.train.loop.run and grow_engine: at each event's step the grown model (c = 0) has the
+    """Through dsmoe.run.run and grow_engine: at each event's step the grown model (c = 0) has the
     loss the run without that event has at the same step; training continues to the end and exports a
     plain encoder of the final shape."""
     from dsmoe.export import load_export
-    from dsmoe.train.loop import run
+    from dsmoe.run import run
 
     run_dir, grown = grown_mlm_run
     assert len(grown.losses) == 10 and all(torch.isfinite(torch.tensor(grown.losses)))
@@ -275,7 +275,7 @@ def test_a_growth_schedule_trains_with_the_ungrown_loss_at_each_event(grown_mlm_
 def test_a_run_stopped_mid_ramp_resumes_on_the_same_curve(grown_mlm_run, tmp_path, cache_dir):
     """Saved at step 4, half-way through the heads ramp (c = 1/2): the resumed run replays the schedule's
     shapes and masks (growth.replay on the encoder) and continues the uninterrupted loss curve."""
-    from dsmoe.train.loop import run
+    from dsmoe.run import run
 
     _, grown = grown_mlm_run
     common = [schedule(EVENTS), "train.checkpoint_every=4", "train.export_at_end=false"]

@@ -11,9 +11,9 @@ import torch
 
 from dsmoe.export import export, load_export, load_from_run
 from dsmoe.model import Routing
+from dsmoe.run import run
 from dsmoe.train.checkpoint import CheckpointError
 from dsmoe.train.logging import read_metrics
-from dsmoe.train.loop import run
 
 pytestmark = pytest.mark.usefixtures("single_process_group")
 

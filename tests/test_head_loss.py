@@ -68,8 +68,8 @@ def test_no_logits_are_kept_for_backward():
 @pytest.mark.usefixtures("single_process_group")
 def test_training_with_the_fused_head_follows_the_same_curve(small_cfg, tmp_path, monkeypatch):
     from dsmoe.model import head_loss
+    from dsmoe.run import run
     from dsmoe.train.logging import read_metrics
-    from dsmoe.train.loop import run
 
     calls, fused = [], head_loss._LinearCrossEntropy.apply
     monkeypatch.setattr(head_loss._LinearCrossEntropy, "apply", lambda *a: calls.append(1) or fused(*a))

@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import dsmoe.hf  # noqa: F401  (registers model_type "dsmoe")
 from dsmoe.export import export, load_export
 from dsmoe.model import Routing, RoutingRule
-from dsmoe.train.loop import run
+from dsmoe.run import run
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 pytestmark = pytest.mark.usefixtures("single_process_group")

@@ -104,7 +104,7 @@ def test_ranks_read_disjoint_samples_that_make_the_one_process_batch(corpus):
 
 @pytest.fixture(scope="module")
 def uninterrupted(corpus, tmp_path_factory):
-    from dsmoe.train.loop import run
+    from dsmoe.run import run
 
     run_dir = tmp_path_factory.mktemp("indexed_run") / "run"
     result = run(
@@ -116,7 +116,7 @@ def uninterrupted(corpus, tmp_path_factory):
 
 
 def test_a_run_stopped_at_a_step_resumes_on_the_same_samples_and_losses(corpus, uninterrupted, tmp_path):
-    from dsmoe.train.loop import run
+    from dsmoe.run import run
 
     _, whole = uninterrupted
     overrides = indexed_overrides(corpus, tmp_path / "run", "train.eval_every=4", "train.eval_tokens=1024")
@@ -172,7 +172,7 @@ def test_a_vocabulary_above_65535_trains_exports_and_evaluates(tmp_path):
     """int32 ids end to end: data -> training -> export -> evaluation and generation."""
     from dsmoe.evaluation import evaluate, held_out_set
     from dsmoe.infer import generate, load
-    from dsmoe.train.loop import run
+    from dsmoe.run import run
 
     words = sorted({w for t in _documents()["verse"][:30] for w in re.findall(r"\w+|[^\w\s]", t)})[:3000]
     _word_level_tokenizer(tmp_path / "tokenizer.json", words)
@@ -275,8 +275,8 @@ def test_a_split_share_without_documents_is_refused_not_built_forever(corpus, tm
 
 def test_a_resume_refuses_what_would_change_the_samples(corpus, tmp_path):
     """Another seed or global batch, or datasets made again under the same prefixes, would read other samples."""
+    from dsmoe.run import run
     from dsmoe.train.checkpoint import CheckpointError
-    from dsmoe.train.loop import run
 
     for name in ("verse", "code"):
         for suffix in (".bin", ".idx", ".json"):
@@ -317,7 +317,7 @@ def load_tokenizer_from(backend):
 
 
 def test_the_run_refuses_bad_data_before_building_the_model(corpus, tmp_path):
-    from dsmoe.train.loop import run
+    from dsmoe.run import run
 
     with pytest.raises(DataError, match="missing.idx does not exist"):
         run(

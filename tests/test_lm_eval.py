@@ -39,7 +39,7 @@ def lm_eval(export_dir, out_dir, tmp_path) -> dict:
 
 def test_lm_eval_runs_the_shipped_tasks_on_exports_under_two_rules(tmp_path, cache_dir):
     from dsmoe import config as config_lib
-    from dsmoe.train.loop import run
+    from dsmoe.run import run
     from tests.conftest import small_overrides
 
     run(

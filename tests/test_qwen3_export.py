@@ -9,8 +9,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from dsmoe import config as config_lib
 from dsmoe.export import export_qwen3_moe, load_from_run
 from dsmoe.model import Routing, RoutingRule
+from dsmoe.run import run
 from dsmoe.train.checkpoint import CheckpointError
-from dsmoe.train.loop import run
 from tests.conftest import small_overrides
 
 pytestmark = pytest.mark.usefixtures("single_process_group")

@@ -44,7 +44,7 @@ torch.save(result, out)
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, cache_dir):
     from dsmoe import config as config_lib
-    from dsmoe.train.loop import run
+    from dsmoe.run import run
     from tests.conftest import small_overrides
     from tests.test_encoder_train import SMALL, tiny_mlm
 

@@ -34,7 +34,7 @@ class _WritesAMarker:
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, cache_dir):
     from dsmoe import config as config_lib
-    from dsmoe.train.loop import run
+    from dsmoe.run import run
     from tests.conftest import small_overrides
 
     run_dir = tmp_path_factory.mktemp("safe") / "run"

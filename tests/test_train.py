@@ -12,8 +12,8 @@ from dsmoe.config import ConfigError
 from dsmoe.export import load_export
 from dsmoe.infer import held_out_tokens, perplexity
 from dsmoe.model import Routing, RoutingRule
+from dsmoe.run import run
 from dsmoe.train.logging import read_metrics
-from dsmoe.train.loop import run
 
 pytestmark = pytest.mark.usefixtures("single_process_group")
 

@@ -130,7 +130,7 @@ def main() -> int:
         write_report(saved, grown_cfg, fixed_cfg, Path(args.out))
         return 0
 
-    from dsmoe.train.loop import run
+    from dsmoe.run import run
 
     if args.warmup_steps:
         warm = copy.deepcopy(fixed_cfg)

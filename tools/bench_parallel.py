@@ -70,7 +70,7 @@ def _train_worker(args) -> None:
     import torch.distributed as dist
 
     from dsmoe import config as config_lib
-    from dsmoe.train.loop import run
+    from dsmoe.run import run
 
     run_dir = Path(args.out).with_suffix("")
     overrides = [

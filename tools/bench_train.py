@@ -64,7 +64,7 @@ def bench_one(config: str, overrides: list[str], steps: int, warmup: int, split:
     ]
     cfg = config_lib.load(config, overrides)
     shutil.rmtree(RUN_DIR, ignore_errors=True)
-    from dsmoe.train.loop import run
+    from dsmoe.run import run
 
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()

@@ -5,7 +5,7 @@ held-out tokens of every domain of a multi-domain corpus.
     python tools/compare_methods.py --tokens runs/replicate/tokens --table benchmarks/rst/<device>_compare.json \\
         --budgets 15 60 --seeds 1 2 --jobs 28 --out benchmarks/compare_methods/<name> [key=value ...]
 
-Runs (each its own process, `--jobs` at a time, all through dsmoe.train.loop.run with train.budget set):
+Runs (each its own process, `--jobs` at a time, all through dsmoe.run.run with train.budget set):
 baseline (AdamW, LR linear to 0 at the budget), layer_stacking (depth doubled at 25% and 50% of the
 budget), layer_drop (progressive layer dropping), selective_backprop and rho_loss (backprop half of a
 forward batch twice the size; RHO-loss's irreducible-loss model is trained on held-out training tokens
@@ -131,8 +131,8 @@ def evaluate(model, tokens: Path, seq_len: int, max_tokens: int, device) -> dict
 def worker(args) -> int:
     """One run: train under the budget, evaluate every domain, write result.json in the run directory."""
     from dsmoe import config as config_lib
+    from dsmoe.run import run
     from dsmoe.train.logging import read_metrics
-    from dsmoe.train.loop import run
     from parallel import groups
 
     cfg = config_lib.load(args.config, args.overrides)

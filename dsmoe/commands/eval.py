@@ -26,7 +26,7 @@ from dsmoe.commands.args import (
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     from dsmoe.data.corpus import DataError
     from dsmoe.evaluation import evaluate, held_out_set
-    from dsmoe.train.report import held_out_name
+    from dsmoe.report import held_out_name
 
     parser = parser_for(__doc__, prog)
     parser.add_argument("path", help="exported model directory or training run directory")

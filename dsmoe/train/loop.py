@@ -1,7 +1,7 @@
 """The training run: data -> model -> DeepSpeed engine -> steps -> checkpoints -> export and evaluation.
 
-`run(cfg)` is what `launchers/train.py` calls on every rank: a Trainer with the features cfg turns on
-(features_for). `Trainer.step` is one optimizer step, the part to read first; features (NTNG's budget and
+`dsmoe.run.run(cfg)` is what `launchers/train.py` calls on every rank: a Trainer with the features cfg turns
+on (features_for) and the end-of-run report. `Trainer.step` is one optimizer step, the part to read first; features (NTNG's budget and
 methods, MSG growth, the encoder's loss weighting) attach through the hooks of dsmoe/train/feature.py and live
 in their own modules. Running again with the same run_dir resumes from the last complete checkpoint and
 continues the same loss curve.
@@ -172,9 +172,7 @@ def _initialise_from(model, export_dir: Path) -> None:
     """Start from an exported model's weights (continued pretraining); the shapes must match."""
     from safetensors.torch import load_model
 
-    from dsmoe.export import is_export
-
-    if not is_export(export_dir):
+    if not (export_dir / "config.json").is_file() or not (export_dir / "model.safetensors").is_file():
         raise ConfigError(f"train.init_from: {export_dir} is not an exported dsmoe model directory")
     try:
         load_model(model, str(export_dir / "model.safetensors"))
@@ -273,11 +271,6 @@ def _resume_point(
         section, name = key.split(".")
         setattr(getattr(cfg, section), name, value)
     return decision[0], decision[2], decision[3], decision[4]
-
-
-def run(cfg: Config) -> RunResult:
-    """Train as cfg says, with the features it turns on; what launchers/train.py calls on every rank."""
-    return Trainer(cfg, features_for(cfg)).run()
 
 
 def features_for(cfg: Config) -> list[Feature]:
@@ -385,7 +378,7 @@ class Trainer:
     # --- the core ------------------------------------------------------------------------------------------
 
     def run(self) -> RunResult:
-        t, result = self.cfg.train, self.result
+        result = self.result
         self.bad_steps, self.last_saved = 0, self.start_step
         signals = StopSignals()  # installed right before the try that restores them, whatever is raised
         try:
@@ -408,12 +401,7 @@ class Trainer:
         if self.dims.is_main and self.dims.device.type == "cuda":
             print(f"peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB", flush=True)
         dist.barrier()
-        self._hook("finish")
-        if self.dims.is_main and t.export_at_end and self.finished and self.last_saved == result.steps:
-            from dsmoe.train.report import encoder_report, final_report
-
-            report = encoder_report if self.cfg.model.is_encoder else final_report
-            result.summary = report(self.run_dir, self.cfg, self.logger, self.held_out)
+        self._hook("finish")  # the budget's summary, the end-of-run export and report (dsmoe.run)
         if self.logger:
             self.logger.close()
         return result

@@ -9,8 +9,9 @@ from pathlib import Path
 from dsmoe import config as config_lib
 from dsmoe.export import export, is_export
 from dsmoe.model import Routing
+from dsmoe.run import run
 
-REPO = Path(__file__).resolve().parent.parent.parent
+REPO = Path(__file__).resolve().parent.parent
 
 
 def recipe(config_path: str | None, overrides: list[str]) -> str:
@@ -33,8 +34,6 @@ def train_and_export(config_path: str | None, overrides: list[str], in_process: 
     ):
         return out
     if in_process:
-        from dsmoe.train.loop import run
-
         result = run(cfg)
         if result.steps < cfg.train.max_steps:
             raise RuntimeError(f"training {run_dir} stopped at step {result.steps} of {cfg.train.max_steps}")

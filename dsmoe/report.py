@@ -1,4 +1,7 @@
-"""End-of-run report: export the sparse model, evaluate held-out perplexity per routing rule, plot the curves."""
+"""End-of-run report: export the sparse model, evaluate held-out perplexity per routing rule, plot the curves.
+
+A training feature (dsmoe/train/feature.py) that dsmoe.run adds to every run: the export and its evaluation sit
+above training in the layers (model <- parallel <- train <- export/infer <- run and commands)."""
 
 from __future__ import annotations
 
@@ -7,10 +10,11 @@ import math
 from pathlib import Path
 
 from dsmoe.config import Config
-from dsmoe.evaluation import HeldOut, evaluate, held_out_set
+from dsmoe.evaluation import HeldOut, evaluate, held_out_set, mlm_loss
 from dsmoe.export import export
 from dsmoe.infer import load
 from dsmoe.model import Routing, RoutingRule
+from dsmoe.train.feature import Feature
 from dsmoe.train.logging import read_metrics
 
 
@@ -70,7 +74,6 @@ def encoder_report(run_dir: Path, cfg: Config, logger=None, held_out: HeldOut | 
     from tokenizers import Tokenizer
 
     from dsmoe.data.mlm import MASK_TOKEN, eval_batches
-    from dsmoe.infer import mlm_loss
 
     rules = evaluation_rules(cfg)
     default = next((r for r in rules if r.mlp.mode == "threshold"), rules[0])
@@ -149,3 +152,18 @@ def plot_curves(metrics: list[dict], path: Path) -> Path:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+class EndOfRunReport(Feature):
+    """train.export_at_end: once a run has finished and saved its last step, export it and report."""
+
+    def finish(self, trainer) -> None:
+        cfg, result = trainer.cfg, trainer.result
+        if (
+            trainer.dims.is_main
+            and cfg.train.export_at_end
+            and trainer.finished
+            and trainer.last_saved == result.steps
+        ):
+            report = encoder_report if cfg.model.is_encoder else final_report
+            result.summary = report(trainer.run_dir, cfg, trainer.logger, trainer.held_out)
