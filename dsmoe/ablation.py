@@ -1,6 +1,6 @@
 """Data-mixture ablation by modular training and merging (Na et al. 2024, papers/data_ablation.md).
 
-Pieces that tools/ablate_data.py composes: the unit pool (equal-size base units per domain, one shared
+Pieces that tools/research/ablate_data.py composes: the unit pool (equal-size base units per domain, one shared
 tokenizer), token-weighted parameter averaging, and the rank statistics that say whether merged
 proxies order mixtures the way trained mixture models do.
 """

@@ -67,7 +67,7 @@ class DataConfig:
     """Tokenizer and token caches keyed by corpus and tokenizer, and megatron-core's sample indices of
     indexed datasets (built once by rank 0; a directory every rank sees, like train.run_dir)."""
     train_tokens: str = ""
-    """corpus=tokens: a token file to train on (e.g. a base unit made by tools/ablate_data.py); uint16 ids,
+    """corpus=tokens: a token file to train on (e.g. a base unit made by tools/research/ablate_data.py); uint16 ids,
     or int32 when the tokenizer's vocabulary exceeds 65,536 entries."""
     val_tokens: str = ""
     """corpus=tokens: the held-out token file (same dtype) evaluated during and at the end of the run."""
@@ -100,7 +100,7 @@ class BudgetConfig:
     """The budget in hours of reference time; 0: no budget (train.max_steps and train.schedule govern).
     Under a budget train.max_steps, warmup_steps, schedule and min_lr_ratio are not used."""
     reference: str = ""
-    """The RST table (JSON written by tools/calibrate_rst.py, e.g. benchmarks/rst/<device>_<config>.json)."""
+    """The RST table (JSON written by tools/research/calibrate_rst.py, e.g. benchmarks/rst/<device>_<config>.json)."""
     schedule: Literal["linear", "cosine", "one_cycle"] = "linear"
     """LR shape over the spent budget fraction; it reaches lr * final_lr_ratio exactly at the budget."""
     warmup_fraction: float = 0.02
@@ -524,7 +524,7 @@ def _check_budget(cfg: Config, check) -> None:
     check(
         not b.rst_hours or bool(b.reference),
         "train.budget.reference",
-        "must name an RST table (tools/calibrate_rst.py) when train.budget.rst_hours is set",
+        "must name an RST table (tools/research/calibrate_rst.py) when train.budget.rst_hours is set",
     )
     check(
         0 <= b.warmup_fraction < 1,

@@ -18,7 +18,7 @@ from dsmoe.model import Routing, build
 from dsmoe.run import run
 from dsmoe.train.loop import _initialise_from
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools" / "research"))
 import ablate_data  # noqa: E402
 
 WORDS = {
@@ -163,7 +163,7 @@ def test_tool_end_to_end(corpus, tmp_path, cache_dir):
     ]
     cmd = [
         sys.executable,
-        "tools/ablate_data.py",
+        "tools/research/ablate_data.py",
         "--corpus",
         str(corpus),
         "--workdir",

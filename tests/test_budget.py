@@ -173,7 +173,7 @@ def test_a_configuration_the_table_lacks_names_it_and_the_table():
         t.seconds(step(layers=4, batch=64, micro=16))
     message = str(e.value)
     assert "benchmarks/rst/h100_tiny.json" in message
-    assert "batch 64 in micro-batches of 16" in message and "tools/calibrate_rst.py" in message
+    assert "batch 64 in micro-batches of 16" in message and "tools/research/calibrate_rst.py" in message
     with pytest.raises(RstTableError, match="no entry"):
         RstClock(t, 10).charge(step(routing="sparse"))
 
@@ -240,13 +240,13 @@ def test_the_main_models_fraction_starts_after_what_was_charged_before_it():
 
 @pytest.mark.usefixtures("single_process_group")
 def test_calibrate_rst_times_every_configuration_of_a_config(small_cfg, tmp_path, monkeypatch):
-    """tools/calibrate_rst.py on the small test model: real engine steps, a table the clock reads."""
+    """tools/research/calibrate_rst.py on the small test model: real engine steps, a table the clock reads."""
     import argparse
     import importlib.util
     from pathlib import Path
 
-    path = Path(__file__).resolve().parent.parent / "tools" / "calibrate_rst.py"
-    monkeypatch.syspath_prepend(str(path.parent))  # as when run as a script: tools/_cli.py importable
+    path = Path(__file__).resolve().parent.parent / "tools" / "research" / "calibrate_rst.py"
+    monkeypatch.syspath_prepend(str(path.parent))  # as when run as a script (it adds tools/ for _cli.py)
     spec = importlib.util.spec_from_file_location("calibrate_rst", path)
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)

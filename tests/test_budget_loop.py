@@ -22,7 +22,7 @@ LAYERS, BATCH, MICRO, SEQ = 2, 8, 4, 32
 
 def write_table(path, layers=LAYERS, scale=1.0) -> RstTable:
     """Made-up reference times (distinct per configuration, so sums identify the passes): the loop's
-    accounting is under test, tools/calibrate_rst.py measures real ones."""
+    accounting is under test, tools/research/calibrate_rst.py measures real ones."""
 
     def entry(kind, active, batch, optimizer, seconds):
         step = StepConfig(
@@ -270,7 +270,7 @@ def test_a_table_lacking_any_configuration_the_run_can_execute_is_refused_before
     every active-layer count of layer dropping, scoring and Hessian passes), not only step 0's."""
     table_without(tmp_path / "t.json", drop)
     cfg = small_cfg(*budget_args(tmp_path / "t.json", 2.0, *method))
-    with pytest.raises(RstTableError, match="tools/calibrate_rst.py") as error:
+    with pytest.raises(RstTableError, match="tools/research/calibrate_rst.py") as error:
         run(cfg)
     for text in [str(tmp_path / "t.json"), "--layers", *named]:
         assert text in str(error.value)

@@ -1,4 +1,4 @@
-"""tools/compare_methods.py end to end on CPU: every method under a tiny budget, the table and the plot."""
+"""tools/research/compare_methods.py end to end on CPU: every method under a tiny budget, the table and the plot."""
 
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ def made_up_table(path: Path) -> None:
 
 
 def token_dir(path: Path) -> Path:
-    """Two small domains (prose, code-like) in tools/ablate_data.py's file layout."""
+    """Two small domains (prose, code-like) in tools/research/ablate_data.py's file layout."""
     rng = np.random.default_rng(0)
     words = ["the", "king", "queen", "sword", "crown", "love", "night", "day", "fair", "foul"]
     prose = [" ".join(rng.choice(words, 60)) + "." for _ in range(60)]
@@ -76,7 +76,7 @@ def test_compare_methods_runs_every_method_and_writes_the_table_and_plot(tmp_pat
         "train.eval_tokens=1024",
         "train.method.irreducible_steps=3",  # after METHODS: overrides the comparison's 100
     ]
-    cmd = [sys.executable, str(REPO / "tools/compare_methods.py"), "--tokens", str(tokens)]
+    cmd = [sys.executable, str(REPO / "tools/research/compare_methods.py"), "--tokens", str(tokens)]
     cmd += ["--table", str(tmp_path / "table.json"), "--budgets", "0.4", "--seeds", "3", "--jobs", "2"]
     done = subprocess.run(cmd + ["--out", str(out), *model], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

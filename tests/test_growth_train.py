@@ -114,7 +114,7 @@ def test_growth_under_zero_and_bf16_keeps_the_loss(small_cfg, tmp_path, extra, r
 
 
 def test_bench_growth_compares_the_schedule_with_its_final_shape(tmp_path, cache_dir):
-    """tools/bench_growth.py end to end on CPU: both runs train the same steps, the from-scratch run has the
+    """tools/research/bench_growth.py end to end on CPU: both runs train the same steps, the from-scratch run has the
     shape the schedule ends at, and the report holds the curves, the ratio and the plot."""
     import json
     import subprocess
@@ -129,7 +129,7 @@ def test_bench_growth_compares_the_schedule_with_its_final_shape(tmp_path, cache
     out = tmp_path / "out"
     cmd = [
         sys.executable,
-        "tools/bench_growth.py",
+        "tools/research/bench_growth.py",
         "--config",
         "configs/tiny_growth.yaml",
         "--workdir",

@@ -1,4 +1,4 @@
-"""tools/replicate_dsmoe.py: matched model sizes, the operating point rule, and the whole tool on CPU."""
+"""tools/research/replicate_dsmoe.py: matched model sizes, the operating point rule, and the whole tool on CPU."""
 
 from __future__ import annotations
 
@@ -81,7 +81,7 @@ def test_tool_end_to_end(tmp_path):
             )
     args = [
         sys.executable,
-        "tools/replicate_dsmoe.py",
+        "tools/research/replicate_dsmoe.py",
         "--corpus",
         str(tmp_path / "corpus"),
         "--workdir",

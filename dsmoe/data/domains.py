@@ -42,7 +42,9 @@ def read_domain(directory: Path) -> list[str]:
 def read_domains(root: Path, names: list[str] | None = None) -> dict[str, list[str]]:
     """Domains of a corpus directory (all of them, or those named), each a list of documents."""
     if not root.is_dir():
-        raise DataError(f"corpus directory {root} does not exist (make one with tools/prepare_corpus.py)")
+        raise DataError(
+            f"corpus directory {root} does not exist (make one with tools/research/prepare_corpus.py)"
+        )
     available = sorted(p.name for p in root.iterdir() if p.is_dir())
     names = names or available
     missing = [n for n in names if n not in available]

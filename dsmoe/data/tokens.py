@@ -131,7 +131,7 @@ def prepare(cfg: DataConfig, texts_dir: Path | None = None) -> Path:
 
 
 def open_pretokenized(cfg: DataConfig) -> TokenData:
-    """corpus=tokens: token files made elsewhere (e.g. base units of tools/ablate_data.py) and their tokenizer;
+    """corpus=tokens: token files made elsewhere (e.g. base units of tools/research/ablate_data.py) and their tokenizer;
     the files hold ids in the dtype the tokenizer's vocabulary needs (uint16, or int32 above 65,536)."""
     paths = {key: Path(os.path.expanduser(getattr(cfg, key))) for key in ("train_tokens", "val_tokens")}
     for key, path in paths.items():

@@ -81,7 +81,7 @@ def eager_attention(
 
 SDPA_PRIORITY: tuple[str, ...] = ()
 """SDPA kernels to try first on CUDA, best first (names of torch.nn.attention.SDPBackend, e.g.
-("CUDNN_ATTENTION", "FLASH_ATTENTION")); empty: PyTorch's own order. tools/bench_layers.py times each."""
+("CUDNN_ATTENTION", "FLASH_ATTENTION")); empty: PyTorch's own order. benchmarks/bench_layers.py times each."""
 
 
 def sdpa_attention(

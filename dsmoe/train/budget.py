@@ -2,7 +2,7 @@
 charges each executed pass, and learning-rate schedules over the spent fraction of the budget.
 
 A run on any hardware adds, for every pass it executes, the time that pass took on one reference device
-(`RstTable`, written by tools/calibrate_rst.py), and stops before a step that no longer fits the budget.
+(`RstTable`, written by tools/research/calibrate_rst.py), and stops before a step that no longer fits the budget.
 Step cost then depends only on the step's configuration, never on the machine: two runs of a static
 configuration stop at the same step wherever they run. Charges are summed in integer nanoseconds, so the
 total is exact and independent of summation order.
@@ -132,7 +132,7 @@ class RstTable:
             near = [e.step.describe() for e in self.entries if e.step.kind == step.kind][:6]
             raise RstTableError(
                 f"the RST table {self.source} (device {self.device}) has no entry for the {step.describe()}; "
-                f"calibrate it (tools/calibrate_rst.py) with this configuration. Entries of that kind: "
+                f"calibrate it (tools/research/calibrate_rst.py) with this configuration. Entries of that kind: "
                 + ("; ".join(near) if near else "none")
             ) from None
 
@@ -189,7 +189,7 @@ class RstTable:
         path = Path(path)
         if not path.is_file():
             raise RstTableError(
-                f"RST table not found: {path}; write one with tools/calibrate_rst.py on the reference device"
+                f"RST table not found: {path}; write one with tools/research/calibrate_rst.py on the reference device"
             )
         try:
             data = json.loads(path.read_text())

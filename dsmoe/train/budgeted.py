@@ -215,7 +215,7 @@ class BudgetedRun:
             f"the RST table {self.table.source} (device {self.table.device}) lacks {len(missing)} step "
             f"configuration(s) that train.method.name={self.method.name} with train.optimizer={t.optimizer} "
             f"can execute in this run: {'; '.join(p.describe() for p in missing)}. Calibrate them on the "
-            f"reference device with tools/calibrate_rst.py and this run's config ({' '.join(hint)}), or "
+            f"reference device with tools/research/calibrate_rst.py and this run's config ({' '.join(hint)}), or "
             "point train.budget.reference at a table that has them"
         )
 

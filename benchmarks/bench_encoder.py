@@ -1,9 +1,9 @@
 """MLM training-step throughput of our encoder against transformers' BertForMaskedLM, on the same batches.
 
-    python tools/bench_encoder.py                        # CUDA: Base shapes, seq 128 (half the rows padded to
+    python benchmarks/bench_encoder.py                        # CUDA: Base shapes, seq 128 (half the rows padded to
                                                          # 64) and seq 512; writes benchmarks/encoder/
-    python tools/bench_encoder.py --device cpu --tiny --out /tmp/bench_encoder   # end-to-end check on a CPU
-    python tools/bench_encoder.py model.moe.activation=gelu   # any override of our config: here a plain GELU
+    python benchmarks/bench_encoder.py --device cpu --tiny --out /tmp/bench_encoder   # end-to-end check on a CPU
+    python benchmarks/bench_encoder.py model.moe.activation=gelu   # any override of our config: here a plain GELU
                                                          # FFN, BERT's parameter count
 
 Both models are built here, without downloads: ours from configs/mosaicbert_base.yaml (ALiBi, GeGLU,
@@ -42,6 +42,7 @@ import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tools"))  # tools/_cli.py
 from _cli import git_commit  # noqa: E402
 
 from dsmoe import config as config_lib  # noqa: E402
@@ -401,7 +402,7 @@ def main() -> int:
         (k for k in ("H100", "H200", "A100") if k in device_name), "cpu" if device.type == "cpu" else "gpu"
     )
     tag = tag.lower() + ("_tiny" if args.tiny else "")
-    command = "python tools/bench_encoder.py " + " ".join(sys.argv[1:])
+    command = "python benchmarks/bench_encoder.py " + " ".join(sys.argv[1:])
     result = {
         "device": device_name,
         "date": str(datetime.date.today()),
@@ -452,7 +453,7 @@ def report(r: dict, cfg) -> str:
         "",
         f"Attention kernels alone ({attention_note}), {cfg.model.attention.num_heads} heads x {cfg.model.head_dim}; "
         "dense = every row full at the padded shape (B, S), as SDPA runs it; packed = the batch's real tokens. "
-        "Flex tuned: tools/bench_encoder.py FLEX_TUNED. Triton: dsmoe/model/alibi_triton.py.",
+        "Flex tuned: benchmarks/bench_encoder.py FLEX_TUNED. Triton: dsmoe/model/alibi_triton.py.",
         "",
         "| shape | SDPA dense, no bias | Flex + ALiBi dense (default / tuned) | Flex / SDPA (best) "
         "| Triton + ALiBi dense | Triton / SDPA | packed real tokens: Flex + doc mask / Triton |",

@@ -1,7 +1,7 @@
 """Sparse vs dense inference of a DS-MoE-1B-shaped model (issue #6's targets), in one run on a GPU.
 
-    python tools/bench_infer.py [--config configs/dsmoe_1b.yaml] [--out-dir benchmarks] [--quick]
-    python tools/bench_infer.py --ppl RUN_OR_EXPORT_DIR   # CPU: held-out perplexity per rule -> json
+    python benchmarks/bench_infer.py [--config configs/dsmoe_1b.yaml] [--out-dir benchmarks] [--quick]
+    python benchmarks/bench_infer.py --ppl RUN_OR_EXPORT_DIR   # CPU: held-out perplexity per rule -> json
 
 GPU run (random init, bf16; every rule runs the same checkpoint through dsmoe.infer.Engine, so dense
 means all experts of the same weights, without routing statistics in either):
@@ -27,7 +27,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tools"))  # tools/_cli.py
 from _cli import cuda_ms, elapsed_ms, git_commit  # noqa: E402
 
 from dsmoe import config as config_lib  # noqa: E402
@@ -35,7 +37,6 @@ from dsmoe.infer import Engine, generate_fast  # noqa: E402
 from dsmoe.model import Routing, RoutingRule, build  # noqa: E402
 from dsmoe.model.sparse import moe_topk_forward, route_topk  # noqa: E402
 
-REPO = Path(__file__).resolve().parent.parent
 PPL_JSON = "infer_ppl_tiny.json"
 
 
@@ -272,7 +273,7 @@ def ppl_sweep(path: str, out_dir: Path, max_tokens: int) -> int:
         "model": path,
         "date": str(datetime.date.today()),
         "commit": git_commit(),
-        "command": f"python tools/bench_infer.py {' '.join(sys.argv[1:])}",
+        "command": f"python benchmarks/bench_infer.py {' '.join(sys.argv[1:])}",
         "device": "CPU",
         "experts": n,
         "results": results,
@@ -325,7 +326,7 @@ def main() -> int:
         "device": torch.cuda.get_device_name() if DEVICE == "cuda" else "CPU (smoke run)",
         "date": str(datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")),
         "commit": git_commit(),
-        "command": f"python tools/bench_infer.py {' '.join(sys.argv[1:])}",
+        "command": f"python benchmarks/bench_infer.py {' '.join(sys.argv[1:])}",
         "torch": torch.__version__,
         "config": args.config,
         "compile": args.compile,

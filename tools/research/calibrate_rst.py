@@ -1,7 +1,7 @@
 """Calibrate reference system time (RST, papers/no_train_no_gain.md): time every step configuration the
 NTNG methods produce for a config on this device, and write the table runs charge their budgets from.
 
-    python tools/calibrate_rst.py --config configs/tiny.yaml [--repeats 10] [--warmup 3] [key=value ...]
+    python tools/research/calibrate_rst.py --config configs/tiny.yaml [--repeats 10] [--warmup 3] [key=value ...]
 
 What is timed, each with real steps of the real model through the DeepSpeed engine of parallel/engine.py
 (one process: the reference system is one device running the whole global batch):
@@ -35,8 +35,9 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parent.parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tools"))  # tools/_cli.py
 from _cli import git_commit  # noqa: E402
 
 from dsmoe import config as config_lib  # noqa: E402
@@ -297,7 +298,7 @@ def main() -> int:
         from dsmoe.data import pad_vocab
 
         cfg.model.vocab_size = pad_vocab(cfg.data.tokenizer_vocab_size)
-    command = "python tools/calibrate_rst.py " + " ".join(sys.argv[1:])
+    command = "python tools/research/calibrate_rst.py " + " ".join(sys.argv[1:])
     started = time.perf_counter()
     table = calibrate(cfg, args, command)
     out = (

@@ -1,7 +1,7 @@
 """DS-MoE's result table in miniature: dense vs sparse-trained MoE vs DS-MoE on our code (papers/dsmoe.md).
 
-    python tools/prepare_corpus.py corpora/replicate --max-mb 12
-    python tools/replicate_dsmoe.py --corpus corpora/replicate --workdir runs/replicate \
+    python tools/research/prepare_corpus.py corpora/replicate --max-mb 12
+    python tools/research/replicate_dsmoe.py --corpus corpora/replicate --workdir runs/replicate \
         --scales 25m 100m --out benchmarks/replicate_dsmoe [key=value ...]
 
 For each scale (dsmoe/replicate.py: SCALES) trains the variants of dsmoe/replicate.py (dense, SMoE, SMoE
@@ -26,7 +26,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+REPO = Path(__file__).resolve().parent.parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tools"))  # tools/_cli.py
 from _cli import git_commit  # noqa: E402
 
 from dsmoe import replicate as rep  # noqa: E402
@@ -444,7 +446,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--corpus", required=True, help="directory of domains (tools/prepare_corpus.py)")
+    parser.add_argument(
+        "--corpus", required=True, help="directory of domains (tools/research/prepare_corpus.py)"
+    )
     parser.add_argument("--workdir", required=True, help="runs and token files (resumable)")
     parser.add_argument("--out", required=True, help="where results.md, results.json and the plots go")
     parser.add_argument("--scales", nargs="+", default=["25m", "100m"], choices=sorted(rep.SCALES))

@@ -1,7 +1,7 @@
 """Training speed on this machine: tokens/s, MFU (every expert counted), peak memory, the time split.
 
-    python tools/bench_train.py --config configs/dsmoe_1b.yaml [--steps 20] [--warmup 5] [key=value ...]
-    python tools/bench_train.py --name train_1b --steps 8 --warmup 3 \
+    python benchmarks/bench_train.py --config configs/dsmoe_1b.yaml [--steps 20] [--warmup 5] [key=value ...]
+    python benchmarks/bench_train.py --name train_1b --steps 8 --warmup 3 \
         --variant "dsmoe_eager=configs/dsmoe_1b.yaml" \
         --variant "dsmoe_compiled=configs/dsmoe_1b.yaml train.compile=true" \
         --variant "dense_compiled=configs/dense_1b.yaml train.compile=true" \
@@ -42,6 +42,7 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tools"))  # tools/_cli.py
 from _cli import cuda_ms, git_commit  # noqa: E402
 
 from dsmoe import config as config_lib  # noqa: E402
@@ -228,7 +229,7 @@ def main() -> int:
         "date": str(datetime.date.today()),
         "commit": git_commit(),
         "torch": torch.__version__,
-        "command": "python tools/bench_train.py " + shlex.join(sys.argv[1:]),
+        "command": "python benchmarks/bench_train.py " + shlex.join(sys.argv[1:]),
         "peak_bf16_tflops": next((v for k, v in PEAK_BF16_TFLOPS.items() if k in device), None),
     }
     results = {}
@@ -283,7 +284,7 @@ def rerender(path: Path, parser: argparse.ArgumentParser) -> int:
         r["mfu"] = r["model_tflops"] / meta["peak_bf16_tflops"] if meta["peak_bf16_tflops"] else None
     meta["rerendered"] = (
         f"FLOPs per token, model TFLOP/s and MFU recomputed on {datetime.date.today()} at commit {git_commit()} "
-        f"with `python tools/bench_train.py --rerender {path.name}`; tokens/s, memory and the split are as measured"
+        f"with `python benchmarks/bench_train.py --rerender {path.name}`; tokens/s, memory and the split are as measured"
     )
     path.write_text(json.dumps(data, indent=1))
     path.with_suffix(".md").write_text("\n".join(report(meta, results, run_args)))

@@ -1,6 +1,6 @@
 """When does sparse MoA attention pay? Times one MoA layer's forward, dense vs sparse rules.
 
-    python tools/bench_moa_sparse.py [--device cpu|cuda] [--d-model 512] [--experts 8] ...
+    python benchmarks/bench_moa_sparse.py [--device cpu|cuda] [--d-model 512] [--experts 8] ...
 
 Sparse MoA skips the dropped experts' query and output projections; K/V and the attention core over all
 heads still run. Writes benchmarks/moa_sparse_<device>.md (device, date, commit, command) and prints it.
@@ -17,7 +17,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tools"))  # tools/_cli.py
 from _cli import git_commit  # noqa: E402
 
 from dsmoe import config as config_lib  # noqa: E402
@@ -91,7 +93,7 @@ def main() -> int:
         "",
         f"- device: {device_name}; dtype {str(dtype).removeprefix('torch.')}; torch {torch.__version__}",
         f"- date: {datetime.date.today()}, commit {commit}",
-        f"- command: `python tools/bench_moa_sparse.py {' '.join(sys.argv[1:])}`",
+        f"- command: `python benchmarks/bench_moa_sparse.py {' '.join(sys.argv[1:])}`",
         f"- shape: d_model {args.d_model}, {args.experts} experts x {args.heads_per_expert} query heads, "
         f"{args.kv_heads} shared K/V heads, batch {args.batch} x {args.seq} tokens; median of {args.repeats}",
         "",
@@ -101,7 +103,7 @@ def main() -> int:
         "",
     ]
     text = "\n".join(lines)
-    out = Path(__file__).resolve().parent.parent / "benchmarks" / f"moa_sparse_{args.device}.md"
+    out = REPO / "benchmarks" / f"moa_sparse_{args.device}.md"
     out.write_text(text)
     print(text)
     return 0

@@ -7,7 +7,7 @@
   kernels:    the causal SDPA core of those shapes under each backend PyTorch has here (flash, cuDNN,
               memory-efficient; grouped K/V or expanded), and a bf16 8192^3 matmul as the device's ceiling.
 
-    python tools/bench_layers.py [--out benchmarks] [--tag h200] [--no-compile]
+    python benchmarks/bench_layers.py [--out benchmarks] [--tag h200] [--no-compile]
 
 Times are medians of CUDA-event-timed repeats after warm-up, inputs random normal (never zeros). Every
 variant's output is compared with its plain eager reference (relative L2 error printed). Writes
@@ -27,6 +27,7 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tools"))  # tools/_cli.py
 from _cli import cuda_ms, git_commit  # noqa: E402
 
 from dsmoe import config as config_lib  # noqa: E402
@@ -275,7 +276,7 @@ def write(out: Path, tag: str, device: str, args, results: dict, wall_s: float) 
         "date": str(datetime.date.today()),
         "commit": git_commit(),
         "torch": torch.__version__,
-        "command": "python tools/bench_layers.py " + " ".join(sys.argv[1:]),
+        "command": "python benchmarks/bench_layers.py " + " ".join(sys.argv[1:]),
         "wall_s": round(wall_s, 1),
     }
     head = "| variant | mode | ms (fwd+bwd) | TFLOP/s | ratio | rel. error vs eager ref |\n|---|---|---|---|---|---|"

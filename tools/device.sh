@@ -1,0 +1,192 @@
+#!/usr/bin/env bash
+# The GPU runs behind the committed results, one request each on the lent GPU machine, after
+# `source tools/device_wheels.sh install`; results land in $OUT.
+#
+#   bash tools/device.sh NAME     NAME: train | infer | encoder | compare | data | head_loss
+#   bash tools/device.sh list     what each NAME runs
+#
+# Each NAME runs in its own subshell with its own shell options and its own environment knobs (below).
+
+usage() { echo "usage: bash tools/device.sh train|infer|encoder|compare|data|head_loss|list" >&2; }
+
+list() {
+  cat <<'EOF'
+train      training speed (issue 5, <= 6 min): GPU tests of the fast paths, benchmarks/bench_layers.py, then
+           benchmarks/bench_train.py on eager and compiled DS-MoE-1B and Dense-1B (+ ZeRO-1 / micro-batch 16)
+infer      sparse inference (issue 6): tests/test_gpu_infer.py + tests/test_gpu.py, then
+           benchmarks/bench_infer.py (BENCH_ARGS, default --compile; BENCH_TIMEOUT s, default 240;
+           SKIP_TESTS=1 skips the tests; OUT defaults to /tmp/bench_infer); a --quick run if it fails
+encoder    the encoder against BertForMaskedLM (issue 7, <= 6 min): benchmarks/bench_encoder.py (a torch-path
+           fallback if the Triton paths fail), tests/test_gpu_encoder.py, benchmarks/encoder_explore.py
+compare    the NTNG comparison (issue 10; OUT required): tools/research/calibrate_rst.py on this device, then
+           tools/research/compare_methods.py with all runs sharing the GPU (TOK, BUDGETS, REPEATS,
+           DEADLINE, SEEDS, JOBS, EXTRA)
+data       the data path (issue 22, <= 9 min): tests/test_gpu_infer.py + tests/test_gpu_train.py, then
+           benchmarks/bench_data.py share on the indexed blend carried in .bench_data/
+head_loss  the LM head + loss at a real vocabulary (issue 25 part 3, <= 9 min): tests/test_head_loss.py -m gpu,
+           then benchmarks/bench_train.py on DS-MoE-1B at vocab 8,192 and 151,936 (logits / fused / liger)
+EOF
+}
+
+# Training speed on the GPU (issue 5, <= 6 min): GPU tests of the fast paths, the layer targets, and the 1B
+# training benchmark (eager and compiled DS-MoE-1B and Dense-1B, plus ZeRO-1 / micro-batch 16) in one process.
+run_train() (
+  set -u
+  OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+  nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv || true
+  echo "=== tests ($(date -u +%T))"
+  timeout 80 python -m pytest -v -p no:cacheprovider tests/test_gpu_train.py tests/test_gpu.py 2>&1 \
+    | grep -E "PASSED|FAILED|ERROR|passed|failed|^E  " | head -60
+  echo "=== layers ($(date -u +%T))"
+  timeout 70 python benchmarks/bench_layers.py --out "$OUT" > "$OUT/layers.log" 2>&1; echo "rc $?"
+  grep -v -i warn "$OUT/layers.log" | grep "^|\|done\|^#" | head -80
+  echo "=== train ($(date -u +%T))"
+  timeout 205 python benchmarks/bench_train.py --name train_1b --out "$OUT" --steps 5 --warmup 2 \
+    --variant "dsmoe_compiled=configs/dsmoe_1b.yaml train.compile=true" \
+    --variant "dense_compiled=configs/dense_1b.yaml train.compile=true" \
+    --variant "dsmoe_eager=configs/dsmoe_1b.yaml" \
+    --variant "dense_eager=configs/dense_1b.yaml" \
+    --variant "dsmoe_compiled_zero1_mb16=configs/dsmoe_1b.yaml train.compile=true parallel.zero_stage=1 train.micro_batch_size=16" \
+    --variant "dense_compiled_zero1_mb16=configs/dense_1b.yaml train.compile=true parallel.zero_stage=1 train.micro_batch_size=16" \
+    --baseline dense_compiled --split dsmoe_compiled --profile dsmoe_compiled \
+    train.global_batch_size=64 train.micro_batch_size=8 data.tokenizer_vocab_size=8192 data.cache_dir=/tmp/cache \
+    > "$OUT/train.log" 2>&1; echo "rc $?"
+  grep -v -i "warn" "$OUT/train.log" | grep -v "^ \|^{" | tail -75
+  echo "=== done ($(date -u +%T))"
+  ls -la "$OUT"
+)
+
+# Sparse inference on the GPU (issue #6): the sparse-inference GPU tests, then benchmarks/bench_infer.py.
+#   BENCH_ARGS (default --compile) and BENCH_TIMEOUT (s, default 240) set the benchmark run; if it fails,
+#   a --quick run without torch.compile follows. SKIP_TESTS=1 skips the tests. Results in $OUT.
+run_infer() (
+  set -uo pipefail
+  OUT=${OUT:-/tmp/bench_infer}
+  mkdir -p "$OUT"
+  nvidia-smi --query-gpu=name,memory.used,memory.total,clocks.sm --format=csv
+  python -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
+  if [ -z "${SKIP_TESTS:-}" ]; then
+    timeout 110 python -m pytest -q -p no:cacheprovider tests/test_gpu_infer.py tests/test_gpu.py 2>&1 | tail -30
+  fi
+  # shellcheck disable=SC2086
+  timeout "${BENCH_TIMEOUT:-240}" python benchmarks/bench_infer.py ${BENCH_ARGS:---compile} --out-dir "$OUT" > "$OUT/bench.log" 2>&1
+  rc=$?
+  echo "bench exit $rc"
+  if [ $rc -ne 0 ]; then
+    tail -60 "$OUT/bench.log"
+    timeout 70 python benchmarks/bench_infer.py --quick --out-dir "$OUT" > "$OUT/bench_fallback.log" 2>&1
+    echo "fallback exit $?"
+    tail -150 "$OUT/bench_fallback.log"
+  else
+    grep -v "^ \|^-\|Name  \|Self CPU\|Self CUDA" "$OUT/bench.log" | tail -90
+  fi
+  ls -la "$OUT"
+)
+
+# The encoder's GPU runs (issue 7: our MLM step against BertForMaskedLM), one H200, <= 6 minutes:
+# 1. benchmarks/bench_encoder.py as committed (both shapes, attention kernels, a profile of our step) -> $OUT/encoder;
+# 2. the GPU tests of the fast paths (tests/test_gpu_encoder.py);
+# 3. the A/B of benchmarks/encoder_explore.py (one option changed at a time at 256 x 128) -> $OUT/explore.json.
+run_encoder() (
+  set -u
+  OUT=${OUT:-/tmp/out}
+  nvidia-smi --query-gpu=name,memory.used,clocks.sm --format=csv
+  timeout 200 python benchmarks/bench_encoder.py --warmup 6 --steps 20 --profile --out "$OUT/encoder"
+  rc=$?
+  echo "bench exit $rc"
+  if [ $rc -ne 0 ]; then  # the Triton paths failed: measure the torch paths instead, so the run still counts
+    timeout 150 python benchmarks/bench_encoder.py --warmup 6 --steps 20 --profile --out "$OUT/encoder_fallback" \
+      model.attention.backend=flex model.geglu_kernel=torch
+    echo "fallback bench exit $?"
+  fi
+  timeout 90 python -m pytest -q -x -p no:cacheprovider tests/test_gpu_encoder.py -m gpu 2>&1 | tail -15
+  echo "tests exit ${PIPESTATUS[0]}"
+  timeout 80 python benchmarks/encoder_explore.py --out "$OUT" --budget 70 2>&1 | grep -v "^W1130\|UserWarning\|_warn_once"
+  echo "explore exit ${PIPESTATUS[0]}"
+)
+
+# Issue #10 on the lent GPU, one request: calibrate the RST table for the comparison's model on this
+# device (alone), then run the NTNG comparison (7 runs x 2 budgets x 2 seeds) with all 28 runs sharing the
+# GPU at once. RST charges every executed pass its calibrated time, so sharing changes no run's steps or
+# losses, only its wall time. Writes $OUT/rst_<device>_compare.json and $OUT/compare/results.{json,md},
+# val_loss_vs_rst.png, logs.tar.gz.
+#   carry: runs/replicate/tokens/{train_all,val_all,val_python_code,val_python_docs,val_shakespeare,val_wordnet}.bin
+#          runs/replicate/tokens/tokenizer.json   (4-domain corpus of tools/research/ablate_data.py, 21 MiB)
+run_compare() (
+  set -euo pipefail
+  TOK=${TOK:-runs/replicate/tokens}
+  BUDGETS=${BUDGETS:-10 40}
+  REPEATS=${REPEATS:-20}
+  DEADLINE=${DEADLINE:-215}
+  OUT=${OUT:?set OUT}
+  export OMP_NUM_THREADS=1
+  started=$(date +%s)
+  COMMON=(data.corpus=tokens "data.train_tokens=$TOK/train_all.bin" "data.val_tokens=$TOK/val_all.bin"
+          "data.tokenizer=$TOK/tokenizer.json" model.vocab_size=8192)
+  ls -la "$TOK"
+  nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,memory.used --format=csv || true
+  slug=$(python -c "import torch,re; print(re.sub(r'[^a-z0-9]+','-',torch.cuda.get_device_name().lower().replace('nvidia','')).strip('-') if torch.cuda.is_available() else 'cpu')")
+  TABLE=$OUT/rst_${slug}_compare.json
+  timeout 100 python tools/research/calibrate_rst.py --config configs/tiny.yaml --layers 1 2 3 4 --forward-batches 2 \
+    --optimizers adamw lion sophia --repeats "$REPEATS" --warmup 5 --out "$TABLE" "${COMMON[@]}"
+  echo "calibration done after $(( $(date +%s) - started )) s"
+  WORK=$(mktemp -d)
+  rc=0
+  # shellcheck disable=SC2086
+  timeout $((DEADLINE + 30)) python tools/research/compare_methods.py --config configs/tiny.yaml --tokens "$TOK" \
+    --table "$TABLE" --budgets $BUDGETS --seeds ${SEEDS:-1 2} --jobs "${JOBS:-28}" --deadline "$DEADLINE" --out "$WORK/compare" \
+    model.vocab_size=8192 ${EXTRA:-} || rc=$?
+  mkdir -p "$OUT/compare"
+  cp "$WORK"/compare/results.json "$WORK"/compare/results.md "$WORK"/compare/val_loss_vs_rst.png "$OUT/compare/" || true
+  # shellcheck disable=SC2046
+  tar -czf "$OUT/compare/logs.tar.gz" -C "$WORK/compare" $(cd "$WORK/compare" && ls -d runs/*/log.txt runs/*/metrics.jsonl 2>/dev/null) || true
+  echo "compare_methods exit $rc; total $(( $(date +%s) - started )) s"
+)
+
+# The data path on the GPU (issue 22, <= 9 min): the GPU tests (inference, training), then
+# benchmarks/bench_data.py share on an indexed blend carried in .bench_data/ (tokenizer.json, drama and code
+# prefixes made here with dsmoe prepare-data).
+run_data() (
+  set -u
+  OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+  nvidia-smi --query-gpu=name,memory.total --format=csv || true
+  echo "=== tests ($(date -u +%T))"
+  timeout 170 python -m pytest -q -p no:cacheprovider tests/test_gpu_infer.py tests/test_gpu_train.py 2>&1 \
+    | grep -E "PASSED|FAILED|ERROR|passed|failed|^E  " | head -40
+  echo "=== data share ($(date -u +%T))"
+  timeout 330 python benchmarks/bench_data.py share --tokenizer .bench_data/tokenizer.json \
+    --blend "[0.7,.bench_data/drama,0.3,.bench_data/code]" --steps 14 --warmup 4 --out "$OUT/data_share_h200" \
+    > "$OUT/share.log" 2>&1; echo "rc $?"
+  grep -v -i "warn" "$OUT/share.log" | grep -v "^ " | tail -30
+  echo "=== done ($(date -u +%T))"
+)
+
+# The LM head + loss at a real vocabulary on the GPU (issue 25 part 3, <= 9 min): the GPU tests of the fused
+# paths, then DS-MoE-1B (compiled, micro-batch 8) at vocab 8,192 and 151,936 under train.head_loss
+# logits / fused / liger, in one process.
+run_head_loss() (
+  set -u
+  OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+  nvidia-smi --query-gpu=name,memory.total --format=csv || true
+  echo "=== tests ($(date -u +%T))"
+  timeout 120 python -m pytest -v -p no:cacheprovider tests/test_head_loss.py -m gpu 2>&1 \
+    | grep -E "PASSED|FAILED|ERROR|SKIPPED|passed|failed|^E  " | head -30
+  echo "=== train ($(date -u +%T))"
+  timeout 420 python benchmarks/bench_train.py --name head_loss --out "$OUT" --steps 4 --warmup 2 \
+    --variant "v8k_logits=configs/dsmoe_1b.yaml train.head_loss=logits" \
+    --variant "v8k_fused=configs/dsmoe_1b.yaml train.head_loss=fused" \
+    --variant "v152k_logits=configs/dsmoe_1b.yaml model.vocab_size=151936 train.head_loss=logits" \
+    --variant "v152k_fused=configs/dsmoe_1b.yaml model.vocab_size=151936 train.head_loss=fused" \
+    --variant "v152k_liger=configs/dsmoe_1b.yaml model.vocab_size=151936 train.head_loss=liger" \
+    --baseline v8k_logits \
+    train.compile=true train.global_batch_size=16 train.micro_batch_size=8 data.tokenizer_vocab_size=8192 \
+    data.cache_dir=/tmp/cache > "$OUT/train.log" 2>&1; echo "rc $?"
+  grep -v -i "warn" "$OUT/train.log" | grep -v "^ \|^{" | tail -40
+  echo "=== done ($(date -u +%T))"
+)
+
+case "${1:-}" in
+  train | infer | encoder | compare | data | head_loss) "run_$1" ;;
+  list) list ;;
+  *) usage; exit 2 ;;
+esac
