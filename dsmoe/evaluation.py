@@ -18,7 +18,10 @@ import torch
 import torch.distributed as dist
 
 from dsmoe import config as config_lib
+from dsmoe.data.corpus import load_corpus
 from dsmoe.data.sampler import eval_windows
+from dsmoe.data.tokenizer import load_tokenizer
+from dsmoe.data.tokens import open_pretokenized
 from dsmoe.model import TRAINING, Routing
 
 HELD_OUT = "held-out"  # the one source of a corpus without a blend
@@ -111,8 +114,6 @@ class PeriodicValidation:
 
     def run(self, model, step: int, logger) -> dict:
         if self.mlm_batches is not None:
-            from dsmoe.infer import mlm_loss
-
             result = mlm_loss(model, self.mlm_batches, TRAINING, self.cfg.data.seq_len)
             model.train()
             figures = {
@@ -141,17 +142,26 @@ def validation_samples(cfg: config_lib.Config) -> int:
     return max(1, math.ceil(cfg.train.eval_tokens / cfg.data.seq_len))
 
 
+def held_out_tokens(cfg: config_lib.Config, tokenizer_path: Path):
+    """The validation works of the model's corpus, tokenised with the model's own tokenizer (corpora of token
+    arrays; an indexed blend's held-out sample is dsmoe.evaluation.held_out_set)."""
+    if cfg.data.corpus == "tokens":
+        return open_pretokenized(cfg.data).val
+    if cfg.data.corpus == "indexed":
+        raise ValueError("an indexed blend has no held-out token array: use dsmoe.evaluation.held_out_set")
+    corpus = load_corpus(cfg.data.corpus, cfg.data.val_works)
+    tokenizer = load_tokenizer(tokenizer_path, cfg.data.eos_token)
+    return tokenizer.encode_documents([corpus.val[k] for k in sorted(corpus.val)])
+
+
 def held_out_set(cfg: config_lib.Config, tokenizer_path: Path, splits=None) -> HeldOut:
     """The run's fixed validation sample, from its saved config and tokenizer (indexed blends: from
     megatron-core's validation split, built here unless the run's `splits` are given)."""
     if cfg.data.corpus != "indexed":
-        from dsmoe.infer import held_out_tokens
-
         return HeldOut.from_tokens(
             held_out_tokens(cfg, tokenizer_path), cfg.data.seq_len, cfg.train.eval_tokens
         )
     from dsmoe.data.indexed import build_splits, validation_rows
-    from dsmoe.data.tokenizer import load_tokenizer
 
     if splits is None:
         tokenizer = load_tokenizer(tokenizer_path, cfg.data.eos_token)
@@ -211,7 +221,9 @@ def evaluate(
     forwards (expert and tensor parallelism and ZeRO-3 exchange in each), the last padded with weightless
     rows; the sums are taken over the world, so any layout gives the one-process figure."""
     if model.cfg.is_encoder:
-        raise ValueError("next-token loss is for decoders; evaluate an encoder with dsmoe.infer.mlm_loss")
+        raise ValueError(
+            "next-token loss is for decoders; evaluate an encoder with dsmoe.evaluation.mlm_loss"
+        )
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -271,3 +283,54 @@ def active_params(model, mlp_frac: float, attention_frac: float) -> float:
         1.0 - attention_frac
     )
     return (total - skipped) / total
+
+
+@dataclass
+class MLMResult:
+    """Held-out masked-LM loss of an encoder under a routing rule, at one sequence length."""
+
+    routing: str
+    seq_len: int
+    loss: float
+    """Mean cross-entropy over the masked positions (nats)."""
+    accuracy: float
+    masked_tokens: int
+    expert_active_fraction: float
+    param_active_fraction: float
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(self.loss)
+
+    def row(self) -> str:
+        return (
+            f"{self.routing:<28} seq {self.seq_len:5d}   MLM loss {self.loss:6.3f}   ppl {self.perplexity:8.2f}"
+            f"   accuracy {100 * self.accuracy:5.1f}%   MLP experts {100 * self.expert_active_fraction:5.1f}%"
+            f"   params {100 * self.param_active_fraction:5.1f}%"
+        )
+
+
+@torch.no_grad()
+def mlm_loss(model, batches, routing: Routing, seq_len: int) -> MLMResult:
+    """Masked-LM loss and accuracy of an EncoderMLM over (input_ids, attention_mask, labels) batches
+    (dsmoe.data.mlm.eval_batches), summed over masked positions, and the share of parameters it ran."""
+    model.eval()
+    device = next(model.parameters()).device
+    nll_sum, correct, n_masked, mlp_active = 0.0, 0, 0, 0.0
+    for input_ids, attention_mask, labels in batches:
+        out = model(input_ids.to(device), attention_mask.to(device), labels.to(device), routing=routing)
+        nll_sum += out.lm_loss.item() * out.masked_tokens
+        correct += int(out.correct)
+        n_masked += out.masked_tokens
+        mlp_active += (out.mlp.active_fraction.mean().item() if out.mlp else 1.0) * out.masked_tokens
+    mlp_frac = mlp_active / n_masked
+    total = model.num_params(exclude_embedding=True)
+    return MLMResult(
+        str(routing),
+        seq_len,
+        nll_sum / n_masked,
+        correct / n_masked,
+        n_masked,
+        mlp_frac,
+        (total - model.num_expert_params() * (1.0 - mlp_frac)) / total,
+    )

@@ -12,14 +12,18 @@ import torch._dynamo
 import torch.nn.functional as F
 
 from dsmoe import config as config_lib
-from dsmoe.data.corpus import load_corpus
-from dsmoe.data.tokenizer import load_tokenizer
-from dsmoe.data.tokens import open_pretokenized
 from dsmoe.evaluation import EvalResult, HeldOut, evaluate
+
+# held_out_tokens, MLMResult and mlm_loss are dsmoe.evaluation's (it may not import this module: they were here
+# once, a cycle); named here too for the code that imports them from here (dsmoe/train/report.py, tests, tools)
+from dsmoe.evaluation import MLMResult as MLMResult
+from dsmoe.evaluation import held_out_tokens as held_out_tokens
+from dsmoe.evaluation import mlm_loss as mlm_loss
 from dsmoe.export import is_export, load_export, load_from_run
 from dsmoe.model import TRAINING, DecoderLM, Routing, RoutingRule
 from dsmoe.model.attention import ATTENTION_BACKENDS, apply_rope, causal_mask, rope_cos_sin
-from dsmoe.model.moe import masked_table, router_scores, top_k_table
+from dsmoe.model.moe import masked_table, top_k_table
+from dsmoe.model.router import router_scores
 from dsmoe.model.sparse import gemv_topk_partials, moe_topk_forward, pick_path, route_topk
 
 
@@ -45,18 +49,6 @@ def load(path: str | Path, trust_pickle: bool = False) -> LoadedModel:
     return LoadedModel(model, cfg, routing, tok)
 
 
-def held_out_tokens(cfg: config_lib.Config, tokenizer_path: Path):
-    """The validation works of the model's corpus, tokenised with the model's own tokenizer (corpora of token
-    arrays; an indexed blend's held-out sample is dsmoe.evaluation.held_out_set)."""
-    if cfg.data.corpus == "tokens":
-        return open_pretokenized(cfg.data).val
-    if cfg.data.corpus == "indexed":
-        raise ValueError("an indexed blend has no held-out token array: use dsmoe.evaluation.held_out_set")
-    corpus = load_corpus(cfg.data.corpus, cfg.data.val_works)
-    tokenizer = load_tokenizer(tokenizer_path, cfg.data.eos_token)
-    return tokenizer.encode_documents([corpus.val[k] for k in sorted(corpus.val)])
-
-
 PerplexityResult = EvalResult  # the name the tools and the report have used
 
 
@@ -65,57 +57,6 @@ def perplexity(
 ) -> EvalResult:
     """exp(mean next-token NLL) over consecutive held-out windows of `seq_len`, and the active shares."""
     return evaluate(model, HeldOut.from_tokens(tokens, seq_len, max_tokens), routing, batch_size)
-
-
-@dataclass
-class MLMResult:
-    """Held-out masked-LM loss of an encoder under a routing rule, at one sequence length."""
-
-    routing: str
-    seq_len: int
-    loss: float
-    """Mean cross-entropy over the masked positions (nats)."""
-    accuracy: float
-    masked_tokens: int
-    expert_active_fraction: float
-    param_active_fraction: float
-
-    @property
-    def perplexity(self) -> float:
-        return math.exp(self.loss)
-
-    def row(self) -> str:
-        return (
-            f"{self.routing:<28} seq {self.seq_len:5d}   MLM loss {self.loss:6.3f}   ppl {self.perplexity:8.2f}"
-            f"   accuracy {100 * self.accuracy:5.1f}%   MLP experts {100 * self.expert_active_fraction:5.1f}%"
-            f"   params {100 * self.param_active_fraction:5.1f}%"
-        )
-
-
-@torch.no_grad()
-def mlm_loss(model, batches, routing: Routing, seq_len: int) -> MLMResult:
-    """Masked-LM loss and accuracy of an EncoderMLM over (input_ids, attention_mask, labels) batches
-    (dsmoe.data.mlm.eval_batches), summed over masked positions, and the share of parameters it ran."""
-    model.eval()
-    device = next(model.parameters()).device
-    nll_sum, correct, n_masked, mlp_active = 0.0, 0, 0, 0.0
-    for input_ids, attention_mask, labels in batches:
-        out = model(input_ids.to(device), attention_mask.to(device), labels.to(device), routing=routing)
-        nll_sum += out.lm_loss.item() * out.masked_tokens
-        correct += int(out.correct)
-        n_masked += out.masked_tokens
-        mlp_active += (out.mlp.active_fraction.mean().item() if out.mlp else 1.0) * out.masked_tokens
-    mlp_frac = mlp_active / n_masked
-    total = model.num_params(exclude_embedding=True)
-    return MLMResult(
-        str(routing),
-        seq_len,
-        nll_sum / n_masked,
-        correct / n_masked,
-        n_masked,
-        mlp_frac,
-        (total - model.num_expert_params() * (1.0 - mlp_frac)) / total,
-    )
 
 
 def sample_next(
@@ -474,7 +415,7 @@ def _segment_pre(
 
 
 def _router_probs(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """dsmoe.model.moe.Router's probabilities: its fp32 scores (one bf16 GEMM writing fp32 on CUDA; an fp32
+    """dsmoe.model.router.Router's probabilities: its fp32 scores (one bf16 GEMM writing fp32 on CUDA; an fp32
     copy of the (T, D) activations and an fp32 GEMM cost 3.9 of a 52 ms 8 x 2048 prefill) and softmax."""
     return F.softmax(router_scores(h.reshape(-1, h.shape[-1]), weight), dim=-1)
 

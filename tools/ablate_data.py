@@ -33,10 +33,10 @@ from _cli import git_commit  # noqa: E402
 
 from dsmoe import config as config_lib  # noqa: E402
 from dsmoe.ablation import build_unit_pool, merge, mixture_units, pearson, spearman  # noqa: E402
+from dsmoe.cached import train_and_export as train  # noqa: E402
 from dsmoe.export import load_export  # noqa: E402
 from dsmoe.infer import perplexity  # noqa: E402
 from dsmoe.model import Routing, build  # noqa: E402
-from dsmoe.train.cached import train_and_export as train  # noqa: E402
 
 
 def train_overrides(

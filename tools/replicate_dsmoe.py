@@ -31,10 +31,10 @@ from _cli import git_commit  # noqa: E402
 
 from dsmoe import replicate as rep  # noqa: E402
 from dsmoe.ablation import build_unit_pool  # noqa: E402
+from dsmoe.cached import recipe, train_and_export  # noqa: E402
 from dsmoe.export import load_export  # noqa: E402
 from dsmoe.infer import perplexity  # noqa: E402
 from dsmoe.model import Routing, RoutingRule  # noqa: E402
-from dsmoe.train.cached import recipe, train_and_export  # noqa: E402
 from dsmoe.train.logging import read_metrics  # noqa: E402
 
 

@@ -1,4 +1,8 @@
-"""Train-or-reuse for the research tools: a run whose export exists with the same recipe is not trained again."""
+"""Train-or-reuse for the research tools: a run whose export exists with the same recipe is not trained again.
+
+It trains (dsmoe.train) and exports (dsmoe.export), so it sits above both, beside the other helpers of
+tools/ (dsmoe/ablation.py, dsmoe/replicate.py); nothing in dsmoe imports it.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +14,7 @@ from dsmoe import config as config_lib
 from dsmoe.export import export, is_export
 from dsmoe.model import Routing
 
-REPO = Path(__file__).resolve().parent.parent.parent
+REPO = Path(__file__).resolve().parent.parent
 
 
 def recipe(config_path: str | None, overrides: list[str]) -> str:
