@@ -125,7 +125,7 @@ def profile_step(engine, cfg, top: int = 30) -> str:
     """One optimizer step (all micro-batches + the boundary step) under torch.profiler: the top CUDA kernels."""
     from torch.profiler import ProfilerActivity, profile
 
-    from parallel.engine import boundary_step
+    from dsmoe.train.engine import boundary_step
 
     t = cfg.train
     gas = t.global_batch_size // t.micro_batch_size
@@ -352,7 +352,7 @@ def time_split(engine, cfg) -> dict[str, float]:
     from dsmoe.model.attention import rope_cos_sin
     from dsmoe.model.moe import routing_aux
     from dsmoe.model.transformer import Block
-    from parallel.engine import boundary_step
+    from dsmoe.train.engine import boundary_step
 
     model, t = engine.module, cfg.train
     micro_steps = t.global_batch_size // t.micro_batch_size  # one rank: every micro-batch is ours

@@ -1,4 +1,8 @@
-"""Train-or-reuse for the research tools: a run whose export exists with the same recipe is not trained again."""
+"""Train-or-reuse for the research tools: a run whose export exists with the same recipe is not trained again.
+
+It trains (dsmoe.train) and exports (dsmoe.export), so it sits above both, beside the other helpers of
+tools/ (dsmoe/ablation.py, dsmoe/replicate.py); nothing in dsmoe imports it.
+"""
 
 from __future__ import annotations
 

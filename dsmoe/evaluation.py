@@ -18,7 +18,10 @@ import torch
 import torch.distributed as dist
 
 from dsmoe import config as config_lib
+from dsmoe.data.corpus import load_corpus
 from dsmoe.data.sampler import eval_windows
+from dsmoe.data.tokenizer import load_tokenizer
+from dsmoe.data.tokens import open_pretokenized
 from dsmoe.model import TRAINING, Routing
 
 HELD_OUT = "held-out"  # the one source of a corpus without a blend
@@ -139,17 +142,26 @@ def validation_samples(cfg: config_lib.Config) -> int:
     return max(1, math.ceil(cfg.train.eval_tokens / cfg.data.seq_len))
 
 
+def held_out_tokens(cfg: config_lib.Config, tokenizer_path: Path):
+    """The validation works of the model's corpus, tokenised with the model's own tokenizer (corpora of token
+    arrays; an indexed blend's held-out sample is dsmoe.evaluation.held_out_set)."""
+    if cfg.data.corpus == "tokens":
+        return open_pretokenized(cfg.data).val
+    if cfg.data.corpus == "indexed":
+        raise ValueError("an indexed blend has no held-out token array: use dsmoe.evaluation.held_out_set")
+    corpus = load_corpus(cfg.data.corpus, cfg.data.val_works)
+    tokenizer = load_tokenizer(tokenizer_path, cfg.data.eos_token)
+    return tokenizer.encode_documents([corpus.val[k] for k in sorted(corpus.val)])
+
+
 def held_out_set(cfg: config_lib.Config, tokenizer_path: Path, splits=None) -> HeldOut:
     """The run's fixed validation sample, from its saved config and tokenizer (indexed blends: from
     megatron-core's validation split, built here unless the run's `splits` are given)."""
     if cfg.data.corpus != "indexed":
-        from dsmoe.infer import held_out_tokens
-
         return HeldOut.from_tokens(
             held_out_tokens(cfg, tokenizer_path), cfg.data.seq_len, cfg.train.eval_tokens
         )
     from dsmoe.data.indexed import build_splits, validation_rows
-    from dsmoe.data.tokenizer import load_tokenizer
 
     if splits is None:
         tokenizer = load_tokenizer(tokenizer_path, cfg.data.eos_token)
@@ -209,7 +221,9 @@ def evaluate(
     forwards (expert and tensor parallelism and ZeRO-3 exchange in each), the last padded with weightless
     rows; the sums are taken over the world, so any layout gives the one-process figure."""
     if model.cfg.is_encoder:
-        raise ValueError("next-token loss is for decoders; evaluate an encoder with mlm_loss")
+        raise ValueError(
+            "next-token loss is for decoders; evaluate an encoder with dsmoe.evaluation.mlm_loss"
+        )
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device

@@ -12,14 +12,18 @@ import torch._dynamo
 import torch.nn.functional as F
 
 from dsmoe import config as config_lib
-from dsmoe.data.corpus import load_corpus
-from dsmoe.data.tokenizer import load_tokenizer
-from dsmoe.data.tokens import open_pretokenized
-from dsmoe.evaluation import EvalResult, HeldOut, MLMResult, evaluate, mlm_loss  # noqa: F401 (re-exported)
+from dsmoe.evaluation import EvalResult, HeldOut, evaluate
+
+# held_out_tokens, MLMResult and mlm_loss are dsmoe.evaluation's (it may not import this module: they were here
+# once, a cycle); named here too for the code that imports them from here (dsmoe/train/report.py, tests, tools)
+from dsmoe.evaluation import MLMResult as MLMResult
+from dsmoe.evaluation import held_out_tokens as held_out_tokens
+from dsmoe.evaluation import mlm_loss as mlm_loss
 from dsmoe.export import is_export, load_export, load_from_run
 from dsmoe.model import TRAINING, DecoderLM, Routing, RoutingRule
 from dsmoe.model.attention import ATTENTION_BACKENDS, apply_rope, causal_mask, rope_cos_sin
-from dsmoe.model.moe import masked_table, router_scores, top_k_table
+from dsmoe.model.moe import masked_table, top_k_table
+from dsmoe.model.router import router_scores
 from dsmoe.model.sparse import gemv_topk_partials, moe_topk_forward, pick_path, route_topk
 
 
@@ -43,18 +47,6 @@ def load(path: str | Path, trust_pickle: bool = False) -> LoadedModel:
         model, cfg, tok, _ = load_from_run(path, trust_pickle=trust_pickle)
         routing = Routing()
     return LoadedModel(model, cfg, routing, tok)
-
-
-def held_out_tokens(cfg: config_lib.Config, tokenizer_path: Path):
-    """The validation works of the model's corpus, tokenised with the model's own tokenizer (corpora of token
-    arrays; an indexed blend's held-out sample is dsmoe.evaluation.held_out_set)."""
-    if cfg.data.corpus == "tokens":
-        return open_pretokenized(cfg.data).val
-    if cfg.data.corpus == "indexed":
-        raise ValueError("an indexed blend has no held-out token array: use dsmoe.evaluation.held_out_set")
-    corpus = load_corpus(cfg.data.corpus, cfg.data.val_works)
-    tokenizer = load_tokenizer(tokenizer_path, cfg.data.eos_token)
-    return tokenizer.encode_documents([corpus.val[k] for k in sorted(corpus.val)])
 
 
 PerplexityResult = EvalResult  # the name the tools and the report have used
@@ -423,7 +415,7 @@ def _segment_pre(
 
 
 def _router_probs(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """dsmoe.model.moe.Router's probabilities: its fp32 scores (one bf16 GEMM writing fp32 on CUDA; an fp32
+    """dsmoe.model.router.Router's probabilities: its fp32 scores (one bf16 GEMM writing fp32 on CUDA; an fp32
     copy of the (T, D) activations and an fp32 GEMM cost 3.9 of a 52 ms 8 x 2048 prefill) and softmax."""
     return F.softmax(router_scores(h.reshape(-1, h.shape[-1]), weight), dim=-1)
 

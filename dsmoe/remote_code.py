@@ -21,6 +21,7 @@ MODEL_FILES = (
     "head_loss",
     "moe_triton",
     "alibi_triton",
+    "router",
     "sparse",
     "moe",
     "attention",

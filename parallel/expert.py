@@ -26,34 +26,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from dsmoe.model.moe import (
-    DENSE,
-    DSMoE,
-    MoEAux,
-    RoutingRule,
-    grouped_expert_forward,
-    routing_aux,
-    select_experts,
-)
+from dsmoe.model.moe import DENSE, DSMoE, MoEAux, RoutingRule, grouped_expert_forward, select_experts
 from parallel.groups import ParallelDims
 from parallel.layout import placement, shard
+from parallel.routing import routing_aux_over
 from parallel.tensor import copy_to_tensor_parallel, reduce_from_tensor_parallel
-
-
-def routing_aux_over(probs_TE: torch.Tensor, active: torch.Tensor, dims: ParallelDims) -> MoEAux:
-    """routing_aux with the marginal over the whole batch (every rank of the data group).
-
-    Value: the global marginal. Gradient: that of this rank's own marginal, unscaled, because DeepSpeed
-    averages gradients over the data group: the average of the ranks' gradients is then the gradient of
-    the single-process loss.
-    """
-    local_E = probs_TE.to(torch.promote_types(probs_TE.dtype, torch.float32)).mean(0)
-    if dims.batch_ranks == 1:
-        return routing_aux(probs_TE, active)
-    total_E = local_E.detach().clone()
-    dist.all_reduce(total_E, group=dims.data_group)
-    marginal_E = local_E + (total_E / dims.batch_ranks - local_E.detach())
-    return routing_aux(probs_TE, active, marginal_E)
 
 
 class _GatherTokens(torch.autograd.Function):

@@ -19,6 +19,7 @@ from dsmoe.model.mlp import DenseMLP, activate
 from dsmoe.model.moe import DENSE, RoutingRule, select_experts
 from parallel.groups import ParallelDims
 from parallel.layout import placement, shard
+from parallel.routing import routing_aux_over
 
 
 def megatron_config(dims: ParallelDims, dtype: torch.dtype = torch.float32):
@@ -106,7 +107,7 @@ class ParallelAttention(nn.Module):
     """CausalSelfAttention over this rank's heads; the same parameter names as the plain module.
 
     Used for every MoA layer when the world has more than one rank (its MI loss then takes the whole
-    batch's marginal, see parallel.expert.routing_aux_over), and for every attention layer under tp > 1.
+    batch's marginal, see parallel.routing.routing_aux_over), and for every attention layer under tp > 1.
     Sparse MoA routing weights dropped experts' heads by zero here (the same output as the plain sparse
     path, without its compute saving: serving runs the exported single-process model).
     """
@@ -134,8 +135,6 @@ class ParallelAttention(nn.Module):
         return F.rms_norm(x, norm.normalized_shape, copy_to_tensor_parallel(norm.weight, self.dims), norm.eps)
 
     def forward(self, x, cos, sin, routing: RoutingRule = DENSE, cache=None, layer: int = 0):
-        from parallel.expert import routing_aux_over
-
         if cache is not None:
             raise NotImplementedError("KV-cache generation runs on the exported single-process model")
         B, T, D = x.shape

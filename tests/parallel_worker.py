@@ -79,7 +79,7 @@ def run_rank(
     import parallel
     from dsmoe.model import build
     from dsmoe.model.moe import Routing, RoutingRule
-    from parallel import engine as engine_lib
+    from dsmoe.train import engine as engine_lib
     from parallel import groups
     from parallel.tensor import gather_logits
 

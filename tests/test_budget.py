@@ -292,7 +292,7 @@ def test_calibrate_rst_times_every_configuration_of_a_config(small_cfg, tmp_path
 @pytest.mark.usefixtures("single_process_group")
 @pytest.mark.parametrize("layout", [(0, False), (1, True)])
 def test_rst_scheduler_drives_the_deepspeed_engines_lr(layout, tmp_path):
-    """As parallel/engine.py passes its LambdaLR: the loop charges and syncs before each step, DeepSpeed
+    """As dsmoe/train/engine.py passes its LambdaLR: the loop charges and syncs before each step, DeepSpeed
     steps the scheduler after the update, and the LR each step trains at is the schedule's at its end."""
     import deepspeed
 

@@ -144,7 +144,7 @@ def test_a_slower_machine_stops_at_the_same_step(small_cfg, tmp_path, monkeypatc
     write_table(tmp_path / "t.json")
     args = budget_args(tmp_path / "t.json", 1.2, "train.method.name=layer_drop")
     fast = run(small_cfg(*args, run_dir=tmp_path / "fast"))
-    from parallel import engine as engine_lib
+    from dsmoe.train import engine as engine_lib
 
     real = engine_lib.boundary_step
 

@@ -133,7 +133,7 @@ def test_expert_dispatch_takes_the_path_that_moves_less():
 
 
 def test_a_batch_the_layout_cannot_split_names_the_keys():
-    from parallel.engine import gradient_accumulation_steps
+    from dsmoe.train.engine import gradient_accumulation_steps
     from parallel.groups import ParallelDims
 
     cfg = config_lib.load(None, ["train.global_batch_size=16", "train.micro_batch_size=16"])

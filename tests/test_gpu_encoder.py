@@ -126,7 +126,7 @@ def test_encoder_fast_paths_match_eager_model(fast):
 
 @pytest.mark.usefixtures("single_process_group")
 def test_launcher_compiled_triton_encoder_follows_the_eager_run(tmp_path, cache_dir):
-    """train.compile on the encoder (dynamic-shape blocks + compiled MLM head, parallel/engine.py) with the
+    """train.compile on the encoder (dynamic-shape blocks + compiled MLM head, dsmoe/train/engine.py) with the
     Triton kernels trains like the eager SDPA model through the real loop."""
     from dsmoe.run import run
     from tests.test_encoder_train import tiny_mlm

@@ -118,7 +118,7 @@ def test_the_encoder_head_fused_equals_its_plain_head():
 @pytest.mark.parametrize("kind", ["ours", "liger"])
 def test_gpu_fused_head_at_a_real_vocabulary(kind):
     """bf16 on the GPU at Qwen's vocabulary: the plain path's loss and gradients, in a fraction of its memory."""
-    from parallel.engine import liger_linear_cross_entropy
+    from dsmoe.train.engine import liger_linear_cross_entropy
 
     if kind == "liger":
         pytest.importorskip("liger_kernel")

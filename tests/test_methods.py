@@ -442,7 +442,7 @@ def test_deepspeed_owns_the_step_of_our_optimizers(stage, name):
 def test_layer_dropping_runs_through_the_deepspeed_engine(small_cfg, layout):
     """run_blocks around the engine's forward: the loss is the shallower model's, and a dropped block's
     gradient is zero (DeepSpeed fills unused gradients on its fp32 paths) or absent."""
-    from parallel import engine as engine_lib
+    from dsmoe.train import engine as engine_lib
     from parallel import groups
 
     stage, precision = layout

@@ -28,7 +28,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsmoe.model.config import ModelConfig
-from dsmoe.model.moe import DENSE, MoEAux, Router, RoutingRule, routing_aux, select_experts
+from dsmoe.model.moe import DENSE, MoEAux, RoutingRule, routing_aux, select_experts
+from dsmoe.model.router import Router
 
 
 def resolve_backend(name: str, encoder: bool = False, device: torch.device | str | None = None) -> str:

@@ -142,7 +142,9 @@ class EncoderMLM(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
         self.cross_entropy = CrossEntropy()
-        self.fused_head_loss = None  # train.head_loss: set by parallel.engine (ours: the count comes along)
+        self.fused_head_loss = (
+            None  # train.head_loss: set by dsmoe.train.engine (ours: the count comes along)
+        )
         self._head_loss = type(self).masked_head_loss  # compile_head() swaps in a compiled one
         self.reset_parameters()
 

@@ -22,6 +22,7 @@ import functools
 import torch
 
 from dsmoe.model.mlp import activate
+from dsmoe.model.router import router_scores
 
 GEMV_MAX_TOKENS = 16
 """Up to this many tokens the gather-GEMV path runs (decode); beyond, the sorted grouped GEMMs."""
@@ -299,8 +300,6 @@ def route_topk(
     Two launches: the router scores from one GEMM that accumulates and writes fp32 (as the model's Router
     does for bf16), then one Triton program per token for the softmax and top-k (and the renormalisation).
     A single fused kernel was slower: one program per token read the whole (E, D) router serially."""
-    from dsmoe.model.moe import router_scores  # moe imports this module
-
     triton, *_, kernel = _gemv_kernels()
     T = h_TD.shape[0]
     E = router_weight.shape[0]

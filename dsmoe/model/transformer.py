@@ -145,9 +145,9 @@ class DecoderLM(nn.Module):
             self.lm_head.weight = self.embed.weight
         self.cross_entropy = CrossEntropy()  # tensor parallelism swaps in the vocab-parallel one
         self.channel_mask: torch.Tensor | None = None  # MSG hidden growth (dsmoe/growth.py)
-        self.checkpoint_blocks = False  # train.activation_checkpointing (set by parallel.engine)
+        self.checkpoint_blocks = False  # train.activation_checkpointing (set by dsmoe.train.engine)
         self.fused_head_loss = (
-            None  # train.head_loss: the fused head + loss function (set by parallel.engine)
+            None  # train.head_loss: the fused head + loss function (set by dsmoe.train.engine)
         )
         self.reset_parameters()
 

@@ -252,7 +252,7 @@ class BudgetedRun:
         its cost is already in the checkpointed clock). Deterministic from the run's seed."""
         from dsmoe.data import PackedSampler
         from dsmoe.model import build
-        from parallel import engine as engine_lib
+        from dsmoe.train import engine as engine_lib
 
         cfg = copy.deepcopy(self.cfg)
         t, m = cfg.train, self.method
@@ -334,8 +334,8 @@ class BudgetedRun:
         sampled from the model's own softmax, backpropagated, and handed to the optimizer's Hessian EMA
         (engine step with hessian_pass set: DeepSpeed reduces the gradients, the parameters stay). Not
         clipped: the estimate is of the curvature, not a step."""
+        from dsmoe.train import engine as engine_lib
         from dsmoe.train.optim import sample_gnb_targets
-        from parallel import engine as engine_lib
 
         generator = torch.Generator(device=self.dims.device).manual_seed(
             self.cfg.train.seed * 1_000_003 + engine.global_steps

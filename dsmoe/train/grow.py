@@ -20,8 +20,8 @@ from dsmoe import growth
 from dsmoe.config import Config
 from dsmoe.model import build
 from dsmoe.train import checkpoint
+from dsmoe.train import engine as engine_lib
 from dsmoe.train.feature import Feature
-from parallel import engine as engine_lib
 
 
 def _release(engine) -> None:
@@ -68,7 +68,7 @@ def rebuild_engine(engine, cfg: Config, dims, dispatch: str, transform, clock=No
     the model, or None). The run's parallel layout is applied again, a new engine built, and each rank's
     pieces of the new masters and moments set, with the engine's counters and LR position carried on.
     Growth events use it (grow_engine); so can other shape changes (NTNG's layer stacking, stack_engine).
-    `clock`: the run's RST clock, when its LR follows a budget (parallel.engine.initialize)."""
+    `clock`: the run's RST clock, when its LR follows a budget (dsmoe.train.engine.initialize)."""
     activation = cfg.model.moe.activation
     sharded = dims.ep > 1 or dims.tp > 1
     state = checkpoint.full_state(engine)  # collective under ZeRO: every rank calls it

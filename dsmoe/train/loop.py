@@ -33,11 +33,11 @@ from dsmoe.evaluation import PeriodicValidation, run_held_out, validation_sample
 from dsmoe.model import build
 from dsmoe.model.attention import resolve_backend
 from dsmoe.train import checkpoint, methods
+from dsmoe.train import engine as engine_lib
 from dsmoe.train.checkpoint import CheckpointError
 from dsmoe.train.feature import Feature
 from dsmoe.train.grow import apply_parallel
 from dsmoe.train.logging import RunLogger
-from parallel import engine as engine_lib
 from parallel import groups
 
 # Sections a resumed run must share with the checkpoint it resumes; train.* may change (e.g. max_steps).

@@ -2,7 +2,7 @@
 
 Both are plain torch optimizers, so DeepSpeed takes them as client optimizers and still owns the step
 (ZeRO partitioning, bf16 master weights, clipping, skipping): pass one to `deepspeed.initialize` as
-parallel/engine.py passes AdamW. Like that AdamW, each honours `overflow`: set, step() leaves parameters
+dsmoe/train/engine.py passes AdamW. Like that AdamW, each honours `overflow`: set, step() leaves parameters
 and state untouched (DeepSpeed's plain fp32 path reads the same attribute to count a skipped step).
 Their per-parameter state is torch's AdamW layout where it can be: a float32 'step' tensor and the
 tensors named in `moments` (what dsmoe.train.checkpoint saves per parameter; Adam's are exp_avg and
@@ -174,10 +174,10 @@ def sample_gnb_targets(logits: torch.Tensor, generator: torch.Generator | None =
 def build_optimizer(
     name: str, param_groups: list[dict], lr: float, betas: tuple[float, float], **kw
 ) -> torch.optim.Optimizer:
-    """The optimizer `name` (lion | sophia) over `param_groups` (parallel.engine.param_groups' output:
+    """The optimizer `name` (lion | sophia) over `param_groups` (dsmoe.train.engine.param_groups' output:
     their per-group weight_decay is kept)."""
     if name == "lion":
         return Lion(param_groups, lr=lr, betas=betas, **kw)
     if name == "sophia":
         return SophiaG(param_groups, lr=lr, betas=betas, **kw)
-    raise ValueError(f"unknown optimizer {name!r}: lion | sophia (AdamW is parallel.engine's)")
+    raise ValueError(f"unknown optimizer {name!r}: lion | sophia (AdamW is dsmoe.train.engine's)")

@@ -3,7 +3,7 @@ NTNG methods produce for a config on this device, and write the table runs charg
 
     python tools/research/calibrate_rst.py --config configs/tiny.yaml [--repeats 10] [--warmup 3] [key=value ...]
 
-What is timed, each with real steps of the real model through the DeepSpeed engine of parallel/engine.py
+What is timed, each with real steps of the real model through the DeepSpeed engine of dsmoe/train/engine.py
 (one process: the reference system is one device running the whole global batch):
 - train: one optimizer step (forward + backward of every micro-batch of train.global_batch_size, then
   the boundary step with clipping) with 1..L active blocks, for each --optimizers entry;
@@ -78,8 +78,8 @@ def make_engine(cfg, dims, optimizer: str):
     import deepspeed
 
     from dsmoe.model import build
+    from dsmoe.train import engine as engine_lib
     from dsmoe.train.optim import build_optimizer
-    from parallel import engine as engine_lib
 
     torch.manual_seed(cfg.train.seed)
     model = build(cfg.model)
@@ -114,9 +114,9 @@ def time_passes(fn, warmup: int, repeats: int) -> list[float]:
 def train_step(engine, micro_batches, active: int, hessian: bool = False) -> None:
     """One optimizer step with the first `active` blocks: forward + backward per micro-batch, then the
     boundary step. hessian: Sophia-G's GNB pass instead (labels sampled from the logits, h updated)."""
+    from dsmoe.train import engine as engine_lib
     from dsmoe.train.methods import run_blocks
     from dsmoe.train.optim import sample_gnb_targets
-    from parallel import engine as engine_lib
 
     for micro, (x, y) in enumerate(micro_batches):
         with run_blocks(engine.module, range(active)):
@@ -156,8 +156,8 @@ def scoring_size(multiple: float, global_batch: int, micro_batch: int) -> int:
 
 
 def calibrate(cfg, args, command: str):
+    from dsmoe.train import engine as engine_lib
     from dsmoe.train.budget import RstEntry, RstTable, StepConfig
-    from parallel import engine as engine_lib
     from parallel import groups
 
     dims = groups.init(cfg.parallel)
@@ -233,7 +233,7 @@ def calibrate(cfg, args, command: str):
         precision=t.precision,
         model=config_lib.to_dict(cfg)["model"],  # moe.training: the last routing timed; entries say theirs
         timing=(
-            f"DeepSpeed engine (parallel/engine.py, ZeRO {cfg.parallel.zero_stage}, {t.precision}), one process; "
+            f"DeepSpeed engine (dsmoe/train/engine.py, ZeRO {cfg.parallel.zero_stage}, {t.precision}), one process; "
             f"{args.statistic} of {args.repeats} steps after {args.warmup} warmup steps; random tokens"
         ),
         entries=entries,
