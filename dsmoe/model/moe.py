@@ -193,7 +193,7 @@ class DSMoE(nn.Module):
     routed = True  # Block passes it the routing rule
     fused = True
     """Class switch: False forces the plain torch GeLU-and-scale path of the dense forward everywhere (on
-    CUDA it otherwise takes dsmoe.model.moe_triton's kernels; tools/bench_layers.py compares them)."""
+    CUDA it otherwise takes dsmoe.model.moe_triton's kernels; benchmarks/bench_layers.py compares them)."""
 
     def __init__(
         self,
