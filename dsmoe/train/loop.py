@@ -309,8 +309,6 @@ class Trainer:
         self.resume_from, same_layout, steps_done, self.resumed = _resume_point(
             cfg, dims, self.run_dir, self.token_data.tokenizer_path
         )
-        if not self.resume_from:
-            self.resumed = None
         self.splits = None
         if cfg.data.corpus == "indexed":
             if (
