@@ -5,6 +5,7 @@ compiled blocks against the eager model."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import pytest
@@ -122,6 +123,45 @@ def test_encoder_fast_paths_match_eager_model(fast):
         assert abs(loss.item() - loss_ref.item()) < 2e-3 * abs(loss_ref.item())
         assert relative_error(logits, logits_ref) < 5e-3  # fp32 model: the kernels' dots run in tf32
         assert relative_error(grads, grads_ref) < 1e-2
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_encoder_step_with_host_mask_never_waits_for_the_gpu(compiled):
+    """The Trainer keeps the attention mask and labels on the host (pinned): the step's forward and backward
+    then run without one host sync (torch.cuda.set_sync_debug_mode('error') raises on any), with the same loss,
+    logits and gradients, bit for bit, as with everything on the GPU (which syncs: checked too)."""
+    extra = ["model.dropout=0.0", "model.max_seq_len=96", "model.attention.backend=triton"]
+    torch.manual_seed(0)
+    model = build(encoder_cfg(*extra, "model.geglu_kernel=triton").model).to(CUDA).train()
+    if compiled:
+        for block in model.blocks:
+            block.compile(dynamic=True)
+        model.compile_head()
+    for seed in range(3):  # the first batch compiles; later ones are the steady state the check is about
+        ids, mask, labels = mixed_batch(6, 40 + 7 * seed, 180, seed)
+        host = (ids, mask.cpu().pin_memory(), labels.cpu().pin_memory())
+        logits_ref, loss_ref, grads_ref = model_loss_and_grads(model, (ids, mask, labels))
+        torch.cuda.synchronize()
+        if seed > 0:
+            with pytest.raises(RuntimeError, match="synchroniz"), sync_debug("error"):
+                model(ids, mask, labels)  # the check would catch a sync: the GPU mask has them
+        with sync_debug("error" if seed > 0 else "default"):
+            model.zero_grad(set_to_none=True)
+            out = model(*host)
+            out.loss.backward()
+        grads = torch.cat([p.grad.float().flatten() for p in model.parameters() if p.grad is not None])
+        assert torch.equal(out.loss.detach().float(), loss_ref)
+        assert torch.equal(out.logits.detach().float(), logits_ref)
+        assert relative_error(grads, grads_ref) < 1e-6  # same kernels; the index backward may add in any order
+
+
+@contextlib.contextmanager
+def sync_debug(mode: str):
+    torch.cuda.set_sync_debug_mode(mode)
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
 
 
 @pytest.mark.usefixtures("single_process_group")

@@ -2,12 +2,12 @@
 # The GPU runs behind the committed results, one request each on the lent GPU machine, after
 # `source tools/device_wheels.sh install`; results land in $OUT.
 #
-#   bash tools/device.sh NAME     NAME: train | infer | encoder | compare | data | head_loss
+#   bash tools/device.sh NAME     NAME: train | infer | encoder | compare | data | head_loss | regress
 #   bash tools/device.sh list     what each NAME runs
 #
 # Each NAME runs in its own subshell with its own shell options and its own environment knobs (below).
 
-usage() { echo "usage: bash tools/device.sh train|infer|encoder|compare|data|head_loss|list" >&2; }
+usage() { echo "usage: bash tools/device.sh train|infer|encoder|compare|data|head_loss|regress|list" >&2; }
 
 list() {
   cat <<'EOF'
@@ -23,6 +23,9 @@ compare    the NTNG comparison (issue 10; OUT required): tools/research/calibrat
            DEADLINE, SEEDS, JOBS, EXTRA)
 data       the data path (issue 22, <= 9 min): tests/test_gpu_infer.py + tests/test_gpu_train.py, then
            benchmarks/bench_data.py share on the indexed blend carried in .bench_data/
+regress    every headline figure against its committed value (issue 25, <= 9.5 min): short runs of
+           bench_encoder, bench_layers, bench_train (DS-MoE-1B / Dense-1B compiled), bench_infer --quick, then
+           tools/regress.py compare (exit 1 on a regression; table in $OUT/regress_h200.md)
 head_loss  the LM head + loss at a real vocabulary (issue 25 part 3, <= 9 min): tests/test_head_loss.py -m gpu,
            then benchmarks/bench_train.py on DS-MoE-1B at vocab 8,192 and 151,936 (logits / fused / liger)
 EOF
@@ -185,8 +188,42 @@ run_head_loss() (
   echo "=== done ($(date -u +%T))"
 )
 
+# Every headline GPU figure against its committed value, one call (issue 25 part 5): short forms of the
+# benchmarks behind benchmarks/{encoder/encoder,layers,train_1b,infer}_h200.json, each under its own time
+# limit so one that hangs cannot take the others' time, then tools/regress.py compare. Run it before an issue
+# that touches speed is resolved; commit $OUT/regress_h200.md when the figures move.
+run_regress() (
+  set -u
+  OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+  {
+    echo "# Headline figures against the committed ones"
+    echo ""
+    echo "- device: $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1), $(nproc) host cores; date $(date -u '+%Y-%m-%d %H:%M UTC'); commit ${DSMOE_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}"
+    echo "- command: \`bash tools/device.sh regress\` (short runs: fewer steps and rules than the committed runs)"
+    echo ""
+  } > "$OUT/header.txt"
+  cat "$OUT/header.txt"
+  echo "=== encoder ($(date -u +%T))"
+  timeout 130 python benchmarks/bench_encoder.py --warmup 5 --steps 12 --out "$OUT/encoder" > "$OUT/encoder.log" 2>&1
+  echo "rc $?"; grep "^| [0-9]" "$OUT/encoder.log" | head -4
+  echo "=== layers ($(date -u +%T))"
+  timeout 80 python benchmarks/bench_layers.py --out "$OUT" > "$OUT/layers.log" 2>&1; echo "rc $?"
+  echo "=== train ($(date -u +%T))"
+  timeout 160 python benchmarks/bench_train.py --name train_1b --out "$OUT" --steps 4 --warmup 2 \
+    --variant "dsmoe_compiled=configs/dsmoe_1b.yaml train.compile=true" \
+    --variant "dense_compiled=configs/dense_1b.yaml train.compile=true" \
+    --baseline dense_compiled \
+    train.global_batch_size=64 train.micro_batch_size=8 data.tokenizer_vocab_size=8192 data.cache_dir=/tmp/cache \
+    > "$OUT/train.log" 2>&1; echo "rc $?"
+  echo "=== infer ($(date -u +%T))"
+  timeout 140 python benchmarks/bench_infer.py --compile --quick --skip-hf --out-dir "$OUT" > "$OUT/infer.log" 2>&1
+  echo "rc $?"
+  echo "=== compare ($(date -u +%T))"
+  python tools/regress.py compare "$OUT" --md "$OUT/regress_h200.md"
+)
+
 case "${1:-}" in
-  train | infer | encoder | compare | data | head_loss) "run_$1" ;;
+  train | infer | encoder | compare | data | head_loss | regress) "run_$1" ;;
   list) list ;;
   *) usage; exit 2 ;;
 esac

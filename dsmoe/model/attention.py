@@ -18,6 +18,7 @@ Encoder backends (all take the packed real tokens of a batch, (T, H, hd), and it
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib.util
 import math
@@ -273,12 +274,34 @@ def alibi_slopes(n_heads: int) -> torch.Tensor:
     return torch.tensor(slopes, dtype=torch.float32)
 
 
+_DEVICE_SLOPES: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+
+def device_slopes(n_heads: int, device: torch.device | str) -> torch.Tensor:
+    """alibi_slopes on `device`, made once per process: a fresh host-to-GPU copy each batch would sync."""
+    key = (n_heads, torch.device(device))
+    if key not in _DEVICE_SLOPES:
+        _DEVICE_SLOPES[key] = alibi_slopes(n_heads).to(device)
+    return _DEVICE_SLOPES[key]
+
+
 def alibi_bias(slopes_H: torch.Tensor, seq_len: int) -> torch.Tensor:
     """The symmetric bidirectional ALiBi bias -m_h |i - j|, (H, S, S) fp32, zero on the diagonal. Built for
     the batch at hand, so it grows with the input: a model trained at 128 tokens runs at 512."""
     pos = torch.arange(seq_len, device=slopes_H.device)
     distance = (pos[None, :] - pos[:, None]).abs().float()  # (S, S)
     return -slopes_H.float()[:, None, None] * distance
+
+
+def to_device(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """`t` on `device`; a host tensor bound for a GPU goes through pinned memory without blocking, so the host
+    does not wait for the GPU's queue (a copy from pageable memory would)."""
+    device = torch.device(device)
+    if t.device == device:
+        return t
+    if t.device.type == "cpu" and device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 @dataclass
@@ -302,7 +325,11 @@ class Varlen:
     padded_len: int
 
     @classmethod
-    def from_mask(cls, attention_mask_BS: torch.Tensor) -> Varlen:
+    def from_mask(cls, attention_mask_BS: torch.Tensor, device: torch.device | None = None) -> Varlen:
+        """The packing of a (B, S) mask, computed where the mask lives and then placed on `device` (default:
+        the mask's). From a mask on the host (the Trainer keeps it there) the GPU waits for nothing and the host
+        never waits for the GPU; from a mask on the GPU, the packed length and max_seqlen (shapes the kernels
+        need) cost one host sync."""
         B, S = attention_mask_BS.shape
         mask = attention_mask_BS.bool()
         lengths_B = mask.sum(1)
@@ -312,8 +339,17 @@ class Varlen:
             torch.arange(B, device=mask.device), lengths_B, output_size=len(indices)
         )
         position = torch.arange(len(indices), device=mask.device) - cu_seqlens[row].long()
-        max_seqlen = int(lengths_B.max()) if B else 0  # one host sync per batch: kernels need it
-        return cls(indices, cu_seqlens, max_seqlen, row, position, B, S)
+        max_seqlen = int(lengths_B.max()) if B else 0  # on a GPU mask, a host sync: kernels need it
+        varlen = cls(indices, cu_seqlens, max_seqlen, row, position, B, S)
+        return varlen if device is None else varlen.to(device)
+
+    def to(self, device: torch.device | str) -> Varlen:
+        """The same packing with its index tensors on `device` (copied from pinned host memory, not waited for)."""
+        moved = {
+            name: to_device(getattr(self, name), device)
+            for name in ("indices", "cu_seqlens", "row", "position")
+        }
+        return dataclasses.replace(self, **moved)
 
     def unpad(self, x_BS: torch.Tensor) -> torch.Tensor:
         """(B, S, ...) -> (T, ...) real tokens only."""
@@ -371,7 +407,7 @@ class AttentionPlan:
 def plan_attention(backend: str, varlen: Varlen, n_heads: int, dtype: torch.dtype) -> AttentionPlan:
     """The per-batch attention inputs for `backend` (a resolved name)."""
     device = varlen.indices.device
-    slopes = alibi_slopes(n_heads).to(device)
+    slopes = device_slopes(n_heads, device)
     plan = AttentionPlan(backend, varlen, slopes)
     if backend in ("sdpa", "eager"):
         L = varlen.max_seqlen

@@ -17,7 +17,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsmoe.model.alibi_triton import available as alibi_triton_available  # noqa: F401  (registers the dsmoe:: ops)
-from dsmoe.model.attention import BidirectionalSelfAttention, Varlen, plan_attention, resolve_backend
+from dsmoe.model.attention import (
+    BidirectionalSelfAttention,
+    Varlen,
+    plan_attention,
+    resolve_backend,
+    to_device,
+)
 from dsmoe.model.config import ModelConfig
 from dsmoe.model.head_loss import linear_cross_entropy
 from dsmoe.model.mlp import DenseMLP
@@ -208,10 +214,15 @@ class EncoderMLM(nn.Module):
     ) -> EncoderOutput:
         """input_ids, attention_mask, labels: (B, S). Labels hold the original token at masked positions
         and IGNORE_INDEX elsewhere; with them, the head runs at the masked positions only and the loss is
-        returned. Without, logits for every position come back padded to (B, S, V)."""
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
-        varlen = Varlen.from_mask(attention_mask)
+        returned. Without, logits for every position come back padded to (B, S, V).
+
+        attention_mask and labels may stay on the host while input_ids are on the GPU (the Trainer does so):
+        the packing and the masked positions are then worked out on the host and copied over without
+        blocking, so the step never waits for the GPU (with them on the GPU, each costs a host sync)."""
+        if attention_mask is None:  # made on the host: its packing costs no sync
+            attention_mask = torch.ones(input_ids.shape, dtype=torch.bool)
+        mask_varlen = Varlen.from_mask(attention_mask)  # where the mask lives
+        varlen = mask_varlen.to(input_ids.device)
         x_TD = self.dropout(self.embed_norm(self.embed(varlen.unpad(input_ids))))  # (T, D) real tokens
         plan = plan_attention(
             self.attention_backend(x_TD.device), varlen, self.cfg.attention.num_heads, x_TD.dtype
@@ -225,9 +236,10 @@ class EncoderMLM(nn.Module):
         mlp = RouterStats.stack(mlp_auxes)
         if labels is None:
             return EncoderOutput(logits=varlen.pad(self.head(x_TD)), mlp=mlp)
-        labels_T = varlen.unpad(labels)
+        labels_T = (mask_varlen if labels.device == attention_mask.device else varlen).unpad(labels)
         masked_M = (labels_T != IGNORE_INDEX).nonzero().squeeze(1)  # the head runs here only
-        logits_MV, lm_loss, correct = self._head_loss(self, x_TD[masked_M], labels_T[masked_M])
+        targets_M = to_device(labels_T[masked_M], x_TD.device)
+        logits_MV, lm_loss, correct = self._head_loss(self, x_TD[to_device(masked_M, x_TD.device)], targets_M)
         out = EncoderOutput(logits=logits_MV, masked_tokens=len(masked_M), mlp=mlp)
         out.lm_loss, out.correct = lm_loss, correct
         out.loss = out.lm_loss

@@ -45,8 +45,9 @@ class Feature:
         """The indices of the transformer blocks this step runs and updates, or None for all of them."""
         return None
 
-    def micro_weights(self, trainer, batches: list) -> list[float] | None:
-        """A weight per micro-batch for its LM loss (1: as DeepSpeed averages them), or None."""
+    def micro_weights(self, trainer, batches: list):
+        """A weight per micro-batch for its LM loss (1: as DeepSpeed averages them), or None: a list of
+        floats, or a tensor on the device when computing them there spares the host a wait for the GPU."""
         return None
 
     def after_update(self, trainer, step: int, batches: list) -> None:

@@ -414,19 +414,22 @@ class Trainer:
         waited = time.perf_counter()
         batches = self._first("batches", step) or next(self.loader)
         data_wait_s = time.perf_counter() - waited  # the step's time spent waiting for its batches
-        weights = self._first("micro_weights", batches) or [1.0] * self.gas
+        weights = self._first("micro_weights", batches)
+        weights = [1.0] * self.gas if weights is None else weights
         active = self._first("active_blocks", step)  # None: every block
         sums, real_tokens = None, 0
         for micro, batch in enumerate(batches):
             # decoder: (inputs, targets); encoder: (input_ids, attention_mask, labels)
             real_tokens += int(batch[1].sum()) if self.cfg.model.is_encoder else batch[0].numel()
-            batch = [part.to(dims.device, non_blocking=True) for part in batch]  # pinned on a GPU
+            batch = self._on_device(batch)
             with (
                 methods.run_blocks(engine.module, active) if active is not None else contextlib.nullcontext()
             ):
                 out = engine(*batch)
-            w = weights[micro]
-            engine.backward(out.loss if w == 1.0 else out.loss + (w - 1.0) * out.lm_loss)
+            w = weights[micro]  # a float, or a 0-dim tensor on the device (never read back: no sync)
+            engine.backward(
+                out.loss if isinstance(w, float) and w == 1.0 else out.loss + (w - 1.0) * out.lm_loss
+            )
             if micro < self.gas - 1:
                 engine.step()  # accumulates; DeepSpeed updates only on the boundary
             else:
@@ -446,13 +449,15 @@ class Trainer:
             + [sums["loss"].new_tensor([real_tokens / dims.tp, float(stop)])]
         )
         dist.all_reduce(packed)
-        stop_now = bool(packed[-1] > 0)
-        record = _unpack(packed[:-2] / (self.gas * dims.world_size), sums, step + 1)
-        step_s = time.perf_counter() - started  # the all_reduce's .item()s above synchronised the device
+        means = packed[:-2] / (self.gas * dims.world_size)
+        values = torch.cat([means, packed[-2:]]).tolist()  # the step's one read of its figures: a host sync
+        stop_now = values[-1] > 0
+        record = _unpack(values[:-2], sums, step + 1)
+        step_s = time.perf_counter() - started  # the read above waited for the device
         record.update(
             lr=lr,
             grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
-            tokens_per_s=float(packed[-2]) / step_s,
+            tokens_per_s=values[-2] / step_s,
             step_s=step_s,
             data_wait_s=data_wait_s,
             memory_gib=peak_memory_gib(dims.device),
@@ -481,6 +486,16 @@ class Trainer:
             self.save(step + 1)
             self.last_saved = step + 1
         return stop_now
+
+    def _on_device(self, batch: list[torch.Tensor]) -> list[torch.Tensor]:
+        """A micro-batch for the model (pinned by the loader on a GPU, so the copies do not block). The
+        encoder's attention mask and labels stay on the host, where EncoderMLM.forward finds the packing and
+        the masked positions without a host sync."""
+        host = (1, 2) if self.cfg.model.is_encoder else ()
+        return [
+            part if i in host else part.to(self.dims.device, non_blocking=True)
+            for i, part in enumerate(batch)
+        ]
 
     def save(self, step: int) -> None:
         t = self.cfg.train
@@ -609,10 +624,11 @@ def _step_stats(out, weight: float = 1.0) -> dict[str, torch.Tensor]:
     return stats
 
 
-def _unpack(packed: torch.Tensor, like: dict[str, torch.Tensor], step: int) -> dict:
+def _unpack(values: list[float], like: dict[str, torch.Tensor], step: int) -> dict:
+    """The record of `like`'s figures, read back from their flat concatenation `values`."""
     record, offset = {"step": step}, 0
     for name, value in like.items():
-        chunk = packed[offset : offset + value.numel()].view(value.shape)
+        chunk = values[offset : offset + value.numel()]
         offset += value.numel()
-        record[name] = chunk.item() if value.dim() == 0 else chunk.tolist()
+        record[name] = chunk[0] if value.dim() == 0 else torch.tensor(chunk).view(value.shape).tolist()
     return record

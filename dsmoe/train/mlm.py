@@ -15,9 +15,14 @@ class MLMTokenWeights(Feature):
     n_m x micro-batches x ranks / N (N: the step's predicted tokens over all ranks), so the step trains on, and
     logs, the token-weighted mean over the whole batch, as one process taking it at once does."""
 
-    def micro_weights(self, trainer, batches: list) -> list[float]:
+    def micro_weights(self, trainer, batches: list) -> list[float] | torch.Tensor:
         dims = trainer.dims
-        counts = torch.tensor([float((b[2] != IGNORE_INDEX).sum()) for b in batches], device=dims.device)
+        counts = torch.tensor([float((b[2] != IGNORE_INDEX).sum()) for b in batches])  # labels on the host
+        if dims.world_size == 1:  # all on the host: floats
+            return (counts * len(batches) / counts.sum().clamp_min(1.0)).tolist()
+        # Over ranks the total is a collective on the device; the weights stay there (0-dim tensors the loss
+        # is scaled by) instead of being read back, which would make the host wait for the GPU.
+        counts = counts.to(dims.device)
         total = counts.sum()
         dist.all_reduce(total)  # the encoder runs data parallel only: the world is the data-parallel group
-        return (counts * (len(batches) * dims.world_size) / total.clamp_min(1.0)).tolist()
+        return counts * (len(batches) * dims.world_size) / total.clamp_min(1.0)

@@ -1,0 +1,177 @@
+"""Every headline GPU figure against its committed value, so a regression is seen before an issue is resolved.
+
+    bash tools/device.sh regress                    # on the lent GPU: the four benchmarks, then this comparison
+    python tools/regress.py compare OUT [--tolerance 0.05] [--md FILE]
+
+`bash tools/device.sh regress` reruns, in one call, short forms of the benchmarks behind the headline figures
+(training MFU and DS-MoE/dense speed, the DS-MoE MLP layer against a dense MLP, the encoder against
+BertForMaskedLM, sparse prefill/decode against dense) into OUT; `compare` reads their JSON and the committed
+JSON under benchmarks/ and prints one row per figure: committed, now, now/committed, and REGRESSED where the
+figure is worse than committed by more than the tolerance (5%: lent machines are shared and noisy; ratios
+measured within one run, e.g. ours/BERT, move less than absolute speeds). Exit status 1 when any regressed or a
+benchmark left no result, so the call's output says it at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Figure:
+    name: str
+    committed: str
+    """The committed result file, relative to the repository."""
+    fresh: str
+    """Its counterpart in the output directory of `device.sh regress`."""
+    read: Callable[[dict], float]
+    higher_is_better: bool = True
+    unit: str = "x"
+
+
+def _train(variant: str, key: str) -> Callable[[dict], float]:
+    return lambda d: d["results"][variant][key]
+
+
+def _train_ratio(d: dict) -> float:
+    r = d["results"]
+    return r["dsmoe_compiled"]["tokens_per_s"] / r["dense_compiled"]["tokens_per_s"]
+
+
+def _layer(d: dict) -> float:
+    """The default DS-MoE training layer's fwd+bwd time over a dense MLP of the same width: the best of the
+    benchmark's passes (it measures each configuration twice, interleaved, against its own dense run)."""
+    rows = [r for r in d["mlp"] if "(default)" in r["name"] and "vs_dense" in r]
+    return min(r["vs_dense"] for r in rows)
+
+
+def _encoder(seq_len: int) -> Callable[[dict], float]:
+    return lambda d: next(r["speedup"] for r in d["rows"] if r["seq_len"] == seq_len)
+
+
+def _infer(part: str, rule: str) -> Callable[[dict], float]:
+    """A sparse rule's speed over dense in one part of bench_infer (prefill: ms; decode: ms per step)."""
+    key = "ms" if part == "prefill" else "ms_per_step"
+
+    def read(d: dict) -> float:
+        rows = {r["rule"]: r[key] for r in d[part]}
+        return rows["dense"] / rows[rule]
+
+    return read
+
+
+TRAIN, LAYERS = "benchmarks/train_1b_h200.json", "benchmarks/layers_h200.json"
+ENCODER, INFER = "benchmarks/encoder/encoder_h200.json", "benchmarks/infer_h200.json"
+
+FIGURES = [
+    Figure(
+        "train: DS-MoE-1B compiled MFU", TRAIN, "train_1b_h200.json", _train("dsmoe_compiled", "mfu"), unit=""
+    ),
+    Figure(
+        "train: DS-MoE-1B compiled tokens/s",
+        TRAIN,
+        "train_1b_h200.json",
+        _train("dsmoe_compiled", "tokens_per_s"),
+        unit="",
+    ),
+    Figure("train: DS-MoE-1B / Dense-1B tokens/s", TRAIN, "train_1b_h200.json", _train_ratio),
+    Figure(
+        "train: DS-MoE-1B peak memory GiB",
+        TRAIN,
+        "train_1b_h200.json",
+        _train("dsmoe_compiled", "peak_memory_GiB"),
+        higher_is_better=False,
+        unit="",
+    ),
+    Figure(
+        "layer: DS-MoE MLP fwd+bwd / dense MLP", LAYERS, "layers_h200.json", _layer, higher_is_better=False
+    ),
+    Figure("encoder: ours / BERT at 256 x 128", ENCODER, "encoder/encoder_h200.json", _encoder(128)),
+    Figure("encoder: ours / BERT at 64 x 512", ENCODER, "encoder/encoder_h200.json", _encoder(512)),
+    *(
+        Figure(f"infer: {part} {rule} / dense", INFER, "infer_h200.json", _infer(part, rule))
+        for part in ("prefill", "decode_b1", "decode_b64")
+        for rule in ("top-4", "threshold 1")
+    ),
+]
+
+
+def compare(out: Path, tolerance: float) -> tuple[list[dict], bool]:
+    """One row per figure, and whether every figure is there and none regressed."""
+    rows, ok = [], True
+    for f in FIGURES:
+        committed_file, fresh_file = REPO / f.committed, out / f.fresh
+        committed_meta = json.loads(committed_file.read_text())
+        committed = f.read(committed_meta)
+        row = {"figure": f.name, "committed": committed, "committed_in": f.committed}
+        try:
+            now = f.read(json.loads(fresh_file.read_text()))
+        except (OSError, KeyError, StopIteration, ValueError, ZeroDivisionError) as e:
+            row.update(now=None, verdict=f"NO RESULT ({type(e).__name__}: {e})")
+            ok = False
+            rows.append(row)
+            continue
+        change = now / committed if committed else float("nan")
+        better = change if f.higher_is_better else 1 / change
+        verdict = "REGRESSED" if better < 1 - tolerance else "better" if better > 1 + tolerance else "ok"
+        ok &= verdict != "REGRESSED"
+        row.update(now=now, now_over_committed=change, verdict=verdict)
+        rows.append(row)
+    return rows, ok
+
+
+def fmt(value: float | None, unit: str) -> str:
+    if value is None:
+        return "-"
+    if abs(value) >= 1000:
+        return f"{value:,.0f}"
+    return f"{value:.3f}{unit}"
+
+
+def table(rows: list[dict], tolerance: float) -> list[str]:
+    units = {f.name: f.unit for f in FIGURES}
+    lines = [
+        f"| figure | committed | now | now / committed | verdict (tolerance {tolerance:.0%}) |",
+        "|---|---|---|---|---|",
+    ]
+    for r in rows:
+        change = f"{r['now_over_committed']:.3f}" if r.get("now_over_committed") else "-"
+        unit = units[r["figure"]]
+        lines.append(
+            f"| {r['figure']} | {fmt(r['committed'], unit)} | {fmt(r['now'], unit)} | {change} | {r['verdict']} |"
+        )
+    committed_in = sorted({r["committed_in"] for r in rows})
+    lines += ["", "Committed figures from: " + ", ".join(committed_in)]
+    return lines
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    c = sub.add_parser("compare", help="the fresh results in OUT against the committed ones")
+    c.add_argument("out", type=Path, help="where `bash tools/device.sh regress` wrote its results")
+    c.add_argument("--tolerance", type=float, default=0.05)
+    c.add_argument("--md", type=Path, help="also write the table here (with the run's header lines)")
+    args = parser.parse_args()
+    rows, ok = compare(args.out, args.tolerance)
+    lines = table(rows, args.tolerance)
+    print("\n".join(lines))
+    if args.md:
+        header = (args.out / "header.txt").read_text() if (args.out / "header.txt").exists() else ""
+        args.md.write_text(header + "\n".join(lines) + "\n")
+        args.md.with_suffix(".json").write_text(json.dumps(rows, indent=1))
+    print("all figures within tolerance" if ok else "REGRESSION or missing result: see the table", flush=True)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
