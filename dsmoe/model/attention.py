@@ -293,15 +293,18 @@ def alibi_bias(slopes_H: torch.Tensor, seq_len: int) -> torch.Tensor:
     return -slopes_H.float()[:, None, None] * distance
 
 
-def to_device(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
-    """`t` on `device`; a host tensor bound for a GPU goes through pinned memory without blocking, so the host
-    does not wait for the GPU's queue (a copy from pageable memory would)."""
+def to_device(tensors: list[torch.Tensor], device: torch.device | str) -> list[torch.Tensor]:
+    """Integer `tensors` on `device`. Host tensors bound for a GPU go over as one pinned, non-blocking copy
+    (concatenated as int64, split and cast back there), so the host does not wait for the GPU's queue, as a
+    copy from pageable memory would, and pins one buffer rather than one per tensor."""
     device = torch.device(device)
-    if t.device == device:
-        return t
-    if t.device.type == "cpu" and device.type == "cuda":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device)
+    if all(t.device == device for t in tensors):
+        return list(tensors)
+    if not (device.type == "cuda" and all(t.device.type == "cpu" for t in tensors)):
+        return [t.to(device) for t in tensors]
+    flat = torch.cat([t.reshape(-1).long() for t in tensors]).pin_memory().to(device, non_blocking=True)
+    parts = flat.split([t.numel() for t in tensors])
+    return [part.view(t.shape).to(t.dtype) for part, t in zip(parts, tensors, strict=True)]
 
 
 @dataclass
@@ -345,11 +348,9 @@ class Varlen:
 
     def to(self, device: torch.device | str) -> Varlen:
         """The same packing with its index tensors on `device` (copied from pinned host memory, not waited for)."""
-        moved = {
-            name: to_device(getattr(self, name), device)
-            for name in ("indices", "cu_seqlens", "row", "position")
-        }
-        return dataclasses.replace(self, **moved)
+        names = ("indices", "cu_seqlens", "row", "position")
+        moved = to_device([getattr(self, name) for name in names], device)
+        return dataclasses.replace(self, **dict(zip(names, moved, strict=True)))
 
     def unpad(self, x_BS: torch.Tensor) -> torch.Tensor:
         """(B, S, ...) -> (T, ...) real tokens only."""

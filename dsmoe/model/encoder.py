@@ -9,6 +9,7 @@ mean the same thing (embed, blocks[i].attn / attn_norm / mlp / mlp_norm, final_n
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -221,8 +222,7 @@ class EncoderMLM(nn.Module):
         blocking, so the step never waits for the GPU (with them on the GPU, each costs a host sync)."""
         if attention_mask is None:  # made on the host: its packing costs no sync
             attention_mask = torch.ones(input_ids.shape, dtype=torch.bool)
-        mask_varlen = Varlen.from_mask(attention_mask)  # where the mask lives
-        varlen = mask_varlen.to(input_ids.device)
+        varlen, masked_M, targets_M = self._packing(attention_mask, labels, input_ids.device)
         x_TD = self.dropout(self.embed_norm(self.embed(varlen.unpad(input_ids))))  # (T, D) real tokens
         plan = plan_attention(
             self.attention_backend(x_TD.device), varlen, self.cfg.attention.num_heads, x_TD.dtype
@@ -236,16 +236,28 @@ class EncoderMLM(nn.Module):
         mlp = RouterStats.stack(mlp_auxes)
         if labels is None:
             return EncoderOutput(logits=varlen.pad(self.head(x_TD)), mlp=mlp)
-        labels_T = (mask_varlen if labels.device == attention_mask.device else varlen).unpad(labels)
-        masked_M = (labels_T != IGNORE_INDEX).nonzero().squeeze(1)  # the head runs here only
-        targets_M = to_device(labels_T[masked_M], x_TD.device)
-        logits_MV, lm_loss, correct = self._head_loss(self, x_TD[to_device(masked_M, x_TD.device)], targets_M)
+        logits_MV, lm_loss, correct = self._head_loss(self, x_TD[masked_M], targets_M)
         out = EncoderOutput(logits=logits_MV, masked_tokens=len(masked_M), mlp=mlp)
         out.lm_loss, out.correct = lm_loss, correct
         out.loss = out.lm_loss
         if mlp is not None:
             out.loss = out.loss + self.cfg.moe.alpha * mlp.mi_loss
         return out
+
+    @staticmethod
+    def _packing(attention_mask: torch.Tensor, labels: torch.Tensor | None, device: torch.device):
+        """(Varlen, masked positions among the packed tokens, their labels), all on `device`, worked out where
+        the mask and labels live (the host: no sync; then one pinned copy carries them all)."""
+        varlen = Varlen.from_mask(attention_mask)
+        if labels is None:
+            return varlen.to(device), None, None
+        labels_T = (varlen if labels.device == attention_mask.device else varlen.to(labels.device)).unpad(
+            labels
+        )
+        masked_M = (labels_T != IGNORE_INDEX).nonzero().squeeze(1)  # the head runs here only
+        names = ("indices", "cu_seqlens", "row", "position")
+        moved = to_device([getattr(varlen, n) for n in names] + [masked_M, labels_T[masked_M]], device)
+        return dataclasses.replace(varlen, **dict(zip(names, moved[:4], strict=True))), moved[4], moved[5]
 
     def num_params(self, exclude_embedding: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())
