@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from dsmoe.model import moe
 from dsmoe.model.mlp import DenseMLP, activate
 from dsmoe.model.moe import DSMoE, RoutingRule, mutual_information_loss, select_experts
 
@@ -128,6 +129,22 @@ def test_sparse_equals_masked_reference(rule):
     torch.testing.assert_close(y, y_ref)
     assert torch.isclose(aux.active_fraction, keep.double().mean().float())
     assert 0 < aux.active_fraction < 1
+
+
+def test_sum_per_token_equals_scatter_add_with_empty_tokens():
+    """The threshold rules' deterministic combine (token-major segment sums) against index_add_, forward and
+    backward, with tokens that keep no expert (their rows stay zero)."""
+    keep = torch.rand(30, 5) < 0.3
+    keep[3] = False
+    expert_idx, token_idx = keep.T.nonzero(as_tuple=True)  # expert-major, as _sparse_forward makes them
+    rows = torch.randn(len(token_idx), 7, dtype=torch.float64, requires_grad=True)
+    y = moe.sum_per_token(rows, token_idx, expert_idx, keep)
+    y_ref = torch.zeros(30, 7, dtype=torch.float64).index_add(0, token_idx, rows)
+    torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
+    assert y[3].abs().max() == 0
+    grad = torch.randn(30, 7, dtype=torch.float64)
+    (g,) = torch.autograd.grad(y, rows, grad)
+    torch.testing.assert_close(g, grad[token_idx])
 
 
 def test_select_experts_rules():

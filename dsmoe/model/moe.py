@@ -273,8 +273,19 @@ class DSMoE(nn.Module):
             x_sorted, keep_TE.sum(0), self.w_in, self.expert_w_out(), self.activation
         )
         weights_P = probs_TE[token_idx, expert_idx].to(x_TD.dtype)
-        y_TD = torch.zeros_like(x_TD).index_add_(0, token_idx, out_sorted * weights_P.unsqueeze(-1))
+        y_TD = sum_per_token(out_sorted * weights_P.unsqueeze(-1), token_idx, expert_idx, keep_TE)
         return y_TD, keep_TE.float().mean()
+
+
+def sum_per_token(
+    rows_PD: torch.Tensor, token_idx: torch.Tensor, expert_idx: torch.Tensor, keep_TE: torch.Tensor
+) -> torch.Tensor:
+    """(T, D): each token's sum of its kept pairs' rows, added in expert order, the same bits every run.
+    The pairs arrive expert-major; they are put token-major and summed segment by segment (a scatter-add,
+    index_add_, adds in whatever order the GPU's atomics land: bf16 results changed run to run)."""
+    T, E = keep_TE.shape
+    token_major = torch.argsort(token_idx * E + expert_idx)  # keys are unique: no tie to break
+    return torch.segment_reduce(rows_PD[token_major], "sum", lengths=keep_TE.sum(1), axis=0, unsafe=True)
 
 
 def grouped_gemm_available(x: torch.Tensor) -> bool:
