@@ -25,7 +25,8 @@ data       the data path (issue 22, <= 9 min): tests/test_gpu_infer.py + tests/t
            benchmarks/bench_data.py share on the indexed blend carried in .bench_data/
 regress    every headline figure against its committed value (issue 25, <= 9.5 min): short runs of
            bench_encoder, bench_layers, bench_train (DS-MoE-1B / Dense-1B compiled), bench_infer --quick, then
-           tools/regress.py compare (exit 1 on a regression; table in $OUT/regress_h200.md)
+           tools/regress.py compare (exit 1 on a regression; table in $OUT/regress_h200.md); run it as
+           `DSMOE_COMMIT=<hash, written out> bash tools/device.sh regress` (the device's git may be stale)
 head_loss  the LM head + loss at a real vocabulary (issue 25 part 3, <= 9 min): tests/test_head_loss.py -m gpu,
            then benchmarks/bench_train.py on DS-MoE-1B at vocab 8,192 and 151,936 (logits / fused / liger)
 EOF
@@ -198,7 +199,7 @@ run_regress() (
   {
     echo "# Headline figures against the committed ones"
     echo ""
-    echo "- device: $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1), $(nproc) host cores; date $(date -u '+%Y-%m-%d %H:%M UTC'); commit ${DSMOE_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}"
+    echo "- device: $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1), $(nproc) host cores; date $(date -u '+%Y-%m-%d %H:%M UTC'); commit ${DSMOE_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown) (the git of the device copy: may be stale, pass DSMOE_COMMIT)}"
     echo "- command: \`bash tools/device.sh regress\` (short runs: fewer steps and rules than the committed runs)"
     echo ""
   } > "$OUT/header.txt"
