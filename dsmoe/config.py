@@ -629,6 +629,7 @@ KEYLESS_DEFAULTS = {
     ("TrainConfig", "schedule"),
     ("TrainConfig", "optimizer"),
     ("ModelConfig", "geglu_kernel"),
+    ("ModelConfig", "rms_norm"),
 }
 
 
