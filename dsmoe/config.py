@@ -629,7 +629,6 @@ KEYLESS_DEFAULTS = {
     ("TrainConfig", "schedule"),
     ("TrainConfig", "optimizer"),
     ("ModelConfig", "geglu_kernel"),
-    ("ModelConfig", "rms_norm"),
 }
 
 

@@ -17,7 +17,6 @@ from pathlib import Path
 MODEL_PACKAGE = Path(__file__).resolve().parent / "model"
 MODEL_FILES = (
     "config",
-    "norm",
     "mlp",
     "head_loss",
     "moe_triton",

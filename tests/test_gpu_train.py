@@ -3,7 +3,6 @@ blocks, activation checkpointing) equal their plain references within bf16 toler
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import pytest
@@ -132,16 +131,12 @@ def test_sdpa_kernels_equal_eager_attention(experts, priority):
         assert rel(g[name], g_ref[name]) < BF16_TOL, name
 
 
-@pytest.mark.parametrize("rms_norm", ["compiled", "fused"])
-def test_compiled_block_equals_the_fp32_eager_block(rms_norm):
-    """The compiled bf16 block (norms decomposed by inductor, or aten's fused kernels as opaque ops:
-    model.rms_norm) against the plain fp32 eager block: output, MI losses, input and weight gradients."""
+def test_compiled_block_equals_the_fp32_eager_block():
     torch.manual_seed(0)
     cfg = model_cfg()
     ref = init_(Block(cfg)).to("cuda")
     ref.attn.backend = "eager"
-    fast = init_(Block(dataclasses.replace(cfg, rms_norm=rms_norm))).to("cuda", torch.bfloat16)
-    assert fast.attn_norm.fused == (rms_norm == "fused")
+    fast = init_(Block(cfg)).to("cuda", torch.bfloat16)
     fast.load_state_dict({k: v.to(torch.bfloat16) for k, v in ref.state_dict().items()})
     fast.compile()
     from dsmoe.model.moe import TRAINING

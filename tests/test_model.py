@@ -134,16 +134,3 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients():
         torch.testing.assert_close(grads[name], g, rtol=0, atol=0, msg=name)
     with torch.no_grad():  # generation with a cache never recomputes
         model(idx[:, :4], cache=model.new_cache(2))
-
-
-def test_fused_rms_norm_option_keeps_the_plain_function_off_cuda():
-    """model.rms_norm: fused changes only which kernels run on CUDA: same parameters and state-dict keys, and
-    on the CPU the module's own forward (its GPU kernels are checked in tests/test_gpu_train.py)."""
-    from dsmoe.model.norm import RMSNorm
-
-    torch.manual_seed(0)
-    plain, fused = RMSNorm(16, 1e-5), RMSNorm(16, 1e-5, fused=True)
-    fused.load_state_dict(plain.state_dict())
-    x = torch.randn(3, 5, 16)
-    assert torch.equal(fused(x), torch.nn.functional.rms_norm(x, (16,), plain.weight, 1e-5))
-    assert isinstance(fused, torch.nn.RMSNorm)

@@ -94,9 +94,6 @@ class ModelConfig:
     dropout: float = 0.0
     """Encoder: dropout on the embeddings and on each sublayer's output (BERT: 0.1). Attention-probability
     dropout is always 0: the fused kernels (flash-attn with ALiBi) need it off (papers/mosaicbert.md)."""
-    rms_norm: Literal["compiled", "fused"] = "compiled"
-    """Decoder RMSNorms under train.compile: 'compiled' (inductor decomposes and fuses them with their
-    neighbours) or 'fused' (aten's fused CUDA kernels, kept whole as one op each way: dsmoe/model/norm.py)."""
     geglu_kernel: Literal["torch", "triton"] = "torch"
     """Encoder, dense GeGLU FFN: 'torch' (GELU(gate) * value in torch ops, fused by torch.compile) or
     'triton' (one fused Triton kernel each way, dsmoe/model/alibi_triton.py) on CUDA, the torch ops

@@ -17,7 +17,6 @@ from dsmoe.model.attention import CausalSelfAttention, KVCache, rope_cos_sin
 from dsmoe.model.config import ModelConfig
 from dsmoe.model.mlp import DenseMLP
 from dsmoe.model.moe import TRAINING, DSMoE, MoEAux, Routing
-from dsmoe.model.norm import RMSNorm
 
 
 @dataclass
@@ -78,9 +77,9 @@ class Block(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.rms_norm == "fused")
+        self.attn_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.attn = CausalSelfAttention(cfg)
-        self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.rms_norm == "fused")
+        self.mlp_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         m = cfg.moe
         if cfg.mlp == "moe":
             sparse = m.training == "sparse"  # the SMoE baseline; DS-MoE never renormalises (paper)
@@ -140,7 +139,7 @@ class DecoderLM(nn.Module):
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
-        self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.rms_norm == "fused")
+        self.final_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
