@@ -41,6 +41,7 @@ PPL_JSON = "infer_ppl_tiny.json"
 
 
 DEVICE = "cuda"  # --cpu-smoke: "cpu", to try the whole script on a tiny config (timings meaningless)
+COMBINE: str | None = None  # --combine: the Engine's expert combine (None: its measured choice)
 
 
 def sync() -> None:
@@ -144,7 +145,7 @@ def bench_prefill(model, rule_list, batch: int, seq: int, repeats: int, compile:
     idx = torch.randint(0, model.cfg.vocab_size, (batch, seq), device=DEVICE)
     rows = []
     for name, routing in rule_list:
-        engine = Engine(model, routing, batch=batch, max_len=seq, compile=compile)
+        engine = Engine(model, routing, batch=batch, max_len=seq, compile=compile, combine=COMBINE)
 
         def run(engine=engine):
             engine.reset()
@@ -161,7 +162,9 @@ def bench_decode(model, rule_list, batch: int, prompt: int, steps: int, compile:
     token = idx[:, -1:].clone()
     rows = []
     for name, routing in rule_list:
-        engine = Engine(model, routing, batch=batch, max_len=prompt + 2 * steps + 8, compile=compile)
+        engine = Engine(
+            model, routing, batch=batch, max_len=prompt + 2 * steps + 8, compile=compile, combine=COMBINE
+        )
         engine.prefill(idx)
         for _ in range(4):  # capture + warm-up
             engine.decode(token)
@@ -301,8 +304,16 @@ def main() -> int:
         help="the --ppl sweep to plot beside the speeds",
     )
     parser.add_argument("--cpu-smoke", action="store_true", help="run every step on CPU (try the script)")
+    parser.add_argument(
+        "--combine",
+        choices=["auto", "sparse", "dense"],
+        default="auto",
+        help="the Engine's expert combine for the prefill/decode tables: auto (what it picks from "
+        "dsmoe.infer.SPARSE_OVER_DENSE), sparse (the sparse paths themselves: how that table is measured), dense",
+    )
     args = parser.parse_args()
-    global DEVICE
+    global DEVICE, COMBINE
+    COMBINE = None if args.combine == "auto" else args.combine
     DEVICE = "cpu" if args.cpu_smoke else "cuda"
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -330,6 +341,7 @@ def main() -> int:
         "torch": torch.__version__,
         "config": args.config,
         "compile": args.compile,
+        "combine": args.combine,
         "params": model.num_params(),
     }
     probe = torch.randint(0, cfg.model.vocab_size, (4, min(512, cfg.model.max_seq_len)), device=DEVICE)

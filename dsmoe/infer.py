@@ -22,7 +22,7 @@ from dsmoe.evaluation import mlm_loss as mlm_loss
 from dsmoe.export import is_export, load_export, load_from_run
 from dsmoe.model import TRAINING, DecoderLM, Routing, RoutingRule
 from dsmoe.model.attention import ATTENTION_BACKENDS, apply_rope, causal_mask, rope_cos_sin
-from dsmoe.model.moe import masked_table, top_k_table
+from dsmoe.model.moe import kept_weights, masked_table, select_experts, top_k_table
 from dsmoe.model.router import router_scores
 from dsmoe.model.sparse import gemv_topk_partials, moe_topk_forward, pick_path, route_topk
 
@@ -143,6 +143,34 @@ def in_growth_ramp(model: DecoderLM) -> bool:
     )
 
 
+SPARSE_OVER_DENSE: dict[str, dict[str, tuple[tuple[int, float], ...]]] = {
+    "H200": {
+        "top_k": ((1, 1.169), (64, 0.573), (16384, 1.524)),
+        "threshold": ((1, 0.932), (64, 0.076), (16384, 0.691)),
+    },
+}
+"""Whole-model speed of the sparse expert paths over dense (all experts) at a number of tokens per forward, by
+device and rule family: DS-MoE-1B, bf16, compiled segments; top-K at K=4, threshold at eps 1 (one H200,
+2026-12-02, commit 37192cf, `bash tools/device.sh regress`: benchmarks/regress_h200.md; 1 token = decode at
+batch 1, 64 = decode at batch 64, 16384 = prefill 8 x 2048). Where the sparse path ran slower than dense, the
+Engine computes every expert and combines them with the rule's weights instead: the same function at dense cost."""
+
+
+def dense_combine_wins(rule: RoutingRule, tokens: int, device: torch.device) -> bool:
+    """Whether `rule` runs faster as every expert combined with its weights (zero for dropped experts) than on
+    its sparse path, for `tokens` tokens a forward on `device`: by the measured point of SPARSE_OVER_DENSE
+    nearest in log(tokens). Devices without a table keep the sparse path."""
+    if rule.mode == "dense" or device.type != "cuda":
+        return False
+    name = torch.cuda.get_device_name(device)
+    table = next((t for key, t in SPARSE_OVER_DENSE.items() if key in name), None)
+    if table is None:
+        return False
+    points = table["top_k" if rule.mode == "top_k" else "threshold"]
+    _, ratio = min(points, key=lambda p: abs(math.log(p[0]) - math.log(max(tokens, 1))))
+    return ratio < 1.0
+
+
 class Engine:
     """Fast generation over a DecoderLM's own weights (nothing copied): a static KV cache, no routing
     statistics, sync-free top-K MLP experts (dsmoe/model/sparse.py) and, on CUDA, each decode step
@@ -156,6 +184,10 @@ class Engine:
     CUDA), elsewhere they keep a variable number of pairs, with a host sync per layer, and run eagerly.
     Prefill returns the last position's logits unless asked for all. `compile` runs the per-layer
     segments of prefill and decode through torch.compile (fewer, fused kernels).
+
+    `combine` picks how a sparse rule's experts run: 'sparse' (only the kept experts), 'dense' (every expert,
+    combined with the rule's weights, zero for the dropped ones: the same function at dense cost), or None: per
+    forward, whichever SPARSE_OVER_DENSE measured faster on this device at that many tokens.
     """
 
     def __init__(
@@ -167,8 +199,11 @@ class Engine:
         cuda_graph: bool | None = None,
         expert_path: str | None = None,
         compile: bool = False,
+        combine: str | None = None,
     ):
         cfg = model.cfg
+        if combine not in (None, "sparse", "dense"):
+            raise ValueError(f"combine must be 'sparse', 'dense' or None (measured choice), got {combine!r}")
         if cfg.is_encoder:
             raise ValueError("Engine generates with decoders; an encoder has no next-token logits")
         if routing.attention.mode != "dense":
@@ -197,9 +232,12 @@ class Engine:
         with torch.no_grad():  # decode steps run without autograd
             picked = pick_path(probe)
         path = expert_path or picked
+        self.combine = combine
+        self._decode_dense = self._dense_combine(batch)
         # Threshold rules keep a variable number of experts: graph-safe as a masked table on the gather-GEMV.
         graph_safe = (
             routing.mlp.mode == "dense"
+            or self._decode_dense
             or (routing.mlp.mode == "top_k" and path != "loop")
             or (routing.mlp.mode in ("threshold", "threshold_top_k") and path == "gemv")
         )
@@ -218,16 +256,29 @@ class Engine:
         self._pre = functools.partial(
             _segment_pre, eps=cfg.norm_eps, n_heads=a.num_heads, n_kv=a.num_kv_heads, head_dim=cfg.head_dim
         )
-        self._post = functools.partial(_segment_post, eps=cfg.norm_eps, top_k=self._top_k)
-        self._decode_post = functools.partial(_decode_post, eps=cfg.norm_eps, top_k=self._top_k)
+        # The post segments return the top-K table on the sparse path, every probability for a dense combine.
+        self._post = {
+            k: functools.partial(_segment_post, eps=cfg.norm_eps, top_k=k) for k in {self._top_k, 0}
+        }
+        decode_k = 0 if self._decode_dense else self._top_k
+        self._decode_post = functools.partial(_decode_post, eps=cfg.norm_eps, top_k=decode_k)
         # Few tokens on CUDA: the router's scores (one fp32-output GEMM) and one Triton softmax + top-K before
         # the gather-GEMV experts, outside the compiled segment (fewer launches than its softmax and topk).
-        self._fused_route = bool(self._top_k) and expert_path in (None, "gemv") and picked == "gemv"
+        self._fused_route = bool(decode_k) and expert_path in (None, "gemv") and picked == "gemv"
         if compile:  # fuse each segment's small kernels; every layer reuses the code
             # one version per (batch, K, first layer or not, prefill length): more than dynamo's default 8
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-            self._pre, self._post = torch.compile(self._pre), torch.compile(self._post)
+            self._pre = torch.compile(self._pre)
+            self._post = {k: torch.compile(post) for k, post in self._post.items()}
             self._decode_post = torch.compile(self._decode_post)
+
+    def _dense_combine(self, tokens: int) -> bool:
+        """Whether a forward of `tokens` tokens runs the rule as every expert combined with its weights."""
+        if self.routing.mlp.mode == "dense" or not self.model.moe_layers:
+            return False  # nothing to choose (an SMoE's dense rule runs its trained top-K: sparse)
+        if self.combine is not None:
+            return self.combine == "dense"
+        return dense_combine_wins(self.routing.mlp, tokens, self.device)
 
     def reset(self) -> None:
         """Forget the cached tokens (the captured graph stays valid: it reads the position tensor)."""
@@ -292,6 +343,8 @@ class Engine:
         else:
             cos, sin = self.cos[start : start + T], self.sin[start : start + T]
             causal, mask = causal_mask(T, start, self.device)
+        dense = self._decode_dense if pos is not None else self._dense_combine(B * T)
+        post = self._post[0 if dense else self._top_k]
         carry = None
         for layer, (block, w) in enumerate(zip(model.blocks, self._layers, strict=True)):
             x, h, q, k, v = self._pre(x, carry, w.attn_norm, w.q, w.k, w.v, w.q_norm, w.k_norm, cos, sin)
@@ -308,23 +361,26 @@ class Engine:
                 self.v[layer, :, :, start : start + T] = v
                 keys, values = self.k[layer, :, :, : start + T], self.v[layer, :, :, : start + T]
                 y = ATTENTION_BACKENDS[block.attn.backend](q, keys, values, causal=causal, mask=mask)
-                x, h, gate, experts = self._post(
+                x, h, gate, experts = post(
                     x, h, y.transpose(1, 2).reshape(B, T, -1), w.o, w.attn_router, w.mlp_norm,
                     w.mlp_router, renormalize,
                 )  # fmt: skip
-            carry = self._experts(block.mlp, h, gate, experts, fused_route=pos is not None)
+            carry = self._experts(block.mlp, h, gate, experts, fused_route=pos is not None, dense=dense)
         x = _add_carry(x, carry)
         if last_only:
             x = x[:, -1:]
         return model.lm_head(model.final_norm(x))
 
-    def _experts(self, mlp, h, gate, experts, fused_route: bool) -> torch.Tensor:
+    def _experts(self, mlp, h, gate, experts, fused_route: bool, dense: bool = False) -> torch.Tensor:
         """The MLP's output for its input h, from the post segment's routing: (weights, ids) of the top K,
-        or every expert's probability (dense and threshold rules), or nothing (a dense MLP, or a decode step
-        whose router runs here, fused)."""
+        or every expert's probability (dense and threshold rules, and any rule combined densely), or nothing
+        (a dense MLP, or a decode step whose router runs here, fused)."""
         if not getattr(mlp, "routed", False):
             return mlp(h)[0]
         x_TD = h.reshape(-1, h.shape[-1])
+        if dense:  # every expert, weighted by the rule (zero where it drops one): no host sync, fixed shapes
+            weights = kept_weights(gate, select_experts(gate, self.routing.mlp), mlp.renormalize)
+            return mlp._dense_forward(x_TD, weights).view_as(h)
         if fused_route and self._fused_route:
             gate, experts = route_topk(x_TD, mlp.router.weight, self._top_k, mlp.renormalize)
         path = self.expert_path or pick_path(x_TD)

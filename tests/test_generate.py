@@ -89,23 +89,64 @@ ENGINE_ROUTINGS = [
 ]
 
 
+@pytest.mark.parametrize("combine", ["sparse", "dense"])
 @pytest.mark.parametrize("moa, qk_norm", [(False, False), (True, True)])
 @pytest.mark.parametrize("routing", ENGINE_ROUTINGS, ids=["dense", "top2", "top4", "threshold"])
-def test_engine_prefill_and_static_cache_decode_equal_the_model(moa, qk_norm, routing):
+def test_engine_prefill_and_static_cache_decode_equal_the_model(moa, qk_norm, routing, combine):
     """The Engine (static cache, decode at a device position over the masked cache, sync-free top-K)
-    gives the model's own full-sequence logits, for a prefill, a chunk after it, then one token a step."""
+    gives the model's own full-sequence logits, for a prefill, a chunk after it, then one token a step, with
+    the rule's experts run sparsely or all of them combined with the rule's weights (combine)."""
     from dsmoe.infer import Engine
 
     model = model_for(moa, qk_norm)
     idx = torch.randint(0, 96, (3, 20))
     with torch.no_grad():
         full = model(idx, routing=routing).logits
-    engine = Engine(model, routing, batch=3, max_len=24)
+    engine = Engine(model, routing, batch=3, max_len=24, combine=combine)
     pieces = [engine.prefill(idx[:, :7], all_logits=True), engine.prefill(idx[:, 7:12], all_logits=True)]
     pieces += [engine.decode(idx[:, t : t + 1]).unsqueeze(1) for t in range(12, 20)]
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=1e-5, atol=1e-5)
     engine.reset()
     torch.testing.assert_close(engine.prefill(idx[:, :5]), full[:, 4])
+
+
+def test_dense_combine_equals_sparse_under_threshold_top_k():
+    """Threshold-top-K sets K from the batch at hand (so a prefill is not the full sequence's forward): the
+    Engine's two combines still give the same logits for the same calls."""
+    from dsmoe.infer import Engine
+
+    model = model_for(True, True)
+    routing = Routing(RoutingRule("threshold_top_k", k=2, eps=0.9))
+    idx = torch.randint(0, 96, (3, 12))
+    runs = []
+    for combine in ("sparse", "dense"):
+        engine = Engine(model, routing, batch=3, max_len=16, combine=combine)
+        steps = [engine.prefill(idx[:, :8], all_logits=True)]
+        steps += [engine.decode(idx[:, t : t + 1]).unsqueeze(1) for t in range(8, 12)]
+        runs.append(torch.cat(steps, dim=1))
+    torch.testing.assert_close(runs[1], runs[0], rtol=1e-5, atol=1e-5)
+
+
+def test_dense_combine_follows_the_measured_table(monkeypatch):
+    """The Engine's automatic choice: every expert combined where the committed table measured the sparse path
+    slower than dense on this device, at the measured size nearest in log(tokens); sparse elsewhere, and on
+    devices without a table (CPU)."""
+    from dsmoe import infer
+
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
+    top4, threshold = RoutingRule("top_k", k=4), RoutingRule("threshold", eps=1.0)
+    assert not infer.dense_combine_wins(top4, 1, cuda)  # decode at batch 1: top-4 1.17x dense
+    assert infer.dense_combine_wins(top4, 64, cuda)  # batch 64: 0.57x
+    assert infer.dense_combine_wins(top4, 300, cuda)  # nearer 64 than 16384 in log
+    assert not infer.dense_combine_wins(top4, 8 * 2048, cuda)  # prefill: 1.52x
+    assert all(infer.dense_combine_wins(threshold, n, cuda) for n in (1, 20, 64, 16384))
+    assert not infer.dense_combine_wins(RoutingRule("dense"), 64, cuda)
+    assert not infer.dense_combine_wins(top4, 64, torch.device("cpu"))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100")
+    assert not infer.dense_combine_wins(threshold, 64, cuda)
+    with pytest.raises(ValueError, match="combine"):
+        infer.Engine(model_for(False), Routing(), combine="fast")
 
 
 def test_engine_generation_equals_generate_and_k_equal_n_equals_dense():

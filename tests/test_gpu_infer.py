@@ -81,12 +81,16 @@ def test_threshold_sparse_forward_is_bitwise_deterministic(rule):
             assert torch.equal(layer(x, routing)[0], first)
 
 
+@pytest.mark.parametrize("combine", ["sparse", "dense"])
 @pytest.mark.parametrize("mlp", ["dense", "top_k", "threshold"])
 @pytest.mark.parametrize("batch", [1, 20])
-def test_cuda_graph_decode_equals_eager_decode(mlp, batch):
+def test_cuda_graph_decode_equals_eager_decode(mlp, batch, combine):
     """The same engine steps with and without the captured graph, and compiled (bf16, MoA, grouped query
-    heads). Threshold routing is graph-safe at decode sizes only (the gather-GEMV's masked table)."""
-    if mlp == "threshold" and batch > 16:
+    heads). Sparse threshold routing is graph-safe at decode sizes only (the gather-GEMV's masked table);
+    every rule is, combined densely (every expert, the rule's weights)."""
+    if mlp == "dense" and combine == "dense":
+        pytest.skip("the dense rule has nothing to combine sparsely")
+    if mlp == "threshold" and batch > 16 and combine == "sparse":
         pytest.skip("threshold decode of more than 16 tokens syncs with the host: no graph")
     from dsmoe import config as config_lib
     from dsmoe.infer import Engine
@@ -109,7 +113,9 @@ def test_cuda_graph_decode_equals_eager_decode(mlp, batch):
     start = 30  # a threshold prefill of 30 tokens runs the model's own sparse forward (sum_per_token)
     logits = {}
     for graph, compile in ((False, False), (True, False), (True, True)):
-        engine = Engine(model, routing, batch=batch, max_len=64, cuda_graph=graph, compile=compile)
+        engine = Engine(
+            model, routing, batch=batch, max_len=64, cuda_graph=graph, compile=compile, combine=combine
+        )
         steps = [engine.prefill(idx[:, :start])]
         steps += [engine.decode(idx[:, t : t + 1]).clone() for t in range(start, start + 10)]
         logits[graph, compile] = torch.stack(steps, 1).float()
