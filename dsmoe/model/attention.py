@@ -274,15 +274,10 @@ def alibi_slopes(n_heads: int) -> torch.Tensor:
     return torch.tensor(slopes, dtype=torch.float32)
 
 
-_DEVICE_SLOPES: dict[tuple[int, torch.device], torch.Tensor] = {}
-
-
-def device_slopes(n_heads: int, device: torch.device | str) -> torch.Tensor:
+@functools.cache
+def device_slopes(n_heads: int, device: torch.device) -> torch.Tensor:
     """alibi_slopes on `device`, made once per process: a fresh host-to-GPU copy each batch would sync."""
-    key = (n_heads, torch.device(device))
-    if key not in _DEVICE_SLOPES:
-        _DEVICE_SLOPES[key] = alibi_slopes(n_heads).to(device)
-    return _DEVICE_SLOPES[key]
+    return alibi_slopes(n_heads).to(device)
 
 
 def alibi_bias(slopes_H: torch.Tensor, seq_len: int) -> torch.Tensor:
@@ -328,11 +323,11 @@ class Varlen:
     padded_len: int
 
     @classmethod
-    def from_mask(cls, attention_mask_BS: torch.Tensor, device: torch.device | None = None) -> Varlen:
-        """The packing of a (B, S) mask, computed where the mask lives and then placed on `device` (default:
-        the mask's). From a mask on the host (the Trainer keeps it there) the GPU waits for nothing and the host
-        never waits for the GPU; from a mask on the GPU, the packed length and max_seqlen (shapes the kernels
-        need) cost one host sync."""
+    def from_mask(cls, attention_mask_BS: torch.Tensor) -> Varlen:
+        """The packing of a (B, S) mask, computed where the mask lives (`to` places it elsewhere). From a mask
+        on the host (the Trainer keeps it there) the GPU waits for nothing and the host never waits for the
+        GPU; from a mask on the GPU, the packed length and max_seqlen (shapes the kernels need) cost one host
+        sync."""
         B, S = attention_mask_BS.shape
         mask = attention_mask_BS.bool()
         lengths_B = mask.sum(1)
@@ -343,14 +338,17 @@ class Varlen:
         )
         position = torch.arange(len(indices), device=mask.device) - cu_seqlens[row].long()
         max_seqlen = int(lengths_B.max()) if B else 0  # on a GPU mask, a host sync: kernels need it
-        varlen = cls(indices, cu_seqlens, max_seqlen, row, position, B, S)
-        return varlen if device is None else varlen.to(device)
+        return cls(indices, cu_seqlens, max_seqlen, row, position, B, S)
 
     def to(self, device: torch.device | str) -> Varlen:
         """The same packing with its index tensors on `device` (copied from pinned host memory, not waited for)."""
+        return self.to_with(device)[0]
+
+    def to_with(self, device: torch.device | str, *riders: torch.Tensor) -> tuple[Varlen, list[torch.Tensor]]:
+        """`to`, with more integer tensors (`riders`) carried to `device` in the same copy: (packing, riders)."""
         names = ("indices", "cu_seqlens", "row", "position")
-        moved = to_device([getattr(self, name) for name in names], device)
-        return dataclasses.replace(self, **dict(zip(names, moved, strict=True)))
+        moved = to_device([getattr(self, name) for name in names] + list(riders), device)
+        return dataclasses.replace(self, **dict(zip(names, moved, strict=False))), moved[len(names) :]
 
     def unpad(self, x_BS: torch.Tensor) -> torch.Tensor:
         """(B, S, ...) -> (T, ...) real tokens only."""

@@ -9,7 +9,6 @@ mean the same thing (embed, blocks[i].attn / attn_norm / mlp / mlp_norm, final_n
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -18,13 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsmoe.model.alibi_triton import available as alibi_triton_available  # noqa: F401  (registers the dsmoe:: ops)
-from dsmoe.model.attention import (
-    BidirectionalSelfAttention,
-    Varlen,
-    plan_attention,
-    resolve_backend,
-    to_device,
-)
+from dsmoe.model.attention import BidirectionalSelfAttention, Varlen, plan_attention, resolve_backend
 from dsmoe.model.config import ModelConfig
 from dsmoe.model.head_loss import linear_cross_entropy
 from dsmoe.model.mlp import DenseMLP
@@ -255,9 +248,8 @@ class EncoderMLM(nn.Module):
             labels
         )
         masked_M = (labels_T != IGNORE_INDEX).nonzero().squeeze(1)  # the head runs here only
-        names = ("indices", "cu_seqlens", "row", "position")
-        moved = to_device([getattr(varlen, n) for n in names] + [masked_M, labels_T[masked_M]], device)
-        return dataclasses.replace(varlen, **dict(zip(names, moved[:4], strict=True))), moved[4], moved[5]
+        varlen, (masked_M, targets_M) = varlen.to_with(device, masked_M, labels_T[masked_M])
+        return varlen, masked_M, targets_M
 
     def num_params(self, exclude_embedding: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())

@@ -283,8 +283,7 @@ def sum_per_token(
     """(T, D): each token's sum of its kept pairs' rows, added in expert order, the same bits every run.
     The pairs arrive expert-major; they are put token-major and summed segment by segment (a scatter-add,
     index_add_, adds in whatever order the GPU's atomics land: bf16 results changed run to run)."""
-    T, E = keep_TE.shape
-    token_major = torch.argsort(token_idx * E + expert_idx)  # keys are unique: no tie to break
+    token_major = torch.argsort(token_idx * keep_TE.shape[1] + expert_idx)  # keys are unique: no tie to break
     return torch.segment_reduce(rows_PD[token_major], "sum", lengths=keep_TE.sum(1), axis=0, unsafe=True)
 
 
