@@ -24,7 +24,13 @@ from dsmoe.model import TRAINING, DecoderLM, Routing, RoutingRule
 from dsmoe.model.attention import ATTENTION_BACKENDS, apply_rope, causal_mask, rope_cos_sin
 from dsmoe.model.moe import kept_weights, masked_table, select_experts, top_k_table
 from dsmoe.model.router import router_scores
-from dsmoe.model.sparse import gemv_topk_partials, moe_topk_forward, pick_path, route_topk
+from dsmoe.model.sparse import (
+    gemv_topk_partials,
+    masked_path_available,
+    moe_topk_forward,
+    pick_path,
+    route_topk,
+)
 
 
 @dataclass
@@ -179,9 +185,10 @@ class Engine:
     The cache is preallocated for `batch` sequences of `max_len` tokens, so a decode step has fixed shapes:
     the new token's position is a device tensor, its K/V are written there, and attention reads the whole
     cache with the positions after it masked. Every attention expert runs (the paper's rule; routing
-    .attention must be dense); the MLP takes routing.mlp: top-K is graph-safe; the threshold rules are too
-    where the gather-GEMV runs (a masked table of every pair, dropped pairs read nothing: few tokens on
-    CUDA), elsewhere they keep a variable number of pairs, with a host sync per layer, and run eagerly.
+    .attention must be dense); the MLP takes routing.mlp: top-K is graph-safe; so are the threshold rules,
+    as a masked table of every pair on the gather-GEMV (few tokens on CUDA: dropped pairs read nothing) or
+    every pair in a fixed slot of grouped GEMMs (dsmoe.model.sparse.moe_masked_forward: bf16 on Hopper,
+    CPU); elsewhere they keep a variable number of pairs, with a host sync per layer, and run eagerly.
     Prefill returns the last position's logits unless asked for all. `compile` runs the per-layer
     segments of prefill and decode through torch.compile (fewer, fused kernels).
 
@@ -239,7 +246,10 @@ class Engine:
             routing.mlp.mode == "dense"
             or self._decode_dense
             or (routing.mlp.mode == "top_k" and path != "loop")
-            or (routing.mlp.mode in ("threshold", "threshold_top_k") and path == "gemv")
+            or (
+                routing.mlp.mode in ("threshold", "threshold_top_k")
+                and (path == "gemv" or masked_path_available(probe))
+            )
         )
         self.cuda_graph = (self.device.type == "cuda" and graph_safe) if cuda_graph is None else cuda_graph
         if self.cuda_graph and not graph_safe:
@@ -387,7 +397,7 @@ class Engine:
         if experts is None:  # gate holds every expert's probability
             rule = self.routing.mlp
             if rule.mode in ("threshold", "threshold_top_k"):
-                if path != "gemv":  # a variable number of pairs: host sync, no graph
+                if path != "gemv":  # every pair in a fixed slot where grouped GEMMs run (moe_masked_forward)
                     return mlp._sparse_forward(x_TD, gate, rule, mlp.renormalize)[0].view_as(h)
                 gate, experts = masked_table(gate, rule, mlp.renormalize)  # fixed shape, zero-weight pairs
             else:

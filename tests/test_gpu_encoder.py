@@ -152,7 +152,9 @@ def test_encoder_step_with_host_mask_never_waits_for_the_gpu(compiled):
         grads = torch.cat([p.grad.float().flatten() for p in model.parameters() if p.grad is not None])
         assert torch.equal(out.loss.detach().float(), loss_ref)
         assert torch.equal(out.logits.detach().float(), logits_ref)
-        assert relative_error(grads, grads_ref) < 1e-6  # same kernels; the index backward may add in any order
+        assert (
+            relative_error(grads, grads_ref) < 1e-6
+        )  # same kernels; the index backward may add in any order
 
 
 @contextlib.contextmanager

@@ -115,11 +115,15 @@ def test_sparse_with_all_experts_equals_dense(T, d, n, f, act):
         assert aux.active_fraction == 1.0
 
 
+@pytest.mark.parametrize("grad", [True, False], ids=["grad", "inference"])
 @pytest.mark.parametrize("rule", [RoutingRule("top_k", k=2), RoutingRule("threshold", eps=0.9)])
-def test_sparse_equals_masked_reference(rule):
-    layer = make_layer(12, 6, 8, "swiglu")
-    x = torch.randn(40, 12, dtype=torch.float64)
-    y, aux = layer(x, rule)
+def test_sparse_equals_masked_reference(rule, grad):
+    """Under autograd the threshold rule takes the nonzero() path; for inference the sync-free one (fp32:
+    torch._grouped_mm has no fp64)."""
+    layer = make_layer(12, 6, 8, "swiglu").to(torch.float64 if grad else torch.float32)
+    x = torch.randn(40, 12, dtype=torch.float64 if grad else torch.float32)
+    with torch.set_grad_enabled(grad):
+        y, aux = layer(x, rule)
     probs = layer.router(x).double()
     keep = select_experts(probs, rule)
     y_ref = torch.zeros_like(x)
@@ -129,6 +133,30 @@ def test_sparse_equals_masked_reference(rule):
     torch.testing.assert_close(y, y_ref)
     assert torch.isclose(aux.active_fraction, keep.double().mean().float())
     assert 0 < aux.active_fraction < 1
+
+
+@pytest.mark.parametrize("act", ["gelu", "swiglu", "geglu"])
+@pytest.mark.parametrize("mode", ["threshold", "threshold_top_k", "top_k", "dense"])
+def test_masked_forward_equals_a_per_expert_reference(mode, act):
+    """moe_masked_forward (every pair in a fixed slot, no host sync) against a loop over tokens and experts,
+    fp32, with a token that keeps no expert; the Triton kernels' half runs in test_triton_interpret.py."""
+    from dsmoe.model.sparse import moe_masked_forward
+
+    E, F, D, T = 6, 8, 12, 25
+    w_in, w_out = torch.randn(E, F if act == "gelu" else 2 * F, D) * 0.3, torch.randn(E, F, D) * 0.3
+    x = torch.randn(T, D)
+    probs = torch.randn(T, E).mul(2).softmax(-1)
+    keep = select_experts(probs, RoutingRule(mode, k=2, eps=0.9))
+    keep[4] = False
+    weights = probs * keep
+    y = moe_masked_forward(x, weights, keep, w_in, w_out, act, kernels=False)
+    y_ref = torch.zeros(T, D)
+    for t in range(T):
+        for e in range(E):
+            if keep[t, e]:
+                y_ref[t] += weights[t, e] * (activate(x[t] @ w_in[e].T, act) @ w_out[e])
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    assert y[4].abs().max() == 0
 
 
 def test_sum_per_token_equals_scatter_add_with_empty_tokens():

@@ -17,7 +17,7 @@ import torch
 from test_generate import model_for
 from dsmoe.infer import Engine
 from dsmoe.model import Routing, RoutingRule
-from dsmoe.model.sparse import moe_topk_forward, route_topk
+from dsmoe.model.sparse import moe_masked_forward, moe_topk_forward, route_topk
 
 torch.manual_seed(0)
 for act in ("gelu", "swiglu"):  # gather-GEMV (partial sums added up) equals the portable loop
@@ -28,6 +28,14 @@ for act in ("gelu", "swiglu"):  # gather-GEMV (partial sums added up) equals the
     with torch.no_grad():
         fast = moe_topk_forward(x, w, e, w_in, w_out, act, path="gemv")
     torch.testing.assert_close(fast, moe_topk_forward(x, w, e, w_in, w_out, act, path="loop"))
+for act in ("gelu", "swiglu", "geglu"):  # threshold rules' gather, activation and combine kernels
+    E, F, D = 8, 24, 40
+    w_in, w_out = torch.randn(E, F if act == "gelu" else 2 * F, D) * 0.1, torch.randn(E, F, D) * 0.1
+    x, probs = torch.randn(13, D), torch.randn(13, E).softmax(-1)
+    keep = E * probs > 0.9
+    keep[3] = False  # a token that keeps no expert
+    fast = moe_masked_forward(x, probs * keep, keep, w_in, w_out, act, kernels=True)
+    torch.testing.assert_close(fast, moe_masked_forward(x, probs * keep, keep, w_in, w_out, act, kernels=False))
 for E, k, renormalize in ((32, 4, False), (12, 3, True), (8, 8, False)):  # softmax + top-k kernel
     h, weight = torch.randn(5, 64), torch.randn(E, 64) * 0.1
     gates, ids = route_topk(h, weight, k, renormalize)

@@ -24,7 +24,12 @@ from dsmoe.model.mlp import activate
 from dsmoe.model.moe_triton import available as scaled_gelu_available
 from dsmoe.model.moe_triton import scaled_gelu
 from dsmoe.model.router import Router
-from dsmoe.model.sparse import grouped_mm_available, moe_topk_forward
+from dsmoe.model.sparse import (
+    grouped_mm_available,
+    masked_path_available,
+    moe_masked_forward,
+    moe_topk_forward,
+)
 
 
 @dataclass(frozen=True)
@@ -266,6 +271,11 @@ class DSMoE(nn.Module):
             return y_TD, probs_TE.new_tensor(k / self.num_experts, dtype=torch.float32)
         keep_TE = select_experts(probs_TE, routing)
         probs_TE = kept_weights(probs_TE, keep_TE, renormalize)  # differentiable
+        if not torch.is_grad_enabled() and masked_path_available(x_TD):  # inference: no host sync
+            y_TD = moe_masked_forward(
+                x_TD, probs_TE, keep_TE, self.w_in, self.expert_w_out(), self.activation
+            )
+            return y_TD, keep_TE.float().mean()
         # Group (token, expert) pairs by expert: transposing makes nonzero() come out expert-major.
         expert_idx, token_idx = keep_TE.T.nonzero(as_tuple=True)
         x_sorted = x_TD[token_idx]  # (P, D), P = kept pairs

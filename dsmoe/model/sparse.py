@@ -311,3 +311,153 @@ def route_topk(
         K=k, BLOCK_E=triton.next_power_of_2(E), RENORMALIZE=renormalize,
     )  # fmt: skip
     return gates, experts
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Any per-token set of experts (threshold rules) without a host sync: every pair has a fixed slot.
+#
+# A threshold rule keeps a number of (token, expert) pairs that only the device knows. Each kept pair gets
+# its row in expert-major order from a cumulative sum over the (T, E) mask (no sort, no nonzero()), the
+# dropped ones the dump row C = T*E; the buffers are sized for every pair (C rows, allocated, never
+# cleared), and each kernel reads the kept count from the device and touches only the rows below it: the
+# two torch._grouped_mm do (their groups end at the count), and so do the Triton gather, activation and
+# combine here. So the cost follows the kept pairs, the shapes are fixed, and a CUDA graph captures it.
+
+
+def masked_path_available(x: torch.Tensor) -> bool:
+    """moe_masked_forward runs where torch._grouped_mm does for x: bf16 on Hopper, or 16/32-bit on the CPU."""
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    return grouped_mm_available(x) if x.is_cuda else x.dtype in (torch.float32, torch.bfloat16, torch.float16)
+
+
+def pair_rows(keep_TE: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, offsets): the (T, E) int32 row of each kept pair in expert-major order (tokens ascending within
+    an expert), T*E for a dropped pair; and the (E,) int32 ends of the experts' groups (offsets[-1] pairs
+    are kept). No host sync."""
+    T, E = keep_TE.shape
+    keep = keep_TE.to(torch.int32)
+    counts_E = keep.sum(0, dtype=torch.int32)
+    offsets_E = counts_E.cumsum(0, dtype=torch.int32)
+    rank_TE = keep.cumsum(0, dtype=torch.int32) - 1 + (offsets_E - counts_E)
+    return torch.where(keep_TE, rank_TE, T * E), offsets_E
+
+
+def moe_masked_forward(
+    x_TD: torch.Tensor,
+    weights_TE: torch.Tensor,
+    keep_TE: torch.Tensor,
+    w_in: torch.Tensor,
+    w_out: torch.Tensor,
+    activation: str,
+    kernels: bool | None = None,
+) -> torch.Tensor:
+    """y_t = sum over the experts e token t keeps of weights_te * act(x_t W_in[e]^T) W_out[e], summed in
+    expert order (the same bits every run), with no host sync: the threshold rules' sparse path.
+
+    Needs torch._grouped_mm for x (bf16 on Hopper; CPU). `kernels` forces the Triton gather, activation and
+    combine (CUDA, or CPU under Triton's interpreter) or their torch equivalents, which touch every slot
+    (None: Triton on CUDA where it imports)."""
+    T, E = keep_TE.shape
+    D, C = x_TD.shape[1], T * E
+    rows_TE, offsets_E = pair_rows(keep_TE)
+    # What each row holds: its token and its weight (the dropped pairs all land on the dump row C).
+    flat_rows = rows_TE.reshape(-1).long()
+    token_of_row = torch.zeros(C + 1, dtype=torch.int32, device=x_TD.device)
+    tokens_TE = torch.arange(T, dtype=torch.int32, device=x_TD.device).unsqueeze(1).expand(T, E)
+    token_of_row.scatter_(0, flat_rows, tokens_TE.reshape(-1))
+    weight_of_row = torch.zeros(C + 1, dtype=torch.float32, device=x_TD.device)
+    weight_of_row.scatter_(0, flat_rows, weights_TE.reshape(-1).float())
+    if kernels is None:
+        kernels = x_TD.is_cuda and triton_available()
+    if not kernels:
+        x_sorted = x_TD.index_select(0, token_of_row[:C])
+        h = torch._grouped_mm(x_sorted, w_in.transpose(1, 2), offs=offsets_E)
+        h = activate(h, activation) * weight_of_row[:C, None].to(h.dtype)
+        out = torch._grouped_mm(h, w_out, offs=offsets_E)  # rows past offsets[-1]: never written
+        out = torch.cat([out, out.new_zeros(1, D)])  # the dump row reads as zero
+        rows = torch.where(rows_TE < offsets_E[-1], rows_TE, C)  # (only the kept rows are defined)
+        return out.index_select(0, rows.reshape(-1)).view(T, E, D).float().sum(1).to(x_TD.dtype)
+    triton, gather_kernel, act_kernel, combine_kernel = _masked_kernels()
+    x_TD, w_in, w_out = x_TD.contiguous(), w_in.contiguous(), w_out.contiguous()
+    F_ = w_out.shape[1]
+    if activation not in ACTIVATIONS or (w_in.shape[1] == 2 * F_) != (activation in ("swiglu", "geglu")):
+        raise ValueError(f"masked experts: activation {activation!r} does not match w_in {tuple(w_in.shape)}")
+    total = offsets_E[-1:]  # the kept count, on the device
+    block_r = 16
+    x_sorted = torch.empty(C, D, device=x_TD.device, dtype=x_TD.dtype)
+    gather_kernel[(triton.cdiv(C, block_r),)](
+        x_TD, token_of_row, x_sorted, total, D, BLOCK_R=block_r, BLOCK_D=min(512, triton.next_power_of_2(D))
+    )
+    h = torch._grouped_mm(x_sorted, w_in.transpose(1, 2), offs=offsets_E)  # (C, F_in), kept rows only
+    h_act = torch.empty(C, F_, device=x_TD.device, dtype=h.dtype)
+    act_kernel[(triton.cdiv(C, block_r),)](
+        h, weight_of_row, h_act, total, F_,
+        ACT=ACTIVATIONS[activation], BLOCK_R=block_r, BLOCK_F=min(512, triton.next_power_of_2(F_)),
+    )  # fmt: skip
+    out = torch._grouped_mm(h_act, w_out, offs=offsets_E)  # (C, D), weighted, kept rows only
+    y = torch.empty(T, D, device=x_TD.device, dtype=x_TD.dtype)
+    block_d = min(1024, triton.next_power_of_2(D))
+    combine_kernel[(T, triton.cdiv(D, block_d))](out, rows_TE, y, total, D, E, BLOCK_D=block_d)
+    return y
+
+
+@functools.cache
+def _masked_kernels():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def gather_kernel(x_ptr, token_ptr, out_ptr, total_ptr, D, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+        """out[r] = x[token[r]] for a block of rows below the kept count (the rest: nothing read or written)."""
+        offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        mask_r = offs_r < tl.load(total_ptr)
+        token = tl.load(token_ptr + offs_r, mask=mask_r, other=0).to(tl.int64)
+        for d0 in range(0, D, BLOCK_D):
+            offs_d = d0 + tl.arange(0, BLOCK_D)
+            m = mask_r[:, None] & (offs_d < D)[None, :]
+            v = tl.load(x_ptr + token[:, None] * D + offs_d[None, :], mask=m)
+            tl.store(out_ptr + offs_r[:, None].to(tl.int64) * D + offs_d[None, :], v, mask=m)
+
+    @triton.jit
+    def act_kernel(
+        h_ptr, w_ptr, out_ptr, total_ptr, F,
+        ACT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_F: tl.constexpr,
+    ):  # fmt: skip
+        """out[r, f] = act(h[r])[f] * weight[r] for rows below the kept count; a gated h is [gate, value]."""
+        offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        mask_r = offs_r < tl.load(total_ptr)
+        weight = tl.load(w_ptr + offs_r, mask=mask_r, other=0.0)
+        rows = offs_r[:, None].to(tl.int64)
+        width = F * 2 if ACT != 0 else F
+        for f0 in range(0, F, BLOCK_F):
+            offs_f = f0 + tl.arange(0, BLOCK_F)
+            m = mask_r[:, None] & (offs_f < F)[None, :]
+            g = tl.load(h_ptr + rows * width + offs_f[None, :], mask=m, other=0.0).to(tl.float32)
+            if ACT == 1:  # SwiGLU
+                a = g * tl.sigmoid(g)
+            else:  # exact GeLU (erf)
+                a = 0.5 * g * (1.0 + tl.math.erf(g * 0.7071067811865476))
+            if ACT != 0:  # gated: times the value half
+                a = a * tl.load(h_ptr + rows * width + F + offs_f[None, :], mask=m, other=0.0).to(tl.float32)
+            tl.store(
+                out_ptr + rows * F + offs_f[None, :],
+                (a * weight[:, None]).to(out_ptr.dtype.element_ty),
+                mask=m,
+            )
+
+    @triton.jit
+    def combine_kernel(src_ptr, rows_ptr, y_ptr, total_ptr, D, E, BLOCK_D: tl.constexpr):
+        """y[t] = sum over e of src[rows[t, e]] where that row is kept (fp32, in expert order)."""
+        t = tl.program_id(0).to(tl.int64)
+        offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+        total = tl.load(total_ptr)
+        acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+        for e in range(E):
+            row = tl.load(rows_ptr + t * E + e)
+            kept_d = offs_d < tl.where(row < total, D, 0)  # a dropped pair reads nothing
+            v = tl.load(src_ptr + row.to(tl.int64) * D + offs_d, mask=kept_d, other=0.0)
+            acc += v.to(tl.float32)
+        tl.store(y_ptr + t * D + offs_d, acc.to(y_ptr.dtype.element_ty), mask=offs_d < D)
+
+    return triton, gather_kernel, act_kernel, combine_kernel
