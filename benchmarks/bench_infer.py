@@ -35,6 +35,7 @@ from _cli import cuda_ms, elapsed_ms, git_commit  # noqa: E402
 from dsmoe import config as config_lib  # noqa: E402
 from dsmoe.infer import Engine, generate_fast  # noqa: E402
 from dsmoe.model import Routing, RoutingRule, build  # noqa: E402
+from dsmoe.model import sparse as sparse_lib  # noqa: E402
 from dsmoe.model.moe import select_experts  # noqa: E402
 from dsmoe.model.sparse import moe_topk_forward, route_topk  # noqa: E402
 
@@ -141,9 +142,16 @@ def bench_layer(model, tokens: int, ks, repeats: int) -> list[dict]:
             )
         for eps in (1.0, 1.5):  # the model's threshold path (sync-free fixed slots where grouped GEMMs run)
             rule = RoutingRule("threshold", eps=eps)
-            ms = cuda_ms(lambda rule=rule: layer._sparse_forward(x, layer.router(x), rule), repeats)
             active = float(select_experts(layer.router(x), rule).float().mean())
-            rows.append({"rule": f"threshold {eps:g}", "active": active, "ms": ms, "speedup": dense / ms})
+            ups = [sparse_lib.MASKED_UP] + (["grouped"] if DEVICE == "cuda" else [])
+            for up in dict.fromkeys(ups):  # the default up projection, and gather + grouped GEMM beside it
+                default, sparse_lib.MASKED_UP = sparse_lib.MASKED_UP, up
+                try:
+                    ms = cuda_ms(lambda rule=rule: layer._sparse_forward(x, layer.router(x), rule), repeats)
+                finally:
+                    sparse_lib.MASKED_UP = default
+                name = f"threshold {eps:g}" + ("" if up == default else f" (up: {up})")
+                rows.append({"rule": name, "active": active, "ms": ms, "speedup": dense / ms})
     return rows
 
 
@@ -393,6 +401,15 @@ def main() -> int:
     profiles[f"prefill {batch}x{seq} top-4{' (compiled segments)' if args.compile else ''}"] = profile_table(
         prefill
     )
+    layer, x = (
+        model.moe_layers[0],
+        torch.randn(tokens, cfg.model.d_model, device=DEVICE, dtype=torch.bfloat16),
+    )
+    rule = RoutingRule("threshold", eps=1.0)
+    with torch.no_grad():
+        profiles[f"one MLP layer, {tokens} tokens, threshold 1 (sparse path)"] = profile_table(
+            lambda: layer._sparse_forward(x, layer.router(x), rule)
+        )
     write_report(result, profiles, out_dir, Path(args.ppl_json))
     return 0
 

@@ -83,8 +83,9 @@ def test_threshold_sparse_forward_is_bitwise_deterministic(rule):
 
 @pytest.mark.parametrize("act", ["gelu", "swiglu"])
 def test_masked_forward_kernels_equal_the_torch_path_and_a_reference(act):
-    """The threshold rules' sync-free path on CUDA (Triton gather, activation, combine around two grouped
-    GEMMs, bf16) against its torch twin and an fp32 per-expert reference; a CUDA graph replays it."""
+    """The threshold rules' sync-free path on CUDA (bf16; the up projection as the fused Triton gather-GEMM
+    or as gather + grouped GEMM + activation) against its torch twin and an fp32 per-expert reference; a
+    CUDA graph replays it."""
     from dsmoe.model.mlp import activate
     from dsmoe.model.sparse import moe_masked_forward
 
@@ -99,6 +100,7 @@ def test_masked_forward_kernels_equal_the_torch_path_and_a_reference(act):
     weights = probs * keep
     with torch.no_grad():
         fast = moe_masked_forward(x, weights, keep, w_in, w_out, act, kernels=True)
+        grouped_up = moe_masked_forward(x, weights, keep, w_in, w_out, act, kernels=True, up="grouped")
         twin = moe_masked_forward(x, weights, keep, w_in, w_out, act, kernels=False)
         ref = torch.zeros(T, D, device="cuda")
         for e in range(E):
@@ -110,6 +112,7 @@ def test_masked_forward_kernels_equal_the_torch_path_and_a_reference(act):
         graph.replay()
     assert relative_error(fast.float(), ref) < 1e-2
     assert relative_error(twin.float(), ref) < 1e-2
+    assert relative_error(grouped_up.float(), ref) < 1e-2
     assert torch.equal(replayed, fast)
     assert fast[7].abs().max() == 0
 

@@ -34,8 +34,11 @@ for act in ("gelu", "swiglu", "geglu"):  # threshold rules' gather, activation a
     x, probs = torch.randn(13, D), torch.randn(13, E).softmax(-1)
     keep = E * probs > 0.9
     keep[3] = False  # a token that keeps no expert
-    fast = moe_masked_forward(x, probs * keep, keep, w_in, w_out, act, kernels=True)
-    torch.testing.assert_close(fast, moe_masked_forward(x, probs * keep, keep, w_in, w_out, act, kernels=False))
+    keep[:, 2] = False  # an expert nobody keeps
+    plain = moe_masked_forward(x, probs * keep, keep, w_in, w_out, act, kernels=False)
+    for up, blocks in (("grouped", None), ("fused", None), ("fused", {"block_m": 16, "block_n": 16, "block_k": 16})):
+        fast = moe_masked_forward(x, probs * keep, keep, w_in, w_out, act, kernels=True, up=up, blocks=blocks)
+        torch.testing.assert_close(fast, plain)
 for E, k, renormalize in ((32, 4, False), (12, 3, True), (8, 8, False)):  # softmax + top-k kernel
     h, weight = torch.randn(5, 64), torch.randn(E, 64) * 0.1
     gates, ids = route_topk(h, weight, k, renormalize)

@@ -324,6 +324,10 @@ def route_topk(
 # combine here. So the cost follows the kept pairs, the shapes are fixed, and a CUDA graph captures it.
 
 
+MASKED_UP = "fused"
+"""moe_masked_forward's up projection on CUDA: 'fused' or 'grouped' (see there)."""
+
+
 def masked_path_available(x: torch.Tensor) -> bool:
     """moe_masked_forward runs where torch._grouped_mm does for x: bf16 on Hopper, or 16/32-bit on the CPU."""
     if not hasattr(torch, "_grouped_mm"):
@@ -332,15 +336,16 @@ def masked_path_available(x: torch.Tensor) -> bool:
 
 
 def pair_rows(keep_TE: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(rows, offsets): the (T, E) int32 row of each kept pair in expert-major order (tokens ascending within
-    an expert), T*E for a dropped pair; and the (E,) int32 ends of the experts' groups (offsets[-1] pairs
-    are kept). No host sync."""
+    """(rows, offsets): the row of every (token, expert) pair, (T, E) int32, a permutation of 0..T*E-1: the
+    kept pairs first, in expert-major order (tokens ascending within an expert), then the dropped ones; and
+    the (E,) int32 ends of the experts' groups of kept rows (offsets[-1] pairs are kept). One scan over the
+    flattened expert-major mask (a scan down the T axis runs one thread per expert: slow); no host sync."""
     T, E = keep_TE.shape
-    keep = keep_TE.to(torch.int32)
-    counts_E = keep.sum(0, dtype=torch.int32)
-    offsets_E = counts_E.cumsum(0, dtype=torch.int32)
-    rank_TE = keep.cumsum(0, dtype=torch.int32) - 1 + (offsets_E - counts_E)
-    return torch.where(keep_TE, rank_TE, T * E), offsets_E
+    keep_flat = keep_TE.T.reshape(-1)  # (E*T,) expert-major
+    kept_upto = keep_flat.cumsum(0, dtype=torch.int32)  # inclusive
+    index = torch.arange(T * E, dtype=torch.int32, device=keep_TE.device)
+    rows = torch.where(keep_flat, kept_upto - 1, kept_upto[-1] + index - kept_upto)  # dropped: after the kept
+    return rows.view(E, T).T.contiguous(), kept_upto.view(E, T)[:, -1].contiguous()
 
 
 def moe_masked_forward(
@@ -351,55 +356,112 @@ def moe_masked_forward(
     w_out: torch.Tensor,
     activation: str,
     kernels: bool | None = None,
+    up: str | None = None,
+    blocks: dict | None = None,
 ) -> torch.Tensor:
-    """y_t = sum over the experts e token t keeps of weights_te * act(x_t W_in[e]^T) W_out[e], summed in
-    expert order (the same bits every run), with no host sync: the threshold rules' sparse path.
+    """y_t = sum over the experts e token t keeps of weights_te * act(x_t W_in[e]^T) W_out[e], with no host
+    sync: the threshold rules' sparse path; the same bits every run (a fixed-order fp32 sum per token).
 
     Needs torch._grouped_mm for x (bf16 on Hopper; CPU). `kernels` forces the Triton gather, activation and
     combine (CUDA, or CPU under Triton's interpreter) or their torch equivalents, which touch every slot
-    (None: Triton on CUDA where it imports)."""
+    (None: Triton on CUDA where it imports). With kernels, `up` picks the up projection: 'fused' (a Triton
+    grouped GEMM that gathers its rows as it loads them, act x weight in its epilogue; `blocks` sets its
+    tiles) or 'grouped' (gather, torch._grouped_mm, act x weight); None: MASKED_UP."""
     T, E = keep_TE.shape
     D, C = x_TD.shape[1], T * E
     rows_TE, offsets_E = pair_rows(keep_TE)
-    # What each row holds: its token and its weight (the dropped pairs all land on the dump row C).
+    # What each row holds: its token and its weight (rows is a permutation: a scatter without collisions).
     flat_rows = rows_TE.reshape(-1).long()
-    token_of_row = torch.zeros(C + 1, dtype=torch.int32, device=x_TD.device)
     tokens_TE = torch.arange(T, dtype=torch.int32, device=x_TD.device).unsqueeze(1).expand(T, E)
-    token_of_row.scatter_(0, flat_rows, tokens_TE.reshape(-1))
-    weight_of_row = torch.zeros(C + 1, dtype=torch.float32, device=x_TD.device)
-    weight_of_row.scatter_(0, flat_rows, weights_TE.reshape(-1).float())
+    token_of_row = torch.empty(C, dtype=torch.int32, device=x_TD.device).scatter_(
+        0, flat_rows, tokens_TE.reshape(-1)
+    )
+    weight_of_row = torch.empty(C, dtype=torch.float32, device=x_TD.device).scatter_(
+        0, flat_rows, weights_TE.reshape(-1).float()
+    )
+    total = offsets_E[-1:]  # the kept count, on the device
     if kernels is None:
         kernels = x_TD.is_cuda and triton_available()
     if not kernels:
-        x_sorted = x_TD.index_select(0, token_of_row[:C])
+        x_sorted = x_TD.index_select(0, token_of_row)
         h = torch._grouped_mm(x_sorted, w_in.transpose(1, 2), offs=offsets_E)
-        h = activate(h, activation) * weight_of_row[:C, None].to(h.dtype)
-        out = torch._grouped_mm(h, w_out, offs=offsets_E)  # rows past offsets[-1]: never written
-        out = torch.cat([out, out.new_zeros(1, D)])  # the dump row reads as zero
-        rows = torch.where(rows_TE < offsets_E[-1], rows_TE, C)  # (only the kept rows are defined)
+        h = activate(h, activation) * weight_of_row[:, None].to(h.dtype)
+        out = torch._grouped_mm(h, w_out, offs=offsets_E)  # rows from offsets[-1] on: never written
+        out = torch.cat([out, out.new_zeros(1, D)])  # row C reads as zero: the dropped pairs' row
+        rows = torch.where(rows_TE < total, rows_TE, C)
         return out.index_select(0, rows.reshape(-1)).view(T, E, D).float().sum(1).to(x_TD.dtype)
-    triton, gather_kernel, act_kernel, combine_kernel = _masked_kernels()
+    triton, gather_kernel, act_kernel, combine_kernel, _ = _masked_kernels()
     x_TD, w_in, w_out = x_TD.contiguous(), w_in.contiguous(), w_out.contiguous()
     F_ = w_out.shape[1]
     if activation not in ACTIVATIONS or (w_in.shape[1] == 2 * F_) != (activation in ("swiglu", "geglu")):
         raise ValueError(f"masked experts: activation {activation!r} does not match w_in {tuple(w_in.shape)}")
-    total = offsets_E[-1:]  # the kept count, on the device
-    block_r = 16
-    x_sorted = torch.empty(C, D, device=x_TD.device, dtype=x_TD.dtype)
-    gather_kernel[(triton.cdiv(C, block_r),)](
-        x_TD, token_of_row, x_sorted, total, D, BLOCK_R=block_r, BLOCK_D=min(512, triton.next_power_of_2(D))
-    )
-    h = torch._grouped_mm(x_sorted, w_in.transpose(1, 2), offs=offsets_E)  # (C, F_in), kept rows only
-    h_act = torch.empty(C, F_, device=x_TD.device, dtype=h.dtype)
-    act_kernel[(triton.cdiv(C, block_r),)](
-        h, weight_of_row, h_act, total, F_,
-        ACT=ACTIVATIONS[activation], BLOCK_R=block_r, BLOCK_F=min(512, triton.next_power_of_2(F_)),
-    )  # fmt: skip
+    up = up or MASKED_UP
+    if up == "fused":  # one Triton grouped GEMM: rows gathered as loaded, act x weight on the way out
+        h_act = gather_up(
+            x_TD, token_of_row, weight_of_row, offsets_E, w_in, F_, activation, **(blocks or {})
+        )
+    elif up == "grouped":  # gather the rows, torch._grouped_mm, then act x weight
+        block_r = 16
+        x_sorted = torch.empty(C, D, device=x_TD.device, dtype=x_TD.dtype)
+        gather_kernel[(triton.cdiv(C, block_r),)](
+            x_TD,
+            token_of_row,
+            x_sorted,
+            total,
+            D,
+            BLOCK_R=block_r,
+            BLOCK_D=min(512, triton.next_power_of_2(D)),
+        )
+        h = torch._grouped_mm(x_sorted, w_in.transpose(1, 2), offs=offsets_E)  # (C, F_in), kept rows only
+        h_act = torch.empty(C, F_, device=x_TD.device, dtype=h.dtype)
+        act_kernel[(triton.cdiv(C, block_r),)](
+            h, weight_of_row, h_act, total, F_,
+            ACT=ACTIVATIONS[activation], BLOCK_R=block_r, BLOCK_F=min(512, triton.next_power_of_2(F_)),
+        )  # fmt: skip
+    else:
+        raise ValueError(f"up projection must be fused|grouped, got {up!r}")
     out = torch._grouped_mm(h_act, w_out, offs=offsets_E)  # (C, D), weighted, kept rows only
     y = torch.empty(T, D, device=x_TD.device, dtype=x_TD.dtype)
-    block_d = min(1024, triton.next_power_of_2(D))
-    combine_kernel[(T, triton.cdiv(D, block_d))](out, rows_TE, y, total, D, E, BLOCK_D=block_d)
+    block_e = triton.next_power_of_2(E)
+    block_d = max(16, min(triton.next_power_of_2(D), 4096 // block_e))  # a (E, block_d) tile per step
+    combine_kernel[(T,)](out, rows_TE, y, total, D, E, BLOCK_E=block_e, BLOCK_D=block_d)
     return y
+
+
+def gather_up(
+    x_TD: torch.Tensor,
+    token_of_row: torch.Tensor,
+    weight_of_row: torch.Tensor,
+    offsets_E: torch.Tensor,
+    w_in: torch.Tensor,
+    F_: int,
+    activation: str,
+    block_m: int = 64,
+    block_n: int = 128,
+    block_k: int = 64,
+    num_warps: int = 4,
+    num_stages: int = 3,
+) -> torch.Tensor:
+    """(C, F): row r = act(x[token_of_row[r]] W_in[e]^T) * weight_of_row[r] for the kept rows (r below
+    offsets[-1], expert e the group r falls in), the rest unwritten. The grid covers the most tiles any
+    split of the rows into groups can need; a table on the device maps each tile to its expert and first
+    row, and tiles past the last do nothing (fixed shapes, no host sync)."""
+    triton, *_, up_kernel = _masked_kernels()
+    C, E, D = token_of_row.shape[0], offsets_E.shape[0], x_TD.shape[1]
+    starts_E = torch.cat([offsets_E.new_zeros(1), offsets_E[:-1]])
+    tiles_E = (offsets_E - starts_E + block_m - 1) // block_m
+    tile_ends = tiles_E.cumsum(0, dtype=torch.int32)
+    max_tiles = triton.cdiv(C, block_m) + E
+    tile = torch.arange(max_tiles, dtype=torch.int32, device=x_TD.device)
+    tile_expert = torch.searchsorted(tile_ends, tile, right=True).clamp_max(E - 1).to(torch.int32)
+    tile_row = starts_E[tile_expert] + (tile - (tile_ends - tiles_E)[tile_expert]) * block_m
+    h_act = torch.empty(C, F_, device=x_TD.device, dtype=x_TD.dtype)
+    up_kernel[(max_tiles, triton.cdiv(F_, block_n))](
+        x_TD, token_of_row, w_in, weight_of_row, h_act, tile_expert, tile_row, offsets_E, tile_ends[-1:], D, F_,
+        ACT=ACTIVATIONS[activation], BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        num_warps=num_warps, num_stages=num_stages,
+    )  # fmt: skip
+    return h_act
 
 
 @functools.cache
@@ -447,17 +509,69 @@ def _masked_kernels():
             )
 
     @triton.jit
-    def combine_kernel(src_ptr, rows_ptr, y_ptr, total_ptr, D, E, BLOCK_D: tl.constexpr):
-        """y[t] = sum over e of src[rows[t, e]] where that row is kept (fp32, in expert order)."""
+    def combine_kernel(
+        src_ptr, rows_ptr, y_ptr, total_ptr, D, E, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr
+    ):
+        """y[t] = the fp32 sum over e of src[rows[t, e]] where that row is kept: one token's (E, BLOCK_D) tile
+        per step, the dropped rows masked out (never read)."""
         t = tl.program_id(0).to(tl.int64)
-        offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+        offs_e = tl.arange(0, BLOCK_E)
         total = tl.load(total_ptr)
-        acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-        for e in range(E):
-            row = tl.load(rows_ptr + t * E + e)
-            kept_d = offs_d < tl.where(row < total, D, 0)  # a dropped pair reads nothing
-            v = tl.load(src_ptr + row.to(tl.int64) * D + offs_d, mask=kept_d, other=0.0)
-            acc += v.to(tl.float32)
-        tl.store(y_ptr + t * D + offs_d, acc.to(y_ptr.dtype.element_ty), mask=offs_d < D)
+        rows = tl.load(rows_ptr + t * E + offs_e, mask=offs_e < E, other=total).to(tl.int64)
+        width = tl.where(rows < total, D, 0)  # a dropped (or padding) pair reads nothing
+        for d0 in range(0, D, BLOCK_D):
+            offs_d = d0 + tl.arange(0, BLOCK_D)
+            v = tl.load(
+                src_ptr + rows[:, None] * D + offs_d[None, :],
+                mask=offs_d[None, :] < width[:, None],
+                other=0.0,
+            )
+            acc = tl.sum(v.to(tl.float32), axis=0)
+            tl.store(y_ptr + t * D + offs_d, acc.to(y_ptr.dtype.element_ty), mask=offs_d < D)
 
-    return triton, gather_kernel, act_kernel, combine_kernel
+    @triton.jit
+    def up_kernel(
+        x_ptr, token_ptr, w_ptr, weight_ptr, out_ptr, tile_expert_ptr, tile_row_ptr, offsets_ptr, n_tiles_ptr,
+        D, F, ACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):  # fmt: skip
+        """One (BLOCK_M rows of one expert's group, BLOCK_N hidden units) tile of act(x W_in[e]^T) * weight:
+        the x rows loaded through the token table (no gathered copy), gate and value halves side by side."""
+        tile = tl.program_id(0)
+        if tile < tl.load(n_tiles_ptr):
+            e = tl.load(tile_expert_ptr + tile).to(tl.int64)
+            offs_m = tl.load(tile_row_ptr + tile) + tl.arange(0, BLOCK_M)
+            mask_m = offs_m < tl.load(offsets_ptr + e)
+            token = tl.load(token_ptr + offs_m, mask=mask_m, other=0).to(tl.int64)
+            offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+            mask_n = offs_n < F
+            width = F * 2 if ACT != 0 else F
+            w_base = w_ptr + e * width * D
+            acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            acc2 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            for k0 in range(0, D, BLOCK_K):
+                offs_k = k0 + tl.arange(0, BLOCK_K)
+                mask_k = offs_k < D
+                a = tl.load(
+                    x_ptr + token[:, None] * D + offs_k[None, :],
+                    mask=mask_m[:, None] & mask_k[None, :],
+                    other=0.0,
+                )
+                m_b = mask_k[:, None] & mask_n[None, :]
+                b = tl.load(
+                    w_base + offs_n[None, :] * D + offs_k[:, None], mask=m_b, other=0.0
+                )  # W_in[e]^T tile
+                acc = tl.dot(a, b, acc)
+                if ACT != 0:  # gated: rows F.. of W_in[e] give the value half
+                    b2 = tl.load(w_base + (F + offs_n)[None, :] * D + offs_k[:, None], mask=m_b, other=0.0)
+                    acc2 = tl.dot(a, b2, acc2)
+            if ACT == 1:  # SwiGLU
+                h = acc * tl.sigmoid(acc) * acc2
+            else:  # exact GeLU (erf), times the value half for GeGLU
+                h = 0.5 * acc * (1.0 + tl.math.erf(acc * 0.7071067811865476))
+                if ACT == 2:
+                    h = h * acc2
+            h = h * tl.load(weight_ptr + offs_m, mask=mask_m, other=0.0)[:, None]
+            out = out_ptr + offs_m[:, None].to(tl.int64) * F + offs_n[None, :]
+            tl.store(out, h.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+    return triton, gather_kernel, act_kernel, combine_kernel, up_kernel
