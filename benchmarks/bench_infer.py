@@ -140,6 +140,24 @@ def bench_layer(model, tokens: int, ks, repeats: int) -> list[dict]:
             rows.append(
                 {"rule": f"top-{k}", "active": k / layer.num_experts, "ms": ms, "speedup": dense / ms}
             )
+            if k == 4 and DEVICE == "cuda":  # the same rule on the threshold rules' fixed-slot path
+
+                def masked(k=k):
+                    probs = layer.router(x)
+                    keep = select_experts(probs, RoutingRule("top_k", k=k))
+                    return sparse_lib.moe_masked_forward(
+                        x, probs * keep, keep, layer.w_in, layer.w_out, layer.activation
+                    )
+
+                ms = cuda_ms(masked, repeats)
+                rows.append(
+                    {
+                        "rule": f"top-{k} (fixed slots)",
+                        "active": k / layer.num_experts,
+                        "ms": ms,
+                        "speedup": dense / ms,
+                    }
+                )
         for eps in (1.0, 1.5):  # the model's threshold path (sync-free fixed slots where grouped GEMMs run)
             rule = RoutingRule("threshold", eps=eps)
             active = float(select_experts(layer.router(x), rule).float().mean())

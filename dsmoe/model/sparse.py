@@ -366,7 +366,7 @@ def moe_masked_forward(
     combine (CUDA, or CPU under Triton's interpreter) or their torch equivalents, which touch every slot
     (None: Triton on CUDA where it imports). With kernels, `up` picks the up projection: 'fused' (a Triton
     grouped GEMM that gathers its rows as it loads them, act x weight in its epilogue; `blocks` sets its
-    tiles) or 'grouped' (gather, torch._grouped_mm, act x weight); None: MASKED_UP."""
+    tiles, and 'combine_d' the combine's) or 'grouped' (gather, torch._grouped_mm, act x weight); None: MASKED_UP."""
     T, E = keep_TE.shape
     D, C = x_TD.shape[1], T * E
     rows_TE, offsets_E = pair_rows(keep_TE)
@@ -395,7 +395,11 @@ def moe_masked_forward(
     F_ = w_out.shape[1]
     if activation not in ACTIVATIONS or (w_in.shape[1] == 2 * F_) != (activation in ("swiglu", "geglu")):
         raise ValueError(f"masked experts: activation {activation!r} does not match w_in {tuple(w_in.shape)}")
-    up = up or MASKED_UP
+    up, blocks = up or MASKED_UP, dict(blocks or {})
+    block_e = triton.next_power_of_2(E)
+    block_d = blocks.pop(
+        "combine_d", max(16, min(triton.next_power_of_2(D), 8192 // block_e))
+    )  # (E, D) tiles
     if up == "fused":  # one Triton grouped GEMM: rows gathered as loaded, act x weight on the way out
         h_act = gather_up(
             x_TD, token_of_row, weight_of_row, offsets_E, w_in, F_, activation, **(blocks or {})
@@ -422,9 +426,9 @@ def moe_masked_forward(
         raise ValueError(f"up projection must be fused|grouped, got {up!r}")
     out = torch._grouped_mm(h_act, w_out, offs=offsets_E)  # (C, D), weighted, kept rows only
     y = torch.empty(T, D, device=x_TD.device, dtype=x_TD.dtype)
-    block_e = triton.next_power_of_2(E)
-    block_d = max(16, min(triton.next_power_of_2(D), 4096 // block_e))  # a (E, block_d) tile per step
-    combine_kernel[(T,)](out, rows_TE, y, total, D, E, BLOCK_E=block_e, BLOCK_D=block_d)
+    combine_kernel[(T, triton.cdiv(D, block_d))](
+        out, rows_TE, y, total, D, E, BLOCK_E=block_e, BLOCK_D=block_d
+    )
     return y
 
 
@@ -511,23 +515,20 @@ def _masked_kernels():
     @triton.jit
     def combine_kernel(
         src_ptr, rows_ptr, y_ptr, total_ptr, D, E, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr
-    ):
-        """y[t] = the fp32 sum over e of src[rows[t, e]] where that row is kept: one token's (E, BLOCK_D) tile
-        per step, the dropped rows masked out (never read)."""
+    ):  # fmt: skip
+        """y[t, block] = the fp32 sum over e of src[rows[t, e], block] where that row is kept: one (E, BLOCK_D)
+        tile per program (many programs in flight: the loads are what it waits on), dropped rows never read."""
         t = tl.program_id(0).to(tl.int64)
+        offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
         offs_e = tl.arange(0, BLOCK_E)
         total = tl.load(total_ptr)
         rows = tl.load(rows_ptr + t * E + offs_e, mask=offs_e < E, other=total).to(tl.int64)
         width = tl.where(rows < total, D, 0)  # a dropped (or padding) pair reads nothing
-        for d0 in range(0, D, BLOCK_D):
-            offs_d = d0 + tl.arange(0, BLOCK_D)
-            v = tl.load(
-                src_ptr + rows[:, None] * D + offs_d[None, :],
-                mask=offs_d[None, :] < width[:, None],
-                other=0.0,
-            )
-            acc = tl.sum(v.to(tl.float32), axis=0)
-            tl.store(y_ptr + t * D + offs_d, acc.to(y_ptr.dtype.element_ty), mask=offs_d < D)
+        v = tl.load(
+            src_ptr + rows[:, None] * D + offs_d[None, :], mask=offs_d[None, :] < width[:, None], other=0.0
+        )
+        acc = tl.sum(v.to(tl.float32), axis=0)
+        tl.store(y_ptr + t * D + offs_d, acc.to(y_ptr.dtype.element_ty), mask=offs_d < D)
 
     @triton.jit
     def up_kernel(
