@@ -396,10 +396,7 @@ def moe_masked_forward(
     if activation not in ACTIVATIONS or (w_in.shape[1] == 2 * F_) != (activation in ("swiglu", "geglu")):
         raise ValueError(f"masked experts: activation {activation!r} does not match w_in {tuple(w_in.shape)}")
     up, blocks = up or MASKED_UP, dict(blocks or {})
-    block_e = triton.next_power_of_2(E)
-    block_d = blocks.pop(
-        "combine_d", max(16, min(triton.next_power_of_2(D), 8192 // block_e))
-    )  # (E, D) tiles
+    block_d = blocks.pop("combine_d", min(1024, triton.next_power_of_2(D)))
     if up == "fused":  # one Triton grouped GEMM: rows gathered as loaded, act x weight on the way out
         h_act = gather_up(
             x_TD, token_of_row, weight_of_row, offsets_E, w_in, F_, activation, **(blocks or {})
@@ -426,9 +423,7 @@ def moe_masked_forward(
         raise ValueError(f"up projection must be fused|grouped, got {up!r}")
     out = torch._grouped_mm(h_act, w_out, offs=offsets_E)  # (C, D), weighted, kept rows only
     y = torch.empty(T, D, device=x_TD.device, dtype=x_TD.dtype)
-    combine_kernel[(T, triton.cdiv(D, block_d))](
-        out, rows_TE, y, total, D, E, BLOCK_E=block_e, BLOCK_D=block_d
-    )
+    combine_kernel[(T, triton.cdiv(D, block_d))](out, rows_TE, y, total, D, E=E, BLOCK_D=block_d)
     return y
 
 
@@ -513,21 +508,17 @@ def _masked_kernels():
             )
 
     @triton.jit
-    def combine_kernel(
-        src_ptr, rows_ptr, y_ptr, total_ptr, D, E, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr
-    ):  # fmt: skip
-        """y[t, block] = the fp32 sum over e of src[rows[t, e], block] where that row is kept: one (E, BLOCK_D)
-        tile per program (many programs in flight: the loads are what it waits on), dropped rows never read."""
+    def combine_kernel(src_ptr, rows_ptr, y_ptr, total_ptr, D, E: tl.constexpr, BLOCK_D: tl.constexpr):
+        """y[t, block] = the fp32 sum, in expert order, of src[rows[t, e], block] over the kept rows: E loads
+        unrolled, so they are in flight together; a dropped pair's load is masked off (reads nothing)."""
         t = tl.program_id(0).to(tl.int64)
         offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-        offs_e = tl.arange(0, BLOCK_E)
         total = tl.load(total_ptr)
-        rows = tl.load(rows_ptr + t * E + offs_e, mask=offs_e < E, other=total).to(tl.int64)
-        width = tl.where(rows < total, D, 0)  # a dropped (or padding) pair reads nothing
-        v = tl.load(
-            src_ptr + rows[:, None] * D + offs_d[None, :], mask=offs_d[None, :] < width[:, None], other=0.0
-        )
-        acc = tl.sum(v.to(tl.float32), axis=0)
+        acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+        for e in tl.static_range(E):
+            row = tl.load(rows_ptr + t * E + e)
+            kept_d = offs_d < tl.where(row < total, D, 0)
+            acc += tl.load(src_ptr + row.to(tl.int64) * D + offs_d, mask=kept_d, other=0.0).to(tl.float32)
         tl.store(y_ptr + t * D + offs_d, acc.to(y_ptr.dtype.element_ty), mask=offs_d < D)
 
     @triton.jit
