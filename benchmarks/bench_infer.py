@@ -7,7 +7,7 @@ GPU run (random init, bf16; every rule runs the same checkpoint through dsmoe.in
 means all experts of the same weights, without routing statistics in either):
   - one MLP layer, 16384 tokens: router + all experts vs router + top-K (sorted grouped GEMMs);
   - whole-model prefill of 8 x 2048 tokens (last-position logits);
-  - whole-model decode, batch 1 and 64, each step one captured CUDA graph (threshold rules run eagerly);
+  - whole-model decode, batch 1 and 64, each step one captured CUDA graph;
   - dsmoe generation (Engine, top-4) against transformers' generate() on the same model exported
     (dsmoe/export.py, loaded with AutoModelForCausalLM after `import dsmoe.hf`), greedy, batch 1;
   - a torch.profiler table of one eager top-4 decode step and of a top-4 prefill (what dominates).
@@ -459,8 +459,9 @@ def write_report(result: dict, profiles: dict, out_dir: Path, ppl_json: Path) ->
         f"({result['params'] / 1e6:.0f}M parameters, {result['config']})",
         f"- command: `{result['command']}`",
         "- every rule runs the same weights through dsmoe.infer.Engine (static KV cache, no routing statistics; "
-        "decode steps are CUDA graphs except the threshold rules, which sync with the host; prefill and decode "
-        f"segments {'compiled (torch.compile)' if result['compile'] else 'not compiled'})",
+        "decode steps are CUDA graphs; prefill and decode "
+        f"segments {'compiled (torch.compile)' if result['compile'] else 'not compiled'}; experts combined: "
+        f"{result.get('combine', 'auto')}, see dsmoe.infer.SPARSE_OVER_DENSE)",
         "",
         "## Targets (issue #6)",
         "",
