@@ -26,7 +26,7 @@ def share_close(a: torch.Tensor, b: torch.Tensor, tol: float) -> float:
 
 @pytest.mark.parametrize("activation", ["gelu", "swiglu"])
 @pytest.mark.parametrize("tokens, k", [(1, 4), (3, 2), (64, 4), (2000, 4), (700, 32)])
-@pytest.mark.parametrize("path", ["gemv", "grouped"])
+@pytest.mark.parametrize("path", ["gemv", "grouped", "fused"])
 def test_fast_expert_paths_equal_the_portable_loop(activation, tokens, k, path):
     torch.manual_seed(tokens + k)
     E, F, D = 32, 96, 320  # F, D not multiples of the kernels' blocks: the masks are exercised

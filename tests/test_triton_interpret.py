@@ -28,6 +28,8 @@ for act in ("gelu", "swiglu"):  # gather-GEMV (partial sums added up) equals the
     with torch.no_grad():
         fast = moe_topk_forward(x, w, e, w_in, w_out, act, path="gemv")
     torch.testing.assert_close(fast, moe_topk_forward(x, w, e, w_in, w_out, act, path="loop"))
+    fused = moe_topk_forward(x, w, e, w_in, w_out, act, path="fused")  # Triton gather-GEMM up projection
+    torch.testing.assert_close(fused, moe_topk_forward(x, w, e, w_in, w_out, act, path="loop"))
 for act in ("gelu", "swiglu", "geglu"):  # threshold rules' gather, activation and combine kernels
     E, F, D = 8, 24, 40
     w_in, w_out = torch.randn(E, F if act == "gelu" else 2 * F, D) * 0.1, torch.randn(E, F, D) * 0.1

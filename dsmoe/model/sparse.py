@@ -1,8 +1,10 @@
-"""Sparse expert compute for inference: top-K routing with a fixed-shape, sync-free dispatch.
+"""Sparse expert compute for inference, with no host sync: top-K routing as a fixed-shape dispatch, and any
+per-token set of experts (threshold rules) in fixed slots.
 
-Every token keeps exactly K experts, so the (token, expert) pairs are a fixed (T, K) table and nothing here
-asks the host how many tokens an expert got (no nonzero(), no .item(), no bincount, which syncs on CUDA).
-Three paths compute sum_k w_tk E_{e_tk}(x_t) on the experts' stacked weights in place (no copy of a weight):
+Every token keeps exactly K experts under top-K, so the (token, expert) pairs are a fixed (T, K) table and
+nothing here asks the host how many tokens an expert got (no nonzero(), no .item(), no bincount, which syncs
+on CUDA). Four paths compute sum_k w_tk E_{e_tk}(x_t) on the experts' stacked weights in place (no copy of a
+weight):
 
   'gemv'     small batches (decode): two Triton kernels over the pairs, each reading only the chosen experts'
              rows of w_in and w_out (a gather-GEMV), the router weight applied in the second; CUDA only.
@@ -10,9 +12,13 @@ Three paths compute sum_k w_tk E_{e_tk}(x_t) on the experts' stacked weights in 
              scatter_add and cumsum on the device), the sorted token rows gathered, two torch._grouped_mm
              (bf16, Hopper) with the activation and router weight between them, the rows put back in pair
              order and summed over K; differentiable (the SMoE baseline trains through it).
+  'fused'    large batches, inference on Hopper: the same sort, the up projection one Triton grouped GEMM
+             that gathers the token rows as it loads them (activation and router weight in its epilogue:
+             `gather_up`), the down projection torch._grouped_mm, each token's K rows summed back.
   'loop'     the portable path (CPU, or any dtype): the same sort, a loop over experts (host sync: fine on CPU).
 
-`moe_topk_forward` picks the fastest available path; Triton is imported only when the 'gemv' path runs.
+`moe_topk_forward` picks the fastest available path; `moe_masked_forward` (below) runs the threshold rules.
+Triton is imported only when a Triton path runs.
 """
 
 from __future__ import annotations
@@ -48,15 +54,14 @@ def triton_available() -> bool:
 
 
 def pick_path(x_TD: torch.Tensor) -> str:
-    """The fastest path for these tokens: gemv (few tokens, CUDA), grouped (Hopper bf16), else loop."""
-    if (
-        x_TD.is_cuda
-        and x_TD.shape[0] <= GEMV_MAX_TOKENS
-        and not torch.is_grad_enabled()
-        and triton_available()
-    ):
+    """The fastest path for these tokens: gemv (few tokens, CUDA), fused (Hopper bf16, inference), grouped
+    (Hopper bf16), else loop."""
+    inference_kernels = x_TD.is_cuda and not torch.is_grad_enabled() and triton_available()
+    if inference_kernels and x_TD.shape[0] <= GEMV_MAX_TOKENS:
         return "gemv"
-    return "grouped" if grouped_mm_available(x_TD) else "loop"
+    if grouped_mm_available(x_TD):
+        return "fused" if inference_kernels else "grouped"
+    return "loop"
 
 
 def sort_pairs(experts_TK: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -84,10 +89,18 @@ def moe_topk_forward(
     path = path or pick_path(x_TD)
     if path == "gemv":
         return gemv_topk_forward(x_TD, weights_TK, experts_TK, w_in, w_out, activation)
-    if path not in ("grouped", "loop"):
-        raise ValueError(f"expert path must be gemv|grouped|loop, got {path!r}")
+    if path not in ("fused", "grouped", "loop"):
+        raise ValueError(f"expert path must be gemv|fused|grouped|loop, got {path!r}")
     T, K = experts_TK.shape
     order, counts = sort_pairs(experts_TK, w_in.shape[0])
+    if path == "fused":  # the token rows gathered inside the up projection (no sorted copy of x)
+        offsets = counts.cumsum(0, dtype=torch.int32)
+        weight_of_row = weights_TK.reshape(-1).index_select(0, order).float()
+        token_of_row = (order // K).to(torch.int32)
+        h = gather_up(x_TD, token_of_row, weight_of_row, offsets, w_in, w_out.shape[1], activation)
+        out_sorted = torch._grouped_mm(h, w_out, offs=offsets)  # (P, D), weighted
+        inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+        return gather_sum(out_sorted, inverse.view(T, K))
     x_sorted = x_TD.index_select(0, order // K)  # (P, D) token rows in expert order
     w_sorted = weights_TK.reshape(-1).index_select(0, order).to(x_TD.dtype).unsqueeze(-1)  # (P, 1)
     if path == "grouped":
