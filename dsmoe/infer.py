@@ -357,7 +357,7 @@ class Engine:
         post = self._post[0 if dense else self._top_k]
         carry = None
         for layer, (block, w) in enumerate(zip(model.blocks, self._layers, strict=True)):
-            x, h, q, k, v = self._pre(x, carry, w.attn_norm, w.q, w.k, w.v, w.q_norm, w.k_norm, cos, sin)
+            x, h, q, k, v = self._pre(x, carry, w.attn_norm, w.qkv, w.q_norm, w.k_norm, cos, sin)
             renormalize = block.mlp.renormalize if w.mlp_router is not None else False
             if pos is not None:
                 self.k[layer].index_copy_(2, pos.view(1), k)
@@ -414,9 +414,8 @@ class _LayerWeights:
     """One block's tensors, as the decode segments take them (None where the block has no such part)."""
 
     attn_norm: torch.Tensor
-    q: torch.Tensor
-    k: torch.Tensor
-    v: torch.Tensor
+    qkv: torch.Tensor
+    """W_q, W_k, W_v stacked: one GEMM for the three projections (a copy made when the Engine loads)."""
     o: torch.Tensor
     q_norm: torch.Tensor | None
     k_norm: torch.Tensor | None
@@ -429,9 +428,7 @@ def _layer_weights(block) -> _LayerWeights:
     attn, routed = block.attn, getattr(block.mlp, "routed", False)
     return _LayerWeights(
         block.attn_norm.weight,
-        attn.q_proj.weight,
-        attn.k_proj.weight,
-        attn.v_proj.weight,
+        torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]).detach(),
         attn.o_proj.weight,
         attn.q_norm.weight if attn.q_norm is not None else None,
         attn.k_norm.weight if attn.k_norm is not None else None,
@@ -463,20 +460,19 @@ def _add_carry(x: torch.Tensor, carry: torch.Tensor | None) -> torch.Tensor:
     return x + carry
 
 
-def _segment_pre(
-    x, carry, attn_norm, q_w, k_w, v_w, q_norm, k_norm, cos, sin, *, eps, n_heads, n_kv, head_dim
-):
-    """Residual of the previous MLP, attention norm, projections, QK-norm, RoPE of T new tokens per row.
-    Returns x, h and q (B, H, T, hd), k, v (B, KV, T, hd)."""
+def _segment_pre(x, carry, attn_norm, qkv_w, q_norm, k_norm, cos, sin, *, eps, n_heads, n_kv, head_dim):
+    """Residual of the previous MLP, attention norm, the Q/K/V projections as one GEMM, QK-norm, RoPE of T
+    new tokens per row. Returns x, h and q (B, H, T, hd), k, v (B, KV, T, hd)."""
     x = _add_carry(x, carry)
     B, T = x.shape[:2]
     h = F.rms_norm(x, (x.shape[-1],), attn_norm, eps)
-    q = (h @ q_w.T).view(B, T, n_heads, head_dim)
-    k = (h @ k_w.T).view(B, T, n_kv, head_dim)
+    q, k, v = (h @ qkv_w.T).split([n_heads * head_dim, n_kv * head_dim, n_kv * head_dim], dim=-1)
+    q = q.view(B, T, n_heads, head_dim)
+    k = k.view(B, T, n_kv, head_dim)
     if q_norm is not None:
         q = F.rms_norm(q, (head_dim,), q_norm, eps)
         k = F.rms_norm(k, (head_dim,), k_norm, eps)
-    v = (h @ v_w.T).view(B, T, n_kv, head_dim).transpose(1, 2)
+    v = v.reshape(B, T, n_kv, head_dim).transpose(1, 2)
     return x, h, apply_rope(q.transpose(1, 2), cos, sin), apply_rope(k.transpose(1, 2), cos, sin), v
 
 
