@@ -149,17 +149,23 @@ def in_growth_ramp(model: DecoderLM) -> bool:
     )
 
 
+HOPPER_SPARSE_OVER_DENSE = {
+    "top_k": ((1, 1.27), (64, 0.50), (16384, 1.42)),
+    "threshold": ((1, 0.98), (64, 0.54), (16384, 1.15)),
+}
 SPARSE_OVER_DENSE: dict[str, dict[str, tuple[tuple[int, float], ...]]] = {
-    "H200": {
-        "top_k": ((1, 1.169), (64, 0.573), (16384, 1.524)),
-        "threshold": ((1, 0.932), (64, 0.076), (16384, 0.691)),
-    },
+    "H100": HOPPER_SPARSE_OVER_DENSE,
+    "H200": HOPPER_SPARSE_OVER_DENSE,
 }
 """Whole-model speed of the sparse expert paths over dense (all experts) at a number of tokens per forward, by
-device and rule family: DS-MoE-1B, bf16, compiled segments; top-K at K=4, threshold at eps 1 (one H200,
-2026-12-02, commit 37192cf, `bash tools/device.sh regress`: benchmarks/regress_h200.md; 1 token = decode at
-batch 1, 64 = decode at batch 64, 16384 = prefill 8 x 2048). Where the sparse path ran slower than dense, the
-Engine computes every expert and combines them with the rule's weights instead: the same function at dense cost."""
+device and rule family: DS-MoE-1B, bf16, compiled segments; top-K at K=4, threshold at eps 1; 1 token =
+decode at batch 1, 64 = decode at batch 64, 16384 = prefill 8 x 2048. Measured on one H100 on 2026-12-07
+(`python benchmarks/bench_infer.py --compile --quick --skip-hf --combine sparse`: benchmarks/infer23_h100/,
+commit b294aef; top-K prefill 1.42 at 71cb985, the same path, as b294aef ran it on the 'fused' path that is
+no longer picked). H200 takes the same table: its last measurement (2026-12-02, 37192cf, top-K 1.17 / 0.57 /
+1.52) led to the same choices, and its threshold figures predate the sync-free threshold path. Where the
+sparse path ran slower than dense, the Engine computes every expert and combines them with the rule's weights
+instead: the same function at dense cost."""
 
 
 def dense_combine_wins(rule: RoutingRule, tokens: int, device: torch.device) -> bool:
@@ -266,12 +272,18 @@ class Engine:
         self._pre = functools.partial(
             _segment_pre, eps=cfg.norm_eps, n_heads=a.num_heads, n_kv=a.num_kv_heads, head_dim=cfg.head_dim
         )
-        # The post segments return the top-K table on the sparse path, every probability for a dense combine.
+        # The post segments return the top-K table on the sparse path, or every probability (threshold rules);
+        # for a dense combine, the rule's weights of every expert, masked inside the segment (eager, the mask's
+        # few small kernels cost 5-16% of a batch-64 decode step on H100).
+        rule = routing.mlp if routing.mlp.mode != "dense" else None
         self._post = {
-            k: functools.partial(_segment_post, eps=cfg.norm_eps, top_k=k) for k in {self._top_k, 0}
+            "sparse": functools.partial(_segment_post, eps=cfg.norm_eps, top_k=self._top_k),
+            "dense": functools.partial(_segment_post, eps=cfg.norm_eps, top_k=0, combine_rule=rule),
         }
         decode_k = 0 if self._decode_dense else self._top_k
-        self._decode_post = functools.partial(_decode_post, eps=cfg.norm_eps, top_k=decode_k)
+        self._decode_post = functools.partial(
+            _decode_post, eps=cfg.norm_eps, top_k=decode_k, combine_rule=rule if self._decode_dense else None
+        )
         # Few tokens on CUDA: the router's scores (one fp32-output GEMM) and one Triton softmax + top-K before
         # the gather-GEMV experts, outside the compiled segment (fewer launches than its softmax and topk).
         self._fused_route = bool(decode_k) and expert_path in (None, "gemv") and picked == "gemv"
@@ -354,7 +366,7 @@ class Engine:
             cos, sin = self.cos[start : start + T], self.sin[start : start + T]
             causal, mask = causal_mask(T, start, self.device)
         dense = self._decode_dense if pos is not None else self._dense_combine(B * T)
-        post = self._post[0 if dense else self._top_k]
+        post = self._post["dense" if dense else "sparse"]
         carry = None
         for layer, (block, w) in enumerate(zip(model.blocks, self._layers, strict=True)):
             x, h, q, k, v = self._pre(x, carry, w.attn_norm, w.qkv, w.q_norm, w.k_norm, cos, sin)
@@ -388,9 +400,8 @@ class Engine:
         if not getattr(mlp, "routed", False):
             return mlp(h)[0]
         x_TD = h.reshape(-1, h.shape[-1])
-        if dense:  # every expert, weighted by the rule (zero where it drops one): no host sync, fixed shapes
-            weights = kept_weights(gate, select_experts(gate, self.routing.mlp), mlp.renormalize)
-            return mlp._dense_forward(x_TD, weights).view_as(h)
+        if dense:  # every expert, gate holding the rule's weights (zero where it drops one): fixed shapes
+            return mlp._dense_forward(x_TD, gate).view_as(h)
         if fused_route and self._fused_route:
             gate, experts = route_topk(x_TD, mlp.router.weight, self._top_k, mlp.renormalize)
         path = self.expert_path or pick_path(x_TD)
@@ -482,10 +493,13 @@ def _router_probs(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return F.softmax(router_scores(h.reshape(-1, h.shape[-1]), weight), dim=-1)
 
 
-def _segment_post(x, h, y, o_w, attn_router, mlp_norm, mlp_router, renormalize, *, eps, top_k):
+def _segment_post(
+    x, h, y, o_w, attn_router, mlp_norm, mlp_router, renormalize, *, eps, top_k, combine_rule=None
+):
     """After attention (y: (B, T, H x hd)): MoA scaling (every expert kept), output projection and
     residual; MLP norm and router. Returns x, the MLP input, and either (weights, expert ids) of the top K
-    or (all probabilities, None); (None, None) without a router."""
+    or (all probabilities, None), or with `combine_rule` (every expert's weight under that rule, None);
+    (None, None) without a router."""
     B, T = x.shape[:2]
     if attn_router is not None:
         probs = _router_probs(h, attn_router)  # (B x T, E)
@@ -495,14 +509,17 @@ def _segment_post(x, h, y, o_w, attn_router, mlp_norm, mlp_router, renormalize, 
     if mlp_router is None:
         return x, h, None, None
     probs = _router_probs(h, mlp_router)
+    if combine_rule is not None:
+        return x, h, kept_weights(probs, select_experts(probs, combine_rule), renormalize), None
     if not top_k:
         return x, h, probs, None
     return (x, h, *top_k_table(probs, top_k, renormalize))
 
 
 def _decode_post(
-    x, h, q, keys, values, pos, positions, o_w, attn_router, mlp_norm, mlp_router, renormalize, *, eps, top_k
-):
+    x, h, q, keys, values, pos, positions, o_w, attn_router, mlp_norm, mlp_router, renormalize, *, eps, top_k,
+    combine_rule=None,
+):  # fmt: skip
     """Attention of one query per row over the whole cache (B, KV, S, hd), query heads grouped per K/V
     head (no copy of the cache), positions after `pos` masked, then the post segment. Scores and softmax
     in fp32 (the training kernels' precision: bf16 scores lose ~3 digits); probabilities @ V in the cache's
@@ -512,7 +529,10 @@ def _decode_post(
     scores = q.float().reshape(B, KV, H // KV, hd) @ keys.float().transpose(-2, -1)  # (B, KV, G, S)
     scores = (scores / math.sqrt(hd)).masked_fill(positions > pos, float("-inf"))
     y = (scores.softmax(-1).to(values.dtype) @ values).reshape(B, 1, H * hd)  # (B, 1, H x hd)
-    return _segment_post(x, h, y, o_w, attn_router, mlp_norm, mlp_router, renormalize, eps=eps, top_k=top_k)
+    return _segment_post(
+        x, h, y, o_w, attn_router, mlp_norm, mlp_router, renormalize,
+        eps=eps, top_k=top_k, combine_rule=combine_rule,
+    )  # fmt: skip
 
 
 @torch.no_grad()
