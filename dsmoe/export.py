@@ -263,10 +263,23 @@ def export_qwen3_moe(
     The stock model is built, given our weights, and saved by transformers itself, so the files are in the
     format every Qwen3-MoE loader reads.
     """
-    import torch
-    from transformers import PreTrainedTokenizerFast, Qwen3MoeConfig, Qwen3MoeForCausalLM
+    from transformers import PreTrainedTokenizerFast
 
     model, cfg, tokenizer_path, _ = load_from_run(run_dir, tag, trust_pickle)
+    out = Path(out_dir)
+    qwen3_moe_from(model, cfg, top_k).save_pretrained(out)
+    PreTrainedTokenizerFast(
+        tokenizer_file=str(tokenizer_path), eos_token=cfg.data.eos_token or EOS
+    ).save_pretrained(out)
+    return out
+
+
+def qwen3_moe_from(model: DecoderLM, cfg: config_lib.Config, top_k: int):
+    """A stock transformers Qwen3MoeForCausalLM holding a copy of `model`'s weights (fp32, on the CPU), top-K
+    routing without renormalisation (see export_qwen3_moe); raises CheckpointError for other architectures."""
+    import torch
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
     problems = qwen3_moe_incompatibilities(cfg)
     if problems:
         raise CheckpointError("cannot export as qwen3_moe: " + "; ".join(problems))
@@ -308,9 +321,4 @@ def export_qwen3_moe(
             theirs.mlp.experts.down_proj.copy_(
                 ours.mlp.w_out.transpose(1, 2)
             )  # ours (E, F, D), theirs (E, D, F)
-    out = Path(out_dir)
-    qwen.save_pretrained(out)
-    PreTrainedTokenizerFast(
-        tokenizer_file=str(tokenizer_path), eos_token=cfg.data.eos_token or EOS
-    ).save_pretrained(out)
-    return out
+    return qwen
