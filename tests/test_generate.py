@@ -127,6 +127,18 @@ def test_dense_combine_equals_sparse_under_threshold_top_k():
     torch.testing.assert_close(runs[1], runs[0], rtol=1e-5, atol=1e-5)
 
 
+def test_top_k_mask_equals_select_experts():
+    """The dense combine's top-K mask (pairwise ranks, fusable) against topk + scatter, ties included."""
+    from dsmoe.infer import top_k_mask
+    from dsmoe.model.moe import select_experts
+
+    probs = torch.randn(300, 12).softmax(-1)
+    for k in (1, 4, 12, 20):
+        assert torch.equal(top_k_mask(probs, k), select_experts(probs, RoutingRule("top_k", k=k)))
+    tied = torch.tensor([[0.25, 0.25, 0.25, 0.25], [0.1, 0.4, 0.4, 0.1]])
+    assert top_k_mask(tied, 2).tolist() == [[True, True, False, False], [False, True, True, False]]
+
+
 def test_dense_combine_follows_the_measured_table(monkeypatch):
     """The Engine's automatic choice: every expert combined where the committed table measured the sparse path
     slower than dense on this device, at the measured size nearest in log(tokens); sparse elsewhere, and on
