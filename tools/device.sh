@@ -2,12 +2,12 @@
 # The GPU runs behind the committed results, one request each on the lent GPU machine, after
 # `source tools/device_wheels.sh install`; results land in $OUT.
 #
-#   bash tools/device.sh NAME     NAME: train | infer | encoder | compare | data | head_loss | regress
+#   bash tools/device.sh NAME     NAME: train | infer | encoder | compare | data | head_loss | regress | sparse
 #   bash tools/device.sh list     what each NAME runs
 #
 # Each NAME runs in its own subshell with its own shell options and its own environment knobs (below).
 
-usage() { echo "usage: bash tools/device.sh train|infer|encoder|compare|data|head_loss|regress|list" >&2; }
+usage() { echo "usage: bash tools/device.sh train|infer|encoder|compare|data|head_loss|regress|sparse|list" >&2; }
 
 list() {
   cat <<'EOF'
@@ -29,6 +29,9 @@ regress    every headline figure against its committed value (issue 25, <= 9.5 m
            `DSMOE_COMMIT=<hash, written out> bash tools/device.sh regress` (the device's git may be stale)
 head_loss  the LM head + loss at a real vocabulary (issue 25 part 3, <= 9 min): tests/test_head_loss.py -m gpu,
            then benchmarks/bench_train.py on DS-MoE-1B at vocab 8,192 and 151,936 (logits / fused / liger)
+sparse     issue 23 (<= 8 min): tests/test_gpu_infer.py, bench_infer --compile --quick --skip-hf with each combine
+           (sparse, dense, auto: the crossover table's figures and the Engine's pick, $OUT/<combine>/), then
+           benchmarks/bench_peer.py (Engine vs stock transformers Qwen3-MoE, same weights, batch 1 and 64)
 EOF
 }
 
@@ -223,8 +226,26 @@ run_regress() (
   python tools/regress.py compare "$OUT" --md "$OUT/regress_h200.md"
 )
 
+# Issue #23 in one call: the sparse-inference GPU tests, the three combines of bench_infer (each its own
+# directory), and the peer comparison against stock transformers.
+run_sparse() (
+  set -u
+  OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+  nvidia-smi --query-gpu=name --format=csv,noheader || true
+  timeout 150 python -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu_infer.py 2>&1 \
+    | grep -E "FAILED|passed|failed|^E  " | head -20
+  for combine in sparse dense auto; do
+    mkdir -p "$OUT/$combine"
+    timeout 110 python benchmarks/bench_infer.py --compile --quick --skip-hf --combine "$combine" \
+      --out-dir "$OUT/$combine" > "$OUT/$combine/bench.log" 2>&1
+    echo "$combine rc $?"; grep -A9 "^## Whole model" "$OUT/$combine"/infer_*.md | tail -7
+  done
+  timeout 150 python benchmarks/bench_peer.py --out-dir "$OUT" > "$OUT/peer.log" 2>&1
+  echo "peer rc $?"; tail -6 "$OUT/peer.log"
+)
+
 case "${1:-}" in
-  train | infer | encoder | compare | data | head_loss | regress) "run_$1" ;;
+  train | infer | encoder | compare | data | head_loss | regress | sparse) "run_$1" ;;
   list) list ;;
   *) usage; exit 2 ;;
 esac
