@@ -116,9 +116,12 @@ def test_sparse_moa_equals_masked_reference(rule):
     cos, sin = rope_cos_sin(8, cfg.head_dim, 10000.0, "cpu", torch.float64)
     y, aux = layer(x, cos, sin, rule)
     probs = layer.router(x.reshape(-1, cfg.d_model))
-    keep = select_experts(probs, rule).view(3, 8, 4).double()
-    torch.testing.assert_close(y, reference_moa(layer, x, keep))
+    keep = select_experts(probs, rule)
+    expected = reference_moa(layer, x, keep.view(3, 8, 4).double())
+    torch.testing.assert_close(y, expected)
     assert 0 < aux.active_fraction < 1
+    k, v = layer.project_kv(x, cos, sin)  # CUDA's path: every expert, the dropped ones weighted 0
+    torch.testing.assert_close(layer.combine(x, k, v, cos, sin, probs * keep), expected)
 
 
 def test_sparse_moa_with_all_experts_equals_dense():

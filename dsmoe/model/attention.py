@@ -213,16 +213,28 @@ class CausalSelfAttention(nn.Module):
             return self.o_proj(y if self.head_mask is None else y * self.head_mask.to(y.dtype)), None
         probs_TE = self.router(x.reshape(B * T, D))  # (B*T, E)
         if routing.mode == "dense":
-            y = self.attend(self.project_q(x, self.q_proj.weight), k, v, cos, sin)
-            y = y.reshape(B, T, self.num_experts, -1) * probs_TE.view(B, T, -1, 1).to(
-                y.dtype
-            )  # scale expert e
-            return self.o_proj(y.reshape(B, T, -1)), routing_aux(probs_TE, probs_TE.new_ones(()))
-        out, active = self._sparse_forward(x, k, v, cos, sin, probs_TE, routing)
-        return out, routing_aux(probs_TE, active)
+            return self.combine(x, k, v, cos, sin, probs_TE), routing_aux(probs_TE, probs_TE.new_ones(()))
+        keep_TE = select_experts(probs_TE, routing)
+        if (
+            x.is_cuda
+        ):  # every expert's heads, the dropped ones weighted 0: no host sync, the same bits every run
+            out = self.combine(x, k, v, cos, sin, probs_TE * keep_TE)
+        else:  # fewer FLOPs; a host sync costs nothing on the CPU
+            out = self._sparse_forward(x, k, v, cos, sin, probs_TE, keep_TE)
+        return out, routing_aux(probs_TE, keep_TE.float().mean())
 
-    def _sparse_forward(self, x, k, v, cos, sin, probs_TE, routing):
-        """Only the kept experts' query and output projections run, grouped per expert.
+    def combine(self, x, k, v, cos, sin, weights_TE):
+        """Every expert's heads, expert e's output scaled by weights_TE[:, e]: the router's probabilities (the
+        dense rule), or a sparse rule's kept ones (zero for the dropped experts: the sparse rule's function,
+        with the attention core's cost, which _sparse_forward pays too, and every expert's Q/O projections)."""
+        B, T, _ = x.shape
+        y = self.attend(self.project_q(x, self.q_proj.weight), k, v, cos, sin)
+        y = y.reshape(B, T, self.num_experts, -1) * weights_TE.view(B, T, -1, 1).to(y.dtype)  # scale expert e
+        return self.o_proj(y.reshape(B, T, -1))
+
+    def _sparse_forward(self, x, k, v, cos, sin, probs_TE, keep_TE):
+        """Only the kept experts' query and output projections run, grouped per expert (host sync per layer:
+        the CPU path; CUDA combines every expert with the rule's weights, see forward).
 
         The attention core still runs over every query head (a dropped expert's heads see zero queries and
         their outputs are never read): a kernel that skips heads per token belongs to the inference engine.
@@ -230,7 +242,6 @@ class CausalSelfAttention(nn.Module):
         B, T, D = x.shape
         E, width = self.num_experts, self.n_heads * self.head_dim // self.num_experts
         x_TD = x.reshape(B * T, D)
-        keep_TE = select_experts(probs_TE, routing)
         _, token_idx = keep_TE.T.nonzero(as_tuple=True)  # grouped by expert
         counts = keep_TE.sum(0).tolist()
         q_TEW = x_TD.new_zeros(B * T, E, width)
@@ -254,7 +265,7 @@ class CausalSelfAttention(nn.Module):
                     probs_TE[tokens, e].to(x.dtype).unsqueeze(-1)
                 )  # raw probabilities, no renormalisation
                 out_TD.index_add_(0, tokens, expert_out * weights)
-        return out_TD.view(B, T, D), keep_TE.float().mean()
+        return out_TD.view(B, T, D)
 
 
 # ---------------------------------------------------------------------------------------------------------
