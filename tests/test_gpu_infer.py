@@ -164,11 +164,11 @@ def test_cuda_graph_decode_equals_eager_decode(mlp, batch, combine):
 def test_sparse_moa_on_cuda_is_deterministic_and_equals_the_reference():
     """MoA under a threshold rule on CUDA (every expert combined with the kept weights: no host sync) gives
     the same bits run after run, and equals the fp64 per-expert reference."""
+    import copy
+
     from dsmoe.model.attention import rope_cos_sin
     from dsmoe.model.moe import RoutingRule, select_experts
     from tests.test_moa import make_attention, moa_cfg, reference_moa
-
-    import copy
 
     cfg = moa_cfg(8, 2, 2, d_model=256)
     layer = make_attention(cfg)  # fp64 on the CPU: the reference's copy
