@@ -62,7 +62,9 @@ class SyncWatch(Feature):
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--config", default="configs/dsmoe_1b.yaml")
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--from-step", type=int, default=2, help="first step watched (0-based)")
