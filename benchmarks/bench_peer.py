@@ -22,7 +22,6 @@ import argparse
 import datetime
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -30,7 +29,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tools")]
 
-from _cli import git_commit  # noqa: E402
+from _cli import elapsed_ms, git_commit  # noqa: E402
 
 from dsmoe import config as config_lib  # noqa: E402
 from dsmoe.export import load_from_run, qwen3_moe_from  # noqa: E402
@@ -48,25 +47,18 @@ SMOKE = [
 ]  # fmt: skip
 
 
-def sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
 def stock_generate(qwen, prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:
     kw = {"do_sample": False, "pad_token_id": 0, "max_new_tokens": new_tokens, "min_new_tokens": new_tokens}
     with torch.no_grad():
         return qwen.generate(prompt, attention_mask=torch.ones_like(prompt), **kw)
 
 
-def timed(fn, device: str, warmup: int = 2) -> tuple[float, torch.Tensor]:
-    for _ in range(warmup):  # compiles, captures, autotunes
+def timed(fn, warmup: int = 2) -> tuple[float, torch.Tensor]:
+    """Seconds of one fn() after `warmup` untimed calls (compiles, captures, autotunes), and its output."""
+    for _ in range(warmup):
         fn()
-    sync(device)
-    t0 = time.perf_counter()
-    out = fn()
-    sync(device)
-    return time.perf_counter() - t0, out
+    out = []
+    return elapsed_ms(lambda: out.append(fn())) / 1e3, out[0]
 
 
 def speed(args) -> int:
@@ -86,7 +78,7 @@ def speed(args) -> int:
     rows = []
     for batch in (1, 64):
         prompt = torch.randint(1, cfg.model.vocab_size, (batch, args.prompt), device=device)
-        stock_s, theirs = timed(lambda prompt=prompt: stock_generate(qwen, prompt, args.new_tokens), device)
+        stock_s, theirs = timed(lambda prompt=prompt: stock_generate(qwen, prompt, args.new_tokens))
         engine = Engine(
             model, routing, batch=batch, max_len=args.prompt + args.new_tokens, compile=not args.cpu_smoke
         )
@@ -94,7 +86,6 @@ def speed(args) -> int:
             lambda engine=engine, prompt=prompt: generate_fast(
                 engine, prompt, args.new_tokens, temperature=0
             ),
-            device,
         )
         new = slice(args.prompt, None)
         rows.append(

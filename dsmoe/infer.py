@@ -395,8 +395,9 @@ class Engine:
 
     def _experts(self, mlp, h, gate, experts, fused_route: bool, dense: bool = False) -> torch.Tensor:
         """The MLP's output for its input h, from the post segment's routing: (weights, ids) of the top K,
-        or every expert's probability (dense and threshold rules, and any rule combined densely), or nothing
-        (a dense MLP, or a decode step whose router runs here, fused)."""
+        or every expert's probability (dense and threshold rules), or for a dense combine every expert's
+        weight under the rule (masked in the segment), or nothing (a dense MLP, or a decode step whose router
+        runs here, fused)."""
         if not getattr(mlp, "routed", False):
             return mlp(h)[0]
         x_TD = h.reshape(-1, h.shape[-1])

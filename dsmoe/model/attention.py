@@ -215,9 +215,8 @@ class CausalSelfAttention(nn.Module):
         if routing.mode == "dense":
             return self.combine(x, k, v, cos, sin, probs_TE), routing_aux(probs_TE, probs_TE.new_ones(()))
         keep_TE = select_experts(probs_TE, routing)
-        if (
-            x.is_cuda
-        ):  # every expert's heads, the dropped ones weighted 0: no host sync, the same bits every run
+        # CUDA: every expert's heads, the dropped ones weighted 0 (no host sync, the same bits every run)
+        if x.is_cuda:
             out = self.combine(x, k, v, cos, sin, probs_TE * keep_TE)
         else:  # fewer FLOPs; a host sync costs nothing on the CPU
             out = self._sparse_forward(x, k, v, cos, sin, probs_TE, keep_TE)

@@ -93,29 +93,27 @@ def moe_topk_forward(
         raise ValueError(f"expert path must be gemv|fused|grouped|loop, got {path!r}")
     T, K = experts_TK.shape
     order, counts = sort_pairs(experts_TK, w_in.shape[0])
+    offsets = counts.cumsum(0, dtype=torch.int32)
     if path == "fused":  # the token rows gathered inside the up projection (no sorted copy of x)
-        offsets = counts.cumsum(0, dtype=torch.int32)
         weight_of_row = weights_TK.reshape(-1).index_select(0, order).float()
         token_of_row = (order // K).to(torch.int32)
         h = gather_up(x_TD, token_of_row, weight_of_row, offsets, w_in, w_out.shape[1], activation)
         out_sorted = torch._grouped_mm(h, w_out, offs=offsets)  # (P, D), weighted
-        inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
-        return gather_sum(out_sorted, inverse.view(T, K))
-    x_sorted = x_TD.index_select(0, order // K)  # (P, D) token rows in expert order
-    w_sorted = weights_TK.reshape(-1).index_select(0, order).to(x_TD.dtype).unsqueeze(-1)  # (P, 1)
-    if path == "grouped":
-        offsets = counts.cumsum(0, dtype=torch.int32)
-        h = activate(torch._grouped_mm(x_sorted, w_in.transpose(1, 2), offs=offsets), activation)
-        out_sorted = torch._grouped_mm(h * w_sorted, w_out, offs=offsets)  # (P, D), weighted
     else:
-        out_sorted = torch.empty_like(x_sorted)
-        start = 0
-        for expert, count in enumerate(counts.tolist()):
-            if count:
-                rows = slice(start, start + count)
-                h = activate(x_sorted[rows] @ w_in[expert].T, activation)
-                out_sorted[rows] = (h @ w_out[expert]) * w_sorted[rows]
-                start += count
+        x_sorted = x_TD.index_select(0, order // K)  # (P, D) token rows in expert order
+        w_sorted = weights_TK.reshape(-1).index_select(0, order).to(x_TD.dtype).unsqueeze(-1)  # (P, 1)
+        if path == "grouped":
+            h = activate(torch._grouped_mm(x_sorted, w_in.transpose(1, 2), offs=offsets), activation)
+            out_sorted = torch._grouped_mm(h * w_sorted, w_out, offs=offsets)  # (P, D), weighted
+        else:
+            out_sorted = torch.empty_like(x_sorted)
+            start = 0
+            for expert, count in enumerate(counts.tolist()):
+                if count:
+                    rows = slice(start, start + count)
+                    h = activate(x_sorted[rows] @ w_in[expert].T, activation)
+                    out_sorted[rows] = (h @ w_out[expert]) * w_sorted[rows]
+                    start += count
     # Row of pair (t, k) in the sorted order: the inverse permutation (a scatter of P ints, no sort).
     inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
     if out_sorted.is_cuda and not torch.is_grad_enabled() and triton_available():
@@ -329,12 +327,12 @@ def route_topk(
 # ---------------------------------------------------------------------------------------------------------
 # Any per-token set of experts (threshold rules) without a host sync: every pair has a fixed slot.
 #
-# A threshold rule keeps a number of (token, expert) pairs that only the device knows. Each kept pair gets
-# its row in expert-major order from a cumulative sum over the (T, E) mask (no sort, no nonzero()), the
-# dropped ones the dump row C = T*E; the buffers are sized for every pair (C rows, allocated, never
-# cleared), and each kernel reads the kept count from the device and touches only the rows below it: the
-# two torch._grouped_mm do (their groups end at the count), and so do the Triton gather, activation and
-# combine here. So the cost follows the kept pairs, the shapes are fixed, and a CUDA graph captures it.
+# A threshold rule keeps a number of (token, expert) pairs that only the device knows. Every pair gets a
+# row (pair_rows: one cumulative sum over the expert-major mask, no sort, no nonzero()), the kept ones first
+# in expert-major order; the buffers are sized for every pair (T*E rows, allocated, never cleared), and each
+# kernel reads the kept count from the device and touches only the rows below it: torch._grouped_mm (its
+# groups end at the count) and the Triton kernels here. So the cost follows the kept pairs, the shapes are
+# fixed, and a CUDA graph captures it.
 
 
 MASKED_UP = "fused"
@@ -411,9 +409,7 @@ def moe_masked_forward(
     up, blocks = up or MASKED_UP, dict(blocks or {})
     block_d = blocks.pop("combine_d", min(1024, triton.next_power_of_2(D)))
     if up == "fused":  # one Triton grouped GEMM: rows gathered as loaded, act x weight on the way out
-        h_act = gather_up(
-            x_TD, token_of_row, weight_of_row, offsets_E, w_in, F_, activation, **(blocks or {})
-        )
+        h_act = gather_up(x_TD, token_of_row, weight_of_row, offsets_E, w_in, F_, activation, **blocks)
     elif up == "grouped":  # gather the rows, torch._grouped_mm, then act x weight
         block_r = 16
         x_sorted = torch.empty(C, D, device=x_TD.device, dtype=x_TD.dtype)
