@@ -247,6 +247,17 @@ class Engine:
         path = expert_path or picked
         self.combine = combine
         self._decode_dense = self._dense_combine(batch)
+        # Threshold rules on the gather-GEMV (few tokens): the rule's weight of every expert, zero where it
+        # drops one, computed inside the compiled post segment (masking eagerly after it took four more
+        # launches a layer); the GEMV reads only the kept experts' rows.
+        self._decode_masked = (
+            not self._decode_dense and routing.mlp.mode in ("threshold", "threshold_top_k") and path == "gemv"
+        )
+        self._expert_ids = (  # the (B, E) table of every pair the masked weights index
+            torch.arange(model.moe_layers[0].num_experts, device=self.device).repeat(batch, 1)
+            if self._decode_masked
+            else None
+        )
         # Threshold rules keep a variable number of experts: graph-safe as a masked table on the gather-GEMV.
         graph_safe = (
             routing.mlp.mode == "dense"
@@ -280,9 +291,12 @@ class Engine:
             "sparse": functools.partial(_segment_post, eps=cfg.norm_eps, top_k=self._top_k),
             "dense": functools.partial(_segment_post, eps=cfg.norm_eps, top_k=0, combine_rule=rule),
         }
-        decode_k = 0 if self._decode_dense else self._top_k
+        decode_k = 0 if self._decode_dense or self._decode_masked else self._top_k
         self._decode_post = functools.partial(
-            _decode_post, eps=cfg.norm_eps, top_k=decode_k, combine_rule=rule if self._decode_dense else None
+            _decode_post,
+            eps=cfg.norm_eps,
+            top_k=decode_k,
+            combine_rule=rule if self._decode_dense or self._decode_masked else None,
         )
         # Few tokens on CUDA: the router's scores (one fp32-output GEMM) and one Triton softmax + top-K before
         # the gather-GEMV experts, outside the compiled segment (fewer launches than its softmax and topk).
@@ -365,8 +379,11 @@ class Engine:
         else:
             cos, sin = self.cos[start : start + T], self.sin[start : start + T]
             causal, mask = causal_mask(T, start, self.device)
-        dense = self._decode_dense if pos is not None else self._dense_combine(B * T)
-        post = self._post["dense" if dense else "sparse"]
+        if pos is not None:
+            combine = "dense" if self._decode_dense else "masked" if self._decode_masked else "sparse"
+        else:
+            combine = "dense" if self._dense_combine(B * T) else "sparse"
+        post = self._post["dense" if combine == "dense" else "sparse"]
         carry = None
         for layer, (block, w) in enumerate(zip(model.blocks, self._layers, strict=True)):
             x, h, q, k, v = self._pre(x, carry, w.attn_norm, w.qkv, w.q_norm, w.k_norm, cos, sin)
@@ -387,22 +404,25 @@ class Engine:
                     x, h, y.transpose(1, 2).reshape(B, T, -1), w.o, w.attn_router, w.mlp_norm,
                     w.mlp_router, renormalize,
                 )  # fmt: skip
-            carry = self._experts(block.mlp, h, gate, experts, fused_route=pos is not None, dense=dense)
+            carry = self._experts(block.mlp, h, gate, experts, fused_route=pos is not None, combine=combine)
         x = _add_carry(x, carry)
         if last_only:
             x = x[:, -1:]
         return model.lm_head(model.final_norm(x))
 
-    def _experts(self, mlp, h, gate, experts, fused_route: bool, dense: bool = False) -> torch.Tensor:
+    def _experts(self, mlp, h, gate, experts, fused_route: bool, combine: str = "sparse") -> torch.Tensor:
         """The MLP's output for its input h, from the post segment's routing: (weights, ids) of the top K,
-        or every expert's probability (dense and threshold rules), or for a dense combine every expert's
-        weight under the rule (masked in the segment), or nothing (a dense MLP, or a decode step whose router
-        runs here, fused)."""
+        or every expert's probability (dense and threshold rules), or for a 'dense' or 'masked' combine
+        every expert's weight under the rule (masked in the segment), or nothing (a dense MLP, or a decode
+        step whose router runs here, fused)."""
         if not getattr(mlp, "routed", False):
             return mlp(h)[0]
         x_TD = h.reshape(-1, h.shape[-1])
-        if dense:  # every expert, gate holding the rule's weights (zero where it drops one): fixed shapes
+        if combine == "dense":  # every expert, gate holding the rule's weights (zero where it drops one)
             return mlp._dense_forward(x_TD, gate).view_as(h)
+        if combine == "masked":  # the gather-GEMV over every pair, reading the kept ones' rows only
+            partials = gemv_topk_partials(x_TD, gate, self._expert_ids, mlp.w_in, mlp.w_out, mlp.activation)
+            return partials.view(-1, *h.shape)
         if fused_route and self._fused_route:
             gate, experts = route_topk(x_TD, mlp.router.weight, self._top_k, mlp.renormalize)
         path = self.expert_path or pick_path(x_TD)
