@@ -252,6 +252,11 @@ def gemv_topk_forward(
     return partials.sum(0).to(x_TD.dtype)
 
 
+GEMV_TILES = {"up_f": 4, "up_d": 1024, "up_warps": 4, "down_f": 64, "down_d": 128, "down_warps": 4}
+"""The gather-GEMV's tiles: hidden units x model dims each up program reads (and its warps), and the down
+program's (hidden units, model dims) tile; benchmarks/sweep_gemv.py times the alternatives."""
+
+
 def gemv_topk_partials(
     x_TD: torch.Tensor,
     weights_TK: torch.Tensor,
@@ -259,14 +264,14 @@ def gemv_topk_partials(
     w_in: torch.Tensor,
     w_out: torch.Tensor,
     activation: str,
-    block_f: int = 4,
-    block_d: int = 1024,
+    tiles: dict | None = None,
 ) -> torch.Tensor:
     """The gather-GEMV's fp32 partial outputs, (S, T, D) whose sum over S is the top-K MLP output: one per
     (split of the hidden units, k). The Engine sums them inside its next compiled segment (one launch less
     a layer). Small tiles and many programs: at batch 1 only K experts' rows are read, and they must stream
-    from every SM."""
+    from every SM. `tiles` overrides GEMV_TILES' entries."""
     triton, up_kernel, down_kernel, *_ = _gemv_kernels()
+    t = GEMV_TILES if tiles is None else {**GEMV_TILES, **tiles}
     T, K = experts_TK.shape
     E, F, D = w_out.shape
     if activation not in ACTIVATIONS or (w_in.shape[1] == 2 * F) != (activation in ("swiglu", "geglu")):
@@ -275,16 +280,17 @@ def gemv_topk_partials(
     experts = experts_TK.reshape(-1).contiguous()
     gates = weights_TK.reshape(-1).contiguous()
     P = T * K
-    block_d = min(block_d, triton.next_power_of_2(D))
+    up_f, up_d = min(t["up_f"], triton.next_power_of_2(F)), min(t["up_d"], triton.next_power_of_2(D))
     h = torch.empty(P, F, device=x_TD.device, dtype=torch.float32)
-    up_kernel[(P, triton.cdiv(F, block_f))](
-        x_TD, w_in, experts, gates, h, K, D, F, ACT=ACTIVATIONS[activation], BLOCK_F=block_f, BLOCK_D=block_d
-    )
-    down_f, down_d = min(64, triton.next_power_of_2(F)), min(128, triton.next_power_of_2(D))
+    up_kernel[(P, triton.cdiv(F, up_f))](
+        x_TD, w_in, experts, gates, h, K, D, F,
+        ACT=ACTIVATIONS[activation], BLOCK_F=up_f, BLOCK_D=up_d, num_warps=t["up_warps"],
+    )  # fmt: skip
+    down_f, down_d = min(t["down_f"], triton.next_power_of_2(F)), min(t["down_d"], triton.next_power_of_2(D))
     splits = triton.cdiv(F, down_f)
     y = torch.empty(splits * K, T, D, device=x_TD.device, dtype=torch.float32)
     down_kernel[(P, triton.cdiv(D, down_d), splits)](
-        h, w_out, experts, gates, y, P, D, F, K=K, BLOCK_F=down_f, BLOCK_D=down_d
+        h, w_out, experts, gates, y, P, D, F, K=K, BLOCK_F=down_f, BLOCK_D=down_d, num_warps=t["down_warps"]
     )
     return y
 

@@ -1,0 +1,124 @@
+"""The decode gather-GEMV's tiles (dsmoe.model.sparse.GEMV_TILES), timed on the GPU: each candidate runs the
+expert kernels of 24 layers (distinct weights, so nothing is served from L2) in one captured CUDA graph, as
+an Engine decode step does, for top-4 at batch 1 and 8 and a threshold rule's masked table at batch 1 (every
+pair listed, ~6 of 32 with a weight). First the up kernel's tiles with the down kernel's default, then the
+down kernel's with the best up tiles. Prints a table per case and the best tiles.
+
+    python benchmarks/sweep_gemv.py [--out benchmarks/sweep_gemv_<device>.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import functools
+import itertools
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tools"))
+from _cli import git_commit  # noqa: E402
+
+from dsmoe.model.sparse import GEMV_TILES, gemv_topk_partials  # noqa: E402
+
+LAYERS, E, F, D = 24, 32, 256, 2048  # the DS-MoE-1B MLP shape
+
+
+def cases(device):
+    g = torch.Generator(device=device).manual_seed(0)
+    top4 = lambda T: torch.rand(T, E, generator=g, device=device).topk(4, -1)  # noqa: E731
+    probs = torch.rand(1, E, generator=g, device=device).softmax(-1)
+    masked = probs * (torch.rand(1, E, generator=g, device=device) < 6 / E)  # ~6 kept
+    ids = torch.arange(E, device=device).repeat(1, 1)
+    return {
+        "top-4, batch 1": (1, *top4(1)),
+        "top-4, batch 8": (8, *top4(8)),
+        "threshold (masked table), batch 1": (1, masked, ids),
+    }
+
+
+def graph_us(fn, replays: int = 30) -> float:
+    """Median microseconds per layer of fn() (24 layers) replayed as one CUDA graph."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    times = []
+    for _ in range(replays):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / LAYERS)
+    return statistics.median(times)
+
+
+def layer_us(x, gates, ids, w_in, w_out, tiles) -> float:
+    def step():
+        for layer in range(LAYERS):
+            gemv_topk_partials(x, gates, ids, w_in[layer], w_out[layer], "gelu", tiles).sum(0)
+
+    return graph_us(step)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    device = torch.device("cuda")
+    torch.manual_seed(0)
+    w_in = [torch.randn(E, F, D, device=device, dtype=torch.bfloat16) * 0.02 for _ in range(LAYERS)]
+    w_out = [torch.randn(E, F, D, device=device, dtype=torch.bfloat16) * 0.02 for _ in range(LAYERS)]
+    up_grid = [
+        {"up_f": f, "up_d": d, "up_warps": w}
+        for f, d, w in itertools.product((2, 4, 8, 16), (512, 1024, 2048), (2, 4, 8))
+    ]
+    down_grid = [
+        {"down_f": f, "down_d": d, "down_warps": w}
+        for f, d, w in itertools.product((16, 32, 64, 128), (64, 128, 256), (2, 4, 8))
+    ]
+    name = torch.cuda.get_device_name()
+    lines = [
+        f"# Gather-GEMV tiles for decode ({name})",
+        "",
+        f"{datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC, commit {git_commit()}, "
+        f"`python benchmarks/sweep_gemv.py`; default {GEMV_TILES}. us per layer (up + down + the partial sums "
+        f"added up), {LAYERS} layers of E={E}, F={F}, D={D}, GeLU, bf16, in one CUDA graph.",
+        "",
+    ]
+    for case, (T, gates, ids) in cases(device).items():
+        x = torch.randn(T, D, device=device, dtype=torch.bfloat16)
+
+        timed = functools.partial(layer_us, x, gates, ids, w_in, w_out)
+        default = timed({})
+        rows = [("default", GEMV_TILES, default)]
+        best_up = min(((tiles, timed(tiles)) for tiles in up_grid), key=lambda r: r[1])
+        rows.append(("best up", best_up[0], best_up[1]))
+        best_down = min(((tiles, timed({**best_up[0], **tiles})) for tiles in down_grid), key=lambda r: r[1])
+        best = {**best_up[0], **best_down[0]}
+        rows.append(("best up + best down", best, best_down[1]))
+        lines += [f"## {case}", "", "| tiles | | us/layer | vs default |", "|---|---|---|---|"]
+        lines += [f"| {label} | `{tiles}` | {us:.2f} | {default / us:.2f}x |" for label, tiles, us in rows]
+        lines.append("")
+        print("\n".join(lines[-len(rows) - 4 :]), flush=True)
+    text = "\n".join(lines)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
