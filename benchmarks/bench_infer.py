@@ -122,6 +122,36 @@ def active_fraction(model, routing: Routing, idx: torch.Tensor) -> float:
     return float(out.mlp.active_fraction.mean()) if out.mlp is not None else 1.0
 
 
+HBM_BYTES_PER_S = {"H100": 3.35e12, "H200": 4.8e12}
+"""Datasheet memory bandwidth (SXM parts), for the decode step's bandwidth bound."""
+
+
+def decode_step_bytes(model, active: float, context: int) -> float:
+    """The fewest bytes a batch-1 decode step reads: every weight once (the embedding's one row, the MLP
+    experts' `active` share), and the K/V of `context` cached tokens."""
+    cfg, seen, total, experts = model.cfg, set(), 0, 0
+    for name, p in model.named_parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        size = p.numel() * p.element_size()
+        if name.startswith("embed.") and p is not model.lm_head.weight:
+            size = p.shape[-1] * p.element_size()  # one row gathered
+        elif name.endswith(("mlp.w_in", "mlp.w_out")):
+            experts += size
+            continue
+        total += size
+    kv = (
+        2
+        * cfg.n_layers
+        * cfg.attention.num_kv_heads
+        * cfg.head_dim
+        * context
+        * model.embed.weight.element_size()
+    )
+    return total + active * experts + kv
+
+
 def bench_layer(model, tokens: int, ks, repeats: int) -> list[dict]:
     layer = model.moe_layers[0]
     x = torch.randn(tokens, model.cfg.d_model, device=DEVICE, dtype=layer.w_in.dtype)
@@ -389,6 +419,13 @@ def main() -> int:
         steps = 32 if args.quick else 64
         key = f"decode_b{decode_batch}"
         result[key] = bench_decode(model, rule_list, decode_batch, 64, steps, args.compile)
+        if (
+            decode_batch == 1
+        ):  # the bound: the step's context is the prompt and half the timed steps on average
+            context = 64 + 4 + steps // 2
+            result["decode_b1_bytes"] = {
+                r: decode_step_bytes(model, result["active"][r], context) for r, _ in rule_list
+            }
         print(key, result[key], f"{time.time() - t0:.0f}s", flush=True)
     if args.compile:  # the same engines without torch.compile, for the record
         plain = [r for r in rule_list if r[0] in ("dense", "top-4")]
@@ -418,7 +455,7 @@ def main() -> int:
     )
     layer, x = (
         model.moe_layers[0],
-        torch.randn(tokens, cfg.model.d_model, device=DEVICE, dtype=torch.bfloat16),
+        torch.randn(tokens, cfg.model.d_model, device=DEVICE, dtype=model.embed.weight.dtype),
     )
     rule = RoutingRule("threshold", eps=1.0)
     with torch.no_grad():
@@ -501,6 +538,40 @@ def write_report(result: dict, profiles: dict, out_dir: Path, ppl_json: Path) ->
             f"| {r} | {100 * active[r]:.1f}% | {p['ms']:.1f} | {pre[r]:.2f}x | {a['tokens_per_s']:.0f} | "
             f"{d1[r]:.2f}x | {b['tokens_per_s']:.0f} | {d64[r]:.2f}x |"
         )
+    peak = next((bw for key, bw in HBM_BYTES_PER_S.items() if key in name), None)
+    if "decode_b1_bytes" in result and peak:
+        lines += [
+            "",
+            f"## Decode batch 1 against the memory bound ({peak / 1e12:.2f} TB/s datasheet)",
+            "",
+            "Bytes a step must read: every weight once, the MLP experts' active share, the K/V of the context.",
+            "",
+            "| rule | GB a step | bound tok/s | measured tok/s | share of the bound |",
+            "|---|---|---|---|---|",
+        ]
+        for a in result["decode_b1"]:
+            step_bytes = result["decode_b1_bytes"][a["rule"]]
+            bound = peak / step_bytes
+            lines.append(
+                f"| {a['rule']} | {step_bytes / 1e9:.3f} | {bound:.0f} | {a['tokens_per_s']:.0f} | "
+                f"{a['tokens_per_s'] / bound:.0%} |"
+            )
+    issue23 = [  # (what, measured, target)
+        ("prefill 8x2048, threshold 1 vs dense", pre.get("threshold 1"), 1.3),
+        ("prefill 8x2048, threshold 1.5 vs dense", pre.get("threshold 1.5"), 1.5),
+        ("prefill 8x2048, top-4 vs dense", pre.get("top-4"), 1.7),
+        ("decode b1, top-4 vs dense", d1.get("top-4"), 2.0),
+        ("decode b1, threshold 1.5 vs dense", d1.get("threshold 1.5"), 1.7),
+        *((f"decode b64, {r} vs dense", d64.get(r), 1.0) for r in d64 if r != "dense"),
+    ]
+    lines += [
+        "",
+        "## Issue #23's targets",
+        "",
+        "| target | measured | goal | met |",
+        "|---|---|---|---|",
+        *(f"| {t} | {m:.2f}x | {g}x | {'yes' if m >= g else 'no'} |" for t, m, g in issue23 if m is not None),
+    ]
     if "decode_not_compiled" in result:
         lines += [
             "",
