@@ -159,6 +159,21 @@ def test_masked_forward_equals_a_per_expert_reference(mode, act):
     assert y[4].abs().max() == 0
 
 
+def test_masked_forward_in_token_chunks_equals_one_pass(monkeypatch):
+    """A slot buffer over MASKED_MAX_BYTES runs in chunks of tokens: 25 tokens in chunks of 4 (the last
+    short) give the one-pass result (to the GEMMs' rounding: their blocking follows the row count)."""
+    from dsmoe.model import sparse
+
+    E, F, D, T = 6, 8, 12, 25
+    w_in, w_out = torch.randn(E, F, D), torch.randn(E, F, D)
+    x, probs = torch.randn(T, D), torch.randn(T, E).softmax(-1)
+    keep = E * probs > 0.9
+    whole = sparse.moe_masked_forward(x, probs * keep, keep, w_in, w_out, "gelu", kernels=False)
+    monkeypatch.setattr(sparse, "MASKED_MAX_BYTES", 4 * E * D * x.element_size())
+    chunked = sparse.moe_masked_forward(x, probs * keep, keep, w_in, w_out, "gelu", kernels=False)
+    torch.testing.assert_close(chunked, whole, rtol=1e-6, atol=1e-6)
+
+
 def test_sum_per_token_equals_scatter_add_with_empty_tokens():
     """The threshold rules' deterministic combine (token-major segment sums) against index_add_, forward and
     backward, with tokens that keep no expert (their rows stay zero)."""

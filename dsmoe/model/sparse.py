@@ -344,6 +344,11 @@ def route_topk(
 MASKED_UP = "fused"
 """moe_masked_forward's up projection on CUDA: 'fused' or 'grouped' (see there)."""
 
+MASKED_MAX_BYTES = 2**31
+"""moe_masked_forward's largest slot buffer (T x E rows of D): more tokens than fit run in chunks of tokens
+(the DS-MoE-1B shape takes 16,384 tokens in one: 2 GiB in bf16; a 32k-token eval batch of 64 experts of
+d 4096 would otherwise ask for 17 GB)."""
+
 
 def masked_path_available(x: torch.Tensor) -> bool:
     """moe_masked_forward runs where torch._grouped_mm does for x: bf16 on Hopper, or 16/32-bit on the CPU."""
@@ -386,6 +391,17 @@ def moe_masked_forward(
     tiles, and 'combine_d' the combine's) or 'grouped' (gather, torch._grouped_mm, act x weight); None: MASKED_UP."""
     T, E = keep_TE.shape
     D, C = x_TD.shape[1], T * E
+    chunk = max(1, MASKED_MAX_BYTES // (E * D * x_TD.element_size()))
+    if T > chunk:  # tokens are independent here: the same function, a bounded buffer
+        args = (w_in, w_out, activation, kernels, up, blocks)
+        return torch.cat(
+            [
+                moe_masked_forward(
+                    x_TD[i : i + chunk], weights_TE[i : i + chunk], keep_TE[i : i + chunk], *args
+                )
+                for i in range(0, T, chunk)
+            ]
+        )
     rows_TE, offsets_E = pair_rows(keep_TE)
     # What each row holds: its token and its weight (rows is a permutation: a scatter without collisions).
     flat_rows = rows_TE.reshape(-1).long()
