@@ -370,7 +370,14 @@ def main() -> int:
         help="the Engine's expert combine for the prefill/decode tables: auto (what it picks from "
         "dsmoe.infer.SPARSE_OVER_DENSE), sparse (the sparse paths themselves: how that table is measured), dense",
     )
+    parser.add_argument(
+        "--gemv-tiles",
+        default=None,
+        help="JSON: entries of dsmoe.model.sparse.GEMV_TILES to use for this run",
+    )
     args = parser.parse_args()
+    if args.gemv_tiles:
+        sparse_lib.GEMV_TILES.update(json.loads(args.gemv_tiles))
     global DEVICE, COMBINE
     COMBINE = None if args.combine == "auto" else args.combine
     DEVICE = "cpu" if args.cpu_smoke else "cuda"
@@ -401,6 +408,7 @@ def main() -> int:
         "config": args.config,
         "compile": args.compile,
         "combine": args.combine,
+        "gemv_tiles": dict(sparse_lib.GEMV_TILES),
         "params": model.num_params(),
     }
     probe = torch.randint(0, cfg.model.vocab_size, (4, min(512, cfg.model.max_seq_len)), device=DEVICE)

@@ -13,6 +13,7 @@ import argparse
 import datetime
 import functools
 import itertools
+import json
 import statistics
 import sys
 from pathlib import Path
@@ -77,6 +78,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--out", default=None)
+    parser.add_argument("--json", default=None, help="write the best tiles per case here")
     args = parser.parse_args()
     device = torch.device("cuda")
     torch.manual_seed(0)
@@ -99,6 +101,7 @@ def main() -> None:
         f"added up), {LAYERS} layers of E={E}, F={F}, D={D}, GeLU, bf16, in one CUDA graph.",
         "",
     ]
+    best_tiles = {}
     for case, (T, gates, ids) in cases(device).items():
         x = torch.randn(T, D, device=device, dtype=torch.bfloat16)
 
@@ -110,6 +113,7 @@ def main() -> None:
         best_down = min(((tiles, timed({**best_up[0], **tiles})) for tiles in down_grid), key=lambda r: r[1])
         best = {**best_up[0], **best_down[0]}
         rows.append(("best up + best down", best, best_down[1]))
+        best_tiles[case] = {"tiles": best, "us": best_down[1], "default_us": default}
         lines += [f"## {case}", "", "| tiles | | us/layer | vs default |", "|---|---|---|---|"]
         lines += [f"| {label} | `{tiles}` | {us:.2f} | {default / us:.2f}x |" for label, tiles, us in rows]
         lines.append("")
@@ -118,6 +122,8 @@ def main() -> None:
     print(text)
     if args.out:
         Path(args.out).write_text(text + "\n")
+    if args.json:
+        Path(args.json).write_text(json.dumps(best_tiles, indent=2))
 
 
 if __name__ == "__main__":
