@@ -2,12 +2,12 @@
 # The GPU runs behind the committed results, one request each on the lent GPU machine, after
 # `source tools/device_wheels.sh install`; results land in $OUT.
 #
-#   bash tools/device.sh NAME     NAME: train | infer | encoder | compare | data | head_loss | regress | sparse
+#   bash tools/device.sh NAME     NAME: train | infer | encoder | compare | data | head_loss | regress | sparse | gemv
 #   bash tools/device.sh list     what each NAME runs
 #
 # Each NAME runs in its own subshell with its own shell options and its own environment knobs (below).
 
-usage() { echo "usage: bash tools/device.sh train|infer|encoder|compare|data|head_loss|regress|sparse|list" >&2; }
+usage() { echo "usage: bash tools/device.sh train|infer|encoder|compare|data|head_loss|regress|sparse|gemv|list" >&2; }
 
 list() {
   cat <<'EOF'
@@ -32,6 +32,9 @@ head_loss  the LM head + loss at a real vocabulary (issue 25 part 3, <= 9 min): 
 sparse     issue 23 (<= 8 min): tests/test_gpu_infer.py, bench_infer --compile --quick --skip-hf with each combine
            (sparse, dense, auto: the crossover table's figures and the Engine's pick, $OUT/<combine>/), then
            benchmarks/bench_peer.py (Engine vs stock transformers Qwen3-MoE, same weights, batch 1 and 64)
+gemv       the decode gather-GEMV's tiles (issue 23, <= 7 min): benchmarks/sweep_gemv.py ($OUT/sweep_gemv.md,
+           best tiles per case in $OUT/sweep_gemv.json), then bench_infer --compile --quick --skip-hf
+           --combine sparse with the best tiles of top-4 at batch 1 ($OUT/tiles/)
 EOF
 }
 
@@ -244,8 +247,23 @@ run_sparse() (
   echo "peer rc $?"; tail -6 "$OUT/peer.log"
 )
 
+run_gemv() (
+  set -u
+  OUT=${OUT:-/tmp/out}; mkdir -p "$OUT/tiles"
+  nvidia-smi --query-gpu=name --format=csv,noheader || true
+  timeout 240 python benchmarks/sweep_gemv.py --out "$OUT/sweep_gemv.md" --json "$OUT/sweep_gemv.json" \
+    > "$OUT/sweep.log" 2>&1
+  echo "sweep rc $?"; grep -v "^W1\|warn" "$OUT/sweep.log" | tail -30
+  tiles=$(python -c "import json, sys; print(json.dumps(json.load(open(sys.argv[1]))['top-4, batch 1']['tiles']))" \
+    "$OUT/sweep_gemv.json") || return 1
+  echo "tiles $tiles"
+  timeout 110 python benchmarks/bench_infer.py --compile --quick --skip-hf --combine sparse --gemv-tiles "$tiles" \
+    --out-dir "$OUT/tiles" > "$OUT/tiles/bench.log" 2>&1
+  echo "bench rc $?"; grep -A9 "^## Whole model" "$OUT/tiles"/infer_*.md | tail -7
+)
+
 case "${1:-}" in
-  train | infer | encoder | compare | data | head_loss | regress | sparse) "run_$1" ;;
+  train | infer | encoder | compare | data | head_loss | regress | sparse | gemv) "run_$1" ;;
   list) list ;;
   *) usage; exit 2 ;;
 esac
