@@ -30,7 +30,8 @@ regress    every headline figure against its committed value (issue 25, <= 9.5 m
 head_loss  the LM head + loss at a real vocabulary (issue 25 part 3, <= 9 min): tests/test_head_loss.py -m gpu,
            then benchmarks/bench_train.py on DS-MoE-1B at vocab 8,192 and 151,936 (logits / fused / liger)
 sparse     issue 23 (<= 8 min): tests/test_gpu_infer.py, bench_infer --compile --quick --skip-hf with each combine
-           (sparse, dense, auto: the crossover table's figures and the Engine's pick, $OUT/<combine>/), then
+           (COMBINES, default "sparse dense auto": the crossover table's figures and the Engine's pick,
+           $OUT/<combine>/), then
            benchmarks/bench_peer.py (Engine vs stock transformers Qwen3-MoE, same weights, batch 1 and 64)
 gemv       the decode gather-GEMV's tiles (issue 23, <= 7 min): benchmarks/sweep_gemv.py ($OUT/sweep_gemv.md,
            best tiles per case in $OUT/sweep_gemv.json), then bench_infer --compile --quick --skip-hf
@@ -237,7 +238,7 @@ run_sparse() (
   nvidia-smi --query-gpu=name --format=csv,noheader || true
   timeout 150 python -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu_infer.py 2>&1 \
     | grep -E "FAILED|passed|failed|^E  " | head -20
-  for combine in sparse dense auto; do
+  for combine in ${COMBINES:-sparse dense auto}; do
     mkdir -p "$OUT/$combine"
     timeout 110 python benchmarks/bench_infer.py --compile --quick --skip-hf --combine "$combine" \
       --out-dir "$OUT/$combine" > "$OUT/$combine/bench.log" 2>&1
