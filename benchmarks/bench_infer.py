@@ -170,33 +170,11 @@ def bench_layer(model, tokens: int, ks, repeats: int) -> list[dict]:
             rows.append(
                 {"rule": f"top-{k}", "active": k / layer.num_experts, "ms": ms, "speedup": dense / ms}
             )
-            if DEVICE == "cuda":  # the up projection as the Triton gather-GEMM (the Engine's pick)
-
-                def fused(k=k):
-                    w, e = layer.router(x).topk(k, dim=-1)
-                    return moe_topk_forward(x, w, e, layer.w_in, layer.w_out, layer.activation, "fused")
-
-                ms = cuda_ms(fused, repeats)
-                rows.append(
-                    {
-                        "rule": f"top-{k} (fused)",
-                        "active": k / layer.num_experts,
-                        "ms": ms,
-                        "speedup": dense / ms,
-                    }
-                )
         for eps in (1.0, 1.5):  # the model's threshold path (sync-free fixed slots where grouped GEMMs run)
             rule = RoutingRule("threshold", eps=eps)
             active = float(select_experts(layer.router(x), rule).float().mean())
-            ups = [sparse_lib.MASKED_UP] + (["grouped"] if DEVICE == "cuda" else [])
-            for up in dict.fromkeys(ups):  # the default up projection, and gather + grouped GEMM beside it
-                default, sparse_lib.MASKED_UP = sparse_lib.MASKED_UP, up
-                try:
-                    ms = cuda_ms(lambda rule=rule: layer._sparse_forward(x, layer.router(x), rule), repeats)
-                finally:
-                    sparse_lib.MASKED_UP = default
-                name = f"threshold {eps:g}" + ("" if up == default else f" (up: {up})")
-                rows.append({"rule": name, "active": active, "ms": ms, "speedup": dense / ms})
+            ms = cuda_ms(lambda rule=rule: layer._sparse_forward(x, layer.router(x), rule), repeats)
+            rows.append({"rule": f"threshold {eps:g}", "active": active, "ms": ms, "speedup": dense / ms})
     return rows
 
 

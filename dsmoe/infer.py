@@ -161,8 +161,8 @@ SPARSE_OVER_DENSE: dict[str, dict[str, tuple[tuple[int, float], ...]]] = {
 device and rule family: DS-MoE-1B, bf16, compiled segments; top-K at K=4, threshold at eps 1; 1 token =
 decode at batch 1, 64 = decode at batch 64, 16384 = prefill 8 x 2048. Measured on one H100 on 2026-12-07
 (`python benchmarks/bench_infer.py --compile --quick --skip-hf --combine sparse`: benchmarks/infer23_h100/,
-commit b294aef; top-K prefill 1.42 at 71cb985, the same path, as b294aef ran it on the 'fused' path that is
-no longer picked). H200 takes the same table: its last measurement (2026-12-02, 37192cf, top-K 1.17 / 0.57 /
+commit b294aef; top-K prefill 1.42 at 71cb985, the same path, as b294aef ran top-K prefill on a gather-GEMM
+path since deleted). H200 takes the same table: its last measurement (2026-12-02, 37192cf, top-K 1.17 / 0.57 /
 1.52) led to the same choices, and its threshold figures predate the sync-free threshold path. Where the
 sparse path ran slower than dense, the Engine computes every expert and combines them with the rule's weights
 instead: the same function at dense cost."""

@@ -3,8 +3,8 @@ per-token set of experts (threshold rules) in fixed slots.
 
 Every token keeps exactly K experts under top-K, so the (token, expert) pairs are a fixed (T, K) table and
 nothing here asks the host how many tokens an expert got (no nonzero(), no .item(), no bincount, which syncs
-on CUDA). Four paths compute sum_k w_tk E_{e_tk}(x_t) on the experts' stacked weights in place (no copy of a
-weight):
+on CUDA). Three paths compute sum_k w_tk E_{e_tk}(x_t) on the experts' stacked weights in place (no copy of
+a weight):
 
   'gemv'     small batches (decode): two Triton kernels over the pairs, each reading only the chosen experts'
              rows of w_in and w_out (a gather-GEMV), the router weight applied in the second; CUDA only.
@@ -12,14 +12,12 @@ weight):
              scatter_add and cumsum on the device), the sorted token rows gathered, two torch._grouped_mm
              (bf16, Hopper) with the activation and router weight between them, the rows put back in pair
              order and summed over K; differentiable (the SMoE baseline trains through it).
-  'fused'    large batches, inference on Hopper: the same sort, the up projection one Triton grouped GEMM
-             that gathers the token rows as it loads them (activation and router weight in its epilogue:
-             `gather_up`), the down projection torch._grouped_mm, each token's K rows summed back. Only on
-             request: for top-K, cuBLAS's grouped GEMM after a gathered copy measured faster (pick_path);
-             the threshold rules' fixed slots take it (there it beat gather + grouped GEMM).
   'loop'     the portable path (CPU, or any dtype): the same sort, a loop over experts (host sync: fine on CPU).
 
-`moe_topk_forward` picks the fastest available path; `moe_masked_forward` (below) runs the threshold rules.
+`moe_topk_forward` picks the fastest available path; `moe_masked_forward` (below) runs the threshold rules,
+its up projection a Triton grouped GEMM that gathers the token rows as it loads them (`gather_up`). (That
+GEMM ran slower than gather + cuBLAS's grouped GEMM for top-K, and faster for the threshold rules' fixed
+slots, in four runs on one H100, benchmarks/infer23_h100/: each rule keeps the faster.)
 Triton is imported only when a Triton path runs.
 """
 
@@ -56,8 +54,7 @@ def triton_available() -> bool:
 
 
 def pick_path(x_TD: torch.Tensor) -> str:
-    """The fastest path for these tokens: gemv (few tokens, CUDA), grouped (Hopper bf16), else loop. ('fused'
-    measured slower for top-K: one H100, top-4 of 32 at 16,384 tokens, 1.19 ms against grouped's 1.03.)"""
+    """The fastest path for these tokens: gemv (few tokens, CUDA), grouped (Hopper bf16), else loop."""
     inference_kernels = x_TD.is_cuda and not torch.is_grad_enabled() and triton_available()
     if inference_kernels and x_TD.shape[0] <= GEMV_MAX_TOKENS:
         return "gemv"
@@ -89,31 +86,25 @@ def moe_topk_forward(
     path = path or pick_path(x_TD)
     if path == "gemv":
         return gemv_topk_forward(x_TD, weights_TK, experts_TK, w_in, w_out, activation)
-    if path not in ("fused", "grouped", "loop"):
-        raise ValueError(f"expert path must be gemv|fused|grouped|loop, got {path!r}")
+    if path not in ("grouped", "loop"):
+        raise ValueError(f"expert path must be gemv|grouped|loop, got {path!r}")
     T, K = experts_TK.shape
     order, counts = sort_pairs(experts_TK, w_in.shape[0])
     offsets = counts.cumsum(0, dtype=torch.int32)
-    if path == "fused":  # the token rows gathered inside the up projection (no sorted copy of x)
-        weight_of_row = weights_TK.reshape(-1).index_select(0, order).float()
-        token_of_row = (order // K).to(torch.int32)
-        h = gather_up(x_TD, token_of_row, weight_of_row, offsets, w_in, w_out.shape[1], activation)
-        out_sorted = torch._grouped_mm(h, w_out, offs=offsets)  # (P, D), weighted
+    x_sorted = x_TD.index_select(0, order // K)  # (P, D) token rows in expert order
+    w_sorted = weights_TK.reshape(-1).index_select(0, order).to(x_TD.dtype).unsqueeze(-1)  # (P, 1)
+    if path == "grouped":
+        h = activate(torch._grouped_mm(x_sorted, w_in.transpose(1, 2), offs=offsets), activation)
+        out_sorted = torch._grouped_mm(h * w_sorted, w_out, offs=offsets)  # (P, D), weighted
     else:
-        x_sorted = x_TD.index_select(0, order // K)  # (P, D) token rows in expert order
-        w_sorted = weights_TK.reshape(-1).index_select(0, order).to(x_TD.dtype).unsqueeze(-1)  # (P, 1)
-        if path == "grouped":
-            h = activate(torch._grouped_mm(x_sorted, w_in.transpose(1, 2), offs=offsets), activation)
-            out_sorted = torch._grouped_mm(h * w_sorted, w_out, offs=offsets)  # (P, D), weighted
-        else:
-            out_sorted = torch.empty_like(x_sorted)
-            start = 0
-            for expert, count in enumerate(counts.tolist()):
-                if count:
-                    rows = slice(start, start + count)
-                    h = activate(x_sorted[rows] @ w_in[expert].T, activation)
-                    out_sorted[rows] = (h @ w_out[expert]) * w_sorted[rows]
-                    start += count
+        out_sorted = torch.empty_like(x_sorted)
+        start = 0
+        for expert, count in enumerate(counts.tolist()):
+            if count:
+                rows = slice(start, start + count)
+                h = activate(x_sorted[rows] @ w_in[expert].T, activation)
+                out_sorted[rows] = (h @ w_out[expert]) * w_sorted[rows]
+                start += count
     # Row of pair (t, k) in the sorted order: the inverse permutation (a scatter of P ints, no sort).
     inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
     if out_sorted.is_cuda and not torch.is_grad_enabled() and triton_available():
@@ -341,9 +332,6 @@ def route_topk(
 # fixed, and a CUDA graph captures it.
 
 
-MASKED_UP = "fused"
-"""moe_masked_forward's up projection on CUDA: 'fused' or 'grouped' (see there)."""
-
 MASKED_MAX_BYTES = 2**31
 """moe_masked_forward's largest slot buffer (T x E rows of D): more tokens than fit run in chunks of tokens
 (the DS-MoE-1B shape takes 16,384 tokens in one: 2 GiB in bf16; a 32k-token eval batch of 64 experts of
@@ -378,22 +366,21 @@ def moe_masked_forward(
     w_out: torch.Tensor,
     activation: str,
     kernels: bool | None = None,
-    up: str | None = None,
     blocks: dict | None = None,
 ) -> torch.Tensor:
     """y_t = sum over the experts e token t keeps of weights_te * act(x_t W_in[e]^T) W_out[e], with no host
     sync: the threshold rules' sparse path; the same bits every run (a fixed-order fp32 sum per token).
 
-    Needs torch._grouped_mm for x (bf16 on Hopper; CPU). `kernels` forces the Triton gather, activation and
-    combine (CUDA, or CPU under Triton's interpreter) or their torch equivalents, which touch every slot
-    (None: Triton on CUDA where it imports). With kernels, `up` picks the up projection: 'fused' (a Triton
-    grouped GEMM that gathers its rows as it loads them, act x weight in its epilogue; `blocks` sets its
-    tiles, and 'combine_d' the combine's) or 'grouped' (gather, torch._grouped_mm, act x weight); None: MASKED_UP."""
+    Needs torch._grouped_mm for x (bf16 on Hopper; CPU). `kernels` forces the Triton kernels (CUDA, or CPU
+    under Triton's interpreter: the up projection `gather_up`, a grouped GEMM that gathers its rows as it
+    loads them with act x weight in its epilogue, and the combine; `blocks` sets gather_up's tiles and
+    'combine_d' the combine's) or their torch equivalents, which touch every slot (None: Triton on CUDA where
+    it imports)."""
     T, E = keep_TE.shape
     D, C = x_TD.shape[1], T * E
     chunk = max(1, MASKED_MAX_BYTES // (E * D * x_TD.element_size()))
     if T > chunk:  # tokens are independent here: the same function, a bounded buffer
-        args = (w_in, w_out, activation, kernels, up, blocks)
+        args = (w_in, w_out, activation, kernels, blocks)
         return torch.cat(
             [
                 moe_masked_forward(
@@ -423,35 +410,14 @@ def moe_masked_forward(
         out = torch.cat([out, out.new_zeros(1, D)])  # row C reads as zero: the dropped pairs' row
         rows = torch.where(rows_TE < total, rows_TE, C)
         return out.index_select(0, rows.reshape(-1)).view(T, E, D).float().sum(1).to(x_TD.dtype)
-    triton, gather_kernel, act_kernel, combine_kernel, _ = _masked_kernels()
+    triton, combine_kernel, _ = _masked_kernels()
     x_TD, w_in, w_out = x_TD.contiguous(), w_in.contiguous(), w_out.contiguous()
     F_ = w_out.shape[1]
     if activation not in ACTIVATIONS or (w_in.shape[1] == 2 * F_) != (activation in ("swiglu", "geglu")):
         raise ValueError(f"masked experts: activation {activation!r} does not match w_in {tuple(w_in.shape)}")
-    up, blocks = up or MASKED_UP, dict(blocks or {})
+    blocks = dict(blocks or {})
     block_d = blocks.pop("combine_d", min(1024, triton.next_power_of_2(D)))
-    if up == "fused":  # one Triton grouped GEMM: rows gathered as loaded, act x weight on the way out
-        h_act = gather_up(x_TD, token_of_row, weight_of_row, offsets_E, w_in, F_, activation, **blocks)
-    elif up == "grouped":  # gather the rows, torch._grouped_mm, then act x weight
-        block_r = 16
-        x_sorted = torch.empty(C, D, device=x_TD.device, dtype=x_TD.dtype)
-        gather_kernel[(triton.cdiv(C, block_r),)](
-            x_TD,
-            token_of_row,
-            x_sorted,
-            total,
-            D,
-            BLOCK_R=block_r,
-            BLOCK_D=min(512, triton.next_power_of_2(D)),
-        )
-        h = torch._grouped_mm(x_sorted, w_in.transpose(1, 2), offs=offsets_E)  # (C, F_in), kept rows only
-        h_act = torch.empty(C, F_, device=x_TD.device, dtype=h.dtype)
-        act_kernel[(triton.cdiv(C, block_r),)](
-            h, weight_of_row, h_act, total, F_,
-            ACT=ACTIVATIONS[activation], BLOCK_R=block_r, BLOCK_F=min(512, triton.next_power_of_2(F_)),
-        )  # fmt: skip
-    else:
-        raise ValueError(f"up projection must be fused|grouped, got {up!r}")
+    h_act = gather_up(x_TD, token_of_row, weight_of_row, offsets_E, w_in, F_, activation, **blocks)
     out = torch._grouped_mm(h_act, w_out, offs=offsets_E)  # (C, D), weighted, kept rows only
     y = torch.empty(T, D, device=x_TD.device, dtype=x_TD.dtype)
     combine_kernel[(T, triton.cdiv(D, block_d))](out, rows_TE, y, total, D, E=E, BLOCK_D=block_d)
@@ -501,45 +467,6 @@ def _masked_kernels():
         import triton.language as tl
     except ImportError:  # callers check triton_available() first
         raise
-
-    @triton.jit
-    def gather_kernel(x_ptr, token_ptr, out_ptr, total_ptr, D, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
-        """out[r] = x[token[r]] for a block of rows below the kept count (the rest: nothing read or written)."""
-        offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-        mask_r = offs_r < tl.load(total_ptr)
-        token = tl.load(token_ptr + offs_r, mask=mask_r, other=0).to(tl.int64)
-        for d0 in range(0, D, BLOCK_D):
-            offs_d = d0 + tl.arange(0, BLOCK_D)
-            m = mask_r[:, None] & (offs_d < D)[None, :]
-            v = tl.load(x_ptr + token[:, None] * D + offs_d[None, :], mask=m)
-            tl.store(out_ptr + offs_r[:, None].to(tl.int64) * D + offs_d[None, :], v, mask=m)
-
-    @triton.jit
-    def act_kernel(
-        h_ptr, w_ptr, out_ptr, total_ptr, F,
-        ACT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_F: tl.constexpr,
-    ):  # fmt: skip
-        """out[r, f] = act(h[r])[f] * weight[r] for rows below the kept count; a gated h is [gate, value]."""
-        offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-        mask_r = offs_r < tl.load(total_ptr)
-        weight = tl.load(w_ptr + offs_r, mask=mask_r, other=0.0)
-        rows = offs_r[:, None].to(tl.int64)
-        width = F * 2 if ACT != 0 else F
-        for f0 in range(0, F, BLOCK_F):
-            offs_f = f0 + tl.arange(0, BLOCK_F)
-            m = mask_r[:, None] & (offs_f < F)[None, :]
-            g = tl.load(h_ptr + rows * width + offs_f[None, :], mask=m, other=0.0).to(tl.float32)
-            if ACT == 1:  # SwiGLU
-                a = g * tl.sigmoid(g)
-            else:  # exact GeLU (erf)
-                a = 0.5 * g * (1.0 + tl.math.erf(g * 0.7071067811865476))
-            if ACT != 0:  # gated: times the value half
-                a = a * tl.load(h_ptr + rows * width + F + offs_f[None, :], mask=m, other=0.0).to(tl.float32)
-            tl.store(
-                out_ptr + rows * F + offs_f[None, :],
-                (a * weight[:, None]).to(out_ptr.dtype.element_ty),
-                mask=m,
-            )
 
     @triton.jit
     def combine_kernel(src_ptr, rows_ptr, y_ptr, total_ptr, D, E: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -600,4 +527,4 @@ def _masked_kernels():
             out = out_ptr + offs_m[:, None].to(tl.int64) * F + offs_n[None, :]
             tl.store(out, h.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
-    return triton, gather_kernel, act_kernel, combine_kernel, up_kernel
+    return triton, combine_kernel, up_kernel
