@@ -27,6 +27,7 @@ import torch.distributed as dist
 from torch import nn
 
 from dsmoe.model.moe import DENSE, DSMoE, MoEAux, RoutingRule, grouped_expert_forward, select_experts
+from dsmoe.model.sparse import masked_path_available, moe_masked_forward
 from parallel.groups import ParallelDims
 from parallel.layout import placement, shard
 from parallel.routing import routing_aux_over
@@ -159,9 +160,13 @@ class ParallelDSMoE(nn.Module):
 
     @torch.no_grad()
     def _sparse_forward(self, x_TD, probs_TE, routing: RoutingRule) -> tuple[torch.Tensor, torch.Tensor]:
-        """All-to-all dispatch of the kept (token, expert) pairs to the experts' ranks and back."""
+        """Top-K: all-to-all dispatch of the kept (token, expert) pairs to the experts' ranks and back. Threshold
+        rules: the expert group's tokens gathered as the dense forward does, each rank's kept pairs in fixed
+        slots (moe_masked_forward): no host sync, and the same bits every run."""
         d, n = self.dims, self.num_local_experts
         keep_TE = select_experts(probs_TE, routing)
+        if routing.mode != "top_k" and masked_path_available(x_TD):
+            return self._masked_forward(x_TD, probs_TE * keep_TE, keep_TE), keep_TE.float().mean()
         expert_idx, token_idx = keep_TE.T.nonzero(as_tuple=True)  # expert-major: grouped by destination
         weights_P = probs_TE[token_idx, expert_idx].to(x_TD.dtype)
         send_counts = torch.bincount(expert_idx // n, minlength=d.ep)
@@ -179,6 +184,22 @@ class ParallelDSMoE(nn.Module):
         if d.tp > 1:
             dist.all_reduce(y_TD, group=d.tp_group)  # partial sums over the hidden slices
         return y_TD, keep_TE.float().mean()
+
+    def _masked_forward(self, x_TD, weights_TE, keep_TE) -> torch.Tensor:
+        """Threshold rules under ep/tp: every rank of the expert group runs its experts' kept pairs of the
+        group's tokens (the all-gather of the dense 'tokens' dispatch; at ~1/3 of 32 experts kept, fewer rows
+        than the all-to-all's kept pairs), the partial sums reduce-scattered back to their owners, then
+        summed over the hidden slices (tp)."""
+        d = self.dims
+        local = slice(self.first_expert, self.first_expert + self.num_local_experts)
+        x_all = _gather_tokens(x_TD, d)  # (ep*T, D), this rank's first
+        weights_all = _gather_tokens(weights_TE, d)[:, local]  # every rank's tokens, this rank's experts
+        keep_all = _gather_tokens(keep_TE.to(torch.uint8), d)[:, local].bool()  # (bool: not every backend)
+        y_all = moe_masked_forward(x_all, weights_all, keep_all, self.w_in, self._w_out(), self.activation)
+        y_TD = _scatter_sums(y_all, d)
+        if d.tp > 1:
+            dist.all_reduce(y_TD, group=d.tp_group)  # partial sums over the hidden slices
+        return y_TD
 
 
 def activate_scaled(h: torch.Tensor, p: torch.Tensor, activation: str) -> torch.Tensor:

@@ -128,6 +128,9 @@ def run_rank(
         sparse = Routing(RoutingRule("top_k", k=2), RoutingRule("top_k", k=2))
         logits = engine.module(batches()[0][0][rows].to(dims.device), routing=sparse).logits
         result["sparse_logits"] = gather_logits(logits, dims).cpu()
+        threshold = Routing(RoutingRule("threshold", eps=1.0))  # MLP: fixed slots (ep: gathered tokens)
+        logits = engine.module(batches()[0][0][rows].to(dims.device), routing=threshold).logits
+        result["threshold_logits"] = gather_logits(logits, dims).cpu()
     torch.save(result, Path(out) / f"rank{rank}.pt")
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()

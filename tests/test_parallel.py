@@ -96,11 +96,13 @@ def test_layout_trains_like_one_process(name, references, tmp_path):
         for source, loss in reference["eval"].source_loss.items():
             assert r["eval"].source_loss[source] == pytest.approx(loss, rel=TOL)
 
-    # Sparse inference (top-2 MLP and attention experts; all-to-all dispatch under ep): each batch slice's
-    # logits, from its first tensor-parallel rank, equal the single-process sparse logits of those rows.
+    # Sparse inference (top-2 MLP and attention experts: all-to-all dispatch under ep; a threshold MLP rule:
+    # fixed slots of the gathered tokens): each batch slice's logits, from its first tensor-parallel rank,
+    # equal the single-process sparse logits of those rows.
     micro = reference["sparse_logits"].shape[0] // (dp * ep)
-    for r in ranks:
-        tp_rank, _, batch_rank, _ = r["where"]
-        want = reference["sparse_logits"][batch_rank * micro : (batch_rank + 1) * micro]
-        e = rel(r["sparse_logits"], want)
-        assert e < TOL, f"{name}: sparse logits of rank {r['where']} on {r['device']}, relative error {e:.2e}"
+    for key in ("sparse_logits", "threshold_logits"):
+        for r in ranks:
+            tp_rank, _, batch_rank, _ = r["where"]
+            want = reference[key][batch_rank * micro : (batch_rank + 1) * micro]
+            e = rel(r[key], want)
+            assert e < TOL, f"{name}: {key} of rank {r['where']} on {r['device']}, relative error {e:.2e}"
