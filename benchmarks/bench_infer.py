@@ -122,8 +122,8 @@ def active_fraction(model, routing: Routing, idx: torch.Tensor) -> float:
     return float(out.mlp.active_fraction.mean()) if out.mlp is not None else 1.0
 
 
-HBM_BYTES_PER_S = {"H100": 3.35e12, "H200": 4.8e12}
-"""Datasheet memory bandwidth (SXM parts), for the decode step's bandwidth bound."""
+HBM_BYTES_PER_S = {"H100 PCIe": 2.0e12, "H100": 3.35e12, "H200": 4.8e12}
+"""Datasheet memory bandwidth by device name (the first key the name holds), for the decode step's bound."""
 
 
 def decode_step_bytes(model, active: float, context: int) -> float:
@@ -355,7 +355,10 @@ def main() -> int:
     )
     args = parser.parse_args()
     if args.gemv_tiles:
-        sparse_lib.GEMV_TILES.update(json.loads(args.gemv_tiles))
+        tiles = json.loads(args.gemv_tiles)
+        if not set(tiles) <= set(sparse_lib.GEMV_TILES):
+            parser.error(f"--gemv-tiles: unknown {sorted(set(tiles) - set(sparse_lib.GEMV_TILES))}")
+        sparse_lib.GEMV_TILES.update(tiles)
     global DEVICE, COMBINE
     COMBINE = None if args.combine == "auto" else args.combine
     DEVICE = "cpu" if args.cpu_smoke else "cuda"
@@ -405,9 +408,7 @@ def main() -> int:
         steps = 32 if args.quick else 64
         key = f"decode_b{decode_batch}"
         result[key] = bench_decode(model, rule_list, decode_batch, 64, steps, args.compile)
-        if (
-            decode_batch == 1
-        ):  # the bound: the step's context is the prompt and half the timed steps on average
+        if decode_batch == 1:  # the bound; the step's context: the prompt and on average half the timed steps
             context = 64 + 4 + steps // 2
             result["decode_b1_bytes"] = {
                 r: decode_step_bytes(model, result["active"][r], context) for r, _ in rule_list

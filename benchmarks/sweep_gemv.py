@@ -113,16 +113,16 @@ def main() -> None:
         best = {**best_up[0], **best_down[0]}
         rows.append(("best up + best down", best, best_down[1]))
         best_tiles[case] = {"tiles": best, "us": best_down[1], "default_us": default}
+        if args.json:  # each case as it ends: a run cut short keeps what it measured
+            Path(args.json).write_text(json.dumps(best_tiles, indent=2))
         lines += [f"## {case}", "", "| tiles | | us/layer | vs default |", "|---|---|---|---|"]
         lines += [f"| {label} | `{tiles}` | {us:.2f} | {default / us:.2f}x |" for label, tiles, us in rows]
         lines.append("")
-        print("\n".join(lines[-len(rows) - 4 :]), flush=True)
+        print("\n".join(lines[-len(rows) - 5 :]), flush=True)
     text = "\n".join(lines)
     print(text)
     if args.out:
         Path(args.out).write_text(text + "\n")
-    if args.json:
-        Path(args.json).write_text(json.dumps(best_tiles, indent=2))
 
 
 if __name__ == "__main__":

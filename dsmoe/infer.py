@@ -251,7 +251,10 @@ class Engine:
         # drops one, computed inside the compiled post segment (masking eagerly after it took four more
         # launches a layer); the GEMV reads only the kept experts' rows.
         self._decode_masked = (
-            not self._decode_dense and routing.mlp.mode in ("threshold", "threshold_top_k") and path == "gemv"
+            not self._decode_dense
+            and bool(model.moe_layers)
+            and routing.mlp.mode in ("threshold", "threshold_top_k")
+            and path == "gemv"
         )
         self._expert_ids = (  # the (B, E) table of every pair the masked weights index
             torch.arange(model.moe_layers[0].num_experts, device=self.device).repeat(batch, 1)

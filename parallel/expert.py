@@ -10,8 +10,11 @@ reduce-scatter's an all-gather, so gradients flow back to the owners' tokens and
 the group's tokens x D activations (forward + backward); parallel/README.md compares it with gathering
 the expert weights instead.
 
-Sparse inference sends only the selected (token, expert) pairs: an all-to-all to the experts' ranks, the
-grouped expert compute there, an all-to-all back, weighted by the raw router probabilities.
+Sparse inference under top-K sends only the selected (token, expert) pairs: an all-to-all to the experts'
+ranks, the grouped expert compute there, an all-to-all back, weighted by the raw router probabilities.
+Threshold rules (a share of the experts that only the device knows) gather the group's tokens as dense
+training does and run each rank's kept pairs in fixed slots (dsmoe.model.sparse.moe_masked_forward): no host
+sync, deterministic.
 
 The MI loss uses the whole batch's marginal p(e) = mean over every rank's tokens: the marginal is
 all-reduced over the data group (the ranks that split the batch), so the loss equals the single-process

@@ -28,7 +28,7 @@ for act in ("gelu", "swiglu"):  # gather-GEMV (partial sums added up) equals the
     with torch.no_grad():
         fast = moe_topk_forward(x, w, e, w_in, w_out, act, path="gemv")
     torch.testing.assert_close(fast, moe_topk_forward(x, w, e, w_in, w_out, act, path="loop"))
-for act in ("gelu", "swiglu", "geglu"):  # threshold rules' gather, activation and combine kernels
+for act in ("gelu", "swiglu", "geglu"):  # threshold rules' gather-GEMM up projection and combine
     E, F, D = 8, 24, 40
     w_in, w_out = torch.randn(E, F if act == "gelu" else 2 * F, D) * 0.1, torch.randn(E, F, D) * 0.1
     x, probs = torch.randn(13, D), torch.randn(13, E).softmax(-1)

@@ -262,6 +262,10 @@ def gemv_topk_partials(
     a layer). Small tiles and many programs: at batch 1 only K experts' rows are read, and they must stream
     from every SM. `tiles` overrides GEMV_TILES' entries."""
     triton, up_kernel, down_kernel, *_ = _gemv_kernels()
+    if tiles and not set(tiles) <= set(GEMV_TILES):
+        raise ValueError(
+            f"gather-GEMV tiles: unknown {sorted(set(tiles) - set(GEMV_TILES))}, known {sorted(GEMV_TILES)}"
+        )
     t = GEMV_TILES if tiles is None else {**GEMV_TILES, **tiles}
     T, K = experts_TK.shape
     E, F, D = w_out.shape
@@ -333,9 +337,9 @@ def route_topk(
 
 
 MASKED_MAX_BYTES = 2**31
-"""moe_masked_forward's largest slot buffer (T x E rows of D): more tokens than fit run in chunks of tokens
-(the DS-MoE-1B shape takes 16,384 tokens in one: 2 GiB in bf16; a 32k-token eval batch of 64 experts of
-d 4096 would otherwise ask for 17 GB)."""
+"""moe_masked_forward's largest slot buffer (T x E rows of D in x's dtype): more tokens than fit run in
+chunks of tokens (the DS-MoE-1B shape takes 16,384 tokens in one: 2 GiB in bf16; a 32k-token eval batch of
+64 experts of d 4096 would otherwise ask for 17 GB). The torch path (CPU) also sums an fp32 copy of it."""
 
 
 def masked_path_available(x: torch.Tensor) -> bool:
