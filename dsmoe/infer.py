@@ -150,8 +150,8 @@ def in_growth_ramp(model: DecoderLM) -> bool:
 
 
 HOPPER_SPARSE_OVER_DENSE = {
-    "top_k": ((1, 1.27), (64, 0.50), (16384, 1.42)),
-    "threshold": ((1, 0.98), (64, 0.54), (16384, 1.15)),
+    "top_k": ((1, 1.29), (64, 0.58), (16384, 1.43)),
+    "threshold": ((1, 1.05), (64, 0.54), (16384, 1.14)),
 }
 SPARSE_OVER_DENSE: dict[str, dict[str, tuple[tuple[int, float], ...]]] = {
     "H100": HOPPER_SPARSE_OVER_DENSE,
@@ -160,12 +160,12 @@ SPARSE_OVER_DENSE: dict[str, dict[str, tuple[tuple[int, float], ...]]] = {
 """Whole-model speed of the sparse expert paths over dense (all experts) at a number of tokens per forward, by
 device and rule family: DS-MoE-1B, bf16, compiled segments; top-K at K=4, threshold at eps 1; 1 token =
 decode at batch 1, 64 = decode at batch 64, 16384 = prefill 8 x 2048. Measured on one H100 on 2026-12-07
-(`python benchmarks/bench_infer.py --compile --quick --skip-hf --combine sparse`: benchmarks/infer23_h100/,
-commit b294aef; top-K prefill 1.42 at 71cb985, the same path, as b294aef ran top-K prefill on a gather-GEMM
-path since deleted). H200 takes the same table: its last measurement (2026-12-02, 37192cf, top-K 1.17 / 0.57 /
-1.52) led to the same choices, and its threshold figures predate the sync-free threshold path. Where the
-sparse path ran slower than dense, the Engine computes every expert and combines them with the rule's weights
-instead: the same function at dense cost."""
+(`python benchmarks/bench_infer.py --compile --quick --skip-hf --combine sparse`, commit 37b972b:
+benchmarks/infer23_h100/sparse_37b972b.md; the runs at b294aef and 5843cef gave the same choices, threshold
+decode at batch 1 0.98-0.99x before the rule's mask moved into the compiled segment). H200 takes the same
+table: its last measurement (2026-12-02, 37192cf, top-K 1.17 / 0.57 / 1.52) led to the same choices, and its
+threshold figures predate the sync-free threshold path. Where the sparse path ran slower than dense, the
+Engine computes every expert and combines them with the rule's weights instead: the same function at dense cost."""
 
 
 def dense_combine_wins(rule: RoutingRule, tokens: int, device: torch.device) -> bool:

@@ -148,12 +148,13 @@ def test_dense_combine_follows_the_measured_table(monkeypatch):
     cuda = torch.device("cuda")
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
     top4, threshold = RoutingRule("top_k", k=4), RoutingRule("threshold", eps=1.0)
-    assert not infer.dense_combine_wins(top4, 1, cuda)  # decode at batch 1: top-4 1.27x dense
-    assert infer.dense_combine_wins(top4, 64, cuda)  # batch 64: 0.50x
+    assert not infer.dense_combine_wins(top4, 1, cuda)  # decode at batch 1: top-4 1.29x dense
+    assert infer.dense_combine_wins(top4, 64, cuda)  # batch 64: 0.58x
     assert infer.dense_combine_wins(top4, 300, cuda)  # nearer 64 than 16384 in log
-    assert not infer.dense_combine_wins(top4, 8 * 2048, cuda)  # prefill: 1.42x
-    assert all(infer.dense_combine_wins(threshold, n, cuda) for n in (1, 20, 64))  # 0.98x, 0.54x
-    assert not infer.dense_combine_wins(threshold, 8 * 2048, cuda)  # prefill: 1.15x
+    assert not infer.dense_combine_wins(top4, 8 * 2048, cuda)  # prefill: 1.43x
+    assert not infer.dense_combine_wins(threshold, 1, cuda)  # 1.05x
+    assert all(infer.dense_combine_wins(threshold, n, cuda) for n in (20, 64))  # nearer 64: 0.54x
+    assert not infer.dense_combine_wins(threshold, 8 * 2048, cuda)  # prefill: 1.14x
     assert not infer.dense_combine_wins(RoutingRule("dense"), 64, cuda)
     assert not infer.dense_combine_wins(top4, 64, torch.device("cpu"))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100")
