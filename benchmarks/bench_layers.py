@@ -215,7 +215,38 @@ def sdpa_kernels(batch: int, seq: int, heads: int, kv: int, hd: int) -> list[dic
             except Exception as e:
                 row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
             rows.append(row)
+    rows += flash_attn_4_rows(q, k, v, grad, flops, ref)
     return rows
+
+
+def flash_attn_4_rows(q, k, v, grad, flops: float, ref) -> list[dict]:
+    """The same core by FlashAttention-4 (CuTeDSL, Hopper and Blackwell) where it is installed: on the lent
+    GPU, `source tools/device_wheels.sh fa4-install` after carrying its wheels (see there). (B, S, H, hd)
+    layout, grouped K/V."""
+    try:
+        from flash_attn.cute import flash_attn_func
+    except ImportError:
+        return []
+    qs, ks, vs = (t.detach().transpose(1, 2).contiguous().requires_grad_() for t in (q, k, v))
+    grad_s = grad.transpose(1, 2).contiguous()
+
+    def step():
+        qs.grad = ks.grad = vs.grad = None
+        out = flash_attn_func(qs, ks, vs, causal=True)
+        y = out[0] if isinstance(out, tuple) else out
+        y.backward(grad_s)
+        return y
+
+    row = {"name": "FlashAttention-4 (flash-attn-4, CuTeDSL), K/V grouped"}
+    try:
+        y = step()
+        torch.cuda.synchronize()
+        row["ms"] = cuda_ms(step, repeats=30, warmup=10)
+        row["tflops"] = flops / row["ms"] / 1e9
+        row["rel_err"] = rel_err(y[:1].detach().transpose(1, 2), ref)
+    except Exception as e:
+        row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
+    return [row]
 
 
 def matmul_peak() -> dict:

@@ -6,6 +6,9 @@
 # There (first thing in every device command):     source tools/device_wheels.sh install
 #   -> installs .whl/ into /tmp/site and puts it on PYTHONPATH.
 # Pass `.whl` in the device call's `carry`. wandb is not carried: device runs use train.wandb=false.
+# FlashAttention-4 (optional, for the attention benchmarks): `bash tools/device_wheels.sh fa4-build` here, then
+# two device calls back to back: carry [".fa4a"] (nothing else), then [".whl", ".fa4b"] with
+# `source tools/device_wheels.sh fa4-install` in the command.
 WHL=.whl
 # Versions pinned so every device run uses the same code; megatron-core's newest for Python 3.12.
 PINNED=(
@@ -30,5 +33,29 @@ case "${1:-}" in
     export PYTHONPATH=/tmp/site:$(pwd)${PYTHONPATH:+:$PYTHONPATH}
     export PATH=/tmp/site/bin:$PATH
     ;;
-  *) echo "usage: bash tools/device_wheels.sh build | source tools/device_wheels.sh install" >&2; exit 2 ;;
+  fa4-build)
+    # FlashAttention-4 (issue #25's attention core) is ~80 MB of wheels even xz'd, its CuTeDSL compiler
+    # (nvidia-cutlass-dsl-libs-cu13) 92 MB alone: over one device call's 64 MiB carry. So two parts: .fa4a/
+    # (the first 56 MiB of the compiler's unpacked tree, xz'd) rides alone in one call, .fa4b/ (the rest and
+    # the small wheels) in the next, made while the machine is still warm (30 s), where fa4-install joins them.
+    set -euo pipefail
+    rm -rf .fa4a .fa4b /tmp/fa4 && mkdir -p .fa4a .fa4b/whl /tmp/fa4/tree
+    pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+      --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform any -d /tmp/fa4 \
+      "flash-attn-4==4.0.0b40" "nvidia-cutlass-dsl==4.8.1" "nvidia-cutlass-dsl-libs-base==4.8.1" \
+      "nvidia-cutlass-dsl-libs-core==4.8.1" "nvidia-cutlass-dsl-libs-cu13==4.8.1" "apache-tvm-ffi==0.1.15.post2" \
+      "torch-c-dlpack-ext==0.1.5" "quack-kernels==0.6.5" "cuda-bindings==13.5.0" "cuda-pathfinder==1.9.1"
+    (cd /tmp/fa4/tree && unzip -q ../nvidia_cutlass_dsl_libs_cu13-*.whl)
+    tar cf - -C /tmp/fa4/tree . | xz -9 -T0 | split -b 56M - .fa4a/cu13.tar.xz.
+    mv .fa4a/cu13.tar.xz.ab .fa4b/  # the tail (split names its parts aa, ab)
+    cp /tmp/fa4/*.whl .fa4b/whl/ && rm .fa4b/whl/nvidia_cutlass_dsl_libs_cu13-*.whl
+    du -sh .fa4a .fa4b
+    ;;
+  fa4-install)  # after both parts are there (.fa4a from the previous call, .fa4b from this one)
+    mkdir -p /tmp/fa4site
+    cat .fa4a/cu13.tar.xz.aa .fa4b/cu13.tar.xz.ab | xz -d | tar xf - -C /tmp/fa4site
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/fa4site .fa4b/whl/*.whl
+    export PYTHONPATH=/tmp/fa4site${PYTHONPATH:+:$PYTHONPATH}
+    ;;
+  *) echo "usage: bash tools/device_wheels.sh build | fa4-build | source tools/device_wheels.sh install | fa4-install" >&2; exit 2 ;;
 esac
