@@ -3,16 +3,22 @@ that breaks is otherwise found on the lent GPU, where a session has 30 minutes a
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parent.parent
 
 
-def run(*args: str) -> None:
-    result = subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=600)
+def run(*args: str, env: dict | None = None) -> None:
+    result = subprocess.run(
+        [sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=600, env=env
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
 
@@ -32,3 +38,17 @@ def test_inference_benchmarks_run_on_cpu(tmp_path):
     peer = tmp_path / "peer"
     run("benchmarks/bench_peer.py", "--cpu-smoke", "--out-dir", str(peer))
     assert "same tokens" in (peer / "peer_cpu.md").read_text()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+def test_gather_gemv_sweep_runs_under_the_triton_interpreter(tmp_path):
+    best = tmp_path / "best.json"
+    run(
+        "benchmarks/sweep_gemv.py",
+        "--cpu-smoke",
+        "--json",
+        str(best),
+        env=dict(os.environ, TRITON_INTERPRET="1"),
+    )
+    tiles = json.loads(best.read_text())["top-4, batch 1"]["tiles"]  # what tools/device.sh gemv reads
+    assert set(tiles) <= {"up_f", "up_d", "up_warps", "down_f", "down_d", "down_warps"}
