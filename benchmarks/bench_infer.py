@@ -30,7 +30,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tools"))  # tools/_cli.py
-from _cli import cuda_ms, elapsed_ms, git_commit  # noqa: E402
+from _cli import cuda_ms, elapsed_ms, git_commit, graph_ms  # noqa: E402
 
 from dsmoe import config as config_lib  # noqa: E402
 from dsmoe.infer import Engine, generate_fast  # noqa: E402
@@ -49,22 +49,6 @@ COMBINE: str | None = None  # --combine: the Engine's expert combine (None: its 
 def sync() -> None:
     if DEVICE == "cuda":
         torch.cuda.synchronize()
-
-
-def graph_ms(fn, repeats: int) -> float:
-    """Median milliseconds of fn() replayed as a captured CUDA graph (no launch gaps); eager on CPU."""
-    if DEVICE != "cuda":
-        return cuda_ms(fn, repeats)
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return cuda_ms(graph.replay, repeats)
 
 
 def bench_layer_decode(model, repeats: int) -> list[dict]:

@@ -15,9 +15,7 @@ import datetime
 import functools
 import itertools
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -25,7 +23,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tools"))
-from _cli import git_commit  # noqa: E402
+from _cli import git_commit, graph_ms  # noqa: E402
 
 from dsmoe.model.sparse import GEMV_TILES, gemv_topk_partials  # noqa: E402
 
@@ -44,38 +42,16 @@ def cases(device):
     }
 
 
-def graph_us(fn, replays: int = 30) -> float:
-    """Median microseconds per layer of fn() (24 layers) replayed as one CUDA graph (eager on CPU)."""
-    if not torch.cuda.is_available():  # --cpu-smoke
-        started = time.perf_counter()
-        fn()
-        return (time.perf_counter() - started) * 1e6 / LAYERS
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn()
-        fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    times = []
-    for _ in range(replays):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / LAYERS)
-    return statistics.median(times)
-
-
 def layer_us(x, gates, ids, w_in, w_out, tiles) -> float:
+    """Median microseconds a layer of the expert kernels of every layer, replayed as one CUDA graph (on CPU,
+    the --cpu-smoke run: one eager call)."""
+
     def step():
         for layer in range(LAYERS):
             gemv_topk_partials(x, gates, ids, w_in[layer], w_out[layer], "gelu", tiles).sum(0)
 
-    return graph_us(step)
+    repeats = 30 if torch.cuda.is_available() else 1
+    return graph_ms(step, repeats, warmup=2 if repeats > 1 else 0) * 1e3 / LAYERS
 
 
 def main() -> None:

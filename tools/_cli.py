@@ -52,3 +52,21 @@ def cuda_ms(fn, repeats: int = 30, warmup: int = 3) -> float:
     for _ in range(warmup):
         fn()
     return statistics.median(elapsed_ms(fn) for _ in range(repeats))
+
+
+def graph_ms(fn, repeats: int = 30, warmup: int = 2) -> float:
+    """Median milliseconds of fn() replayed as one captured CUDA graph (no launch gaps between its kernels),
+    after `warmup` calls on a side stream off the capture (compiles, autotuning); cuda_ms where CUDA is
+    absent."""
+    if not torch.cuda.is_available():
+        return cuda_ms(fn, repeats, warmup)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return cuda_ms(graph.replay, repeats)
