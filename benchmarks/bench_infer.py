@@ -339,10 +339,7 @@ def main() -> int:
     )
     args = parser.parse_args()
     if args.gemv_tiles:
-        tiles = json.loads(args.gemv_tiles)
-        if not set(tiles) <= set(sparse_lib.GEMV_TILES):
-            parser.error(f"--gemv-tiles: unknown {sorted(set(tiles) - set(sparse_lib.GEMV_TILES))}")
-        sparse_lib.GEMV_TILES.update(tiles)
+        sparse_lib.GEMV_TILES.update(sparse_lib.gemv_tiles(json.loads(args.gemv_tiles)))
     global DEVICE, COMBINE
     COMBINE = None if args.combine == "auto" else args.combine
     DEVICE = "cpu" if args.cpu_smoke else "cuda"

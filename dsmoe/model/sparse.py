@@ -248,6 +248,15 @@ GEMV_TILES = {"up_f": 4, "up_d": 1024, "up_warps": 4, "down_f": 64, "down_d": 12
 program's (hidden units, model dims) tile; benchmarks/sweep_gemv.py times the alternatives."""
 
 
+def gemv_tiles(overrides: dict | None = None) -> dict:
+    """GEMV_TILES with `overrides` in place of its entries; a key it does not have is an error (a misspelt
+    tile would otherwise be ignored, and a benchmark would record tiles it never ran)."""
+    unknown = set(overrides or {}) - set(GEMV_TILES)
+    if unknown:
+        raise ValueError(f"gather-GEMV tiles: unknown {sorted(unknown)}, known {sorted(GEMV_TILES)}")
+    return {**GEMV_TILES, **(overrides or {})}
+
+
 def gemv_topk_partials(
     x_TD: torch.Tensor,
     weights_TK: torch.Tensor,
@@ -262,11 +271,7 @@ def gemv_topk_partials(
     a layer). Small tiles and many programs: at batch 1 only K experts' rows are read, and they must stream
     from every SM. `tiles` overrides GEMV_TILES' entries."""
     triton, up_kernel, down_kernel, *_ = _gemv_kernels()
-    if tiles and not set(tiles) <= set(GEMV_TILES):
-        raise ValueError(
-            f"gather-GEMV tiles: unknown {sorted(set(tiles) - set(GEMV_TILES))}, known {sorted(GEMV_TILES)}"
-        )
-    t = GEMV_TILES if tiles is None else {**GEMV_TILES, **tiles}
+    t = GEMV_TILES if tiles is None else gemv_tiles(tiles)
     T, K = experts_TK.shape
     E, F, D = w_out.shape
     if activation not in ACTIVATIONS or (w_in.shape[1] == 2 * F) != (activation in ("swiglu", "geglu")):
