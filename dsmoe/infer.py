@@ -22,9 +22,10 @@ from dsmoe.evaluation import mlm_loss as mlm_loss
 from dsmoe.export import is_export, load_export, load_from_run
 from dsmoe.model import TRAINING, DecoderLM, Routing, RoutingRule
 from dsmoe.model.attention import ATTENTION_BACKENDS, apply_rope, causal_mask, rope_cos_sin
-from dsmoe.model.moe import kept_weights, masked_table, select_experts, top_k_table
+from dsmoe.model.moe import THRESHOLD_MODES, kept_weights, select_experts, top_k_table
 from dsmoe.model.router import router_scores
 from dsmoe.model.sparse import (
+    GEMV_MAX_TOKENS,
     gemv_topk_partials,
     masked_path_available,
     moe_topk_forward,
@@ -246,30 +247,23 @@ class Engine:
             picked = pick_path(probe)
         path = expert_path or picked
         self.combine = combine
-        self._decode_dense = self._dense_combine(batch)
-        # Threshold rules on the gather-GEMV (few tokens): the rule's weight of every expert, zero where it
-        # drops one, computed inside the compiled post segment (masking eagerly after it took four more
-        # launches a layer); the GEMV reads only the kept experts' rows.
-        self._decode_masked = (
-            not self._decode_dense
-            and bool(model.moe_layers)
-            and routing.mlp.mode in ("threshold", "threshold_top_k")
-            and path == "gemv"
-        )
-        self._expert_ids = (  # the (B, E) table of every pair the masked weights index
-            torch.arange(model.moe_layers[0].num_experts, device=self.device).repeat(batch, 1)
-            if self._decode_masked
+        with torch.no_grad():
+            self._decode_combine = self._combine_for(probe)
+        # Every expert of each token, the (T, E) pair table of a 'masked' combine (as many rows as the
+        # gather-GEMV takes tokens, made once: a fresh table is one more launch a layer).
+        self._expert_ids = (
+            torch.arange(model.moe_layers[0].num_experts, device=self.device).repeat(
+                max(batch, GEMV_MAX_TOKENS), 1
+            )
+            if model.moe_layers and routing.mlp.mode in THRESHOLD_MODES
             else None
         )
         # Threshold rules keep a variable number of experts: graph-safe as a masked table on the gather-GEMV.
         graph_safe = (
             routing.mlp.mode == "dense"
-            or self._decode_dense
+            or self._decode_combine == "dense"
             or (routing.mlp.mode == "top_k" and path != "loop")
-            or (
-                routing.mlp.mode in ("threshold", "threshold_top_k")
-                and (path == "gemv" or masked_path_available(probe))
-            )
+            or (routing.mlp.mode in THRESHOLD_MODES and (path == "gemv" or masked_path_available(probe)))
         )
         self.cuda_graph = (self.device.type == "cuda" and graph_safe) if cuda_graph is None else cuda_graph
         if self.cuda_graph and not graph_safe:
@@ -287,19 +281,18 @@ class Engine:
             _segment_pre, eps=cfg.norm_eps, n_heads=a.num_heads, n_kv=a.num_kv_heads, head_dim=cfg.head_dim
         )
         # The post segments return the top-K table on the sparse path, or every probability (threshold rules);
-        # for a dense combine, the rule's weights of every expert, masked inside the segment (eager, the mask's
-        # few small kernels cost 5-16% of a batch-64 decode step on H100).
+        # for a 'dense' or 'masked' combine, the rule's weights of every expert, masked inside the segment
+        # (eager, the mask's few small kernels cost 5-16% of a batch-64 decode step on H100, and four launches
+        # a layer of a threshold decode step on the gather-GEMV).
         rule = routing.mlp if routing.mlp.mode != "dense" else None
         self._post = {
             "sparse": functools.partial(_segment_post, eps=cfg.norm_eps, top_k=self._top_k),
-            "dense": functools.partial(_segment_post, eps=cfg.norm_eps, top_k=0, combine_rule=rule),
+            "weights": functools.partial(_segment_post, eps=cfg.norm_eps, top_k=0, combine_rule=rule),
         }
-        decode_k = 0 if self._decode_dense or self._decode_masked else self._top_k
+        weights = self._decode_combine != "sparse"
+        decode_k = 0 if weights else self._top_k
         self._decode_post = functools.partial(
-            _decode_post,
-            eps=cfg.norm_eps,
-            top_k=decode_k,
-            combine_rule=rule if self._decode_dense or self._decode_masked else None,
+            _decode_post, eps=cfg.norm_eps, top_k=decode_k, combine_rule=rule if weights else None
         )
         # Few tokens on CUDA: the router's scores (one fp32-output GEMM) and one Triton softmax + top-K before
         # the gather-GEMV experts, outside the compiled segment (fewer launches than its softmax and topk).
@@ -318,6 +311,17 @@ class Engine:
         if self.combine is not None:
             return self.combine == "dense"
         return dense_combine_wins(self.routing.mlp, tokens, self.device)
+
+    def _combine_for(self, x_TD: torch.Tensor) -> str:
+        """How a forward of these (T, D) tokens runs the MLP experts: 'dense' (every expert, the rule's
+        weights), 'masked' (a threshold rule on the gather-GEMV: the rule's weight of every expert from the
+        compiled segment, a fixed (T, E) table whose zero-weight pairs read nothing), or 'sparse'."""
+        if self._dense_combine(x_TD.shape[0]):
+            return "dense"
+        if self.routing.mlp.mode in THRESHOLD_MODES and self.model.moe_layers:
+            if (self.expert_path or pick_path(x_TD)) == "gemv":
+                return "masked"
+        return "sparse"
 
     def reset(self) -> None:
         """Forget the cached tokens (the captured graph stays valid: it reads the position tensor)."""
@@ -382,11 +386,8 @@ class Engine:
         else:
             cos, sin = self.cos[start : start + T], self.sin[start : start + T]
             causal, mask = causal_mask(T, start, self.device)
-        if pos is not None:
-            combine = "dense" if self._decode_dense else "masked" if self._decode_masked else "sparse"
-        else:
-            combine = "dense" if self._dense_combine(B * T) else "sparse"
-        post = self._post["dense" if combine == "dense" else "sparse"]
+        combine = self._decode_combine if pos is not None else self._combine_for(x.view(B * T, -1))
+        post = self._post["sparse" if combine == "sparse" else "weights"]
         carry = None
         for layer, (block, w) in enumerate(zip(model.blocks, self._layers, strict=True)):
             x, h, q, k, v = self._pre(x, carry, w.attn_norm, w.qkv, w.q_norm, w.k_norm, cos, sin)
@@ -424,19 +425,22 @@ class Engine:
         if combine == "dense":  # every expert, gate holding the rule's weights (zero where it drops one)
             return mlp._dense_forward(x_TD, gate).view_as(h)
         if combine == "masked":  # the gather-GEMV over every pair, reading the kept ones' rows only
-            partials = gemv_topk_partials(x_TD, gate, self._expert_ids, mlp.w_in, mlp.w_out, mlp.activation)
+            T, ids = x_TD.shape[0], self._expert_ids
+            ids = (
+                ids[:T] if T <= len(ids) else ids[:1].expand(T, -1)
+            )  # beyond: a gemv path forced on a prefill
+            partials = gemv_topk_partials(x_TD, gate, ids, mlp.w_in, mlp.w_out, mlp.activation)
             return partials.view(-1, *h.shape)
         if fused_route and self._fused_route:
             gate, experts = route_topk(x_TD, mlp.router.weight, self._top_k, mlp.renormalize)
-        path = self.expert_path or pick_path(x_TD)
         if experts is None:  # gate holds every expert's probability
             rule = self.routing.mlp
-            if rule.mode in ("threshold", "threshold_top_k"):
-                if path != "gemv":  # every pair in a fixed slot where grouped GEMMs run (moe_masked_forward)
-                    return mlp._sparse_forward(x_TD, gate, rule, mlp.renormalize)[0].view_as(h)
-                gate, experts = masked_table(gate, rule, mlp.renormalize)  # fixed shape, zero-weight pairs
-            else:
-                return mlp._dense_forward(x_TD, gate).view_as(h)
+            if (
+                rule.mode in THRESHOLD_MODES
+            ):  # every pair in a fixed slot of grouped GEMMs (moe_masked_forward)
+                return mlp._sparse_forward(x_TD, gate, rule, mlp.renormalize)[0].view_as(h)
+            return mlp._dense_forward(x_TD, gate).view_as(h)
+        path = self.expert_path or pick_path(x_TD)
         if path == "gemv":  # fp32 partial sums (S, B, T, D): the next segment adds them up (_add_carry)
             partials = gemv_topk_partials(x_TD, gate, experts, mlp.w_in, mlp.w_out, mlp.activation)
             return partials.view(-1, *h.shape)

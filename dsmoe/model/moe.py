@@ -31,6 +31,9 @@ from dsmoe.model.sparse import (
     moe_topk_forward,
 )
 
+THRESHOLD_MODES = ("threshold", "threshold_top_k")
+"""The rules that keep a share of the experts only the router's probabilities decide (no fixed K)."""
+
 
 @dataclass(frozen=True)
 class RoutingRule:
@@ -46,7 +49,7 @@ class RoutingRule:
             raise ValueError(f"routing mode must be dense|top_k|threshold|threshold_top_k, got {self.mode!r}")
         if self.mode == "top_k" and self.k < 1:
             raise ValueError(f"top_k routing needs k >= 1, got {self.k}")
-        if self.mode in ("threshold", "threshold_top_k") and self.eps < 0:
+        if self.mode in THRESHOLD_MODES and self.eps < 0:
             raise ValueError(f"threshold routing needs eps >= 0, got {self.eps}")
 
     def __str__(self) -> str:
@@ -164,15 +167,6 @@ def top_k_table(
     if renormalize:
         weights_TK = weights_TK / weights_TK.sum(-1, keepdim=True).clamp_min(1e-20)
     return weights_TK, experts_TK
-
-
-def masked_table(probs_TE: torch.Tensor, rule: RoutingRule, renormalize: bool = False):
-    """A rule as a fixed (T, N) table of every (token, expert) pair, weight 0 where the rule drops the
-    expert, without a host sync: the gather-GEMV (dsmoe/model/sparse.py) skips zero-weight pairs, so few
-    tokens read only the kept experts' weights, and threshold rules fit a CUDA graph. Returns (weights, ids)."""
-    T, E = probs_TE.shape
-    weights_TE = kept_weights(probs_TE, select_experts(probs_TE, rule), renormalize)
-    return weights_TE, torch.arange(E, device=probs_TE.device).expand(T, E)
 
 
 def routing_aux(
