@@ -25,7 +25,7 @@ data       the data path (issue 22, <= 9 min): tests/test_gpu_infer.py + tests/t
            benchmarks/bench_data.py share on the indexed blend carried in .bench_data/
 regress    every headline figure against its committed value (issue 25, <= 9.5 min): short runs of
            bench_encoder, bench_layers, bench_train (DS-MoE-1B / Dense-1B compiled), bench_infer --quick, then
-           tools/regress.py compare (exit 1 on a regression; table in $OUT/regress_h200.md); run it as
+           tools/regress.py compare (exit 1 on a regression; table in $OUT/regress.md); run it as
            `DSMOE_COMMIT=<hash, written out> bash tools/device.sh regress` (the device's git may be stale)
 head_loss  the LM head + loss at a real vocabulary (issue 25 part 3, <= 9 min): tests/test_head_loss.py -m gpu,
            then benchmarks/bench_train.py on DS-MoE-1B at vocab 8,192 and 151,936 (logits / fused / liger)
@@ -199,7 +199,7 @@ run_head_loss() (
 # Every headline GPU figure against its committed value, one call (issue 25 part 5): short forms of the
 # benchmarks behind benchmarks/{encoder/encoder,layers,train_1b,infer}_h200.json, each under its own time
 # limit so one that hangs cannot take the others' time, then tools/regress.py compare. Run it before an issue
-# that touches speed is resolved; commit $OUT/regress_h200.md when the figures move.
+# that touches speed is resolved; commit $OUT/regress.md (as benchmarks/regress_<device>.md) when the figures move.
 run_regress() (
   set -u
   OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -224,10 +224,10 @@ run_regress() (
     train.global_batch_size=64 train.micro_batch_size=8 data.tokenizer_vocab_size=8192 data.cache_dir=/tmp/cache \
     > "$OUT/train.log" 2>&1; echo "rc $?"
   echo "=== infer ($(date -u +%T))"
-  timeout 140 python benchmarks/bench_infer.py --compile --quick --skip-hf --out-dir "$OUT" > "$OUT/infer.log" 2>&1
+  timeout 170 python benchmarks/bench_infer.py --compile --quick --skip-hf --out-dir "$OUT" > "$OUT/infer.log" 2>&1
   echo "rc $?"
   echo "=== compare ($(date -u +%T))"
-  python tools/regress.py compare "$OUT" --md "$OUT/regress_h200.md"
+  python tools/regress.py compare "$OUT" --md "$OUT/regress.md"
 )
 
 # Issue #23 in one call: the sparse-inference GPU tests, the three combines of bench_infer (each its own

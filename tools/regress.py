@@ -10,6 +10,11 @@ JSON under benchmarks/ and prints one row per figure: committed, now, now/commit
 figure is worse than committed by more than the tolerance (5%: lent machines are shared and noisy; ratios
 measured within one run, e.g. ours/BERT, move less than absolute speeds). Exit status 1 when any regressed or a
 benchmark left no result, so the call's output says it at once.
+
+The benchmarks name their files by device (train_1b_h100.json on an H100). Each figure is compared with the
+committed file of the same device where there is one; otherwise with the H200's, and then only the figures that
+do not depend on the device's speed (ratios measured in one run, peak memory): MFU and tokens/s of another GPU
+are shown but not judged.
 """
 
 from __future__ import annotations
@@ -34,6 +39,12 @@ class Figure:
     read: Callable[[dict], float]
     higher_is_better: bool = True
     unit: str = "x"
+    same_device_only: bool = False
+    """An absolute speed: judged only against a committed figure of the same device."""
+
+    def files(self, device: str) -> tuple[str, str]:
+        """The committed and fresh file names for a run on `device` (a slug: h100, h200)."""
+        return self.committed.replace("_h200.", f"_{device}."), self.fresh.replace("_h200.", f"_{device}.")
 
 
 def _train(variant: str, key: str) -> Callable[[dict], float]:
@@ -72,7 +83,8 @@ ENCODER, INFER = "benchmarks/encoder/encoder_h200.json", "benchmarks/infer_h200.
 
 FIGURES = [
     Figure(
-        "train: DS-MoE-1B compiled MFU", TRAIN, "train_1b_h200.json", _train("dsmoe_compiled", "mfu"), unit=""
+        "train: DS-MoE-1B compiled MFU", TRAIN, "train_1b_h200.json", _train("dsmoe_compiled", "mfu"), unit="",
+        same_device_only=True,
     ),
     Figure(
         "train: DS-MoE-1B compiled tokens/s",
@@ -80,6 +92,7 @@ FIGURES = [
         "train_1b_h200.json",
         _train("dsmoe_compiled", "tokens_per_s"),
         unit="",
+        same_device_only=True,
     ),
     Figure("train: DS-MoE-1B / Dense-1B tokens/s", TRAIN, "train_1b_h200.json", _train_ratio),
     Figure(
@@ -103,14 +116,23 @@ FIGURES = [
 ]
 
 
-def compare(out: Path, tolerance: float) -> tuple[list[dict], bool]:
+def device_of(out: Path) -> str:
+    """The device slug of a regress run's output: from the training benchmark's file name, else h200."""
+    names = sorted(p.stem.removeprefix("train_1b_") for p in out.glob("train_1b_*.json"))
+    return names[0] if names else "h200"
+
+
+def compare(out: Path, tolerance: float, device: str | None = None) -> tuple[list[dict], bool]:
     """One row per figure, and whether every figure is there and none regressed."""
+    device = device or device_of(out)
     rows, ok = [], True
     for f in FIGURES:
-        committed_file, fresh_file = REPO / f.committed, out / f.fresh
-        committed_meta = json.loads(committed_file.read_text())
-        committed = f.read(committed_meta)
-        row = {"figure": f.name, "committed": committed, "committed_in": f.committed}
+        committed_name, fresh_name = f.files(device)
+        same_device = (REPO / committed_name).exists()
+        committed_name = committed_name if same_device else f.committed
+        committed_file, fresh_file = REPO / committed_name, out / fresh_name
+        committed = f.read(json.loads(committed_file.read_text()))
+        row = {"figure": f.name, "committed": committed, "committed_in": committed_name}
         try:
             now = f.read(json.loads(fresh_file.read_text()))
         except (OSError, KeyError, StopIteration, ValueError, ZeroDivisionError) as e:
@@ -121,6 +143,8 @@ def compare(out: Path, tolerance: float) -> tuple[list[dict], bool]:
         change = now / committed if committed else float("nan")
         better = change if f.higher_is_better else 1 / change
         verdict = "REGRESSED" if better < 1 - tolerance else "better" if better > 1 + tolerance else "ok"
+        if f.same_device_only and not same_device:
+            verdict = f"not judged ({device} vs a committed figure of another GPU)"
         ok &= verdict != "REGRESSED"
         row.update(now=now, now_over_committed=change, verdict=verdict)
         rows.append(row)
@@ -161,8 +185,9 @@ def main() -> int:
     c.add_argument("out", type=Path, help="where `bash tools/device.sh regress` wrote its results")
     c.add_argument("--tolerance", type=float, default=0.05)
     c.add_argument("--md", type=Path, help="also write the table here (with the run's header lines)")
+    c.add_argument("--device", help="the device slug of the fresh files (default: read from OUT's file names)")
     args = parser.parse_args()
-    rows, ok = compare(args.out, args.tolerance)
+    rows, ok = compare(args.out, args.tolerance, args.device)
     lines = table(rows, args.tolerance)
     print("\n".join(lines))
     if args.md:
