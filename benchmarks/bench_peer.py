@@ -72,10 +72,12 @@ def speed(args) -> int:
     with torch.device(device):
         model = build(cfg.model).to(dtype).eval()
     qwen = qwen3_moe_from(model, cfg, top_k=4).to(device, dtype).eval()
-    qwen.generation_config.cache_implementation = "static"  # on CUDA, generate() then compiles the decode step
+    qwen.generation_config.cache_implementation = (
+        "static"  # on CUDA, generate() then compiles the decode step
+    )
     compiled = "not compiled (CPU smoke)"
     if not args.cpu_smoke:
-        compiled = f'decode compiled by generate() ({qwen.config._experts_implementation} experts)'
+        compiled = f"decode compiled by generate() ({qwen.config._experts_implementation} experts)"
     routing = Routing(RoutingRule("top_k", k=4))
     rows, started = [], time.monotonic()
     for batch in (1, 64):

@@ -83,7 +83,11 @@ ENCODER, INFER = "benchmarks/encoder/encoder_h200.json", "benchmarks/infer_h200.
 
 FIGURES = [
     Figure(
-        "train: DS-MoE-1B compiled MFU", TRAIN, "train_1b_h200.json", _train("dsmoe_compiled", "mfu"), unit="",
+        "train: DS-MoE-1B compiled MFU",
+        TRAIN,
+        "train_1b_h200.json",
+        _train("dsmoe_compiled", "mfu"),
+        unit="",
         same_device_only=True,
     ),
     Figure(
@@ -185,7 +189,9 @@ def main() -> int:
     c.add_argument("out", type=Path, help="where `bash tools/device.sh regress` wrote its results")
     c.add_argument("--tolerance", type=float, default=0.05)
     c.add_argument("--md", type=Path, help="also write the table here (with the run's header lines)")
-    c.add_argument("--device", help="the device slug of the fresh files (default: read from OUT's file names)")
+    c.add_argument(
+        "--device", help="the device slug of the fresh files (default: read from OUT's file names)"
+    )
     args = parser.parse_args()
     rows, ok = compare(args.out, args.tolerance, args.device)
     lines = table(rows, args.tolerance)
