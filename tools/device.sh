@@ -29,10 +29,10 @@ regress    every headline figure against its committed value (issue 25, <= 9.5 m
            `DSMOE_COMMIT=<hash, written out> bash tools/device.sh regress` (the device's git may be stale)
 head_loss  the LM head + loss at a real vocabulary (issue 25 part 3, <= 9 min): tests/test_head_loss.py -m gpu,
            then benchmarks/bench_train.py on DS-MoE-1B at vocab 8,192 and 151,936 (logits / fused / liger)
-sparse     issue 23 (<= 8 min): tests/test_gpu_infer.py, bench_infer --compile --quick --skip-hf with each combine
+sparse     issue 23 (<= 10 min): tests/test_gpu_infer.py, bench_infer --compile --quick --skip-hf with each combine
            (COMBINES, default "sparse dense auto": the crossover table's figures and the Engine's pick,
            $OUT/<combine>/), then
-           benchmarks/bench_peer.py (Engine vs stock transformers Qwen3-MoE, same weights, batch 1 and 64)
+           benchmarks/bench_peer.py (Engine vs stock transformers Qwen3-MoE, same weights, batch 1 and 64; <= 5 min)
 gemv       the decode gather-GEMV's tiles (issue 23, <= 7 min): benchmarks/sweep_gemv.py ($OUT/sweep_gemv.md,
            best tiles per case in $OUT/sweep_gemv.json), then bench_infer --compile --quick --skip-hf
            --combine sparse with the best tiles of top-4 at batch 1 ($OUT/tiles/)
@@ -244,7 +244,7 @@ run_sparse() (
       --out-dir "$OUT/$combine" > "$OUT/$combine/bench.log" 2>&1
     echo "$combine rc $?"; grep -A9 "^## Whole model" "$OUT/$combine"/infer_*.md | tail -7
   done
-  timeout 150 python benchmarks/bench_peer.py --out-dir "$OUT" > "$OUT/peer.log" 2>&1
+  timeout 300 python benchmarks/bench_peer.py --out-dir "$OUT" > "$OUT/peer.log" 2>  timeout 150 python benchmarks/bench_peer.py --out-dir "$OUT" > "$OUT/peer.log" 2>&11
   echo "peer rc $?"; tail -6 "$OUT/peer.log"
 )
 
