@@ -151,8 +151,8 @@ def in_growth_ramp(model: DecoderLM) -> bool:
 
 
 HOPPER_SPARSE_OVER_DENSE = {
-    "top_k": ((1, 1.29), (64, 0.58), (16384, 1.43)),
-    "threshold": ((1, 1.05), (64, 0.54), (16384, 1.14)),
+    "top_k": ((1, 1.33), (64, 0.58), (16384, 1.43)),
+    "threshold": ((1, 1.21), (64, 0.54), (16384, 1.15)),
 }
 SPARSE_OVER_DENSE: dict[str, dict[str, tuple[tuple[int, float], ...]]] = {
     "H100": HOPPER_SPARSE_OVER_DENSE,
@@ -163,7 +163,8 @@ device and rule family: DS-MoE-1B, bf16, compiled segments; top-K at K=4, thresh
 decode at batch 1, 64 = decode at batch 64, 16384 = prefill 8 x 2048. Measured on one H100 on 2026-12-07
 (`python benchmarks/bench_infer.py --compile --quick --skip-hf --combine sparse`, commit 37b972b:
 benchmarks/infer23_h100/sparse_37b972b.md; the runs at b294aef and 5843cef gave the same choices, threshold
-decode at batch 1 0.98-0.99x before the rule's mask moved into the compiled segment). H200 takes the same
+decode at batch 1 0.98-0.99x before the rule's mask moved into the compiled segment); batch 1 and prefill
+updated with the gather-GEMV's swept tiles (ca73201, benchmarks/infer23_h100/auto_tiles_ca73201.md). H200 takes the same
 table: its last measurement (2026-12-02, 37192cf, top-K 1.17 / 0.57 / 1.52) led to the same choices, and its
 threshold figures predate the sync-free threshold path. Where the sparse path ran slower than dense, the
 Engine computes every expert and combines them with the rule's weights instead: the same function at dense cost."""

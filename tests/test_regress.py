@@ -66,24 +66,25 @@ def test_a_missing_benchmark_fails_the_run(fresh):
 
 
 def test_a_run_on_another_gpu_judges_only_the_figures_that_travel(fresh):
-    """Fresh files of an H100 (no committed H100 figures): ratios and memory are judged against the H200's,
-    MFU and tokens/s are shown but not judged, so a slower GPU is not a regression."""
+    """Fresh files of a GPU with no committed figures (b200): training/encoder ratios and memory are judged
+    against the H200's, MFU, tokens/s and inference ratios are shown but not judged."""
     for figure in regress.FIGURES:
         h200 = fresh / figure.fresh
         if h200.exists():
-            h200.rename(fresh / figure.files("h100")[1])
-    path = fresh / "train_1b_h100.json"
+            h200.rename(fresh / figure.files("b200")[1])
+    path = fresh / "train_1b_b200.json"
     data = json.loads(path.read_text())
     data["results"]["dsmoe_compiled"]["mfu"] *= 0.7
     data["results"]["dsmoe_compiled"]["tokens_per_s"] *= 0.7
     data["results"]["dense_compiled"]["tokens_per_s"] *= 0.7
     path.write_text(json.dumps(data))
-    assert regress.device_of(fresh) == "h100"
+    assert regress.device_of(fresh) == "b200"
     rows, ok = regress.compare(fresh, 0.05)
     verdicts = {r["figure"]: r["verdict"] for r in rows}
     assert ok
     assert verdicts["train: DS-MoE-1B compiled MFU"].startswith("not judged")
+    assert verdicts["infer: prefill top-4 / dense"].startswith("not judged")
     assert verdicts["train: DS-MoE-1B / Dense-1B tokens/s"] == "ok"
-    (fresh / "layers_h100.json").unlink()
+    (fresh / "layers_b200.json").unlink()
     rows, ok = regress.compare(fresh, 0.05)
     assert not ok  # a missing benchmark still fails on another GPU

@@ -246,8 +246,9 @@ def gemv_topk_forward(
 GEMV_TILES = {"up_f": 4, "up_d": 2048, "up_warps": 4, "down_f": 128, "down_d": 128, "down_warps": 2}
 """The gather-GEMV's tiles: hidden units x model dims each up program reads (and its warps), and the down
 program's (hidden units, model dims) tile. benchmarks/sweep_gemv.py picked these on an H100 (2026-12-07,
-benchmarks/infer23_h100/sweep_gemv_ca73201.md): decode b1 top-4 622 tok/s -> threshold 1.5 569, where the
-tiles before (up_d 1024, down_f 64, down_warps 4) gave 600 / 492."""
+benchmarks/infer23_h100/sweep_gemv_ca73201.md; down_warps 2 was the threshold case's best, 4 top-4's, within
+1% of each other there): whole-model decode at batch 1 618 tok/s at top-4 and 569 at threshold 1.5, where the
+tiles before (up_d 1024, down_f 64, down_warps 4) gave 600 and 492 (auto_tiles_ca73201.md, sparse_37b972b.md)."""
 
 
 def gemv_tiles(overrides: dict | None = None) -> dict:
