@@ -172,6 +172,18 @@ def attention_section(batch: int, seq: int, d: int, compile_: bool, priorities: 
                 row["vs_gqa"] = row.get("ms", float("nan")) / base.get("ms", float("nan"))
                 rows.append(row)
     attention_lib.SDPA_PRIORITY = ()
+    if attention_lib.flash_attn_4() is not None:  # the same modules on model.attention.backend=flash4
+        for module in modules.values():
+            module.backend = "flash4"
+        for mode in modes:
+            base = None
+            for name, module in modules.items():
+                row, _ = timed_variant(
+                    f"{name}, FlashAttention-4", module, (x, cos, sin), grad, mode, None, flops
+                )
+                base = row if base is None else base
+                row["vs_gqa"] = row.get("ms", float("nan")) / base.get("ms", float("nan"))
+                rows.append(row)
     return rows
 
 

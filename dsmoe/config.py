@@ -367,9 +367,9 @@ def validate(cfg: Config, source: str = "config") -> None:
         f"({a.num_kv_heads}) must divide the query heads ({heads})",
     )
     check(
-        a.backend in ("auto", "sdpa", "eager", "flex", "flash", "triton"),
+        a.backend in ("auto", "sdpa", "eager", "flex", "flash", "triton", "flash4"),
         "model.attention.backend",
-        f"must be auto|sdpa|eager|flex|flash|triton, got {a.backend!r}",
+        f"must be auto|sdpa|eager|flex|flash|triton|flash4, got {a.backend!r}",
     )
     check(e.alpha >= 0, "model.moe.alpha", "must be >= 0")
     check(
@@ -816,9 +816,9 @@ def _check_backbone(cfg: Config, check) -> None:
         check(m.dropout == 0.0, "model.dropout", "is for the encoder (model.backbone: encoder)")
         check(m.geglu_kernel == "torch", "model.geglu_kernel", "is for the encoder (model.backbone: encoder)")
         check(
-            a.backend in ("auto", "sdpa", "eager"),
+            a.backend in ("auto", "sdpa", "eager", "flash4"),
             "model.attention.backend",
-            f"{a.backend!r} runs the encoder's unpadded attention; the decoder takes auto|sdpa|eager",
+            f"{a.backend!r} runs the encoder's unpadded attention; the decoder takes auto|sdpa|eager|flash4",
         )
         check(
             m.moe.activation != "geglu",
@@ -833,6 +833,11 @@ def _check_backbone(cfg: Config, check) -> None:
         "must be 0 or equal to heads: the encoder's fused QKV projection has one K/V head per query head",
     )
     check(not a.qk_norm, "model.attention.qk_norm", "is not supported by the encoder")
+    check(
+        a.backend != "flash4",
+        "model.attention.backend",
+        "'flash4' is the decoder's (causal, RoPE); the encoder takes auto|sdpa|eager|flex|flash|triton",
+    )
     check(
         m.mlp == "dense" or m.moe.activation != "geglu",
         "model.moe.activation",

@@ -131,19 +131,52 @@ def test_sdpa_kernels_equal_eager_attention(experts, priority):
         assert rel(g[name], g_ref[name]) < BF16_TOL, name
 
 
-def test_compiled_block_equals_the_fp32_eager_block():
+needs_flash4 = pytest.mark.skipif(
+    attention_lib.flash_attn_4() is None,
+    reason="flash-attn-4 not installed (tools/device_wheels.sh fa4-install)",
+)
+
+
+@needs_flash4
+@pytest.mark.parametrize("experts", [0, 4])
+def test_flash_attention_4_equals_eager_attention(experts):
+    """FlashAttention-4 on our (B, H, T, hd) heads with grouped K/V, forward and backward, head_dim 64."""
     torch.manual_seed(0)
-    cfg = model_cfg()
-    ref = init_(Block(cfg)).to("cuda")
+    overrides = ["model.attention.heads=8"] if experts == 0 else []
+    cfg = model_cfg("model.d_model=512", f"model.attention.experts={experts}", *overrides)
+    attn = init_(CausalSelfAttention(cfg), std=0.03).to("cuda", torch.bfloat16)
+    x = torch.randn(2, 256, 512, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    cos, sin = rope_cos_sin(256, cfg.head_dim, 10000.0, "cuda")
+    upstream = torch.randn(2, 256, 512, device="cuda", dtype=torch.bfloat16)
+    outs = []
+    for backend in ("eager", "flash4"):
+        attn.backend = backend
+        attn.zero_grad(set_to_none=True)
+        x.grad = None
+        y, _ = attn(x, cos, sin)
+        y.backward(upstream)
+        outs.append((y.detach(), x.grad.clone(), grads_of(attn)))
+    (y_ref, gx_ref, g_ref), (y, gx, g) = outs
+    assert rel(y, y_ref) < BF16_TOL and rel(gx, gx_ref) < BF16_TOL
+    for name in g_ref:
+        assert rel(g[name], g_ref[name]) < BF16_TOL, name
+
+
+@pytest.mark.parametrize("backend", ["sdpa", pytest.param("flash4", marks=needs_flash4)])
+def test_compiled_block_equals_the_fp32_eager_block(backend):
+    torch.manual_seed(0)
+    cfg = model_cfg("model.d_model=512")  # head_dim 64, as DS-MoE-1B
+    ref = init_(Block(cfg), std=0.03).to("cuda")
     ref.attn.backend = "eager"
     fast = init_(Block(cfg)).to("cuda", torch.bfloat16)
     fast.load_state_dict({k: v.to(torch.bfloat16) for k, v in ref.state_dict().items()})
+    fast.attn.backend = backend  # flash4: the compiled block breaks its graph around the kernel
     fast.compile()
     from dsmoe.model.moe import TRAINING
 
-    x = torch.randn(4, 256, 256, device="cuda")
+    x = torch.randn(4, 256, 512, device="cuda")
     cos, sin = rope_cos_sin(256, cfg.head_dim, 10000.0, "cuda")
-    upstream = torch.randn(4, 256, 256, device="cuda")
+    upstream = torch.randn(4, 256, 512, device="cuda")
     results = []
     for block, dtype in ((ref, torch.float32), (fast, torch.bfloat16)):
         xin = x.detach().to(dtype).requires_grad_()  # a leaf of its own for each block

@@ -68,6 +68,29 @@ def test_decoder_is_causal_and_backends_agree(mlp):
     torch.testing.assert_close(eager(idx).logits, logits, rtol=1e-5, atol=1e-5)
 
 
+def test_flash4_backend_is_the_decoders_and_falls_back_to_sdpa_saying_so():
+    """'flash4' (FlashAttention-4) is a decoder backend; where it cannot run (CPU, not installed) SDPA runs
+    with a warning, so a model trained with it still loads and runs anywhere; an explicit mask (the Engine's
+    chunked prefill) goes to SDPA."""
+    from dsmoe.model.attention import flash4_attention, resolve_backend
+
+    assert model_cfg("model.attention.backend=flash4").attention.backend == "flash4"
+    with pytest.raises(config_lib.ConfigError, match="model.attention.backend"):
+        config_lib.load("configs/mosaicbert_base.yaml", ["model.attention.backend=flash4"])
+    with pytest.warns(UserWarning, match="attention runs on SDPA"):
+        assert resolve_backend("flash4", device="cpu") == "sdpa"
+    with pytest.warns(UserWarning, match="attention runs on SDPA"):
+        model = build(model_cfg("model.attention.backend=flash4"))
+    assert {block.attn.backend for block in model.blocks} == {"sdpa"}
+    q, k, v = torch.randn(1, 4, 3, 8), torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 8)
+    mask = torch.arange(5)[None, :] <= 2 + torch.arange(3)[:, None]  # 3 queries after 2 cached keys
+    torch.testing.assert_close(
+        flash4_attention(q, k, v, causal=False, mask=mask), sdpa_attention(q, k, v, causal=False, mask=mask)
+    )
+    q = torch.randn(1, 4, 5, 8)
+    torch.testing.assert_close(flash4_attention(q, k, v), sdpa_attention(q, k, v))
+
+
 def test_decoder_loss_adds_weighted_mi_loss_and_sparse_all_equals_dense():
     torch.manual_seed(0)
     cfg = model_cfg("model.moe.alpha=0.5")

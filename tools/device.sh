@@ -2,12 +2,12 @@
 # The GPU runs behind the committed results, one request each on the lent GPU machine, after
 # `source tools/device_wheels.sh install`; results land in $OUT.
 #
-#   bash tools/device.sh NAME     NAME: train | infer | encoder | compare | data | head_loss | regress | sparse | gemv
+#   bash tools/device.sh NAME     NAME: train | infer | encoder | compare | data | head_loss | regress | sparse | gemv | fa4
 #   bash tools/device.sh list     what each NAME runs
 #
 # Each NAME runs in its own subshell with its own shell options and its own environment knobs (below).
 
-usage() { echo "usage: bash tools/device.sh train|infer|encoder|compare|data|head_loss|regress|sparse|gemv|list" >&2; }
+usage() { echo "usage: bash tools/device.sh train|infer|encoder|compare|data|head_loss|regress|sparse|gemv|fa4|list" >&2; }
 
 list() {
   cat <<'EOF'
@@ -36,6 +36,9 @@ sparse     issue 23 (<= 10 min): tests/test_gpu_infer.py, bench_infer --compile 
 gemv       the decode gather-GEMV's tiles (issue 23, <= 7 min): benchmarks/sweep_gemv.py ($OUT/sweep_gemv.md,
            best tiles per case in $OUT/sweep_gemv.json), then bench_infer --compile --quick --skip-hf
            --combine sparse with the best tiles of top-4 at batch 1 ($OUT/tiles/)
+fa4        FlashAttention-4 in training (issue 25, <= 9 min; after the two carrying calls, see run_fa4): GPU tests
+           of model.attention.backend=flash4, bench_layers (FA4 beside SDPA), bench_train DS-MoE-1B / Dense-1B
+           compiled with SDPA and with FA4 ($OUT/train_fa4_<gpu>.md)
 EOF
 }
 
@@ -263,8 +266,37 @@ run_gemv() (
   echo "bench rc $?"; grep -A9 "^## Whole model" "$OUT/tiles"/infer_*.md | tail -7
 )
 
+# FlashAttention-4 in training (issue #25 item 1, <= 9 min), in the second of the two calls that carry it:
+#   call 1: carry [".fa4a"], command `true`;  call 2 (within 30 s): carry [".whl", ".fa4b"], command
+#   `source tools/device_wheels.sh install; source tools/device_wheels.sh fa4-install; bash tools/device.sh fa4`
+# The GPU tests of the flash4 backend, bench_layers (FA4 beside SDPA's kernels at DS-MoE-1B's attention shape),
+# then DS-MoE-1B compiled with SDPA and with FA4 in one bench_train process.
+run_fa4() (
+  set -u
+  OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+  nvidia-smi --query-gpu=name --format=csv,noheader || true
+  python -c "from dsmoe.model.attention import flash_attn_4; print('flash-attn-4', 'importable' if flash_attn_4() else 'NOT importable')"
+  echo "=== tests ($(date -u +%T))"
+  timeout 150 python -m pytest -v -p no:cacheprovider tests/test_gpu_train.py -m gpu -k "flash or compiled_block" 2>&1 \
+    | grep -E "PASSED|FAILED|ERROR|SKIPPED|passed|failed|^E  " | head -20
+  echo "=== layers ($(date -u +%T))"
+  timeout 90 python benchmarks/bench_layers.py --out "$OUT" > "$OUT/layers.log" 2>&1; echo "rc $?"
+  grep -i "attention\|flash" "$OUT"/layers_*.md | head -20
+  echo "=== train ($(date -u +%T))"
+  timeout 240 python benchmarks/bench_train.py --name train_fa4 --out "$OUT" --steps 4 --warmup 2 \
+    --variant "dsmoe_compiled=configs/dsmoe_1b.yaml train.compile=true" \
+    --variant "dsmoe_compiled_fa4=configs/dsmoe_1b.yaml train.compile=true model.attention.backend=flash4" \
+    --variant "dense_compiled=configs/dense_1b.yaml train.compile=true" \
+    --variant "dense_compiled_fa4=configs/dense_1b.yaml train.compile=true model.attention.backend=flash4" \
+    --baseline dsmoe_compiled \
+    train.global_batch_size=64 train.micro_batch_size=8 data.tokenizer_vocab_size=8192 data.cache_dir=/tmp/cache \
+    > "$OUT/train.log" 2>&1; echo "rc $?"
+  grep -v -i "warn" "$OUT/train.log" | grep "^|" | tail -8
+  echo "=== done ($(date -u +%T))"
+)
+
 case "${1:-}" in
-  train | infer | encoder | compare | data | head_loss | regress | sparse | gemv) "run_$1" ;;
+  train | infer | encoder | compare | data | head_loss | regress | sparse | gemv | fa4) "run_$1" ;;
   list) list ;;
   *) usage; exit 2 ;;
 esac

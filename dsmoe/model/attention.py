@@ -2,8 +2,9 @@
 bidirectional ALiBi attention.
 
 Decoder backends: 'sdpa' (torch.nn.functional.scaled_dot_product_attention, which dispatches to flash /
-memory-efficient kernels where the device has them) and 'eager' (the plain reference the tests hold the
-fast path to). 'auto' picks sdpa.
+memory-efficient kernels where the device has them), 'eager' (the plain reference the tests hold the
+fast path to) and 'flash4' (FlashAttention-4, the flash-attn-4 package's CuTeDSL kernels; SDPA, with a
+warning, where it is not installed or the tensors are not on CUDA). 'auto' picks sdpa.
 
 Encoder backends (all take the packed real tokens of a batch, (T, H, hd), and its cu_seqlens):
   'flash'  flash-attn's varlen kernel with its native ALiBi slopes (when flash_attn imports; CUDA);
@@ -22,6 +23,7 @@ import dataclasses
 import functools
 import importlib.util
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -35,16 +37,27 @@ from dsmoe.model.router import Router
 
 def resolve_backend(name: str, encoder: bool = False, device: torch.device | str | None = None) -> str:
     """The backend that will actually run for a configured name (the encoder's 'auto' depends on the device)."""
+    if name == "flash4" and not encoder and (flash_attn_4() is None or not _on_cuda(device)):
+        warnings.warn(
+            "model.attention.backend 'flash4': flash-attn-4 is not installed or there is no CUDA device; "
+            "attention runs on SDPA",
+            stacklevel=2,
+        )
+        return "sdpa"
     if name != "auto":
         return name
     if not encoder:
         return "sdpa"
-    on_cuda = torch.device(device).type == "cuda" if device is not None else torch.cuda.is_available()
+    on_cuda = _on_cuda(device)
     if on_cuda and flash_attn_varlen() is not None:
         return "flash"
     if on_cuda:  # our Triton varlen ALiBi kernels beat compiled Flex on packed tokens (benchmarks/encoder/)
         return "triton" if importlib.util.find_spec("triton") is not None else "flex"
     return "sdpa"
+
+
+def _on_cuda(device: torch.device | str | None) -> bool:
+    return torch.device(device).type == "cuda" if device is not None else torch.cuda.is_available()
 
 
 def rope_cos_sin(seq_len: int, head_dim: int, theta: float, device, dtype=torch.float32):
@@ -141,7 +154,32 @@ class KVCache:
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
 
-ATTENTION_BACKENDS = {"sdpa": sdpa_attention, "eager": eager_attention}
+def flash_attn_4():
+    """FlashAttention-4's attention function (the flash-attn-4 package: CuTeDSL kernels for Hopper and
+    Blackwell, forward and backward), or None where it is not installed."""
+    try:
+        from flash_attn.cute import flash_attn_func
+    except ImportError:
+        return None
+    return flash_attn_func
+
+
+# FlashAttention-4 is not traceable: a compiled block breaks its graph around this call.
+@torch.compiler.disable
+def flash4_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True, mask=None
+) -> torch.Tensor:
+    """FlashAttention-4 on q (B, H, T, hd) and grouped k, v (B, KV, S, hd), the kernel sharing each K/V head
+    among its query heads. An explicit mask (the Engine's chunked prefill) goes to SDPA: FA4 takes causal
+    or none, not a boolean mask; so do tensors off CUDA (a model built on a GPU machine, run on its CPU)."""
+    fn = flash_attn_4()
+    if mask is not None or fn is None or not q.is_cuda:
+        return sdpa_attention(q, k, v, causal=causal, mask=mask)
+    out = fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=causal)  # (B, T, H, hd)
+    return (out[0] if isinstance(out, tuple) else out).transpose(1, 2)
+
+
+ATTENTION_BACKENDS = {"sdpa": sdpa_attention, "eager": eager_attention, "flash4": flash4_attention}
 
 
 class CausalSelfAttention(nn.Module):
