@@ -105,42 +105,25 @@ def test_triton_gelu_scale_equals_the_torch_elementwise_path(compiled):
         assert rel(g[name], g_ref[name]) < 1e-2, name
 
 
-@pytest.mark.parametrize("experts", [0, 4])
-@pytest.mark.parametrize(
-    "priority", [(), ("CUDNN_ATTENTION",), ("FLASH_ATTENTION",), ("EFFICIENT_ATTENTION",)]
-)
-def test_sdpa_kernels_equal_eager_attention(experts, priority):
-    torch.manual_seed(0)
-    overrides = ["model.attention.heads=8"] if experts == 0 else []
-    cfg = model_cfg(f"model.attention.experts={experts}", *overrides)
-    attn = init_(CausalSelfAttention(cfg)).to("cuda", torch.bfloat16)
-    x = torch.randn(2, 256, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    cos, sin = rope_cos_sin(256, cfg.head_dim, 10000.0, "cuda")
-    upstream = torch.randn(2, 256, 256, device="cuda", dtype=torch.bfloat16)
-    outs = []
-    for backend, prio in (("eager", ()), ("sdpa", priority)):
-        attn.backend, attention_lib.SDPA_PRIORITY = backend, prio
-        attn.zero_grad(set_to_none=True)
-        x.grad = None
-        y, _ = attn(x, cos, sin)
-        y.backward(upstream)
-        outs.append((y.detach(), x.grad.clone(), grads_of(attn)))
-    (y_ref, gx_ref, g_ref), (y, gx, g) = outs
-    assert rel(y, y_ref) < BF16_TOL and rel(gx, gx_ref) < BF16_TOL
-    for name in g_ref:
-        assert rel(g[name], g_ref[name]) < BF16_TOL, name
-
-
 needs_flash4 = pytest.mark.skipif(
     attention_lib.flash_attn_4() is None,
     reason="flash-attn-4 not installed (tools/device_wheels.sh fa4-install)",
 )
 
 
-@needs_flash4
 @pytest.mark.parametrize("experts", [0, 4])
-def test_flash_attention_4_equals_eager_attention(experts):
-    """FlashAttention-4 on our (B, H, T, hd) heads with grouped K/V, forward and backward, head_dim 64."""
+@pytest.mark.parametrize(
+    "backend, priority",
+    [
+        ("sdpa", ()),
+        ("sdpa", ("CUDNN_ATTENTION",)),
+        ("sdpa", ("FLASH_ATTENTION",)),
+        ("sdpa", ("EFFICIENT_ATTENTION",)),
+        pytest.param("flash4", (), marks=needs_flash4),  # FlashAttention-4, K/V grouped in the kernel
+    ],
+)
+def test_fast_attention_kernels_equal_eager_attention(experts, backend, priority):
+    """Forward and backward of each kernel on our (B, H, T, hd) heads, head_dim 64 as DS-MoE-1B."""
     torch.manual_seed(0)
     overrides = ["model.attention.heads=8"] if experts == 0 else []
     cfg = model_cfg("model.d_model=512", f"model.attention.experts={experts}", *overrides)
@@ -149,8 +132,8 @@ def test_flash_attention_4_equals_eager_attention(experts):
     cos, sin = rope_cos_sin(256, cfg.head_dim, 10000.0, "cuda")
     upstream = torch.randn(2, 256, 512, device="cuda", dtype=torch.bfloat16)
     outs = []
-    for backend in ("eager", "flash4"):
-        attn.backend = backend
+    for backend_, prio in (("eager", ()), (backend, priority)):
+        attn.backend, attention_lib.SDPA_PRIORITY = backend_, prio
         attn.zero_grad(set_to_none=True)
         x.grad = None
         y, _ = attn(x, cos, sin)
