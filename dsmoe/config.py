@@ -821,6 +821,11 @@ def _check_backbone(cfg: Config, check) -> None:
             f"{a.backend!r} runs the encoder's unpadded attention; the decoder takes auto|sdpa|eager|flash4",
         )
         check(
+            a.backend != "flash4" or cfg.train.precision == "bf16",
+            "model.attention.backend",
+            "'flash4' (FlashAttention-4) runs bf16 only: set train.precision=bf16, or backend sdpa",
+        )
+        check(
             m.moe.activation != "geglu",
             "model.moe.activation",
             "'geglu' is the encoder's dense FFN (model.backbone: encoder, model.mlp: dense)",

@@ -151,7 +151,7 @@ def in_growth_ramp(model: DecoderLM) -> bool:
 
 
 HOPPER_SPARSE_OVER_DENSE = {
-    "top_k": ((1, 1.33), (64, 0.58), (16384, 1.43)),
+    "top_k": ((1, 1.33), (64, 0.58), (16384, 1.42)),
     "threshold": ((1, 1.21), (64, 0.54), (16384, 1.15)),
 }
 SPARSE_OVER_DENSE: dict[str, dict[str, tuple[tuple[int, float], ...]]] = {

@@ -68,19 +68,24 @@ def test_decoder_is_causal_and_backends_agree(mlp):
     torch.testing.assert_close(eager(idx).logits, logits, rtol=1e-5, atol=1e-5)
 
 
-def test_flash4_backend_is_the_decoders_and_falls_back_to_sdpa_saying_so():
-    """'flash4' (FlashAttention-4) is a decoder backend; where it cannot run (CPU, not installed) SDPA runs
-    with a warning, so a model trained with it still loads and runs anywhere; an explicit mask (the Engine's
-    chunked prefill) goes to SDPA."""
+def test_flash4_backend_is_the_decoders_and_falls_back_to_sdpa_saying_so(monkeypatch):
+    """'flash4' (FlashAttention-4) is a bf16 decoder backend; where it cannot run (not installed, CPU) SDPA
+    runs with a warning, so a model trained with it still loads and runs anywhere; an explicit mask (the
+    Engine's chunked prefill) goes to SDPA."""
+    from dsmoe.model import attention as attention_lib
     from dsmoe.model.attention import flash4_attention, resolve_backend
 
-    assert model_cfg("model.attention.backend=flash4").attention.backend == "flash4"
+    monkeypatch.setattr(attention_lib, "flash_attn_4", lambda: None)  # as on a machine without it
+    flash4 = ["model.attention.backend=flash4", "train.precision=bf16"]
+    assert model_cfg(*flash4).attention.backend == "flash4"
+    with pytest.raises(config_lib.ConfigError, match="runs bf16 only"):
+        config_lib.load("configs/tiny.yaml", flash4[:1] + ["train.precision=fp32"])
     with pytest.raises(config_lib.ConfigError, match="model.attention.backend"):
-        config_lib.load("configs/mosaicbert_base.yaml", ["model.attention.backend=flash4"])
+        config_lib.load("configs/mosaicbert_base.yaml", flash4)
     with pytest.warns(UserWarning, match="attention runs on SDPA"):
-        assert resolve_backend("flash4", device="cpu") == "sdpa"
+        assert resolve_backend("flash4") == "sdpa"
     with pytest.warns(UserWarning, match="attention runs on SDPA"):
-        model = build(model_cfg("model.attention.backend=flash4"))
+        model = build(model_cfg(*flash4))
     assert {block.attn.backend for block in model.blocks} == {"sdpa"}
     q, k, v = torch.randn(1, 4, 3, 8), torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 8)
     mask = torch.arange(5)[None, :] <= 2 + torch.arange(3)[:, None]  # 3 queries after 2 cached keys
@@ -88,7 +93,8 @@ def test_flash4_backend_is_the_decoders_and_falls_back_to_sdpa_saying_so():
         flash4_attention(q, k, v, causal=False, mask=mask), sdpa_attention(q, k, v, causal=False, mask=mask)
     )
     q = torch.randn(1, 4, 5, 8)
-    torch.testing.assert_close(flash4_attention(q, k, v), sdpa_attention(q, k, v))
+    with pytest.warns(UserWarning, match="cannot take torch.float32 on cpu"):
+        torch.testing.assert_close(flash4_attention(q, k, v), sdpa_attention(q, k, v))
 
 
 def test_decoder_loss_adds_weighted_mi_loss_and_sparse_all_equals_dense():

@@ -154,14 +154,25 @@ class KVCache:
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
 
+@functools.cache
 def flash_attn_4():
     """FlashAttention-4's attention function (the flash-attn-4 package: CuTeDSL kernels for Hopper and
-    Blackwell, forward and backward), or None where it is not installed."""
+    Blackwell, forward and backward), or None where it is not installed or does not import."""
     try:
         from flash_attn.cute import flash_attn_func
-    except ImportError:
+    except Exception:  # not installed, or its CUDA runtime pieces fail to load: SDPA runs instead
         return None
     return flash_attn_func
+
+
+def flash4_runs(q: torch.Tensor) -> bool:
+    """Whether FlashAttention-4 can take these queries: installed, CUDA, Hopper or newer, bf16 or fp16."""
+    return (
+        flash_attn_4() is not None
+        and q.is_cuda
+        and q.dtype in (torch.bfloat16, torch.float16)
+        and torch.cuda.get_device_capability(q.device)[0] >= 9
+    )
 
 
 # FlashAttention-4 is not traceable: a compiled block breaks its graph around this call.
@@ -171,11 +182,20 @@ def flash4_attention(
 ) -> torch.Tensor:
     """FlashAttention-4 on q (B, H, T, hd) and grouped k, v (B, KV, S, hd), the kernel sharing each K/V head
     among its query heads. An explicit mask (the Engine's chunked prefill) goes to SDPA: FA4 takes causal
-    or none, not a boolean mask; so do tensors off CUDA (a model built on a GPU machine, run on its CPU)."""
-    fn = flash_attn_4()
-    if mask is not None or fn is None or not q.is_cuda:
+    or none, not a boolean mask; so does what FA4 cannot take (flash4_runs: fp32, CPU, pre-Hopper), with a
+    warning."""
+    if mask is not None:
         return sdpa_attention(q, k, v, causal=causal, mask=mask)
-    out = fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=causal)  # (B, T, H, hd)
+    if not flash4_runs(q):
+        warnings.warn(
+            f"model.attention.backend 'flash4': FlashAttention-4 cannot take {q.dtype} on {q.device}; "
+            "attention runs on SDPA",
+            stacklevel=2,
+        )
+        return sdpa_attention(q, k, v, causal=causal, mask=mask)
+    out = flash_attn_4()(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=causal
+    )  # (B, T, H, hd)
     return (out[0] if isinstance(out, tuple) else out).transpose(1, 2)
 
 
