@@ -43,7 +43,7 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tools"))  # tools/_cli.py
-from _cli import git_commit  # noqa: E402
+from _cli import device_tag, git_commit  # noqa: E402
 
 from dsmoe import config as config_lib  # noqa: E402
 from dsmoe.data.mlm import IGNORE_INDEX, encoder_vocab_size  # noqa: E402
@@ -414,10 +414,7 @@ def main() -> int:
             torch.cuda.empty_cache()
 
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    tag = next(
-        (k for k in ("H100", "H200", "A100") if k in device_name), "cpu" if device.type == "cpu" else "gpu"
-    )
-    tag = tag.lower() + ("_tiny" if args.tiny else "")
+    tag = device_tag(device_name) + ("_tiny" if args.tiny else "")
     command = "python benchmarks/bench_encoder.py " + " ".join(sys.argv[1:])
     result = {
         "device": device_name,

@@ -30,7 +30,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tools"))  # tools/_cli.py
-from _cli import cuda_ms, elapsed_ms, git_commit, graph_ms  # noqa: E402
+from _cli import cuda_ms, device_tag, elapsed_ms, git_commit, graph_ms  # noqa: E402
 
 from dsmoe import config as config_lib  # noqa: E402
 from dsmoe.infer import Engine, generate_fast  # noqa: E402
@@ -441,7 +441,7 @@ def speedups(rows: list[dict], key: str, higher_is_faster: bool) -> dict[str, fl
 
 def write_report(result: dict, profiles: dict, out_dir: Path, ppl_json: Path) -> None:
     name = result["device"]
-    tag = "h100" if "H100" in name else ("h200" if "H200" in name else DEVICE)
+    tag = device_tag(name)
     active = result["active"]
     pre = speedups(result["prefill"], "ms", False)
     d1 = speedups(result["decode_b1"], "tokens_per_s", True)

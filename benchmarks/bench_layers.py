@@ -28,7 +28,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tools"))  # tools/_cli.py
-from _cli import cuda_ms, git_commit  # noqa: E402
+from _cli import cuda_ms, device_tag, git_commit  # noqa: E402
 
 from dsmoe import config as config_lib  # noqa: E402
 from dsmoe.model import attention as attention_lib  # noqa: E402
@@ -291,7 +291,7 @@ def main() -> int:
         return 2
     torch.manual_seed(0)
     device = torch.cuda.get_device_name()
-    tag = args.tag or next((k.lower() for k in ("H100", "H200") if k in device), "gpu")
+    tag = args.tag or device_tag(device)
     compile_ = not args.no_compile
     t0 = time.perf_counter()
     results = {"matmul": [matmul_peak()]}

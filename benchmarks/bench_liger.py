@@ -48,7 +48,7 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tools"))  # tools/_cli.py
-from _cli import cuda_ms, git_commit  # noqa: E402
+from _cli import cuda_ms, device_tag, git_commit  # noqa: E402
 
 from dsmoe.model.attention import apply_rope, rope_cos_sin  # noqa: E402
 from dsmoe.model.mlp import activate  # noqa: E402
@@ -534,7 +534,7 @@ def main() -> int:
         return 2
     cases = [c for c in cases if not wanted or c.key in wanted]
     device_name = torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu"
-    tag = next((k.lower() for k in ("H100", "H200", "B200") if k in device_name), "gpu")
+    tag = device_tag(device_name) if device == "cuda" else "cpu"
     stem = Path(args.out) if args.out else (None if args.cpu_check else REPO / "benchmarks" / f"liger_{tag}")
     if stem is not None:
         stem = stem.with_suffix("") if stem.suffix in (".md", ".json") else stem

@@ -32,7 +32,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tools")]
 
-from _cli import elapsed_ms, git_commit  # noqa: E402
+from _cli import device_tag, elapsed_ms, git_commit  # noqa: E402
 
 from dsmoe import config as config_lib  # noqa: E402
 from dsmoe.export import load_from_run, qwen3_moe_from  # noqa: E402
@@ -119,7 +119,7 @@ def speed(args) -> int:
         "rows": rows,
     }
     name = result["device"]
-    tag = "h100" if "H100" in name else ("h200" if "H200" in name else "cpu")
+    tag = device_tag(name)
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"peer_{tag}.json").write_text(json.dumps(result, indent=2) + "\n")

@@ -43,7 +43,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tools"))  # tools/_cli.py
-from _cli import cuda_ms, git_commit  # noqa: E402
+from _cli import cuda_ms, device_tag, git_commit  # noqa: E402
 
 from dsmoe import config as config_lib  # noqa: E402
 
@@ -220,7 +220,7 @@ def main() -> int:
         variants[name] = (config, [*args.overrides, *extra])
     split_all = not args.variant  # the single-config form keeps its time split
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
-    tag = next((k.lower() for k in PEAK_BF16_TFLOPS if k in device), "cpu")
+    tag = device_tag(device)
     stem = args.name or f"train_{Path(args.config).stem}"
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -4,6 +4,7 @@ commands' argument helpers live in dsmoe/commands/args.py.)"""
 from __future__ import annotations
 
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -30,6 +31,15 @@ def git_commit() -> str:
     if not head:
         return "unknown (no git here: name it when committing the result)"
     return head + (" dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+
+
+def device_tag(device_name: str | None = None) -> str:
+    """The short GPU name results are filed under (h100, h200, a100, b200: the model number in the device's
+    name), or cpu. One function for every benchmark, so tools/regress.py finds a run's files by one tag."""
+    if device_name is None:
+        device_name = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    found = re.search(r"\b([A-Z]{1,2}\d{2,4})\b", device_name)
+    return found.group(1).lower() if found else ("cpu" if device_name.lower().startswith("cpu") else "gpu")
 
 
 def elapsed_ms(fn) -> float:

@@ -128,9 +128,20 @@ FIGURES = [
 
 
 def device_of(out: Path) -> str:
-    """The device slug of a regress run's output: from the training benchmark's file name, else h200."""
-    names = sorted(p.stem.removeprefix("train_1b_") for p in out.glob("train_1b_*.json"))
-    return names[0] if names else "h200"
+    """The device tag of a regress run's output (tools/_cli.device_tag, which every benchmark names its files
+    by): the most common among the files the figures read, so one benchmark that left nothing does not hide
+    it; h200 where there are none."""
+    tags = [
+        path.stem.removeprefix(prefix)
+        for prefix, pattern in (
+            ("train_1b_", "train_1b_*.json"),
+            ("layers_", "layers_*.json"),
+            ("infer_", "infer_*.json"),
+            ("encoder_", "encoder/encoder_*.json"),
+        )
+        for path in out.glob(pattern)
+    ]
+    return max(sorted(set(tags)), key=tags.count) if tags else "h200"
 
 
 def compare(out: Path, tolerance: float, device: str | None = None) -> tuple[list[dict], bool]:
