@@ -36,6 +36,16 @@ class ParallelConfig:
     """Tensor-parallel degree."""
     zero_stage: int = 0
     """DeepSpeed ZeRO stage (0-3) over the data-parallel group."""
+    zero_bucket_elements: int = 0
+    """ZeRO's gradient-reduce and parameter all-gather bucket, in elements (DeepSpeed's reduce_bucket_size and
+    allgather_bucket_size); 0: DeepSpeed's default, 5e8. Smaller buckets start reducing earlier in the
+    backward pass, larger ones make fewer, longer collectives."""
+    zero_overlap_comm: bool | None = None
+    """Overlap ZeRO's gradient reduction with the backward pass on a side stream (DeepSpeed's overlap_comm;
+    null: its default, on for stage 3 only)."""
+    zero_contiguous_gradients: bool = True
+    """Copy each gradient into one contiguous buffer as it is produced (DeepSpeed's contiguous_gradients):
+    less fragmentation for a copy a step."""
     expert_dispatch: str = "tokens"
     """Dense training under ep > 1: 'tokens' (gather the expert group's tokens to the experts), 'weights'
     (gather the experts to the tokens), or 'auto' (whichever moves less data by the formula of
@@ -394,6 +404,15 @@ def validate(cfg: Config, source: str = "config") -> None:
     )
     check(t.peak_tflops >= 0, "train.peak_tflops", f"must be >= 0 (0: from the device), got {t.peak_tflops}")
     check(0 <= p.zero_stage <= 3, "parallel.zero_stage", f"must be 0..3, got {p.zero_stage}")
+    check(
+        p.zero_bucket_elements >= 0, "parallel.zero_bucket_elements", "must be >= 0 (0: DeepSpeed's default)"
+    )
+    for key, value, default in (
+        ("parallel.zero_bucket_elements", p.zero_bucket_elements, 0),
+        ("parallel.zero_overlap_comm", p.zero_overlap_comm, None),
+        ("parallel.zero_contiguous_gradients", p.zero_contiguous_gradients, True),
+    ):
+        check(p.zero_stage > 0 or value == default, key, "tunes ZeRO: it needs parallel.zero_stage >= 1")
     check(p.dp >= 0, "parallel.dp", "must be >= 0 (0: world_size / (ep * tp))")
     _check_layout(cfg, check)
     _check_growth(cfg, check)

@@ -64,6 +64,8 @@ def test_wrong_type_names_key_and_file(tmp_path, yaml_text, key):
         ("train.micro_batch_size=5", "train.global_batch_size"),
         ("train.eval_top_k=99", "train.eval_top_k"),
         ("parallel.zero_stage=4", "parallel.zero_stage"),
+        ("parallel.zero_overlap_comm=true", "parallel.zero_overlap_comm"),  # ZeRO's settings without ZeRO
+        ("parallel.zero_stage=1 parallel.zero_bucket_elements=-1", "parallel.zero_bucket_elements"),
         ("model.moe.num_experts=0", "model.moe.num_experts"),
         # Layouts: what tensor and expert parallelism split must divide evenly (tiny: 4 MoA heads, 2 KV
         # heads, 8 experts x 64).
@@ -173,3 +175,25 @@ def test_activation_checkpointing_is_refused_for_the_encoder():
     config_lib.load(None, ["train.activation_checkpointing=true"])  # the decoder takes it
     with pytest.raises(ConfigError, match="train.activation_checkpointing"):
         config_lib.load("configs/tiny_mlm.yaml", ["train.activation_checkpointing=true"])
+
+
+def test_zero_settings_reach_deepspeed_and_unset_ones_keep_its_defaults():
+    from dsmoe.train.engine import zero_config
+
+    tuned = [
+        "parallel.zero_stage=2",
+        "parallel.zero_bucket_elements=20000000",
+        "parallel.zero_overlap_comm=true",
+    ]
+    assert zero_config(config_lib.load(None, tuned).parallel) == {
+        "stage": 2,
+        "reduce_bucket_size": 20_000_000,
+        "allgather_bucket_size": 20_000_000,
+        "overlap_comm": True,
+        "contiguous_gradients": True,
+    }
+    assert zero_config(config_lib.load(None, ["parallel.zero_stage=3"]).parallel) == {
+        "stage": 3,
+        "contiguous_gradients": True,
+    }  # overlap_comm left to DeepSpeed (on at stage 3)
+    assert zero_config(config_lib.load(None).parallel) == {"stage": 0}

@@ -2,12 +2,12 @@
 # The GPU runs behind the committed results, one request each on the lent GPU machine, after
 # `source tools/device_wheels.sh install`; results land in $OUT.
 #
-#   bash tools/device.sh NAME     NAME: train | infer | encoder | compare | data | head_loss | regress | sparse | peer | gemv | fa4
+#   bash tools/device.sh NAME     NAME: train | infer | encoder | compare | data | head_loss | regress | sparse | peer | gemv | fa4 | zero
 #   bash tools/device.sh list     what each NAME runs
 #
 # Each NAME runs in its own subshell with its own shell options and its own environment knobs (below).
 
-usage() { echo "usage: bash tools/device.sh train|infer|encoder|compare|data|head_loss|regress|sparse|peer|gemv|fa4|list" >&2; }
+usage() { echo "usage: bash tools/device.sh train|infer|encoder|compare|data|head_loss|regress|sparse|peer|gemv|fa4|zero|list" >&2; }
 
 list() {
   cat <<'EOF'
@@ -40,6 +40,8 @@ gemv       the decode gather-GEMV's tiles (issue 23, <= 7 min): benchmarks/sweep
 fa4        FlashAttention-4 in training (issue 25, <= 9 min; after the two carrying calls, see run_fa4): GPU tests
            of model.attention.backend=flash4, bench_layers (FA4 beside SDPA), bench_train DS-MoE-1B / Dense-1B
            compiled with SDPA and with FA4 ($OUT/train_fa4_<gpu>.md)
+zero       DeepSpeed's ZeRO settings (issue 25, <= 7 min): bench_train DS-MoE-1B compiled at ZeRO 0 / 1 / 2 and ZeRO-2
+           with overlap_comm, 5e7-element buckets, no contiguous gradients ($OUT/train_zero_<gpu>.md)
 EOF
 }
 
@@ -303,8 +305,28 @@ run_fa4() (
   echo "=== done ($(date -u +%T))"
 )
 
+# DeepSpeed's ZeRO settings on DS-MoE-1B (issue #25 item 2, <= 7 min): one bench_train process, compiled,
+# micro-batch 8, global 64, against ZeRO-2 with DeepSpeed's defaults (the committed figure's setting).
+run_zero() (
+  set -u
+  OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+  nvidia-smi --query-gpu=name --format=csv,noheader || true
+  base="configs/dsmoe_1b.yaml train.compile=true"
+  timeout 400 python benchmarks/bench_train.py --name train_zero --out "$OUT" --steps 4 --warmup 2 \
+    --variant "zero2=$base parallel.zero_stage=2" \
+    --variant "zero0=$base parallel.zero_stage=0" \
+    --variant "zero1=$base parallel.zero_stage=1" \
+    --variant "zero2_overlap=$base parallel.zero_stage=2 parallel.zero_overlap_comm=true" \
+    --variant "zero2_bucket5e7=$base parallel.zero_stage=2 parallel.zero_bucket_elements=50000000" \
+    --variant "zero2_no_contiguous=$base parallel.zero_stage=2 parallel.zero_contiguous_gradients=false" \
+    --baseline zero2 \
+    train.global_batch_size=64 train.micro_batch_size=8 data.tokenizer_vocab_size=8192 data.cache_dir=/tmp/cache \
+    > "$OUT/train.log" 2>&1; echo "rc $?"
+  grep -v -i "warn" "$OUT/train.log" | grep "^|" | tail -10
+)
+
 case "${1:-}" in
-  train | infer | encoder | compare | data | head_loss | regress | sparse | peer | gemv | fa4) "run_$1" ;;
+  train | infer | encoder | compare | data | head_loss | regress | sparse | peer | gemv | fa4 | zero) "run_$1" ;;
   list) list ;;
   *) usage; exit 2 ;;
 esac

@@ -39,12 +39,25 @@ def deepspeed_config(cfg: Config, dims: ParallelDims) -> dict:
         "gradient_accumulation_steps": gradient_accumulation_steps(cfg, dims),
         "gradient_clipping": 0.0 if we_clip(cfg) else t.grad_clip,
         "bf16": {"enabled": t.precision == "bf16"},
-        "zero_optimization": {"stage": cfg.parallel.zero_stage},
+        "zero_optimization": zero_config(cfg.parallel),
         # We pass torch's AdamW (fused on CUDA): DeepSpeed's FusedAdam needs a JIT-compiled op on CPU.
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
     }
+
+
+def zero_config(p) -> dict:
+    """DeepSpeed's zero_optimization section for our parallel.zero_* settings (its defaults where unset)."""
+    zero: dict = {"stage": p.zero_stage}
+    if p.zero_stage == 0:
+        return zero
+    if p.zero_bucket_elements:
+        zero["reduce_bucket_size"] = zero["allgather_bucket_size"] = p.zero_bucket_elements
+    if p.zero_overlap_comm is not None:
+        zero["overlap_comm"] = p.zero_overlap_comm
+    zero["contiguous_gradients"] = p.zero_contiguous_gradients
+    return zero
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
