@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from dsmoe.config import Config, ConfigError
+from dsmoe.config import Config, ConfigError, ParallelConfig
 from dsmoe.model.transformer import CrossEntropy
 from dsmoe.train.schedule import lr_multiplier
 from parallel.groups import DeepSpeedMPU, ParallelDims
@@ -47,7 +47,7 @@ def deepspeed_config(cfg: Config, dims: ParallelDims) -> dict:
     }
 
 
-def zero_config(p) -> dict:
+def zero_config(p: ParallelConfig) -> dict:
     """DeepSpeed's zero_optimization section for our parallel.zero_* settings (its defaults where unset)."""
     zero: dict = {"stage": p.zero_stage}
     if p.zero_stage == 0:
