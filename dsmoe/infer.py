@@ -427,9 +427,8 @@ class Engine:
             return mlp._dense_forward(x_TD, gate).view_as(h)
         if combine == "masked":  # the gather-GEMV over every pair, reading the kept ones' rows only
             T, ids = x_TD.shape[0], self._expert_ids
-            ids = (
-                ids[:T] if T <= len(ids) else ids[:1].expand(T, -1)
-            )  # beyond: a gemv path forced on a prefill
+            # More tokens than the table's rows only where a gemv path is forced on a prefill.
+            ids = ids[:T] if T <= len(ids) else ids[:1].expand(T, -1)
             partials = gemv_topk_partials(x_TD, gate, ids, mlp.w_in, mlp.w_out, mlp.activation)
             return partials.view(-1, *h.shape)
         if fused_route and self._fused_route:

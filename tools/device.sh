@@ -7,6 +7,9 @@
 #
 # Each NAME runs in its own subshell with its own shell options and its own environment knobs (below).
 
+# The batch every DS-MoE-1B / Dense-1B training benchmark here runs (the committed train_1b figures' setting).
+BENCH_1B="train.global_batch_size=64 train.micro_batch_size=8 data.tokenizer_vocab_size=8192 data.cache_dir=/tmp/cache"
+
 usage() { echo "usage: bash tools/device.sh train|infer|encoder|compare|data|head_loss|regress|sparse|peer|gemv|fa4|zero|list" >&2; }
 
 list() {
@@ -66,7 +69,7 @@ run_train() (
     --variant "dsmoe_compiled_zero1_mb16=configs/dsmoe_1b.yaml train.compile=true parallel.zero_stage=1 train.micro_batch_size=16" \
     --variant "dense_compiled_zero1_mb16=configs/dense_1b.yaml train.compile=true parallel.zero_stage=1 train.micro_batch_size=16" \
     --baseline dense_compiled --split dsmoe_compiled --profile dsmoe_compiled \
-    train.global_batch_size=64 train.micro_batch_size=8 data.tokenizer_vocab_size=8192 data.cache_dir=/tmp/cache \
+    $BENCH_1B \
     > "$OUT/train.log" 2>&1; echo "rc $?"
   grep -v -i "warn" "$OUT/train.log" | grep -v "^ \|^{" | tail -75
   echo "=== done ($(date -u +%T))"
@@ -227,7 +230,7 @@ run_regress() (
     --variant "dsmoe_compiled=configs/dsmoe_1b.yaml train.compile=true" \
     --variant "dense_compiled=configs/dense_1b.yaml train.compile=true" \
     --baseline dense_compiled \
-    train.global_batch_size=64 train.micro_batch_size=8 data.tokenizer_vocab_size=8192 data.cache_dir=/tmp/cache \
+    $BENCH_1B \
     > "$OUT/train.log" 2>&1; echo "rc $?"
   echo "=== infer ($(date -u +%T))"
   timeout 170 python benchmarks/bench_infer.py --compile --quick --skip-hf --out-dir "$OUT" > "$OUT/infer.log" 2>&1
@@ -299,7 +302,7 @@ run_fa4() (
     --variant "dense_compiled=configs/dense_1b.yaml train.compile=true" \
     --variant "dense_compiled_fa4=configs/dense_1b.yaml train.compile=true model.attention.backend=flash4" \
     --baseline dsmoe_compiled \
-    train.global_batch_size=64 train.micro_batch_size=8 data.tokenizer_vocab_size=8192 data.cache_dir=/tmp/cache \
+    $BENCH_1B \
     > "$OUT/train.log" 2>&1; echo "rc $?"
   grep -v -i "warn" "$OUT/train.log" | grep "^|" | tail -8
   echo "=== done ($(date -u +%T))"
@@ -320,7 +323,7 @@ run_zero() (
     --variant "zero2_bucket5e7=$base parallel.zero_stage=2 parallel.zero_bucket_elements=50000000" \
     --variant "zero2_no_contiguous=$base parallel.zero_stage=2 parallel.zero_contiguous_gradients=false" \
     --baseline zero2 \
-    train.global_batch_size=64 train.micro_batch_size=8 data.tokenizer_vocab_size=8192 data.cache_dir=/tmp/cache \
+    $BENCH_1B \
     > "$OUT/train.log" 2>&1; echo "rc $?"
   grep -v -i "warn" "$OUT/train.log" | grep "^|" | tail -10
 )

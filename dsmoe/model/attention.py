@@ -4,7 +4,7 @@ bidirectional ALiBi attention.
 Decoder backends: 'sdpa' (torch.nn.functional.scaled_dot_product_attention, which dispatches to flash /
 memory-efficient kernels where the device has them), 'eager' (the plain reference the tests hold the
 fast path to) and 'flash4' (FlashAttention-4, the flash-attn-4 package's CuTeDSL kernels; SDPA, with a
-warning, where it is not installed or the tensors are not on CUDA). 'auto' picks sdpa.
+warning, where it cannot run: not installed, no CUDA, a pre-Hopper GPU, fp32 tensors). 'auto' picks sdpa.
 
 Encoder backends (all take the packed real tokens of a batch, (T, H, hd), and its cu_seqlens):
   'flash'  flash-attn's varlen kernel with its native ALiBi slopes (when flash_attn imports; CUDA);

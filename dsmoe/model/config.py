@@ -35,8 +35,9 @@ class AttentionConfig:
     """RMSNorm over head_dim on queries and keys before RoPE (Qwen3's QK-norm)."""
     backend: str = "auto"
     """'sdpa' (PyTorch scaled_dot_product_attention), 'eager' (plain reference), or 'auto' (sdpa). The
-    decoder also takes 'flash4' (FlashAttention-4, flash-attn-4's CuTeDSL kernels: CUDA, Hopper or newer;
-    benchmarks/bench_layers.py times it beside SDPA's kernels). The encoder also takes 'flash' (flash-attn varlen with ALiBi slopes), 'flex' (FlexAttention with an ALiBi
+    decoder also takes 'flash4' (FlashAttention-4, flash-attn-4's CuTeDSL kernels: CUDA, Hopper or newer,
+    bf16; benchmarks/bench_layers.py times it beside SDPA's kernels). The encoder also takes 'flash'
+    (flash-attn varlen with ALiBi slopes), 'flex' (FlexAttention with an ALiBi
     score_mod and a document mask) and 'triton' (our varlen ALiBi kernels, dsmoe/model/alibi_triton.py, on
     CUDA; SDPA on other devices); its 'auto' takes flash-attn when installed, else our Triton kernels on CUDA
     (FlexAttention where triton is missing), else SDPA (dsmoe.model.attention.resolve_backend)."""
