@@ -52,10 +52,14 @@ case "${1:-}" in
     du -sh .fa4a .fa4b
     ;;
   fa4-install)  # after both parts are there (.fa4a from the previous call, .fa4b from this one)
+    # Unpacked, not pip-installed: four of these wheels share the nvidia_cutlass_dsl/ and cuda/ folders, and
+    # `pip install --target` skips a folder that is already there (it left CuTeDSL half installed). A wheel is a
+    # zip, so extracting each one over the same tree merges them. The cutlass package lives under
+    # nvidia_cutlass_dsl/dsl_packages, which a .pth file adds in a site directory; PYTHONPATH reads no .pth.
     mkdir -p /tmp/fa4site
+    for w in .fa4b/whl/*.whl; do python3 -m zipfile -e "$w" /tmp/fa4site; done
     cat .fa4a/cu13.tar.xz.aa .fa4b/cu13.tar.xz.ab | xz -d | tar xf - -C /tmp/fa4site
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/fa4site .fa4b/whl/*.whl
-    export PYTHONPATH=/tmp/fa4site${PYTHONPATH:+:$PYTHONPATH}
+    export PYTHONPATH=/tmp/fa4site:/tmp/fa4site/nvidia_cutlass_dsl/dsl_packages${PYTHONPATH:+:$PYTHONPATH}
     ;;
   *) echo "usage: bash tools/device_wheels.sh build | fa4-build | source tools/device_wheels.sh install | fa4-install" >&2; exit 2 ;;
 esac
