@@ -15,7 +15,7 @@ PINNED=(
   "megatron-core==0.16.1" "hjson==3.1.0" "py-cpuinfo==9.0.0" "einops==0.8.2" "msgpack==1.2.4"
   "omegaconf==2.4.0" "pydantic==2.13.4" "pydantic-core==2.46.4"
   "annotated-types==0.7.0" "typing-inspection==0.4.2" "psutil==7.2.2" "ninja==1.13.2" "lion-pytorch==0.2.5"
-  "liger-kernel==0.8.5"
+  "liger-kernel==0.8.5" "py-spy==0.4.3"  # py-spy: the host side of a step (where the GPU waits)
 )
 
 case "${1:-}" in
