@@ -153,7 +153,7 @@ def test_compiled_block_equals_the_fp32_eager_block(backend):
     ref.attn.backend = "eager"
     fast = init_(Block(cfg)).to("cuda", torch.bfloat16)
     fast.load_state_dict({k: v.to(torch.bfloat16) for k, v in ref.state_dict().items()})
-    fast.attn.backend = backend  # flash4: the compiled block breaks its graph around the kernel
+    fast.attn.backend = backend  # flash4: FA4's custom ops inside the compiled block's graph
     fast.compile()
     from dsmoe.model.moe import TRAINING
 

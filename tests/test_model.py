@@ -97,6 +97,71 @@ def test_flash4_backend_is_the_decoders_and_falls_back_to_sdpa_saying_so(monkeyp
         torch.testing.assert_close(flash4_attention(q, k, v), sdpa_attention(q, k, v))
 
 
+def _fa4_stand_in():
+    """flash-attn-4's two entry points as dsmoe calls them, in plain torch on (B, T, H, hd), K/V heads shared by
+    groups of query heads. Only for holding our custom-op wiring (layouts, GQA, autograd, tracing) to SDPA on
+    a machine without FA4; the GPU tests (tests/test_gpu_train.py) run the real kernels."""
+    import types
+
+    def heads_first(q, k, v):  # (B, H, T, hd) in fp32, each K/V head repeated for its query heads
+        q, k, v = (t.transpose(1, 2).float() for t in (q, k, v))
+        return q, *(t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
+
+    def probs(q, k, causal):
+        scores = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5
+        if causal:
+            scores = scores.masked_fill(torch.ones_like(scores, dtype=torch.bool).triu(1), float("-inf"))
+        return torch.softmax(scores, -1), scores.logsumexp(-1)
+
+    def fwd(q, k, v, causal=False, return_lse=False):
+        qh, kh, vh = heads_first(q, k, v)
+        p, lse = probs(qh, kh, causal)
+        return (p @ vh).transpose(1, 2).to(q.dtype).contiguous(), lse, None, None, None
+
+    def bwd(q, k, v, out, dout, lse, softmax_scale=None, causal=False):  # by hand: ops run below autograd
+        qh, kh, vh = heads_first(q, k, v)
+        p, _ = probs(qh, kh, causal)
+        do = dout.transpose(1, 2).float()
+        dp = do @ vh.transpose(-1, -2)
+        ds = p * (dp - (do * out.transpose(1, 2).float()).sum(-1, keepdim=True)) / q.shape[-1] ** 0.5
+        dq, dk, dv = ds @ kh, ds.transpose(-1, -2) @ qh, p.transpose(-1, -2) @ do
+        group = lambda t: t.unflatten(1, (k.shape[2], -1)).sum(2)  # query heads -> their K/V head
+        return dq.transpose(1, 2), group(dk).transpose(1, 2), group(dv).transpose(1, 2)
+
+    return types.SimpleNamespace(_flash_attn_fwd=fwd, _flash_attn_bwd=bwd)
+
+
+def test_flash4_custom_ops_trace_whole_and_carry_gradients(monkeypatch):
+    """The flash4 backend wraps FA4's forward and backward as torch.library ops: a compiled attention has no
+    graph break around them (fullgraph) and its gradients equal SDPA's, grouped K/V included."""
+    import sys
+    import types
+
+    from dsmoe.model import attention as attention_lib
+
+    package = types.ModuleType("flash_attn")
+    package.cute = types.ModuleType("flash_attn.cute")
+    package.cute.interface = _fa4_stand_in()
+    for name, module in (
+        ("flash_attn", package),
+        ("flash_attn.cute", package.cute),
+        ("flash_attn.cute.interface", package.cute.interface),
+    ):
+        monkeypatch.setitem(sys.modules, name, module)
+    monkeypatch.setattr(attention_lib, "flash4_runs", lambda q: True)  # FA4 "runs" on this CPU
+    torch.manual_seed(0)
+    q = torch.randn(2, 4, 9, 8, requires_grad=True)  # (B, H, T, hd) as the attention module hands it
+    k, v = torch.randn(2, 2, 9, 8, requires_grad=True), torch.randn(2, 2, 9, 8, requires_grad=True)
+    upstream = torch.randn(2, 4, 9, 8)
+    compiled = torch.compile(attention_lib.flash4_attention, fullgraph=True, backend="aot_eager")
+    grads = []
+    for attend in (sdpa_attention, compiled):
+        out = attend(q, k, v, causal=True)
+        grads.append((out.detach(), *torch.autograd.grad(out, (q, k, v), upstream)))
+    for got, want in zip(grads[1], grads[0], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 def test_decoder_loss_adds_weighted_mi_loss_and_sparse_all_equals_dense():
     torch.manual_seed(0)
     cfg = model_cfg("model.moe.alpha=0.5")

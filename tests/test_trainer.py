@@ -62,3 +62,26 @@ def test_a_feature_from_outside_freezes_a_block_for_its_steps(small_cfg, tmp_pat
     assert [m["frozen_block"] for m in frozen] == [1, 1, 0, 0]
     assert frozen[0]["loss"] == plain[0]["loss"]  # the first step's loss comes before any update
     assert frozen[1]["loss"] != plain[1]["loss"]  # the second saw block 0 unchanged
+
+
+@pytest.mark.parametrize("zero_stage", [0, 2])
+def test_no_device_synchronisation_per_micro_batch(small_cfg, tmp_path, monkeypatch, zero_stage):
+    """A full device sync drains the GPU's queue, which then idles while the host launches the next
+    micro-batch. DeepSpeed's throughput timer synchronises around every micro-batch unless told not to
+    (dsmoe.train.engine.deepspeed_config); no sync may come per micro-batch from anywhere."""
+    from deepspeed.accelerator import get_accelerator
+
+    accelerator = type(get_accelerator())
+    syncs = []
+    synchronize = accelerator.synchronize
+    monkeypatch.setattr(accelerator, "synchronize", lambda self, *a: syncs.append(1) or synchronize(self, *a))
+    cfg = small_cfg(
+        "train.max_steps=4",
+        "train.global_batch_size=16",  # 4 micro-batches a step
+        "train.checkpoint_every=0",
+        "train.export_at_end=false",
+        f"parallel.zero_stage={zero_stage}",
+        run_dir=tmp_path / "run",
+    )
+    Trainer(cfg, features_for(cfg)).run()
+    assert len(syncs) < 4, f"{len(syncs)} device syncs in 4 steps of 4 micro-batches"

@@ -2,7 +2,7 @@
 # The GPU runs behind the committed results, one request each on the lent GPU machine, after
 # `source tools/device_wheels.sh install`; results land in $OUT.
 #
-#   bash tools/device.sh NAME     NAME: train | infer | encoder | compare | data | head_loss | regress | sparse | peer | gemv | fa4 | zero
+#   bash tools/device.sh NAME     NAME: train | infer | encoder | compare | data | head_loss | regress | sparse | peer | gemv | fa4 | zero | host
 #   bash tools/device.sh list     what each NAME runs
 #
 # Each NAME runs in its own subshell with its own shell options and its own environment knobs (below).
@@ -10,7 +10,7 @@
 # The batch every DS-MoE-1B / Dense-1B training benchmark here runs (the committed train_1b figures' setting).
 BENCH_1B="train.global_batch_size=64 train.micro_batch_size=8 data.tokenizer_vocab_size=8192 data.cache_dir=/tmp/cache"
 
-usage() { echo "usage: bash tools/device.sh train|infer|encoder|compare|data|head_loss|regress|sparse|peer|gemv|fa4|zero|list" >&2; }
+usage() { echo "usage: bash tools/device.sh train|infer|encoder|compare|data|head_loss|regress|sparse|peer|gemv|fa4|zero|host|list" >&2; }
 
 list() {
   cat <<'EOF'
@@ -43,6 +43,9 @@ gemv       the decode gather-GEMV's tiles (issue 23, <= 7 min): benchmarks/sweep
 fa4        FlashAttention-4 in training (issue 25, <= 9 min; after the two carrying calls, see run_fa4): GPU tests
            of model.attention.backend=flash4, bench_layers (FA4 beside SDPA), bench_train DS-MoE-1B / Dense-1B
            compiled with SDPA and with FA4 ($OUT/train_fa4_<gpu>.md)
+host       where the host spends a DS-MoE-1B step (issue 25, <= 5 min): py-spy records bench_train (compiled, with
+           its kernel profile; HOST_OVERRIDES adds overrides, e.g. model.attention.backend=flash4), then
+           tools/host_profile.py files the steady step by call site ($OUT/host_<gpu>.md, the recording gzipped)
 zero       DeepSpeed's ZeRO settings (issue 25, <= 7 min): bench_train DS-MoE-1B compiled at ZeRO 0 / 1 / 2 and ZeRO-2
            with overlap_comm, 5e7-element buckets, no contiguous gradients ($OUT/train_zero_<gpu>.md)
 EOF
@@ -308,6 +311,20 @@ run_fa4() (
   echo "=== done ($(date -u +%T))"
 )
 
+# Where the host spends a DS-MoE-1B step (issue #25 item 2, <= 5 min): py-spy samples bench_train without
+# pausing it; tools/host_profile.py keeps the steady step (compiling left out) and names each call site.
+run_host() (
+  set -u
+  OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+  gpu=$(python -c "import sys; sys.path.insert(0, 'tools'); from _cli import device_tag; print(device_tag())")
+  timeout 280 py-spy record --nonblocking -r 250 --format raw -o "$OUT/spy.txt" -- \
+    python benchmarks/bench_train.py --name train_host --out "$OUT" --steps 6 --warmup 2 \
+    --variant "dsmoe_compiled=configs/dsmoe_1b.yaml train.compile=true ${HOST_OVERRIDES:-}" \
+    --profile dsmoe_compiled $BENCH_1B > "$OUT/train.log" 2>&1; echo "rc $?"
+  python tools/host_profile.py "$OUT/spy.txt" > "$OUT/host_$gpu.md" && gzip -9 "$OUT/spy.txt"
+  head -3 "$OUT"/train_host_*_profile.txt; grep "^| dsmoe" "$OUT"/train_host_*.md | cut -c1-60; head -20 "$OUT/host_$gpu.md"
+)
+
 # DeepSpeed's ZeRO settings on DS-MoE-1B (issue #25 item 2, <= 7 min): one bench_train process, compiled,
 # micro-batch 8, global 64, against ZeRO-2 with DeepSpeed's defaults (the committed figure's setting).
 run_zero() (
@@ -329,7 +346,7 @@ run_zero() (
 )
 
 case "${1:-}" in
-  train | infer | encoder | compare | data | head_loss | regress | sparse | peer | gemv | fa4 | zero) "run_$1" ;;
+  train | infer | encoder | compare | data | head_loss | regress | sparse | peer | gemv | fa4 | zero | host) "run_$1" ;;
   list) list ;;
   *) usage; exit 2 ;;
 esac
