@@ -22,6 +22,7 @@ from dsmoe.evaluation import mlm_loss as mlm_loss
 from dsmoe.export import is_export, load_export, load_from_run
 from dsmoe.model import TRAINING, DecoderLM, Routing, RoutingRule
 from dsmoe.model.attention import ATTENTION_BACKENDS, apply_rope, causal_mask, rope_cos_sin
+from dsmoe.model.decode_attention import decode_attention, decode_attention_reference
 from dsmoe.model.moe import THRESHOLD_MODES, kept_weights, select_experts, top_k_table
 from dsmoe.model.router import router_scores
 from dsmoe.model.sparse import (
@@ -31,6 +32,7 @@ from dsmoe.model.sparse import (
     moe_topk_forward,
     pick_path,
     route_topk,
+    triton_available,
 )
 
 
@@ -203,6 +205,9 @@ class Engine:
     `combine` picks how a sparse rule's experts run: 'sparse' (only the kept experts), 'dense' (every expert,
     combined with the rule's weights, zero for the dropped ones: the same function at dense cost), or None: per
     forward, whichever SPARSE_OVER_DENSE measured faster on this device at that many tokens.
+    `attention_kernel` (default: on CUDA with Triton) runs decode attention as split-K Triton kernels that read
+    only the cache's rows up to the position (dsmoe.model.decode_attention), so a step's attention costs the
+    tokens so far, not max_len.
     """
 
     def __init__(
@@ -215,6 +220,7 @@ class Engine:
         expert_path: str | None = None,
         compile: bool = False,
         combine: str | None = None,
+        attention_kernel: bool | None = None,
     ):
         cfg = model.cfg
         if combine not in (None, "sparse", "dense"):
@@ -292,9 +298,16 @@ class Engine:
         }
         weights = self._decode_combine != "sparse"
         decode_k = 0 if weights else self._top_k
-        self._decode_post = functools.partial(
-            _decode_post, eps=cfg.norm_eps, top_k=decode_k, combine_rule=rule if weights else None
+        # Decode attention reads only the cache's filled rows on CUDA (a torch version reads all max_len).
+        self.attention_kernel = (
+            self.device.type == "cuda" and triton_available()
+            if attention_kernel is None
+            else attention_kernel
         )
+        self._decode_post = functools.partial(
+            _decode_post, eps=cfg.norm_eps, top_k=decode_k, combine_rule=rule if weights else None,
+            attention_kernel=self.attention_kernel,
+        )  # fmt: skip
         # Few tokens on CUDA: the router's scores (one fp32-output GEMM) and one Triton softmax + top-K before
         # the gather-GEMV experts, outside the compiled segment (fewer launches than its softmax and topk).
         self._fused_route = bool(decode_k) and expert_path in (None, "gemv") and picked == "gemv"
@@ -562,17 +575,15 @@ def top_k_mask(probs_TE: torch.Tensor, k: int) -> torch.Tensor:
 
 def _decode_post(
     x, h, q, keys, values, pos, positions, o_w, attn_router, mlp_norm, mlp_router, renormalize, *, eps, top_k,
-    combine_rule=None,
+    combine_rule=None, attention_kernel=False,
 ):  # fmt: skip
-    """Attention of one query per row over the whole cache (B, KV, S, hd), query heads grouped per K/V
-    head (no copy of the cache), positions after `pos` masked, then the post segment. Scores and softmax
-    in fp32 (the training kernels' precision: bf16 scores lose ~3 digits); probabilities @ V in the cache's
-    dtype with fp32 accumulation, as flash attention does."""
-    B, H, _, hd = q.shape
-    KV = keys.shape[1]
-    scores = q.float().reshape(B, KV, H // KV, hd) @ keys.float().transpose(-2, -1)  # (B, KV, G, S)
-    scores = (scores / math.sqrt(hd)).masked_fill(positions > pos, float("-inf"))
-    y = (scores.softmax(-1).to(values.dtype) @ values).reshape(B, 1, H * hd)  # (B, 1, H x hd)
+    """Attention of one query per row over the cache (B, KV, S, hd) up to `pos`, then the post segment: the
+    split-K Triton kernels that read only the filled rows (`attention_kernel`, CUDA), else the same function
+    in torch over every row with the later ones masked (dsmoe/model/decode_attention.py)."""
+    if attention_kernel:
+        y = decode_attention(q, keys, values, pos)
+    else:
+        y = decode_attention_reference(q, keys, values, pos, positions)  # (B, 1, H x hd)
     return _segment_post(
         x, h, y, o_w, attn_router, mlp_norm, mlp_router, renormalize,
         eps=eps, top_k=top_k, combine_rule=combine_rule,

@@ -208,13 +208,19 @@ def flash4_attention(
 # breaking its graph around it. Measured on one H100 (benchmarks/train_fa4_h100.md): with the graph break
 # the GPU waited on the host ~250 ms a DS-MoE-1B step, vs ~100 ms with SDPA, eating most of FA4's
 # ~180 ms of faster kernels. The two calls are flash-attn-4 4.0.0b40's (pinned in tools/device_wheels.sh).
+def _fa4_interface():
+    try:  # in a try: transformers' remote-code check then does not require flash-attn-4 of an export
+        from flash_attn.cute import interface
+    except ImportError:  # callers check flash4_runs() first
+        raise
+    return interface
+
+
 @torch.library.custom_op("dsmoe::flash4_fwd", mutates_args=())
 def _flash4_fwd_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    from flash_attn.cute.interface import _flash_attn_fwd
-
-    out, lse, *_ = _flash_attn_fwd(q, k, v, causal=causal, return_lse=True)
+    out, lse, *_ = _fa4_interface()._flash_attn_fwd(q, k, v, causal=causal, return_lse=True)
     return out, lse
 
 
@@ -234,9 +240,7 @@ def _flash4_bwd_op(
     lse: torch.Tensor,
     causal: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    from flash_attn.cute.interface import _flash_attn_bwd
-
-    dq, dk, dv = _flash_attn_bwd(q, k, v, out, dout, lse, causal=causal)
+    dq, dk, dv = _fa4_interface()._flash_attn_bwd(q, k, v, out, dout, lse, causal=causal)
     return dq.contiguous(), dk.contiguous(), dv.contiguous()  # as the fake says (no copy when they are)
 
 
