@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -205,9 +206,9 @@ class Engine:
     `combine` picks how a sparse rule's experts run: 'sparse' (only the kept experts), 'dense' (every expert,
     combined with the rule's weights, zero for the dropped ones: the same function at dense cost), or None: per
     forward, whichever SPARSE_OVER_DENSE measured faster on this device at that many tokens.
-    `attention_kernel` (default: on CUDA with Triton) runs decode attention as split-K Triton kernels that read
-    only the cache's rows up to the position (dsmoe.model.decode_attention), so a step's attention costs the
-    tokens so far, not max_len.
+    `attention_kernel` runs decode attention as split-K Triton kernels that read only the cache's rows up to
+    the position (dsmoe.model.decode_attention), so a step's attention costs the tokens so far, not max_len.
+    Off by default until a GPU run has timed it (benchmarks/bench_decode_attention.py).
     """
 
     def __init__(
@@ -220,7 +221,7 @@ class Engine:
         expert_path: str | None = None,
         compile: bool = False,
         combine: str | None = None,
-        attention_kernel: bool | None = None,
+        attention_kernel: bool = False,
     ):
         cfg = model.cfg
         if combine not in (None, "sparse", "dense"):
@@ -298,12 +299,12 @@ class Engine:
         }
         weights = self._decode_combine != "sparse"
         decode_k = 0 if weights else self._top_k
-        # Decode attention reads only the cache's filled rows on CUDA (a torch version reads all max_len).
-        self.attention_kernel = (
-            self.device.type == "cuda" and triton_available()
-            if attention_kernel is None
-            else attention_kernel
-        )
+        # Decode attention over only the cache's filled rows (the torch version reads all max_len).
+        if attention_kernel and not (self.device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"):
+            raise ValueError("attention_kernel: the split-K decode attention is a Triton kernel, for CUDA")
+        if attention_kernel and not triton_available():
+            raise ValueError("attention_kernel: the split-K decode attention needs triton")
+        self.attention_kernel = attention_kernel
         self._decode_post = functools.partial(
             _decode_post, eps=cfg.norm_eps, top_k=decode_k, combine_rule=rule if weights else None,
             attention_kernel=self.attention_kernel,

@@ -52,3 +52,14 @@ def test_gather_gemv_sweep_runs_under_the_triton_interpreter(tmp_path):
     )
     tiles = json.loads(best.read_text())["top-4, batch 1"]["tiles"]  # what tools/device.sh gemv reads
     assert set(tiles) <= {"up_f", "up_d", "up_warps", "down_f", "down_d", "down_warps"}
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+def test_decode_attention_benchmark_runs_under_the_triton_interpreter(tmp_path):
+    run(
+        "benchmarks/bench_decode_attention.py", "--cpu-smoke", "--out-dir", str(tmp_path),
+        env=dict(os.environ, TRITON_INTERPRET="1"),
+    )  # fmt: skip
+    result = json.loads((tmp_path / "decode_attention_cpu.json").read_text())
+    assert {row["length"] for row in result["alone"]} == {16, 64, 128}
+    assert result["whole"][0]["kernel_tokens_per_s"] > 0

@@ -180,3 +180,12 @@ def test_engine_generation_equals_generate_and_k_equal_n_equals_dense():
         Engine(model, ROUTINGS[1])
     with pytest.raises(ValueError, match="max_len"):
         Engine(model, Routing(), batch=2, max_len=8).prefill(torch.zeros(2, 9, dtype=torch.long))
+
+
+def test_split_k_decode_attention_is_refused_off_cuda(monkeypatch):
+    """The kernel is Triton: asking for it on a CPU (outside Triton's interpreter) names the option."""
+    from dsmoe.infer import Engine
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match="attention_kernel"):
+        Engine(model_for(True, True), Routing(), batch=1, max_len=16, attention_kernel=True)

@@ -114,6 +114,21 @@ def test_masked_forward_kernels_equal_the_torch_path_and_a_reference(act):
     assert fast[7].abs().max() == 0
 
 
+def small_moa_model():
+    """bf16 on CUDA: MoA (4 experts x 2 query heads over 2 K/V heads), 8 MLP experts, 3 layers."""
+    from dsmoe import config as config_lib
+    from dsmoe.model import build
+
+    overrides = [
+        "model.d_model=256", "model.n_layers=3", "model.max_seq_len=128", "model.vocab_size=512",
+        "data.seq_len=64", "data.tokenizer_vocab_size=512", "model.moe.num_experts=8",
+        "model.moe.expert_hidden=64", "model.attention.heads=0", "model.attention.experts=4",
+        "model.attention.heads_per_expert=2", "model.attention.kv_heads=2",
+    ]  # fmt: skip
+    torch.manual_seed(0)
+    return build(config_lib.load(None, overrides).model).to("cuda", torch.bfloat16).eval()
+
+
 @pytest.mark.parametrize("combine", ["sparse", "dense"])
 @pytest.mark.parametrize("mlp", ["dense", "top_k", "threshold"])
 @pytest.mark.parametrize("batch", [1, 20])
@@ -124,18 +139,10 @@ def test_cuda_graph_decode_equals_eager_decode(mlp, batch, combine):
     (every expert, the rule's weights)."""
     if mlp == "dense" and combine == "dense":
         pytest.skip("the dense rule has nothing to combine sparsely")
-    from dsmoe import config as config_lib
     from dsmoe.infer import Engine
-    from dsmoe.model import Routing, RoutingRule, build
+    from dsmoe.model import Routing, RoutingRule
 
-    overrides = [
-        "model.d_model=256", "model.n_layers=3", "model.max_seq_len=128", "model.vocab_size=512",
-        "data.seq_len=64", "data.tokenizer_vocab_size=512", "model.moe.num_experts=8",
-        "model.moe.expert_hidden=64", "model.attention.heads=0", "model.attention.experts=4",
-        "model.attention.heads_per_expert=2", "model.attention.kv_heads=2",
-    ]  # fmt: skip
-    torch.manual_seed(0)
-    model = build(config_lib.load(None, overrides).model).to("cuda", torch.bfloat16).eval()
+    model = small_moa_model()
     routing = {
         "dense": Routing(),
         "top_k": Routing(RoutingRule("top_k", k=2)),
@@ -200,3 +207,25 @@ def test_split_k_decode_attention_equals_the_masked_torch_version(batch, heads, 
         got = decode_attention(q, k, v, pos)
         assert relative_error(got, decode_attention_reference(q, k, v, pos, positions)) < 1e-2, p
         assert torch.equal(got, decode_attention(q, k, v, pos)), p
+
+
+@pytest.mark.parametrize("batch", [1, 20])
+def test_engine_decode_with_the_split_k_attention_equals_the_torch_attention(batch):
+    """Graph-captured, compiled decode steps with the kernel (a custom op in the compiled segment, reading the
+    position from the device as the graph replays) follow the torch attention's steps."""
+    from dsmoe.infer import Engine
+    from dsmoe.model import Routing, RoutingRule
+
+    model = small_moa_model()
+    idx = torch.randint(0, 512, (batch, 40), device="cuda")
+    logits = {}
+    for kernel in (False, True):
+        engine = Engine(
+            model, Routing(RoutingRule("top_k", k=2)), batch=batch, max_len=128, compile=True,
+            attention_kernel=kernel,
+        )  # fmt: skip
+        steps = [engine.prefill(idx[:, :30])]
+        steps += [engine.decode(idx[:, t : t + 1]).clone() for t in range(30, 40)]
+        logits[kernel] = torch.stack(steps, 1).float()
+    assert engine.cuda_graph
+    assert share_close(logits[True], logits[False], 1e-2) > 0.9

@@ -2,7 +2,7 @@
 # The GPU runs behind the committed results, one request each on the lent GPU machine, after
 # `source tools/device_wheels.sh install`; results land in $OUT.
 #
-#   bash tools/device.sh NAME     NAME: train | infer | encoder | compare | data | head_loss | regress | sparse | peer | gemv | fa4 | zero | host
+#   bash tools/device.sh NAME     NAME: train | infer | encoder | compare | data | head_loss | regress | sparse | peer | gemv | fa4 | zero | host | decode
 #   bash tools/device.sh list     what each NAME runs
 #
 # Each NAME runs in its own subshell with its own shell options and its own environment knobs (below).
@@ -10,7 +10,7 @@
 # The batch every DS-MoE-1B / Dense-1B training benchmark here runs (the committed train_1b figures' setting).
 BENCH_1B="train.global_batch_size=64 train.micro_batch_size=8 data.tokenizer_vocab_size=8192 data.cache_dir=/tmp/cache"
 
-usage() { echo "usage: bash tools/device.sh train|infer|encoder|compare|data|head_loss|regress|sparse|peer|gemv|fa4|zero|host|list" >&2; }
+usage() { echo "usage: bash tools/device.sh train|infer|encoder|compare|data|head_loss|regress|sparse|peer|gemv|fa4|zero|host|decode|list" >&2; }
 
 list() {
   cat <<'EOF'
@@ -46,6 +46,9 @@ fa4        FlashAttention-4 in training (issue 25, <= 9 min; after the two carry
 host       where the host spends a DS-MoE-1B step (issue 25, <= 5 min): py-spy records bench_train (compiled, with
            its kernel profile; HOST_OVERRIDES adds overrides, e.g. model.attention.backend=flash4), then
            tools/host_profile.py files the steady step by call site ($OUT/host_<gpu>.md, the recording gzipped)
+decode     decode attention over the cache's filled rows (issue 23, <= 6 min): the GPU tests of the split-K kernels
+           and of graph-captured decode, then benchmarks/bench_decode_attention.py (max_len 2048: the kernels
+           vs the torch version alone and in DS-MoE-1B decode steps; $OUT/decode_attention_<gpu>.md)
 zero       DeepSpeed's ZeRO settings (issue 25, <= 7 min): bench_train DS-MoE-1B compiled at ZeRO 0 / 1 / 2 and ZeRO-2
            with overlap_comm, 5e7-element buckets, no contiguous gradients ($OUT/train_zero_<gpu>.md)
 EOF
@@ -325,6 +328,17 @@ run_host() (
   head -3 "$OUT"/train_host_*_profile.txt; grep "^| dsmoe" "$OUT"/train_host_*.md | cut -c1-60; head -20 "$OUT/host_$gpu.md"
 )
 
+# Decode attention that reads only the cache's filled rows (issue #23, <= 6 min).
+run_decode() (
+  set -u
+  OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+  nvidia-smi --query-gpu=name --format=csv,noheader || true
+  timeout 150 python -m pytest -q -p no:cacheprovider -p no:warnings -m gpu tests/test_gpu_infer.py \
+    -k "split_k or cuda_graph_decode" 2>&1 | grep -E "passed|failed|^E |FAILED" | head -20
+  timeout 200 python benchmarks/bench_decode_attention.py --out-dir "$OUT" > "$OUT/decode_attention.log" 2>&1
+  echo "rc $?"; grep -v -i warn "$OUT/decode_attention.log" | tail -25
+)
+
 # DeepSpeed's ZeRO settings on DS-MoE-1B (issue #25 item 2, <= 7 min): one bench_train process, compiled,
 # micro-batch 8, global 64, against ZeRO-2 with DeepSpeed's defaults (the committed figure's setting).
 run_zero() (
@@ -346,7 +360,7 @@ run_zero() (
 )
 
 case "${1:-}" in
-  train | infer | encoder | compare | data | head_loss | regress | sparse | peer | gemv | fa4 | zero | host) "run_$1" ;;
+  train | infer | encoder | compare | data | head_loss | regress | sparse | peer | gemv | fa4 | zero | host | decode) "run_$1" ;;
   list) list ;;
   *) usage; exit 2 ;;
 esac
