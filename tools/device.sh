@@ -40,9 +40,9 @@ peer       issue 23 item 4 (<= 5 min): benchmarks/bench_peer.py, the Engine vs s
 gemv       the decode gather-GEMV's tiles (issue 23, <= 7 min): benchmarks/sweep_gemv.py ($OUT/sweep_gemv.md,
            best tiles per case in $OUT/sweep_gemv.json), then bench_infer --compile --quick --skip-hf
            --combine sparse with the best tiles of top-4 at batch 1 ($OUT/tiles/)
-fa4        FlashAttention-4 in training (issue 25, <= 9 min; after the two carrying calls, see run_fa4): GPU tests
+fa4        FlashAttention-4 in training (issue 25, <= 10 min; after the two carrying calls, see run_fa4): GPU tests
            of model.attention.backend=flash4, bench_layers (FA4 beside SDPA), bench_train DS-MoE-1B / Dense-1B
-           compiled with SDPA and with FA4 ($OUT/train_fa4_<gpu>.md)
+           compiled with SDPA and with FA4 ($OUT/train_fa4_<gpu>.md), then `host` on the FA4 step
 host       where the host spends a DS-MoE-1B step (issue 25, <= 5 min): py-spy records bench_train (compiled, with
            its kernel profile; HOST_OVERRIDES adds overrides, e.g. model.attention.backend=flash4), then
            tools/host_profile.py files the steady step by call site ($OUT/host_<gpu>.md, the recording gzipped)
@@ -311,6 +311,8 @@ run_fa4() (
     $BENCH_1B \
     > "$OUT/train.log" 2>&1; echo "rc $?"
   grep -v -i "warn" "$OUT/train.log" | grep "^|" | tail -8
+  echo "=== host, flash4 ($(date -u +%T))"  # ~100 s: where the host spends the FA4 step (py-spy)
+  HOST_OVERRIDES="model.attention.backend=flash4" run_host
   echo "=== done ($(date -u +%T))"
 )
 

@@ -205,9 +205,9 @@ def flash4_attention(
 
 # FlashAttention-4 as torch.library custom ops, forward and backward apart (what flash_attn_func's own
 # autograd.Function does), so that a compiled block traces the attention as one opaque node instead of
-# breaking its graph around it. Measured on one H100 (benchmarks/train_fa4_h100.md): with the graph break
-# the GPU waited on the host ~250 ms a DS-MoE-1B step, vs ~100 ms with SDPA, eating most of FA4's
-# ~180 ms of faster kernels. The two calls are flash-attn-4 4.0.0b40's (pinned in tools/device_wheels.sh).
+# breaking its graph around it. Measured on one H100 (benchmarks/fa4_h100/): with a graph break per block
+# the GPU waited on the host ~290 ms a DS-MoE-1B step, vs ~94 ms with SDPA, as much as FA4's kernels saved
+# (~176 ms). The two calls are flash-attn-4 4.0.0b40's (pinned in tools/device_wheels.sh).
 def _fa4_interface():
     try:  # in a try: transformers' remote-code check then does not require flash-attn-4 of an export
         from flash_attn.cute import interface
