@@ -6,6 +6,10 @@ Runs a short training (no checkpoints, no export, no wandb) with torch.cuda.set_
 step --from-step (earlier steps compile and warm up), and prints, per step, each synchronising call with the
 innermost frames of dsmoe / DeepSpeed / megatron that led to it. A sync stalls the host until the GPU has caught
 up, so the launches that follow it are no longer hidden behind GPU work (issue #25: host gaps). CUDA only.
+
+The debug mode reports the syncs that tensor operations imply (.item(), nonzero, a copy to the host), not an
+explicit torch.cuda.synchronize(): DeepSpeed's throughput timer called that around every micro-batch and this
+tool did not see it (benchmarks/fa4_h100/). So explicit device syncs are counted too, filed as "synchronize()".
 """
 
 from __future__ import annotations
@@ -47,11 +51,20 @@ class SyncWatch(Feature):
         self.first, self.depth = first, depth
         self.sites: dict[int, collections.Counter] = collections.defaultdict(collections.Counter)
         self.step = None
+        self.device_synchronize = torch.cuda.synchronize
 
     def before_step(self, trainer, step: int) -> None:
+        self.step = None
+        self.device_synchronize()  # the previous step's tail is not this step's
         self.step = step if step >= self.first else None
-        torch.cuda.synchronize()  # the previous step's tail is not this step's
         torch.cuda.set_sync_debug_mode("warn" if self.step is not None else "default")
+
+    def explicit_synchronize(self, *args, **kwargs):
+        """torch.cuda.synchronize, counted under its call site while a step is watched."""
+        if self.step is not None:
+            site = call_site(traceback.extract_stack()[:-1], self.depth)
+            self.sites[self.step][f"synchronize(): {site}"] += 1
+        return self.device_synchronize(*args, **kwargs)
 
     def after_step(self, trainer, step: int, record: dict) -> None:
         torch.cuda.set_sync_debug_mode("default")  # validation, logging, saving are not the step
@@ -92,7 +105,11 @@ def main() -> int:
     watch = SyncWatch(args.from_step, args.depth)
     warnings.simplefilter("always")
     warnings.showwarning = watch.showwarning
-    Trainer(cfg, features_for(cfg) + [watch]).run()
+    torch.cuda.synchronize = watch.explicit_synchronize  # DeepSpeed's accelerator calls it through the module
+    try:
+        Trainer(cfg, features_for(cfg) + [watch]).run()
+    finally:
+        torch.cuda.synchronize = watch.device_synchronize
     torch.cuda.set_sync_debug_mode("default")
     for step in sorted(watch.sites):
         sites = watch.sites[step]
