@@ -46,6 +46,11 @@ class ParallelConfig:
     zero_contiguous_gradients: bool = True
     """Copy each gradient into one contiguous buffer as it is produced (DeepSpeed's contiguous_gradients):
     less fragmentation for a copy a step."""
+    zero_fp32_grad_accumulation: bool = False
+    """Accumulate the micro-batches' gradients in fp32 under bf16 (DeepSpeed's data_types.grad_accum_dtype),
+    into one flat fp32 buffer of the rank's partition, instead of adding each gradient in bf16 (DeepSpeed's
+    default, a Python loop over the parameters every micro-batch). ZeRO-2 only: at stage 1 DeepSpeed swaps in
+    another optimizer for it, at stage 0 it refuses the mix."""
     expert_dispatch: str = "tokens"
     """Dense training under ep > 1: 'tokens' (gather the expert group's tokens to the experts), 'weights'
     (gather the experts to the tokens), or 'auto' (whichever moves less data by the formula of
@@ -413,6 +418,11 @@ def validate(cfg: Config, source: str = "config") -> None:
         ("parallel.zero_contiguous_gradients", p.zero_contiguous_gradients, True),
     ):
         check(p.zero_stage > 0 or value == default, key, "tunes ZeRO: it needs parallel.zero_stage >= 1")
+    check(
+        not p.zero_fp32_grad_accumulation or (p.zero_stage == 2 and cfg.train.precision == "bf16"),
+        "parallel.zero_fp32_grad_accumulation",
+        "accumulates bf16 gradients in fp32 at parallel.zero_stage=2 with train.precision=bf16 only",
+    )
     check(p.dp >= 0, "parallel.dp", "must be >= 0 (0: world_size / (ep * tp))")
     _check_layout(cfg, check)
     _check_growth(cfg, check)

@@ -66,6 +66,14 @@ def test_wrong_type_names_key_and_file(tmp_path, yaml_text, key):
         ("parallel.zero_stage=4", "parallel.zero_stage"),
         ("parallel.zero_overlap_comm=true", "parallel.zero_overlap_comm"),  # ZeRO's settings without ZeRO
         ("parallel.zero_stage=1 parallel.zero_bucket_elements=-1", "parallel.zero_bucket_elements"),
+        (
+            "parallel.zero_stage=1 train.precision=bf16 parallel.zero_fp32_grad_accumulation=true",
+            "parallel.zero_fp32_grad_accumulation",
+        ),  # ZeRO-2 only
+        (
+            "parallel.zero_stage=2 parallel.zero_fp32_grad_accumulation=true",
+            "parallel.zero_fp32_grad_accumulation",
+        ),
         ("model.moe.num_experts=0", "model.moe.num_experts"),
         # Layouts: what tensor and expert parallelism split must divide evenly (tiny: 4 MoA heads, 2 KV
         # heads, 8 experts x 64).
@@ -197,3 +205,15 @@ def test_zero_settings_reach_deepspeed_and_unset_ones_keep_its_defaults():
         "contiguous_gradients": True,
     }  # overlap_comm left to DeepSpeed (on at stage 3)
     assert zero_config(config_lib.load(None).parallel) == {"stage": 0}
+
+
+def test_fp32_gradient_accumulation_reaches_deepspeed_only_when_asked():
+    from dsmoe.train.engine import deepspeed_config
+    from parallel.groups import ParallelDims
+
+    bf16_zero2 = ["parallel.zero_stage=2", "train.precision=bf16"]
+    dims = ParallelDims(world_size=1, rank=0, local_rank=0, dp=1, ep=1, tp=1, device=None)
+    plain = deepspeed_config(config_lib.load(None, bf16_zero2), dims)
+    assert "data_types" not in plain  # DeepSpeed's default: the model's dtype
+    cfg = config_lib.load(None, [*bf16_zero2, "parallel.zero_fp32_grad_accumulation=true"])
+    assert deepspeed_config(cfg, dims)["data_types"] == {"grad_accum_dtype": "fp32"}

@@ -18,9 +18,17 @@ from dsmoe.train.logging import read_metrics
 pytestmark = pytest.mark.usefixtures("single_process_group")
 
 
-@pytest.mark.parametrize("zero_stage", ["0", "3"])
-def test_resume_continues_the_same_loss_curve(small_cfg, tmp_path, zero_stage):
-    common = ["train.export_at_end=false", f"parallel.zero_stage={zero_stage}"]
+@pytest.mark.parametrize(
+    "zero",
+    [
+        ["parallel.zero_stage=0"],
+        ["parallel.zero_stage=3"],
+        ["parallel.zero_stage=2", "train.precision=bf16", "parallel.zero_fp32_grad_accumulation=true"],
+    ],
+    ids=["zero0", "zero3", "zero2-bf16-fp32-accumulation"],
+)
+def test_resume_continues_the_same_loss_curve(small_cfg, tmp_path, zero):
+    common = ["train.export_at_end=false", *zero]
     full = run(small_cfg(*common, run_dir=tmp_path / "full"))
     assert len(full.losses) == 8
 

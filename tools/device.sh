@@ -50,7 +50,8 @@ decode     decode attention over the cache's filled rows (issue 23, <= 6 min): t
            and of graph-captured decode, then benchmarks/bench_decode_attention.py (max_len 2048: the kernels
            vs the torch version alone and in DS-MoE-1B decode steps; $OUT/decode_attention_<gpu>.md)
 zero       DeepSpeed's ZeRO settings (issue 25, <= 7 min): bench_train DS-MoE-1B compiled at ZeRO 0 / 1 / 2 and ZeRO-2
-           with overlap_comm, 5e7-element buckets, no contiguous gradients ($OUT/train_zero_<gpu>.md)
+           with overlap_comm, 5e7-element buckets, no contiguous gradients, fp32 gradient accumulation
+           ($OUT/train_zero_<gpu>.md)
 EOF
 }
 
@@ -355,6 +356,7 @@ run_zero() (
     --variant "zero2_overlap=$base parallel.zero_stage=2 parallel.zero_overlap_comm=true" \
     --variant "zero2_bucket5e7=$base parallel.zero_stage=2 parallel.zero_bucket_elements=50000000" \
     --variant "zero2_no_contiguous=$base parallel.zero_stage=2 parallel.zero_contiguous_gradients=false" \
+    --variant "zero2_fp32_accumulation=$base parallel.zero_stage=2 parallel.zero_fp32_grad_accumulation=true" \
     --baseline zero2 \
     $BENCH_1B \
     > "$OUT/train.log" 2>&1; echo "rc $?"

@@ -48,6 +48,7 @@ def deepspeed_config(cfg: Config, dims: ParallelDims) -> dict:
         # (py-spy on one H100: a quarter of the host's time in a DS-MoE-1B step waited there), so the GPU
         # drains and idles while the host launches the next micro-batch. Our loop times steps itself.
         "timers": {"throughput": {"enabled": False}},
+        **({"data_types": {"grad_accum_dtype": "fp32"}} if cfg.parallel.zero_fp32_grad_accumulation else {}),
     }
 
 
