@@ -85,3 +85,23 @@ def test_no_device_synchronisation_per_micro_batch(small_cfg, tmp_path, monkeypa
     )
     Trainer(cfg, features_for(cfg)).run()
     assert len(syncs) < 4, f"{len(syncs)} device syncs in 4 steps of 4 micro-batches"
+
+
+def test_fp32_gradient_accumulation_reaches_deepspeeds_zero2_optimizer(small_cfg, tmp_path):
+    """parallel.zero_fp32_grad_accumulation: DeepSpeed's ZeRO-2 optimizer sums a bf16 run's micro-batch gradients
+    in one fp32 buffer (its default adds them in bf16)."""
+    dtypes = {}
+    for asked in (False, True):
+        cfg = small_cfg(
+            "train.max_steps=3",
+            "train.checkpoint_every=0",
+            "train.export_at_end=false",
+            "parallel.zero_stage=2",
+            "train.precision=bf16",
+            f"parallel.zero_fp32_grad_accumulation={str(asked).lower()}",
+            run_dir=tmp_path / str(asked),
+        )
+        trainer = Trainer(cfg, features_for(cfg))
+        trainer.run()
+        dtypes[asked] = trainer.engine.optimizer.gradient_accumulation_dtype
+    assert dtypes == {False: torch.bfloat16, True: torch.float32}
