@@ -22,7 +22,8 @@ measured step is 'other' (launch gaps, Python, copies, host syncs, communication
 timed apart lose the fusions across their borders that the whole compiled block has, so 'other' can come
 out negative: the --profile table (kernels of one real step, by kind) is the in-place split.
 --profile NAME runs one more optimizer step of that variant under torch.profiler and writes the top
-CUDA kernels (<name>_<device>_profile.txt) with their share of the step's kernel time.
+CUDA kernels (<name>_<device>_profile.txt) with their share of the step's kernel time, and how long the GPU
+waited for the host (the unprofiled step less the kernel time; kernel_ms / gpu_idle_ms in the JSON).
 """
 
 from __future__ import annotations
@@ -103,7 +104,9 @@ def bench_one(config: str, overrides: list[str], steps: int, warmup: int, split:
         "loss_first_last": [metrics[0]["loss"], metrics[-1]["loss"]],
     }
     if torch.cuda.is_available() and profile:  # first: time_split forces the accumulation boundary
-        out["profile"] = profile_step(engine, cfg)
+        step_ms = 1000 * cfg.train.global_batch_size * cfg.data.seq_len / tokens_per_s
+        out["profile"], kernel_ms = profile_step(engine, cfg, step_ms)
+        out["kernel_ms"], out["gpu_idle_ms"] = kernel_ms, step_ms - kernel_ms
     if torch.cuda.is_available() and split:
         step_ms = 1000 * cfg.train.global_batch_size * cfg.data.seq_len / tokens_per_s
         parts = time_split(engine, cfg)
@@ -121,8 +124,10 @@ def bench_one(config: str, overrides: list[str], steps: int, warmup: int, split:
     return out
 
 
-def profile_step(engine, cfg, top: int = 30) -> str:
-    """One optimizer step (all micro-batches + the boundary step) under torch.profiler: the top CUDA kernels."""
+def profile_step(engine, cfg, step_ms: float, top: int = 30) -> tuple[str, float]:
+    """One optimizer step (all micro-batches + the boundary step) under torch.profiler: the top CUDA kernels,
+    and the kernel milliseconds. `step_ms` (the unprofiled step, from the run's median tokens/s) less the kernel
+    time is what the GPU spent waiting for the host (the profiler's own wall time is inflated by it)."""
     from torch.profiler import ProfilerActivity, profile
 
     from dsmoe.train.engine import boundary_step
@@ -154,9 +159,12 @@ def profile_step(engine, cfg, top: int = 30) -> str:
     ]
     total = sum(e.device_time_total for e in events)
     events.sort(key=lambda e: -e.device_time_total)
+    idle = step_ms - total / 1e3
     lines = [
         f"kernel time in one step: {total / 1e3:.1f} ms over {len(events)} kernel kinds; the step's wall time "
         f"under the profiler {1e3 * wall:.1f} ms (the rest: the GPU waiting for the host)",
+        f"unprofiled step (median tokens/s): {step_ms:.1f} ms, so the GPU waited ~{idle:.1f} ms "
+        f"({idle / step_ms:.1%}) for the host",
         "",
     ]
     lines.append(f"{'share':>6} {'ms':>9} {'calls':>6}  kernel")
@@ -167,7 +175,7 @@ def profile_step(engine, cfg, top: int = 30) -> str:
     categories = kernel_categories(events)
     lines += ["", "by category (kernel name patterns):"]
     lines += [f"{v / total:6.1%} {v / 1e3:9.2f} ms  {k}" for k, v in categories.items()]
-    return "\n".join(lines)
+    return "\n".join(lines), total / 1e3
 
 
 def kernel_categories(events) -> dict[str, float]:
