@@ -26,8 +26,11 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tools"))
-from _cli import cuda_ms, device_tag, git_commit, graph_ms  # noqa: E402
+from _cli import device_tag, git_commit, graph_ms  # noqa: E402
+from bench_infer import bench_decode  # noqa: E402
 
+from dsmoe import config as config_lib  # noqa: E402
+from dsmoe.model import Routing, RoutingRule, build  # noqa: E402
 from dsmoe.model.decode_attention import decode_attention, decode_attention_reference  # noqa: E402
 
 LAYERS, HEADS, KV_HEADS, HEAD_DIM = 24, 32, 2, 64  # DS-MoE-1B's attention
@@ -63,12 +66,9 @@ def attention_alone(batch: int, length: int, max_len: int, device, reference) ->
     }
 
 
-def whole_model(batch: int, max_len: int, steps: int, device) -> dict:
-    from dsmoe import config as config_lib
-    from dsmoe.infer import Engine
-    from dsmoe.model import Routing, RoutingRule, build
-
-    # DS-MoE-1B as bench_infer builds it (vocab from its tokenizer setting); the smoke run: tiny.yaml, same layout
+def model_1b(max_len: int, device):
+    """DS-MoE-1B (random init) as bench_infer builds it, vocab from its tokenizer setting; the smoke run: a tiny
+    model of the same layout."""
     path, extra = (
         ("configs/tiny.yaml", ["model.attention.heads=4", "model.attention.experts=0"])
         if (device.type == "cpu")
@@ -81,28 +81,19 @@ def whole_model(batch: int, max_len: int, steps: int, device) -> dict:
     torch.manual_seed(0)
     with torch.device(device):
         model = build(cfg.model)
-    model = model.to(torch.bfloat16 if device.type == "cuda" else torch.float32).eval()
-    prompt = torch.randint(
-        0, cfg.model.vocab_size, (batch, 128 if device.type == "cuda" else 8), device=device
-    )
-    token = prompt[:, -1:].clone()
-    row = {"batch": batch, "max_len": max_len, "prompt": prompt.shape[1], "steps": steps}
+    return model.to(torch.bfloat16 if device.type == "cuda" else torch.float32).eval()
+
+
+def whole_model(model, batch: int, max_len: int, steps: int) -> dict:
+    """Top-4 decode steps after a 128-token prompt (8 on CPU) with each attention: tokens/s."""
+    cuda = model.embed.weight.is_cuda
+    row = {"batch": batch, "max_len": max_len, "prompt": 128 if cuda else 8, "steps": steps}
+    top4 = [("top-4", Routing(RoutingRule("top_k", k=4)))]
     for name, kernel in (("torch", False), ("kernel", True)):
-        engine = Engine(
-            model, Routing(RoutingRule("top_k", k=4)), batch=batch, max_len=max_len,
-            compile=device.type == "cuda", attention_kernel=kernel,
-        )  # fmt: skip
-        engine.prefill(prompt)
-        for _ in range(3):  # capture + warm-up
-            engine.decode(token)
-
-        def run(engine=engine):
-            for _ in range(steps):
-                engine.decode(token)
-
-        ms = cuda_ms(run, repeats=3 if device.type == "cuda" else 1, warmup=0) / steps
-        row[f"{name}_tokens_per_s"] = batch / ms * 1e3
-        del engine
+        (timed,) = bench_decode(
+            model, top4, batch, row["prompt"], steps, compile=cuda, max_len=max_len, attention_kernel=kernel
+        )
+        row[f"{name}_tokens_per_s"] = timed["tokens_per_s"]
     row["speedup"] = row["kernel_tokens_per_s"] / row["torch_tokens_per_s"]
     return row
 
@@ -128,8 +119,9 @@ def main() -> None:
         for batch in (1, 64 if device.type == "cuda" else 2)
         for length in sorted({128 if device.type == "cuda" else 16, max_len // 2, max_len})
     ]
+    model = model_1b(max_len, device)  # once, for every batch size
     whole = [
-        whole_model(batch, max_len, 32 if device.type == "cuda" else 2, device)
+        whole_model(model, batch, max_len, 32 if device.type == "cuda" else 2)
         for batch in (1, 64)[: 2 if device.type == "cuda" else 1]
     ]
     name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU (smoke run)"

@@ -178,14 +178,20 @@ def bench_prefill(model, rule_list, batch: int, seq: int, repeats: int, compile:
     return rows
 
 
-def bench_decode(model, rule_list, batch: int, prompt: int, steps: int, compile: bool = False) -> list[dict]:
-    idx = torch.randint(0, model.cfg.vocab_size, (batch, prompt), device=DEVICE)
+def bench_decode(
+    model, rule_list, batch: int, prompt: int, steps: int, compile: bool = False, max_len: int | None = None,
+    **engine_options,
+) -> list[dict]:  # fmt: skip
+    """Decode steps after a `prompt`-token prefill, per rule: ms a step and tokens/s. The cache holds what the
+    steps need unless `max_len` says otherwise; `engine_options` go to the Engine."""
+    idx = torch.randint(0, model.cfg.vocab_size, (batch, prompt), device=model.embed.weight.device)
     token = idx[:, -1:].clone()
     rows = []
     for name, routing in rule_list:
         engine = Engine(
-            model, routing, batch=batch, max_len=prompt + 2 * steps + 8, compile=compile, combine=COMBINE
-        )
+            model, routing, batch=batch, max_len=max_len or prompt + 2 * steps + 8, compile=compile,
+            combine=COMBINE, **engine_options,
+        )  # fmt: skip
         engine.prefill(idx)
         for _ in range(4):  # capture + warm-up
             engine.decode(token)

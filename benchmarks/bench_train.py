@@ -103,12 +103,11 @@ def bench_one(config: str, overrides: list[str], steps: int, warmup: int, split:
         "first_step_s": cfg.train.global_batch_size * cfg.data.seq_len / metrics[0]["tokens_per_s"],
         "loss_first_last": [metrics[0]["loss"], metrics[-1]["loss"]],
     }
+    step_ms = 1000 * cfg.train.global_batch_size * cfg.data.seq_len / tokens_per_s  # the unprofiled step
     if torch.cuda.is_available() and profile:  # first: time_split forces the accumulation boundary
-        step_ms = 1000 * cfg.train.global_batch_size * cfg.data.seq_len / tokens_per_s
         out["profile"], kernel_ms = profile_step(engine, cfg, step_ms)
         out["kernel_ms"], out["gpu_idle_ms"] = kernel_ms, step_ms - kernel_ms
     if torch.cuda.is_available() and split:
-        step_ms = 1000 * cfg.train.global_batch_size * cfg.data.seq_len / tokens_per_s
         parts = time_split(engine, cfg)
         parts["other (launch gaps, Python, copies, host syncs, communication)"] = step_ms - sum(
             parts.values()
