@@ -29,7 +29,15 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from dsmoe.model.moe import DENSE, DSMoE, MoEAux, RoutingRule, grouped_expert_forward, select_experts
+from dsmoe.model.moe import (
+    DENSE,
+    DSMoE,
+    MoEAux,
+    RoutingRule,
+    grouped_expert_forward,
+    select_experts,
+    sum_per_token,
+)
 from dsmoe.model.sparse import masked_path_available, moe_masked_forward
 from parallel.groups import ParallelDims
 from parallel.layout import placement, shard
@@ -183,7 +191,8 @@ class ParallelDSMoE(nn.Module):
         )
         out_recv = torch.empty_like(out_sorted).index_copy_(0, order, out_sorted)
         out_P = _exchange(out_recv, recv, send, d)  # back to the owners, in the order they were sent
-        y_TD = torch.zeros_like(x_TD).index_add_(0, token_idx, out_P * weights_P.unsqueeze(-1))
+        # each token's pairs summed in expert order (index_add_'s atomics made bf16 results vary run to run)
+        y_TD = sum_per_token(out_P * weights_P.unsqueeze(-1), token_idx, expert_idx, keep_TE)
         if d.tp > 1:
             dist.all_reduce(y_TD, group=d.tp_group)  # partial sums over the hidden slices
         return y_TD, keep_TE.float().mean()
