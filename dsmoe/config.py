@@ -180,6 +180,12 @@ class TrainConfig:
     precision: Literal["fp32", "bf16"] = "fp32"
     compile: bool = False
     """torch.compile each transformer block (regional: every layer reuses one compiled graph)."""
+    compile_mode: Literal["default", "max-autotune-no-cudagraphs"] = "default"
+    """torch.compile's mode for the blocks. max-autotune-no-cudagraphs times inductor's Triton GEMM templates
+    against cuBLAS for each shape (minutes at the first step) and can fuse the elementwise work after a GEMM
+    (GeLU x router probability, residual adds) into its epilogue; the DS-MoE layers then leave their
+    GeLU x p in torch ops for inductor to fuse instead of our Triton kernels (dsmoe/model/moe_triton.py).
+    Not timed yet on a GPU against the default (tools/device.sh autotune)."""
     activation_checkpointing: bool = False
     """Recompute each transformer block's activations in the backward pass instead of keeping them
     (torch.utils.checkpoint, non-reentrant): about a third more compute for a block's activation memory,
@@ -449,6 +455,11 @@ def validate(cfg: Config, source: str = "config") -> None:
     check(t.exit_at_step >= 0, "train.exit_at_step", "must be >= 0 (0: off)")
     check(t.keep_checkpoints >= 0, "train.keep_checkpoints", "must be >= 0 (0: keep all)")
     check(t.max_bad_steps >= 1, "train.max_bad_steps", "must be >= 1")
+    check(
+        t.compile or t.compile_mode == "default",
+        "train.compile_mode",
+        f"is {t.compile_mode!r} but train.compile is false: set train.compile=true to compile the blocks",
+    )
     check(
         not (t.activation_checkpointing and m.is_encoder),
         "train.activation_checkpointing",

@@ -105,3 +105,38 @@ def test_fp32_gradient_accumulation_reaches_deepspeeds_zero2_optimizer(small_cfg
         trainer.run()
         dtypes[asked] = trainer.engine.optimizer.gradient_accumulation_dtype
     assert dtypes == {False: torch.bfloat16, True: torch.float32}
+
+
+def test_autotuned_compile_trains_as_the_default_compile(small_cfg, tmp_path, monkeypatch):
+    """train.compile_mode reaches torch.compile of every block, the DS-MoE layers hand their GeLU x p to
+    inductor (torch ops it can fuse into the GEMM's epilogue), and the loss curve stays the same."""
+    from dsmoe.model.moe import DSMoE
+
+    modes = []
+    compile_module = torch.nn.Module.compile
+    monkeypatch.setattr(
+        torch.nn.Module,
+        "compile",
+        lambda self, *a, **kw: (
+            modes.append((type(self).__name__, kw.get("mode"))) or compile_module(self, *a, **kw)
+        ),
+    )
+    losses, fused = {}, {}
+    for mode in ("default", "max-autotune-no-cudagraphs"):
+        cfg = small_cfg(
+            "train.max_steps=3",
+            "train.checkpoint_every=0",
+            "train.export_at_end=false",
+            "train.compile=true",
+            f"train.compile_mode={mode}",
+            run_dir=tmp_path / mode,
+        )
+        trainer = Trainer(cfg, features_for(cfg))
+        trainer.run()
+        losses[mode] = [m["loss"] for m in read_metrics(tmp_path / mode)]
+        fused[mode] = {b.mlp.fused for b in trainer.engine.module.blocks if isinstance(b.mlp, DSMoE)}
+    blocks = len(trainer.engine.module.blocks)
+    block_modes = [mode for name, mode in modes if name == "Block"]
+    assert block_modes == ["default"] * blocks + ["max-autotune-no-cudagraphs"] * blocks
+    assert fused == {"default": {True}, "max-autotune-no-cudagraphs": {False}}
+    torch.testing.assert_close(losses["max-autotune-no-cudagraphs"], losses["default"], rtol=1e-5, atol=1e-5)

@@ -2,7 +2,7 @@
 # The GPU runs behind the committed results, one request each on the lent GPU machine, after
 # `source tools/device_wheels.sh install`; results land in $OUT.
 #
-#   bash tools/device.sh NAME     NAME: train | infer | encoder | compare | data | head_loss | regress | sparse | peer | gemv | fa4 | zero | host | decode
+#   bash tools/device.sh NAME     NAME: train | infer | encoder | compare | data | head_loss | regress | sparse | peer | gemv | fa4 | zero | host | decode | autotune
 #   bash tools/device.sh list     what each NAME runs
 #
 # Each NAME runs in its own subshell with its own shell options and its own environment knobs (below).
@@ -10,7 +10,7 @@
 # The batch every DS-MoE-1B / Dense-1B training benchmark here runs (the committed train_1b figures' setting).
 BENCH_1B="train.global_batch_size=64 train.micro_batch_size=8 data.tokenizer_vocab_size=8192 data.cache_dir=/tmp/cache"
 
-usage() { echo "usage: bash tools/device.sh train|infer|encoder|compare|data|head_loss|regress|sparse|peer|gemv|fa4|zero|host|decode|list" >&2; }
+usage() { echo "usage: bash tools/device.sh train|infer|encoder|compare|data|head_loss|regress|sparse|peer|gemv|fa4|zero|host|decode|autotune|list" >&2; }
 
 list() {
   cat <<'EOF'
@@ -52,6 +52,9 @@ decode     decode attention over the cache's filled rows (issue 23, <= 6 min): t
 zero       DeepSpeed's ZeRO settings (issue 25, <= 7 min): bench_train DS-MoE-1B compiled at ZeRO 0 / 1 / 2 and ZeRO-2
            with overlap_comm, 5e7-element buckets, no contiguous gradients, fp32 gradient accumulation
            ($OUT/train_zero_<gpu>.md)
+autotune   torch.compile mode max-autotune-no-cudagraphs (issue 25, <= 10 min): bench_layers --autotune (the MLP
+           layers with inductor's GEMM templates and epilogue fusion), then bench_train DS-MoE-1B compiled in
+           the default mode and with train.compile_mode=max-autotune-no-cudagraphs ($OUT/train_autotune_<gpu>.md)
 EOF
 }
 
@@ -363,8 +366,28 @@ run_zero() (
   grep -v -i "warn" "$OUT/train.log" | grep "^|" | tail -10
 )
 
+# torch.compile's max-autotune mode against the default (issue #25 item 1, <= 10 min): inductor's Triton GEMM
+# templates timed against cuBLAS with the GeLU x p and residual adds fused into their epilogues where faster.
+run_autotune() (
+  set -u
+  OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+  nvidia-smi --query-gpu=name --format=csv,noheader || true
+  echo "=== layers ($(date -u +%T))"
+  timeout 300 python benchmarks/bench_layers.py --autotune --out "$OUT" > "$OUT/layers.log" 2>&1; echo "rc $?"
+  grep -A12 "max-autotune" "$OUT"/layers_*.md | grep "^|" | head -12
+  echo "=== train ($(date -u +%T))"
+  timeout 270 python benchmarks/bench_train.py --name train_autotune --out "$OUT" --steps 4 --warmup 2 \
+    --variant "dsmoe_compiled=configs/dsmoe_1b.yaml train.compile=true" \
+    --variant "dsmoe_autotune=configs/dsmoe_1b.yaml train.compile=true train.compile_mode=max-autotune-no-cudagraphs" \
+    --baseline dsmoe_compiled \
+    $BENCH_1B \
+    > "$OUT/train.log" 2>&1; echo "rc $?"
+  grep -v -i "warn" "$OUT/train.log" | grep "^|" | tail -6
+  echo "=== done ($(date -u +%T))"
+)
+
 case "${1:-}" in
-  train | infer | encoder | compare | data | head_loss | regress | sparse | peer | gemv | fa4 | zero | host | decode) "run_$1" ;;
+  train | infer | encoder | compare | data | head_loss | regress | sparse | peer | gemv | fa4 | zero | host | decode | autotune) "run_$1" ;;
   list) list ;;
   *) usage; exit 2 ;;
 esac

@@ -7,6 +7,7 @@ import math
 import torch
 
 from dsmoe.config import Config, ConfigError, ParallelConfig
+from dsmoe.model.moe import DSMoE
 from dsmoe.model.transformer import CrossEntropy
 from dsmoe.train.schedule import lr_multiplier
 from parallel.groups import DeepSpeedMPU, ParallelDims
@@ -129,8 +130,13 @@ def initialize(model: torch.nn.Module, cfg: Config, dims: ParallelDims, clock=No
     model.checkpoint_blocks = t.activation_checkpointing  # DecoderLM recomputes blocks in backward
     model.fused_head_loss = fused_head_loss(cfg, dims)
     if t.compile:  # regional compilation: blocks share code and shapes, so they share the compiled graph
+        autotune = t.compile_mode != "default"
         for block in model.blocks:  # the encoder's packed token count changes with every batch
-            block.compile(dynamic=True if cfg.model.is_encoder else None)
+            if autotune and isinstance(block.mlp, DSMoE):
+                block.mlp.fused = (
+                    False  # GeLU x p as torch ops: inductor may fuse them into the GEMM's epilogue
+                )
+            block.compile(dynamic=True if cfg.model.is_encoder else None, mode=t.compile_mode)
         if cfg.model.is_encoder:  # the MLM head and its loss too (masked counts change every batch)
             model.compile_head()
         elif type(model.cross_entropy) is CrossEntropy:  # not tp's vocab-parallel one
