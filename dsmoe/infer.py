@@ -25,7 +25,7 @@ from dsmoe.model import TRAINING, DecoderLM, Routing, RoutingRule
 from dsmoe.model.attention import ATTENTION_BACKENDS, apply_rope, causal_mask, rope_cos_sin
 from dsmoe.model.decode_attention import decode_attention, decode_attention_reference
 from dsmoe.model.moe import THRESHOLD_MODES, kept_weights, select_experts, top_k_table
-from dsmoe.model.router import router_scores
+from dsmoe.model.router import fp32_scores_available, router_scores
 from dsmoe.model.sparse import (
     GEMV_MAX_TOKENS,
     gemv_topk_partials,
@@ -405,16 +405,17 @@ class Engine:
         post = self._post["sparse" if combine == "sparse" else "weights"]
         carry = None
         for layer, (block, w) in enumerate(zip(model.blocks, self._layers, strict=True)):
-            x, h, q, k, v = self._pre(x, carry, w.attn_norm, w.qkv, w.q_norm, w.k_norm, cos, sin)
             renormalize = block.mlp.renormalize if w.mlp_router is not None else False
-            if pos is not None:
-                self.k[layer].index_copy_(2, pos.view(1), k)
-                self.v[layer].index_copy_(2, pos.view(1), v)
+            if pos is not None:  # the pre segment writes the new K/V into the cache
+                x, h, q, _, _, scores = self._pre(
+                    x, carry, w.attn_norm, w.qkv, w.q_norm, w.k_norm, cos, sin, self.k[layer], self.v[layer], pos
+                )  # fmt: skip
                 x, h, gate, experts = self._decode_post(
-                    x, h, q, self.k[layer], self.v[layer], pos, self.positions, w.o, w.attn_router,
+                    x, h, q, self.k[layer], self.v[layer], pos, self.positions, w.o, scores,
                     w.mlp_norm, None if self._fused_route else w.mlp_router, renormalize,
                 )  # fmt: skip
             else:
+                x, h, q, k, v, _ = self._pre(x, carry, w.attn_norm, w.qkv, w.q_norm, w.k_norm, cos, sin)
                 self.k[layer, :, :, start : start + T] = k
                 self.v[layer, :, :, start : start + T] = v
                 keys, values = self.k[layer, :, :, : start + T], self.v[layer, :, :, : start + T]
@@ -468,7 +469,8 @@ class _LayerWeights:
 
     attn_norm: torch.Tensor
     qkv: torch.Tensor
-    """W_q, W_k, W_v stacked: one GEMM for the three projections (a copy made when the Engine loads)."""
+    """W_q, W_k, W_v and a MoA layer's router W_r stacked (a copy made when the Engine loads): one GEMM for
+    the three projections, and at decode for the attention router's scores too."""
     o: torch.Tensor
     q_norm: torch.Tensor | None
     k_norm: torch.Tensor | None
@@ -479,9 +481,10 @@ class _LayerWeights:
 
 def _layer_weights(block) -> _LayerWeights:
     attn, routed = block.attn, getattr(block.mlp, "routed", False)
+    router = [attn.router.weight] if attn.router is not None else []
     return _LayerWeights(
         block.attn_norm.weight,
-        torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]).detach(),
+        torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight, *router]).detach(),
         attn.o_proj.weight,
         attn.q_norm.weight if attn.q_norm is not None else None,
         attn.k_norm.weight if attn.k_norm is not None else None,
@@ -513,20 +516,44 @@ def _add_carry(x: torch.Tensor, carry: torch.Tensor | None) -> torch.Tensor:
     return x + carry
 
 
-def _segment_pre(x, carry, attn_norm, qkv_w, q_norm, k_norm, cos, sin, *, eps, n_heads, n_kv, head_dim):
+def _segment_pre(
+    x, carry, attn_norm, qkv_w, q_norm, k_norm, cos, sin, k_cache=None, v_cache=None, pos=None,
+    *, eps, n_heads, n_kv, head_dim,
+):  # fmt: skip
     """Residual of the previous MLP, attention norm, the Q/K/V projections as one GEMM, QK-norm, RoPE of T
-    new tokens per row. Returns x, h and q (B, H, T, hd), k, v (B, KV, T, hd)."""
+    new tokens per row. Returns x, h, q (B, H, T, hd), k, v (B, KV, T, hd) and the MoA router's fp32
+    scores or None.
+
+    A decode step (`pos`) also writes its K/V into the cache here, where inductor folds the two writes into
+    the kernel that makes them (the pattern of gpt-fast's cache) instead of two launches of their own, and
+    takes a MoA layer's router scores from the same GEMM as Q/K/V: its rows follow W_v in qkv_w, and the
+    GEMM writes fp32 (Fp32Scores' one low-precision GEMM), which Q/K/V round to the model's dtype as a
+    GEMM writing it would. Prefill keeps the router in the post segment (its fp32 Q/K/V would be ~2x the
+    bytes of 16k rows)."""
     x = _add_carry(x, carry)
     B, T = x.shape[:2]
     h = F.rms_norm(x, (x.shape[-1],), attn_norm, eps)
-    q, k, v = (h @ qkv_w.T).split([n_heads * head_dim, n_kv * head_dim, n_kv * head_dim], dim=-1)
+    rows = (n_heads + 2 * n_kv) * head_dim
+    scores = None
+    if pos is not None and qkv_w.shape[0] > rows and fp32_scores_available(h.view(B * T, -1), qkv_w):
+        out = torch.mm(h.view(B * T, -1), qkv_w.t(), out_dtype=torch.float32)
+        qkv, scores = out[:, :rows].to(h.dtype).view(B, T, rows), out[:, rows:]
+    else:
+        qkv = h @ qkv_w[:rows].T
+        if pos is not None and qkv_w.shape[0] > rows:
+            scores = router_scores(h.reshape(B * T, -1), qkv_w[rows:])
+    q, k, v = qkv.split([n_heads * head_dim, n_kv * head_dim, n_kv * head_dim], dim=-1)
     q = q.view(B, T, n_heads, head_dim)
     k = k.view(B, T, n_kv, head_dim)
     if q_norm is not None:
         q = F.rms_norm(q, (head_dim,), q_norm, eps)
         k = F.rms_norm(k, (head_dim,), k_norm, eps)
     v = v.reshape(B, T, n_kv, head_dim).transpose(1, 2)
-    return x, h, apply_rope(q.transpose(1, 2), cos, sin), apply_rope(k.transpose(1, 2), cos, sin), v
+    q, k = apply_rope(q.transpose(1, 2), cos, sin), apply_rope(k.transpose(1, 2), cos, sin)
+    if pos is not None:
+        k_cache.index_copy_(2, pos.view(1), k)
+        v_cache.index_copy_(2, pos.view(1), v)
+    return x, h, q, k, v, scores
 
 
 def _router_probs(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -536,15 +563,16 @@ def _router_probs(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 def _segment_post(
-    x, h, y, o_w, attn_router, mlp_norm, mlp_router, renormalize, *, eps, top_k, combine_rule=None
-):
-    """After attention (y: (B, T, H x hd)): MoA scaling (every expert kept), output projection and
-    residual; MLP norm and router. Returns x, the MLP input, and either (weights, expert ids) of the top K
-    or (all probabilities, None), or with `combine_rule` (every expert's weight under that rule, None);
-    (None, None) without a router."""
+    x, h, y, o_w, attn_router, mlp_norm, mlp_router, renormalize, attn_scores=None,
+    *, eps, top_k, combine_rule=None,
+):  # fmt: skip
+    """After attention (y: (B, T, H x hd)): MoA scaling (every expert kept; its router's scores given, or
+    computed here from h), output projection and residual; MLP norm and router. Returns x, the MLP input,
+    and either (weights, expert ids) of the top K or (all probabilities, None), or with `combine_rule`
+    (every expert's weight under that rule, None); (None, None) without a router."""
     B, T = x.shape[:2]
-    if attn_router is not None:
-        probs = _router_probs(h, attn_router)  # (B x T, E)
+    if attn_scores is not None or attn_router is not None:
+        probs = F.softmax(attn_scores, dim=-1) if attn_scores is not None else _router_probs(h, attn_router)
         y = (y.view(B, T, probs.shape[-1], -1) * probs.view(B, T, -1, 1).to(y.dtype)).view(B, T, -1)
     x = x + y @ o_w.T
     h = F.rms_norm(x, (x.shape[-1],), mlp_norm, eps)
@@ -575,7 +603,7 @@ def top_k_mask(probs_TE: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def _decode_post(
-    x, h, q, keys, values, pos, positions, o_w, attn_router, mlp_norm, mlp_router, renormalize, *, eps, top_k,
+    x, h, q, keys, values, pos, positions, o_w, attn_scores, mlp_norm, mlp_router, renormalize, *, eps, top_k,
     combine_rule=None, attention_kernel=False,
 ):  # fmt: skip
     """Attention of one query per row over the cache (B, KV, S, hd) up to `pos`, then the post segment: the
@@ -586,7 +614,7 @@ def _decode_post(
     else:
         y = decode_attention_reference(q, keys, values, pos, positions)  # (B, 1, H x hd)
     return _segment_post(
-        x, h, y, o_w, attn_router, mlp_norm, mlp_router, renormalize,
+        x, h, y, o_w, None, mlp_norm, mlp_router, renormalize, attn_scores,
         eps=eps, top_k=top_k, combine_rule=combine_rule,
     )  # fmt: skip
 

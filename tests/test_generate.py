@@ -110,6 +110,32 @@ def test_engine_prefill_and_static_cache_decode_equal_the_model(moa, qk_norm, ro
     torch.testing.assert_close(engine.prefill(idx[:, :5]), full[:, 4])
 
 
+def test_compiled_engine_writes_the_cache_in_its_segments_and_equals_the_model():
+    """Engine(compile=True): a decode step's pre segment writes the new K/V into the cache itself (inductor
+    fuses the write into its RoPE kernel) and takes the MoA router's scores from the Q/K/V GEMM; logits
+    and cache equal the model's and a prefill's, without a compiled version per layer."""
+    from torch._dynamo.utils import counters
+
+    from dsmoe.infer import Engine
+
+    model = model_for(True, True)
+    routing = Routing(RoutingRule("top_k", k=2))
+    idx = torch.randint(0, 96, (3, 16))
+    with torch.no_grad():
+        full = model(idx, routing=routing).logits
+    counters.clear()
+    engine = Engine(model, routing, batch=3, max_len=20, compile=True)
+    pieces = [engine.prefill(idx[:, :10], all_logits=True)]
+    pieces += [engine.decode(idx[:, t : t + 1]).unsqueeze(1) for t in range(10, 16)]
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=1e-5, atol=1e-5)
+    prefilled = Engine(model, routing, batch=3, max_len=20)
+    prefilled.prefill(idx)
+    torch.testing.assert_close(engine.k, prefilled.k, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(engine.v, prefilled.v, rtol=1e-5, atol=1e-5)
+    # prefill and decode: pre (first layer, later layers), post; not one per layer
+    assert counters["stats"]["unique_graphs"] <= 6, dict(counters["stats"])
+
+
 def test_dense_combine_equals_sparse_under_threshold_top_k():
     """Threshold-top-K sets K from the batch at hand (so a prefill is not the full sequence's forward): the
     Engine's two combines still give the same logits for the same calls."""
