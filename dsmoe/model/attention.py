@@ -308,6 +308,23 @@ class CausalSelfAttention(nn.Module):
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         return apply_rope(k, cos, sin), v
 
+    def project_qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """Every query head (B, T, H, hd), unrotated, and project_kv's keys and values, from one GEMM over
+        W_q, W_k, W_v stacked. The weights stay three parameters (checkpoints, growth and tensor parallelism
+        see them as before); stacking them copies ~10 MB a layer per forward, where the two thin K/V GEMMs
+        would each read x again, and backward would write and sum three (T, D) input gradients and read x
+        three times for the weight gradients."""
+        B, T, _ = x.shape
+        q_width, kv_width = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        weight = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
+        q, k, v = (x @ weight.T).split([q_width, kv_width, kv_width], dim=-1)
+        q = q.unflatten(-1, (-1, self.head_dim))
+        k = k.view(B, T, self.n_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        v = v.reshape(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        return q, apply_rope(k.transpose(1, 2), cos, sin), v
+
     def attend(self, q_BTHd: torch.Tensor, k, v, cos, sin) -> torch.Tensor:
         """Attention of query heads (B, T, H, hd) over the shared K/V (B, KV, S, hd); returns (B, T, H, hd).
 
@@ -329,29 +346,35 @@ class CausalSelfAttention(nn.Module):
     ) -> tuple[torch.Tensor, MoEAux | None]:
         """x: (B, T, D); cos/sin for the T new positions; with a cache, earlier tokens' K/V come from it."""
         B, T, D = x.shape
-        k, v = self.project_kv(x, cos, sin)
+        every_head = self.router is None or routing.mode == "dense" or x.is_cuda  # else _sparse_forward's
+        if every_head:
+            q, k, v = self.project_qkv(x, cos, sin)
+        else:
+            q, (k, v) = None, self.project_kv(x, cos, sin)
         if cache is not None:
             k, v = cache.update(layer, k, v)
         if self.router is None:
-            y = self.attend(self.project_q(x, self.q_proj.weight), k, v, cos, sin).reshape(B, T, -1)
+            y = self.attend(q, k, v, cos, sin).reshape(B, T, -1)
             return self.o_proj(y if self.head_mask is None else y * self.head_mask.to(y.dtype)), None
         probs_TE = self.router(x.reshape(B * T, D))  # (B*T, E)
         if routing.mode == "dense":
-            return self.combine(x, k, v, cos, sin, probs_TE), routing_aux(probs_TE, probs_TE.new_ones(()))
+            return self.combine(x, k, v, cos, sin, probs_TE, q), routing_aux(probs_TE, probs_TE.new_ones(()))
         keep_TE = select_experts(probs_TE, routing)
         # CUDA: every expert's heads, the dropped ones weighted 0 (no host sync, the same bits every run)
         if x.is_cuda:
-            out = self.combine(x, k, v, cos, sin, probs_TE * keep_TE)
+            out = self.combine(x, k, v, cos, sin, probs_TE * keep_TE, q)
         else:  # fewer FLOPs; a host sync costs nothing on the CPU
             out = self._sparse_forward(x, k, v, cos, sin, probs_TE, keep_TE)
         return out, routing_aux(probs_TE, keep_TE.float().mean())
 
-    def combine(self, x, k, v, cos, sin, weights_TE):
+    def combine(self, x, k, v, cos, sin, weights_TE, q=None):
         """Every expert's heads, expert e's output scaled by weights_TE[:, e]: the router's probabilities (the
         dense rule), or a sparse rule's kept ones (zero for the dropped experts: the sparse rule's function,
-        with the attention core's cost, which _sparse_forward pays too, and every expert's Q/O projections)."""
+        with the attention core's cost, which _sparse_forward pays too, and every expert's Q/O projections).
+        `q`: every query head if already projected (project_qkv)."""
         B, T, _ = x.shape
-        y = self.attend(self.project_q(x, self.q_proj.weight), k, v, cos, sin)
+        q = self.project_q(x, self.q_proj.weight) if q is None else q
+        y = self.attend(q, k, v, cos, sin)
         y = y.reshape(B, T, self.num_experts, -1) * weights_TE.view(B, T, -1, 1).to(y.dtype)  # scale expert e
         return self.o_proj(y.reshape(B, T, -1))
 
