@@ -85,15 +85,16 @@ def model_1b(max_len: int, device):
 
 
 def whole_model(model, batch: int, max_len: int, steps: int) -> dict:
-    """Top-4 decode steps after a 128-token prompt (8 on CPU) with each attention: tokens/s."""
+    """Top-4 decode steps after a 128-token prompt (8 on CPU) with each attention, timed in interleaved
+    rounds (bench_decode): tokens/s."""
     cuda = model.embed.weight.is_cuda
     row = {"batch": batch, "max_len": max_len, "prompt": 128 if cuda else 8, "steps": steps}
-    top4 = [("top-4", Routing(RoutingRule("top_k", k=4)))]
-    for name, kernel in (("torch", False), ("kernel", True)):
-        (timed,) = bench_decode(
-            model, top4, batch, row["prompt"], steps, compile=cuda, max_len=max_len, attention_kernel=kernel
-        )
-        row[f"{name}_tokens_per_s"] = timed["tokens_per_s"]
+    top4 = Routing(RoutingRule("top_k", k=4))
+    engines = [
+        (name, top4, {"attention_kernel": kernel}) for name, kernel in (("torch", False), ("kernel", True))
+    ]
+    for timed in bench_decode(model, engines, batch, row["prompt"], steps, compile=cuda, max_len=max_len):
+        row[f"{timed['rule']}_tokens_per_s"] = timed["tokens_per_s"]
     row["speedup"] = row["kernel_tokens_per_s"] / row["torch_tokens_per_s"]
     return row
 

@@ -191,14 +191,14 @@ def bench_decode(
     built and warmed first, then timed in `rounds` interleaved rounds of `steps` steps (A, B, C, A, B, C, ...),
     so a shared GPU's drift lands on every rule alike; a rule's figure is its median round (`ms_rounds` keeps
     them all: their spread is the noise of a ratio). The cache holds what the steps need unless `max_len` says
-    otherwise; `engine_options` go to the Engine."""
+    otherwise; `engine_options` go to every Engine, and a rule given as (name, routing, options) adds its own."""
     idx = torch.randint(0, model.cfg.vocab_size, (batch, prompt), device=model.embed.weight.device)
     token = idx[:, -1:].clone()
     engines = {}
-    for name, routing in rule_list:
+    for name, routing, *own in rule_list:
         engine = Engine(
             model, routing, batch=batch, max_len=max_len or prompt + rounds * steps + 8, compile=compile,
-            combine=COMBINE, **engine_options,
+            combine=COMBINE, **engine_options, **(own[0] if own else {}),
         )  # fmt: skip
         engine.prefill(idx)
         for _ in range(4):  # capture + warm-up
