@@ -408,7 +408,8 @@ class Engine:
             renormalize = block.mlp.renormalize if w.mlp_router is not None else False
             if pos is not None:  # the pre segment writes the new K/V into the cache
                 x, h, q, _, _, scores = self._pre(
-                    x, carry, w.attn_norm, w.qkv, w.q_norm, w.k_norm, cos, sin, self.k[layer], self.v[layer], pos
+                    x, carry, w.attn_norm, w.qkv, w.q_norm, w.k_norm, cos, sin,
+                    self.k[layer], self.v[layer], pos,
                 )  # fmt: skip
                 x, h, gate, experts = self._decode_post(
                     x, h, q, self.k[layer], self.v[layer], pos, self.positions, w.o, scores,

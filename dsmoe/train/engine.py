@@ -132,10 +132,9 @@ def initialize(model: torch.nn.Module, cfg: Config, dims: ParallelDims, clock=No
     if t.compile:  # regional compilation: blocks share code and shapes, so they share the compiled graph
         autotune = t.compile_mode != "default"
         for block in model.blocks:  # the encoder's packed token count changes with every batch
-            if autotune and isinstance(block.mlp, DSMoE):
-                block.mlp.fused = (
-                    False  # GeLU x p as torch ops: inductor may fuse them into the GEMM's epilogue
-                )
+            # max-autotune: GeLU x p as torch ops, which inductor may fuse into the up GEMM's epilogue
+            if autotune and isinstance(block.mlp, DSMoE):  # (expert parallelism's layer has no Triton path)
+                block.mlp.fused = False
             block.compile(dynamic=True if cfg.model.is_encoder else None, mode=t.compile_mode)
         if cfg.model.is_encoder:  # the MLM head and its loss too (masked counts change every batch)
             model.compile_head()
