@@ -292,7 +292,12 @@ def profile_table(fn, rows: int = 18) -> str:
         fn()
         sync()
     sort = "cuda_time_total" if DEVICE == "cuda" else "cpu_time_total"
-    return prof.key_averages().table(sort_by=sort, row_limit=rows, max_name_column_width=60)
+    table = prof.key_averages().table(sort_by=sort, row_limit=rows, max_name_column_width=60)
+    if DEVICE != "cuda":
+        return table
+    # every launch counts in a decode step: how many the call made (kernels and device copies)
+    launches = sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+    return f"{launches} GPU kernels and copies in the call\n{table}"
 
 
 def ppl_sweep(path: str, out_dir: Path, max_tokens: int) -> int:
