@@ -2,7 +2,7 @@
 # The GPU runs behind the committed results, one request each on the lent GPU machine, after
 # `source tools/device_wheels.sh install`; results land in $OUT.
 #
-#   bash tools/device.sh NAME     NAME: train | infer | encoder | compare | data | head_loss | regress | sparse | peer | gemv | fa4 | zero | host | decode | autotune
+#   bash tools/device.sh NAME     NAME: train | infer | encoder | compare | data | head_loss | regress | sparse | peer | gemv | fa4 | zero | host | decode | autotune | verify
 #   bash tools/device.sh list     what each NAME runs
 #
 # Each NAME runs in its own subshell with its own shell options and its own environment knobs (below).
@@ -10,7 +10,7 @@
 # The batch every DS-MoE-1B / Dense-1B training benchmark here runs (the committed train_1b figures' setting).
 BENCH_1B="train.global_batch_size=64 train.micro_batch_size=8 data.tokenizer_vocab_size=8192 data.cache_dir=/tmp/cache"
 
-usage() { echo "usage: bash tools/device.sh train|infer|encoder|compare|data|head_loss|regress|sparse|peer|gemv|fa4|zero|host|decode|autotune|list" >&2; }
+usage() { echo "usage: bash tools/device.sh train|infer|encoder|compare|data|head_loss|regress|sparse|peer|gemv|fa4|zero|host|decode|autotune|verify|list" >&2; }
 
 list() {
   cat <<'EOF'
@@ -55,6 +55,9 @@ zero       DeepSpeed's ZeRO settings (issue 25, <= 7 min): bench_train DS-MoE-1B
 autotune   torch.compile mode max-autotune-no-cudagraphs (issue 25, <= 10 min): bench_layers --autotune (the MLP
            layers with inductor's GEMM templates and epilogue fusion), then bench_train DS-MoE-1B compiled in
            the default mode and with train.compile_mode=max-autotune-no-cudagraphs ($OUT/train_autotune_<gpu>.md)
+verify     after CPU-only sessions (<= 9 min): every GPU test of tests/test_gpu_infer.py and tests/test_gpu_train.py
+           (the Engine, training attention and flash4 paths on real kernels), then
+           benchmarks/bench_decode_attention.py ($OUT/decode_attention_<gpu>.md)
 EOF
 }
 
@@ -386,8 +389,23 @@ run_autotune() (
   echo "=== done ($(date -u +%T))"
 )
 
+# The changes made without a GPU, checked on one (<= 9 min): the GPU tests of inference and training, then the
+# split-K decode attention against the torch version (run_decode's benchmark; its tests are among these).
+run_verify() (
+  set -u
+  OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+  nvidia-smi --query-gpu=name --format=csv,noheader || true
+  echo "=== tests ($(date -u +%T))"
+  timeout 270 python -m pytest -q -p no:cacheprovider -p no:warnings -m gpu tests/test_gpu_infer.py \
+    tests/test_gpu_train.py 2>&1 | grep -E "passed|failed|^E |FAILED|SKIPPED" | head -30
+  echo "=== decode attention ($(date -u +%T))"
+  timeout 230 python benchmarks/bench_decode_attention.py --out-dir "$OUT" > "$OUT/decode_attention.log" 2>&1
+  echo "rc $?"; grep -v -i warn "$OUT/decode_attention.log" | tail -25
+  echo "=== done ($(date -u +%T))"
+)
+
 case "${1:-}" in
-  train | infer | encoder | compare | data | head_loss | regress | sparse | peer | gemv | fa4 | zero | host | decode | autotune) "run_$1" ;;
+  train | infer | encoder | compare | data | head_loss | regress | sparse | peer | gemv | fa4 | zero | host | decode | autotune | verify) "run_$1" ;;
   list) list ;;
   *) usage; exit 2 ;;
 esac
