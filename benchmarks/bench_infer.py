@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import statistics
 import sys
@@ -204,15 +205,15 @@ def bench_decode(
         for _ in range(4):  # capture + warm-up
             engine.decode(token)
         engines[name] = engine
+
+    def decode_steps(engine):
+        for _ in range(steps):
+            engine.decode(token)
+
     times = {name: [] for name in engines}
     for _ in range(rounds):
         for name, engine in engines.items():
-
-            def run(engine=engine):
-                for _ in range(steps):
-                    engine.decode(token)
-
-            times[name].append(elapsed_ms(run) / steps)
+            times[name].append(elapsed_ms(functools.partial(decode_steps, engine)) / steps)
     rows = []
     for name, engine in engines.items():
         ms = statistics.median(times[name])

@@ -91,14 +91,20 @@ def timed_variant(
     return row, y.detach()
 
 
-def mlp_section(tokens: int, d: int, experts: int, hidden: int, compile_: bool) -> list[dict]:
+def mlp_layers(tokens: int, d: int, experts: int, hidden: int):
+    """The MLP sections' inputs: x and its output gradient (bf16, CUDA), the FLOPs counted, a dense GeLU MLP of
+    the total width and the DS-MoE layer."""
     dev, dt = "cuda", torch.bfloat16
-    width = experts * hidden
     x = torch.randn(tokens, d, device=dev, dtype=dt, requires_grad=True)
     grad = torch.randn(tokens, d, device=dev, dtype=dt)
-    flops = 6.0 * tokens * 2 * d * width  # two GEMMs, forward + backward
-    dense = init_(DenseMLP(d, width, "gelu")).to(dev, dt)
+    flops = 6.0 * tokens * 2 * d * experts * hidden  # two GEMMs, forward + backward
+    dense = init_(DenseMLP(d, experts * hidden, "gelu")).to(dev, dt)
     moe = init_(DSMoE(d, experts, hidden, "gelu")).to(dev, dt)
+    return x, grad, flops, dense, moe
+
+
+def mlp_section(tokens: int, d: int, experts: int, hidden: int, compile_: bool) -> list[dict]:
+    x, grad, flops, dense, moe = mlp_layers(tokens, d, experts, hidden)
     rows = []
     modes = [False, True] if compile_ else [False]
 
@@ -110,7 +116,7 @@ def mlp_section(tokens: int, d: int, experts: int, hidden: int, compile_: bool) 
         def forward(self, x_TD, probs_TE):
             return self.moe._dense_forward(x_TD, probs_TE)
 
-    probs = torch.softmax(torch.randn(tokens, experts, device=dev), -1).requires_grad_()
+    probs = torch.softmax(torch.randn(tokens, experts, device=x.device), -1).requires_grad_()
     for run in (1, 2):  # the same variants twice: their spread is the noise
         for mode in modes:
             base, _ = timed_variant(
@@ -140,12 +146,7 @@ def autotune_section(tokens: int, d: int, experts: int, hidden: int) -> list[dic
     """The MLP layers compiled with mode max-autotune-no-cudagraphs (train.compile_mode): inductor times its
     Triton GEMM templates against cuBLAS and may fuse the GeLU (x p) into the up GEMM's epilogue. Ratios
     against the dense MLP compiled in the default mode, the figure the training benchmarks stand on."""
-    dev, dt = "cuda", torch.bfloat16
-    x = torch.randn(tokens, d, device=dev, dtype=dt, requires_grad=True)
-    grad = torch.randn(tokens, d, device=dev, dtype=dt)
-    flops = 6.0 * tokens * 2 * d * experts * hidden
-    dense = init_(DenseMLP(d, experts * hidden, "gelu")).to(dev, dt)
-    moe = init_(DSMoE(d, experts, hidden, "gelu")).to(dev, dt)
+    x, grad, flops, dense, moe = mlp_layers(tokens, d, experts, hidden)
     autotune = "max-autotune-no-cudagraphs"
     rows = []
     for run in (1, 2):  # the second pass reuses inductor's autotuning cache: its spread is the noise

@@ -535,14 +535,13 @@ def _segment_pre(
     B, T = x.shape[:2]
     h = F.rms_norm(x, (x.shape[-1],), attn_norm, eps)
     rows = (n_heads + 2 * n_kv) * head_dim
-    scores = None
-    if pos is not None and qkv_w.shape[0] > rows and fp32_scores_available(h.view(B * T, -1), qkv_w):
+    router = pos is not None and qkv_w.shape[0] > rows  # a MoA layer's decode step
+    if router and fp32_scores_available(h.view(B * T, -1), qkv_w):
         out = torch.mm(h.view(B * T, -1), qkv_w.t(), out_dtype=torch.float32)
         qkv, scores = out[:, :rows].to(h.dtype).view(B, T, rows), out[:, rows:]
     else:
         qkv = h @ qkv_w[:rows].T
-        if pos is not None and qkv_w.shape[0] > rows:
-            scores = router_scores(h.reshape(B * T, -1), qkv_w[rows:])
+        scores = router_scores(h.reshape(B * T, -1), qkv_w[rows:]) if router else None
     q, k, v = qkv.split([n_heads * head_dim, n_kv * head_dim, n_kv * head_dim], dim=-1)
     q = q.view(B, T, n_heads, head_dim)
     k = k.view(B, T, n_kv, head_dim)

@@ -344,9 +344,14 @@ run_decode() (
   nvidia-smi --query-gpu=name --format=csv,noheader || true
   timeout 150 python -m pytest -q -p no:cacheprovider -p no:warnings -m gpu tests/test_gpu_infer.py \
     -k "split_k or cuda_graph_decode" 2>&1 | grep -E "passed|failed|^E |FAILED" | head -20
-  timeout 200 python benchmarks/bench_decode_attention.py --out-dir "$OUT" > "$OUT/decode_attention.log" 2>&1
-  echo "rc $?"; grep -v -i warn "$OUT/decode_attention.log" | tail -25
+  decode_attention_bench 200
 )
+
+# benchmarks/bench_decode_attention.py into $OUT under a time limit of $1 seconds (run_decode, run_verify).
+decode_attention_bench() {
+  timeout "$1" python benchmarks/bench_decode_attention.py --out-dir "$OUT" > "$OUT/decode_attention.log" 2>&1
+  echo "rc $?"; grep -v -i warn "$OUT/decode_attention.log" | tail -25
+}
 
 # DeepSpeed's ZeRO settings on DS-MoE-1B (issue #25 item 2, <= 7 min): one bench_train process, compiled,
 # micro-batch 8, global 64, against ZeRO-2 with DeepSpeed's defaults (the committed figure's setting).
@@ -399,8 +404,7 @@ run_verify() (
   timeout 270 python -m pytest -q -p no:cacheprovider -p no:warnings -m gpu tests/test_gpu_infer.py \
     tests/test_gpu_train.py 2>&1 | grep -E "passed|failed|^E |FAILED|SKIPPED" | head -30
   echo "=== decode attention ($(date -u +%T))"
-  timeout 230 python benchmarks/bench_decode_attention.py --out-dir "$OUT" > "$OUT/decode_attention.log" 2>&1
-  echo "rc $?"; grep -v -i warn "$OUT/decode_attention.log" | tail -25
+  decode_attention_bench 230
   echo "=== done ($(date -u +%T))"
 )
 
