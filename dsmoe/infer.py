@@ -208,7 +208,7 @@ class Engine:
     forward, whichever SPARSE_OVER_DENSE measured faster on this device at that many tokens.
     `attention_kernel` runs decode attention as split-K Triton kernels that read only the cache's rows up to
     the position (dsmoe.model.decode_attention), so a step's attention costs the tokens so far, not max_len.
-    Off by default until a GPU run has timed it (benchmarks/bench_decode_attention.py).
+    None (the default): on CUDA where triton imports; the torch version elsewhere.
     """
 
     def __init__(
@@ -221,7 +221,7 @@ class Engine:
         expert_path: str | None = None,
         compile: bool = False,
         combine: str | None = None,
-        attention_kernel: bool = False,
+        attention_kernel: bool | None = None,
     ):
         cfg = model.cfg
         if combine not in (None, "sparse", "dense"):
@@ -299,7 +299,10 @@ class Engine:
         }
         weights = self._decode_combine != "sparse"
         decode_k = 0 if weights else self._top_k
-        # Decode attention over only the cache's filled rows (the torch version reads all max_len).
+        # Decode attention over only the cache's filled rows (the torch version reads all max_len): the
+        # default on CUDA (benchmarks/decode_attention_h100.md: 1.08x a batch-1 step, 2.34x at batch 64).
+        if attention_kernel is None:
+            attention_kernel = self.device.type == "cuda" and triton_available()
         if attention_kernel and not (self.device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"):
             raise ValueError("attention_kernel: the split-K decode attention is a Triton kernel, for CUDA")
         if attention_kernel and not triton_available():
