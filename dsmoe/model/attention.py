@@ -322,7 +322,9 @@ class CausalSelfAttention(nn.Module):
         k = k.view(B, T, self.n_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        v = v.reshape(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        # A copy of V's columns: attention saves V for backward, and a view would keep the whole (T, Q+K+V)
+        # GEMM output alive with it (+1.8 GiB of DS-MoE-1B's peak on an H100, 99f8668).
+        v = v.reshape(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2).contiguous()
         return q, apply_rope(k.transpose(1, 2), cos, sin), v
 
     def attend(self, q_BTHd: torch.Tensor, k, v, cos, sin) -> torch.Tensor:
