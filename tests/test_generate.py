@@ -154,7 +154,7 @@ def test_dense_combine_equals_sparse_under_threshold_top_k():
 
 
 def test_top_k_mask_equals_select_experts():
-    """The dense combine's top-K mask (pairwise ranks, fusable) against topk + scatter, ties included."""
+    """The dense combine's top-K mask (k rounds of max, fusable) against topk + scatter, ties included."""
     from dsmoe.infer import top_k_mask
     from dsmoe.model.moe import select_experts
 
