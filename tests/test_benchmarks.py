@@ -31,6 +31,7 @@ def test_inference_benchmarks_run_on_cpu(tmp_path):
     report = (infer / "infer_cpu.md").read_text()
     assert "## Whole model" in report and "## Issue #23's targets" in report
     assert "interleaved timing rounds" in report  # decode ratios come with their per-round spread
+    assert "### decode b2 dense" in report and "### decode b2 top-4" in report  # the wide-batch profiles
     result = json.loads((infer / "infer_cpu.json").read_text())
     assert result["gemv_tiles"]["up_f"] == 8  # the tiles the run used are recorded
     step_bytes = result["decode_b1_bytes"]
