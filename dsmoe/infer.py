@@ -597,9 +597,11 @@ def _segment_post(
 def top_k_mask(probs_TE: torch.Tensor, k: int) -> torch.Tensor:
     """(T, E) bool, each token's k largest probabilities (ties to the lower expert index), picked one at a
     time: k rounds of a max and a first-index min over each token's E probabilities. Every reduction runs
-    over the same (T, E) as the softmax before it, so inductor makes one kernel of both; an E x E pairwise
-    rank is a reduction over (T * E, E) and takes a kernel of its own (decode batch 64 combined densely ran
-    0.98x dense with it, H100), and topk and a scatter took two (12%, 5843cef)."""
+    over the same (T, E) as the softmax before it, which lets inductor's Triton backend (it groups kernels by
+    numel and reduction size) make one kernel of both. The E x E pairwise rank this replaces reduced over
+    (T * E, E), which cannot join them (decode batch 64 combined densely ran 0.98x dense with it, H100; the
+    new mask is not yet timed: bench_infer's batch-64 profiles show its kernels). topk and a scatter took two
+    kernels of their own (12%, 5843cef)."""
     E = probs_TE.shape[-1]
     if k >= E:
         return torch.ones_like(probs_TE, dtype=torch.bool)
