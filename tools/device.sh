@@ -29,7 +29,8 @@ data       the data path (issue 22, <= 9 min): tests/test_gpu_infer.py + tests/t
 regress    every headline figure against its committed value (issue 25, <= 9.5 min): short runs of
            bench_encoder, bench_layers, bench_train (DS-MoE-1B / Dense-1B compiled), bench_infer --quick, then
            tools/regress.py compare (exit 1 on a regression; table in $OUT/regress.md); run it as
-           `DSMOE_COMMIT=<hash, written out> bash tools/device.sh regress` (the device's git may be stale)
+           `DSMOE_COMMIT=<hash, written out> bash tools/device.sh regress` (the device's git may be stale);
+           REGRESS_PARTS picks some of "encoder layers train infer" (compare then reads what ran)
 head_loss  the LM head + loss at a real vocabulary (issue 25 part 3, <= 9 min): tests/test_head_loss.py -m gpu,
            then benchmarks/bench_train.py on DS-MoE-1B at vocab 8,192 and 151,936 (logits / fused / liger)
 sparse     issue 23 (<= 9.5 min): tests/test_gpu_infer.py, bench_infer --compile --quick --skip-hf with each
@@ -233,21 +234,30 @@ run_regress() (
     echo ""
   } > "$OUT/header.txt"
   cat "$OUT/header.txt"
-  echo "=== encoder ($(date -u +%T))"
-  timeout 130 python benchmarks/bench_encoder.py --warmup 5 --steps 12 --out "$OUT/encoder" > "$OUT/encoder.log" 2>&1
-  echo "rc $?"; grep "^| [0-9]" "$OUT/encoder.log" | head -4
-  echo "=== layers ($(date -u +%T))"
-  timeout 80 python benchmarks/bench_layers.py --out "$OUT" > "$OUT/layers.log" 2>&1; echo "rc $?"
-  echo "=== train ($(date -u +%T))"
-  timeout 160 python benchmarks/bench_train.py --name train_1b --out "$OUT" --steps 4 --warmup 2 \
-    --variant "dsmoe_compiled=configs/dsmoe_1b.yaml train.compile=true" \
-    --variant "dense_compiled=configs/dense_1b.yaml train.compile=true" \
-    --baseline dense_compiled \
-    $BENCH_1B \
-    > "$OUT/train.log" 2>&1; echo "rc $?"
-  echo "=== infer ($(date -u +%T))"
-  timeout 170 python benchmarks/bench_infer.py --compile --quick --skip-hf --out-dir "$OUT" > "$OUT/infer.log" 2>&1
-  echo "rc $?"
+  local parts=" ${REGRESS_PARTS:-encoder layers train infer} "
+  if [[ $parts == *" encoder "* ]]; then
+    echo "=== encoder ($(date -u +%T))"
+    timeout 130 python benchmarks/bench_encoder.py --warmup 5 --steps 12 --out "$OUT/encoder" > "$OUT/encoder.log" 2>&1
+    echo "rc $?"; grep "^| [0-9]" "$OUT/encoder.log" | head -4
+  fi
+  if [[ $parts == *" layers "* ]]; then
+    echo "=== layers ($(date -u +%T))"
+    timeout 80 python benchmarks/bench_layers.py --out "$OUT" > "$OUT/layers.log" 2>&1; echo "rc $?"
+  fi
+  if [[ $parts == *" train "* ]]; then
+    echo "=== train ($(date -u +%T))"
+    timeout 160 python benchmarks/bench_train.py --name train_1b --out "$OUT" --steps 4 --warmup 2 \
+      --variant "dsmoe_compiled=configs/dsmoe_1b.yaml train.compile=true" \
+      --variant "dense_compiled=configs/dense_1b.yaml train.compile=true" \
+      --baseline dense_compiled \
+      $BENCH_1B \
+      > "$OUT/train.log" 2>&1; echo "rc $?"
+  fi
+  if [[ $parts == *" infer "* ]]; then
+    echo "=== infer ($(date -u +%T))"
+    timeout 170 python benchmarks/bench_infer.py --compile --quick --skip-hf --out-dir "$OUT" > "$OUT/infer.log" 2>&1
+    echo "rc $?"
+  fi
   echo "=== compare ($(date -u +%T))"
   python tools/regress.py compare "$OUT" --md "$OUT/regress.md"
 )
