@@ -54,8 +54,9 @@ zero       DeepSpeed's ZeRO settings (issue 25, <= 7 min): bench_train DS-MoE-1B
            with overlap_comm, 5e7-element buckets, no contiguous gradients, fp32 gradient accumulation
            ($OUT/train_zero_<gpu>.md)
 autotune   torch.compile mode max-autotune-no-cudagraphs (issue 25, <= 10 min): bench_layers --autotune (the MLP
-           layers with inductor's GEMM templates and epilogue fusion), then bench_train DS-MoE-1B compiled in
-           the default mode and with train.compile_mode=max-autotune-no-cudagraphs ($OUT/train_autotune_<gpu>.md)
+           layers with inductor's GEMM templates and epilogue fusion; AUTOTUNE_LAYERS=0 skips it), then bench_train
+           DS-MoE-1B compiled in the default mode and with train.compile_mode=max-autotune-no-cudagraphs
+           ($OUT/train_autotune_<gpu>.md; AUTOTUNE_TRAIN_S s, default 270)
 verify     after CPU-only sessions (<= 9 min): every GPU test of tests/test_gpu_infer.py and tests/test_gpu_train.py
            (the Engine, training attention and flash4 paths on real kernels), then
            benchmarks/bench_decode_attention.py ($OUT/decode_attention_<gpu>.md)
@@ -391,11 +392,13 @@ run_autotune() (
   set -u
   OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
   nvidia-smi --query-gpu=name --format=csv,noheader || true
-  echo "=== layers ($(date -u +%T))"
-  timeout 300 python benchmarks/bench_layers.py --autotune --out "$OUT" > "$OUT/layers.log" 2>&1; echo "rc $?"
-  grep -A12 "max-autotune" "$OUT"/layers_*.md | grep "^|" | head -12
+  if [[ ${AUTOTUNE_LAYERS:-1} == 1 ]]; then  # AUTOTUNE_LAYERS=0: the training pair alone, with the call's time
+    echo "=== layers ($(date -u +%T))"
+    timeout 300 python benchmarks/bench_layers.py --autotune --out "$OUT" > "$OUT/layers.log" 2>&1; echo "rc $?"
+    grep -A12 "max-autotune" "$OUT"/layers_*.md | grep "^|" | head -12
+  fi
   echo "=== train ($(date -u +%T))"
-  timeout 270 python benchmarks/bench_train.py --name train_autotune --out "$OUT" --steps 4 --warmup 2 \
+  timeout "${AUTOTUNE_TRAIN_S:-270}" python benchmarks/bench_train.py --name train_autotune --out "$OUT" --steps 4 --warmup 2 \
     --variant "dsmoe_compiled=configs/dsmoe_1b.yaml train.compile=true" \
     --variant "dsmoe_autotune=configs/dsmoe_1b.yaml train.compile=true train.compile_mode=max-autotune-no-cudagraphs" \
     --baseline dsmoe_compiled \
