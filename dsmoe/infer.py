@@ -28,11 +28,11 @@ from dsmoe.model.moe import THRESHOLD_MODES, kept_weights, select_experts, top_k
 from dsmoe.model.router import fp32_scores_available, router_scores
 from dsmoe.model.sparse import (
     GEMV_MAX_TOKENS,
+    gemv_routed_partials,
     gemv_topk_partials,
     masked_path_available,
     moe_topk_forward,
     pick_path,
-    route_topk,
     triton_available,
 )
 
@@ -308,13 +308,13 @@ class Engine:
         if attention_kernel and not triton_available():
             raise ValueError("attention_kernel: the split-K decode attention needs triton")
         self.attention_kernel = attention_kernel
+        # Few tokens on CUDA, top-K: the post segment ends with the router's fp32 scores, and the gather-GEMV's
+        # up kernel takes each pair's softmax and top-K from them (no launch of the routing's own).
+        self._fused_route = bool(decode_k) and expert_path in (None, "gemv") and picked == "gemv"
         self._decode_post = functools.partial(
             _decode_post, eps=cfg.norm_eps, top_k=decode_k, combine_rule=rule if weights else None,
-            attention_kernel=self.attention_kernel,
+            attention_kernel=self.attention_kernel, route_in_experts=self._fused_route,
         )  # fmt: skip
-        # Few tokens on CUDA: the router's scores (one fp32-output GEMM) and one Triton softmax + top-K before
-        # the gather-GEMV experts, outside the compiled segment (fewer launches than its softmax and topk).
-        self._fused_route = bool(decode_k) and expert_path in (None, "gemv") and picked == "gemv"
         if compile:  # fuse each segment's small kernels; every layer reuses the code
             # one version per (batch, K, first layer or not, prefill length): more than dynamo's default 8
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
@@ -416,7 +416,7 @@ class Engine:
                 )  # fmt: skip
                 x, h, gate, experts = self._decode_post(
                     x, h, q, self.k[layer], self.v[layer], pos, self.positions, w.o, scores,
-                    w.mlp_norm, None if self._fused_route else w.mlp_router, renormalize,
+                    w.mlp_norm, w.mlp_router, renormalize,
                 )  # fmt: skip
             else:
                 x, h, q, k, v, _ = self._pre(x, carry, w.attn_norm, w.qkv, w.q_norm, w.k_norm, cos, sin)
@@ -437,8 +437,8 @@ class Engine:
     def _experts(self, mlp, h, gate, experts, fused_route: bool, combine: str = "sparse") -> torch.Tensor:
         """The MLP's output for its input h, from the post segment's routing: (weights, ids) of the top K,
         or every expert's probability (dense and threshold rules), or for a 'dense' or 'masked' combine
-        every expert's weight under the rule (masked in the segment), or nothing (a dense MLP, or a decode
-        step whose router runs here, fused)."""
+        every expert's weight under the rule (masked in the segment), or nothing (a dense MLP), or on a
+        decode step's fused route the router's scores, which the gather-GEMV's up kernel routes by."""
         if not getattr(mlp, "routed", False):
             return mlp(h)[0]
         x_TD = h.reshape(-1, h.shape[-1])
@@ -450,8 +450,11 @@ class Engine:
             ids = ids[:T] if T <= len(ids) else ids[:1].expand(T, -1)
             partials = gemv_topk_partials(x_TD, gate, ids, mlp.w_in, mlp.w_out, mlp.activation)
             return partials.view(-1, *h.shape)
-        if fused_route and self._fused_route:
-            gate, experts = route_topk(x_TD, mlp.router.weight, self._top_k, mlp.renormalize)
+        if fused_route and self._fused_route:  # gate holds the router's scores; the up kernel routes
+            partials = gemv_routed_partials(
+                x_TD, gate, self._top_k, mlp.renormalize, mlp.w_in, mlp.w_out, mlp.activation
+            )
+            return partials.view(-1, *h.shape)
         if experts is None:  # gate holds every expert's probability
             rule = self.routing.mlp
             if (
@@ -560,19 +563,31 @@ def _segment_pre(
 
 
 def _router_probs(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """dsmoe.model.router.Router's probabilities: its fp32 scores (one bf16 GEMM writing fp32 on CUDA; an fp32
-    copy of the (T, D) activations and an fp32 GEMM cost 3.9 of a 52 ms 8 x 2048 prefill) and softmax."""
-    return F.softmax(router_scores(h.reshape(-1, h.shape[-1]), weight), dim=-1)
+    """dsmoe.model.router.Router's probabilities: its fp32 scores (`_segment_router_scores`) and softmax."""
+    return F.softmax(_segment_router_scores(h, weight), dim=-1)
+
+
+def _segment_router_scores(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """A router's fp32 scores (T, E) of h (..., D) inside a segment. Compiled, for a decode step's few tokens:
+    the products summed in fp32 (exact products of bf16 values, as the GEMM's), which inductor makes one small
+    reduction kernel; cuBLAS's GEMM writing fp32 took 5.1 us of a 54 us batch-1 layer there for 128 KB of
+    weight (benchmarks/infer23_h100/README.md). Otherwise router_scores: one bf16 GEMM writing fp32 on CUDA
+    (an fp32 copy of the (T, D) activations and an fp32 GEMM cost 3.9 of a 52 ms 8 x 2048 prefill)."""
+    h_TD = h.reshape(-1, h.shape[-1])
+    if torch.compiler.is_compiling() and h_TD.shape[0] <= GEMV_MAX_TOKENS:
+        return (h_TD.float().unsqueeze(1) * weight.float()).sum(-1)
+    return router_scores(h_TD, weight)
 
 
 def _segment_post(
     x, h, y, o_w, attn_router, mlp_norm, mlp_router, renormalize, attn_scores=None,
-    *, eps, top_k, combine_rule=None,
+    *, eps, top_k, combine_rule=None, route_in_experts=False,
 ):  # fmt: skip
     """After attention (y: (B, T, H x hd)): MoA scaling (every expert kept; its router's scores given, or
     computed here from h), output projection and residual; MLP norm and router. Returns x, the MLP input,
     and either (weights, expert ids) of the top K or (all probabilities, None), or with `combine_rule`
-    (every expert's weight under that rule, None); (None, None) without a router."""
+    (every expert's weight under that rule, None), or with `route_in_experts` (the router's fp32 scores,
+    None: the gather-GEMV's up kernel takes the top K); (None, None) without a router."""
     B, T = x.shape[:2]
     if attn_scores is not None or attn_router is not None:
         probs = F.softmax(attn_scores, dim=-1) if attn_scores is not None else _router_probs(h, attn_router)
@@ -581,6 +596,8 @@ def _segment_post(
     h = F.rms_norm(x, (x.shape[-1],), mlp_norm, eps)
     if mlp_router is None:
         return x, h, None, None
+    if route_in_experts:
+        return x, h, _segment_router_scores(h, mlp_router), None
     probs = _router_probs(h, mlp_router)
     if combine_rule is not None:
         keep = (
@@ -619,7 +636,7 @@ def top_k_mask(probs_TE: torch.Tensor, k: int) -> torch.Tensor:
 
 def _decode_post(
     x, h, q, keys, values, pos, positions, o_w, attn_scores, mlp_norm, mlp_router, renormalize, *, eps, top_k,
-    combine_rule=None, attention_kernel=False,
+    combine_rule=None, attention_kernel=False, route_in_experts=False,
 ):  # fmt: skip
     """Attention of one query per row over the cache (B, KV, S, hd) up to `pos`, then the post segment: the
     split-K Triton kernels that read only the filled rows (`attention_kernel`, CUDA), else the same function
@@ -630,7 +647,7 @@ def _decode_post(
         y = decode_attention_reference(q, keys, values, pos, positions)  # (B, 1, H x hd)
     return _segment_post(
         x, h, y, o_w, None, mlp_norm, mlp_router, renormalize, attn_scores,
-        eps=eps, top_k=top_k, combine_rule=combine_rule,
+        eps=eps, top_k=top_k, combine_rule=combine_rule, route_in_experts=route_in_experts,
     )  # fmt: skip
 
 

@@ -20,6 +20,7 @@ MODEL_FILES = (
     "mlp",
     "head_loss",
     "moe_triton",
+    "gemv_triton",
     "alibi_triton",
     "router",
     "sparse",

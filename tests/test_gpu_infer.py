@@ -63,6 +63,26 @@ def test_fused_router_topk_equals_softmax_topk(experts, k, renormalize):
     assert int(ids.min()) >= 0 and int(ids.max()) < experts
 
 
+@pytest.mark.parametrize("renormalize", [False, True])
+def test_up_kernel_routing_equals_the_separate_top_k_launch(renormalize):
+    """Decode's fused route (the up kernel's programs take the softmax and top-K of the router scores) gives
+    the bits of route_topk's table fed to the same gather-GEMV, and writes that table for the down kernel."""
+    from dsmoe.model.router import router_scores
+    from dsmoe.model.sparse import gemv_routed_partials, gemv_topk_partials
+
+    torch.manual_seed(1)
+    E, F, D, k = 32, 256, 2048, 4  # DS-MoE-1B's experts
+    w_in = (torch.randn(E, F, D, device="cuda") * 0.05).bfloat16()
+    w_out = (torch.randn(E, F, D, device="cuda") * 0.05).bfloat16()
+    router = (torch.randn(E, D, device="cuda") * 0.05).bfloat16()
+    for tokens in (1, 16):
+        x = torch.randn(tokens, D, device="cuda").bfloat16()
+        gates, ids = route_topk(x, router, k, renormalize)
+        separate = gemv_topk_partials(x, gates, ids, w_in, w_out, "gelu")
+        routed = gemv_routed_partials(x, router_scores(x, router), k, renormalize, w_in, w_out, "gelu")
+        assert torch.equal(routed, separate)
+
+
 @pytest.mark.parametrize("rule", ["threshold", "threshold_top_k"])
 def test_threshold_sparse_forward_is_bitwise_deterministic(rule):
     """The model's threshold paths (evaluation, prefill) give the same bits run after run: their combine is

@@ -18,7 +18,7 @@ from test_generate import model_for
 from dsmoe.infer import Engine
 from dsmoe.model import Routing, RoutingRule
 from dsmoe.model.decode_attention import decode_attention, decode_attention_reference
-from dsmoe.model.sparse import moe_masked_forward, moe_topk_forward, route_topk
+from dsmoe.model.sparse import gemv_routed_partials, moe_masked_forward, moe_topk_forward, route_topk
 
 torch.manual_seed(0)
 for act in ("gelu", "swiglu"):  # gather-GEMV (partial sums added up) equals the portable loop
@@ -49,6 +49,15 @@ for E, k, renormalize in ((32, 4, False), (12, 3, True), (8, 8, False)):  # soft
     torch.testing.assert_close(gates.double(), values, rtol=1e-5, atol=1e-6)
 h[2] = float("nan")
 assert int(route_topk(h, weight, 2)[1].max()) < weight.shape[0]  # a NaN row still names real experts
+for act, E, k, renormalize in (("gelu", 8, 3, False), ("swiglu", 12, 4, True), ("gelu", 4, 4, False)):
+    F, D = 24, 40  # the up kernel's own softmax + top-k (decode's fused route) equals route_topk's table
+    w_in, w_out = torch.randn(E, 2 * F if act == "swiglu" else F, D) * 0.1, torch.randn(E, F, D) * 0.1
+    x, scores = torch.randn(5, D), torch.randn(5, E) * 3
+    top = torch.softmax(scores.double(), -1).topk(k, -1)
+    values = top.values / top.values.sum(-1, keepdim=True) if renormalize else top.values
+    expected = moe_topk_forward(x, values.float(), top.indices, w_in, w_out, act, path="loop")
+    routed = gemv_routed_partials(x, scores, k, renormalize, w_in, w_out, act)
+    torch.testing.assert_close(routed.sum(0), expected, rtol=1e-5, atol=1e-5)
 model = model_for(True, True)  # the Engine on the gather-GEMV path equals the model, every sparse rule
 idx = torch.randint(0, 96, (2, 14))
 rules = [RoutingRule("top_k", k=2), RoutingRule("threshold", eps=0.9), RoutingRule("threshold_top_k", eps=0.9)]

@@ -7,7 +7,8 @@ on CUDA). Three paths compute sum_k w_tk E_{e_tk}(x_t) on the experts' stacked w
 a weight):
 
   'gemv'     small batches (decode): two Triton kernels over the pairs, each reading only the chosen experts'
-             rows of w_in and w_out (a gather-GEMV), the router weight applied in the second; CUDA only.
+             rows of w_in and w_out (a gather-GEMV), the router weight applied in the second; the first can
+             take the top-K routing from the router's scores itself (`gemv_routed_partials`); CUDA only.
   'grouped'  large batches (prefill): pairs sorted by expert (argsort of the expert ids, counts by
              scatter_add and cumsum on the device), the sorted token rows gathered, two torch._grouped_mm
              (bf16, Hopper) with the activation and router weight between them, the rows put back in pair
@@ -120,112 +121,14 @@ ACTIVATIONS = {"gelu": 0, "swiglu": 1, "geglu": 2}
 
 @functools.cache
 def _gemv_kernels():
-    try:  # in a try: transformers' remote-code check then does not require triton (CPU installs lack it)
-        import triton
-        import triton.language as tl
-    except ImportError:  # callers check triton_available() first
-        raise
-
-    @triton.jit
-    def gather_sum_kernel(src_ptr, rows_ptr, y_ptr, D, K: tl.constexpr, BLOCK_D: tl.constexpr):
-        """y[t, d] = sum_k src[rows[t, k], d] for one block of d (fp32 sum)."""
-        t = tl.program_id(0).to(tl.int64)
-        offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-        mask_d = offs_d < D
-        acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-        for k in tl.static_range(K):
-            row = tl.load(rows_ptr + t * K + k).to(tl.int64)
-            acc += tl.load(src_ptr + row * D + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-        tl.store(y_ptr + t * D + offs_d, acc.to(y_ptr.dtype.element_ty), mask=mask_d)
-
-    @triton.jit
-    def softmax_topk_kernel(
-        logits_ptr, gate_ptr, expert_ptr, E,
-        K: tl.constexpr, BLOCK_E: tl.constexpr, RENORMALIZE: tl.constexpr,
-    ):  # fmt: skip
-        """One token: the softmax of its E fp32 router scores and the K largest probabilities (descending)
-        with their expert ids; renormalised to sum 1 if asked."""
-        t = tl.program_id(0).to(tl.int64)
-        offs_e = tl.arange(0, BLOCK_E)
-        mask_e = offs_e < E
-        logits = tl.load(logits_ptr + t * E + offs_e, mask=mask_e, other=float("-inf"))
-        p = tl.exp(logits - tl.max(logits, axis=0))
-        p = p / tl.sum(p, axis=0)
-        scale = 1.0
-        if RENORMALIZE:  # a first pass for the sum of the K largest
-            remaining = tl.where(mask_e, p, -1.0)
-            total = 0.0
-            for _ in tl.static_range(K):
-                best = tl.max(remaining, axis=0)
-                idx = tl.min(tl.where(remaining == best, offs_e, BLOCK_E), axis=0)
-                total += best
-                remaining = tl.where(offs_e == idx, -1.0, remaining)
-            scale = 1.0 / tl.maximum(total, 1e-20)
-        remaining = tl.where(mask_e, p, -1.0)
-        for k in tl.static_range(K):
-            best = tl.max(remaining, axis=0)
-            # a NaN row matches no probability: clamp, so the experts' kernels never read past expert E-1
-            idx = tl.minimum(tl.min(tl.where(remaining == best, offs_e, BLOCK_E), axis=0), E - 1)
-            tl.store(gate_ptr + t * K + k, best * scale)
-            tl.store(expert_ptr + t * K + k, idx.to(tl.int64))
-            remaining = tl.where(offs_e == idx, -1.0, remaining)
-
-    @triton.jit
-    def up_kernel(
-        x_ptr, w_ptr, e_ptr, g_ptr, h_ptr, K, D, F,
-        ACT: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr,
-    ):  # fmt: skip
-        """h[p, f] = act(sum_d x[p // K, d] * w_in[e_p, f, d]) for one block of f; a pair of weight 0 (a
-        threshold rule dropped it) reads no weights."""
-        p = tl.program_id(0)
-        offs_f = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)
-        mask_f = offs_f < tl.where(tl.load(g_ptr + p) != 0, F, 0)
-        e = tl.load(e_ptr + p).to(tl.int64)
-        t = (p // K).to(tl.int64)
-        rows_in = F * 2 if ACT != 0 else F
-        w_base = w_ptr + e * rows_in * D
-        acc = tl.zeros([BLOCK_F], dtype=tl.float32)
-        acc2 = tl.zeros([BLOCK_F], dtype=tl.float32)
-        for d0 in range(0, D, BLOCK_D):
-            offs_d = d0 + tl.arange(0, BLOCK_D)
-            mask_d = offs_d < D
-            xv = tl.load(x_ptr + t * D + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-            m = mask_f[:, None] & mask_d[None, :]
-            w = tl.load(w_base + offs_f[:, None] * D + offs_d[None, :], mask=m, other=0.0)
-            acc += tl.sum(w.to(tl.float32) * xv[None, :], axis=1)
-            if ACT != 0:  # gated: rows F.. hold the value half
-                w2 = tl.load(w_base + (F + offs_f)[:, None] * D + offs_d[None, :], mask=m, other=0.0)
-                acc2 += tl.sum(w2.to(tl.float32) * xv[None, :], axis=1)
-        if ACT == 1:  # SwiGLU
-            h = acc * tl.sigmoid(acc) * acc2
-        else:  # exact GeLU (erf), times the value half for GeGLU
-            h = 0.5 * acc * (1.0 + tl.math.erf(acc * 0.7071067811865476))
-            if ACT == 2:
-                h = h * acc2
-        tl.store(h_ptr + p * F + offs_f, h, mask=mask_f)
-
-    @triton.jit
-    def down_kernel(
-        h_ptr, w_ptr, e_ptr, g_ptr, y_ptr, P, D, F,
-        K: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr,
-    ):  # fmt: skip
-        """y[s * K + k, t, d] = g_p * sum_{f in split s} h[p, f] * w_out[e_p, f, d] for pair p = (t, k): one
-        (BLOCK_F, BLOCK_D) tile of the expert's rows per program, the partials summed afterwards (no
-        atomics)."""
-        p = tl.program_id(0).to(tl.int64)
-        offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-        split = tl.program_id(2)
-        offs_f = split * BLOCK_F + tl.arange(0, BLOCK_F)
-        mask_d = offs_d < D
-        e = tl.load(e_ptr + p).to(tl.int64)
-        g = tl.load(g_ptr + p).to(tl.float32)
-        mask_f = offs_f < tl.where(g != 0, F, 0)  # a dropped pair reads no weights (its partial is 0)
-        hv = tl.load(h_ptr + p * F + offs_f, mask=mask_f, other=0.0)
-        m = mask_f[:, None] & mask_d[None, :]
-        w = tl.load(w_ptr + e * F * D + offs_f[:, None] * D + offs_d[None, :], mask=m, other=0.0)
-        acc = tl.sum(w.to(tl.float32) * hv[:, None], axis=0)
-        row = split * P + (p % K) * (P // K) + p // K
-        tl.store(y_ptr + row * D + offs_d, acc * g, mask=mask_d)
+    """triton and the gather-GEMV kernels (dsmoe/model/gemv_triton.py), imported when one first runs."""
+    from dsmoe.model.gemv_triton import (
+        down_kernel,
+        gather_sum_kernel,
+        softmax_topk_kernel,
+        triton,
+        up_kernel,
+    )
 
     return triton, up_kernel, down_kernel, gather_sum_kernel, softmax_topk_kernel
 
@@ -273,21 +176,52 @@ def gemv_topk_partials(
     (split of the hidden units, k). The Engine sums them inside its next compiled segment (one launch less
     a layer). Small tiles and many programs: at batch 1 only K experts' rows are read, and they must stream
     from every SM. `tiles` overrides GEMV_TILES' entries."""
+    T, K = experts_TK.shape
+    return _gemv_partials(
+        x_TD, weights_TK.reshape(-1).contiguous(), experts_TK.reshape(-1).contiguous(), None, K, False,
+        w_in, w_out, activation, tiles,
+    )  # fmt: skip
+
+
+def gemv_routed_partials(
+    x_TD: torch.Tensor,
+    scores_TE: torch.Tensor,
+    k: int,
+    renormalize: bool,
+    w_in: torch.Tensor,
+    w_out: torch.Tensor,
+    activation: str,
+    tiles: dict | None = None,
+) -> torch.Tensor:
+    """`gemv_topk_partials` of the top k experts of each token's fp32 router scores (T, E): the up kernel's
+    programs take the softmax and top-k themselves (what `route_topk`'s kernel does), so decode routes and
+    runs its experts in two launches instead of three."""
+    T, E = scores_TE.shape
+    gates = torch.empty(T * k, device=x_TD.device, dtype=torch.float32)
+    experts = torch.empty(T * k, device=x_TD.device, dtype=torch.long)
+    return _gemv_partials(
+        x_TD, gates, experts, scores_TE.float().contiguous(), k, renormalize, w_in, w_out, activation, tiles
+    )
+
+
+def _gemv_partials(x_TD, gates, experts, scores_TE, K, renormalize, w_in, w_out, activation, tiles):
+    """The two gather-GEMV launches over the T x K pairs (gates, experts: (T*K,), written by the up kernel
+    from `scores_TE` when given)."""
     triton, up_kernel, down_kernel, *_ = _gemv_kernels()
     t = GEMV_TILES if tiles is None else gemv_tiles(tiles)
-    T, K = experts_TK.shape
+    T = x_TD.shape[0]
     E, F, D = w_out.shape
     if activation not in ACTIVATIONS or (w_in.shape[1] == 2 * F) != (activation in ("swiglu", "geglu")):
         raise ValueError(f"gather-GEMV: activation {activation!r} does not match w_in {tuple(w_in.shape)}")
     x_TD, w_in, w_out = x_TD.contiguous(), w_in.contiguous(), w_out.contiguous()
-    experts = experts_TK.reshape(-1).contiguous()
-    gates = weights_TK.reshape(-1).contiguous()
+    route = scores_TE is not None
     P = T * K
     up_f, up_d = min(t["up_f"], triton.next_power_of_2(F)), min(t["up_d"], triton.next_power_of_2(D))
     h = torch.empty(P, F, device=x_TD.device, dtype=torch.float32)
     up_kernel[(P, triton.cdiv(F, up_f))](
-        x_TD, w_in, experts, gates, h, K, D, F,
-        ACT=ACTIVATIONS[activation], BLOCK_F=up_f, BLOCK_D=up_d, num_warps=t["up_warps"],
+        x_TD, w_in, experts, gates, h, scores_TE if route else gates, D, F, E,
+        K=K, ACT=ACTIVATIONS[activation], BLOCK_F=up_f, BLOCK_D=up_d, ROUTE=route,
+        BLOCK_E=triton.next_power_of_2(E), RENORMALIZE=renormalize, num_warps=t["up_warps"],
     )  # fmt: skip
     down_f, down_d = min(t["down_f"], triton.next_power_of_2(F)), min(t["down_d"], triton.next_power_of_2(D))
     splits = triton.cdiv(F, down_f)
