@@ -575,7 +575,8 @@ def _segment_router_scores(h: torch.Tensor, weight: torch.Tensor) -> torch.Tenso
     (an fp32 copy of the (T, D) activations and an fp32 GEMM cost 3.9 of a 52 ms 8 x 2048 prefill)."""
     h_TD = h.reshape(-1, h.shape[-1])
     if torch.compiler.is_compiling() and h_TD.shape[0] <= GEMV_MAX_TOKENS:
-        return (h_TD.float().unsqueeze(1) * weight.float()).sum(-1)
+        dtype = torch.promote_types(h_TD.dtype, torch.float32)  # fp64 models stay fp64, as router_scores
+        return (h_TD.to(dtype).unsqueeze(1) * weight.to(dtype)).sum(-1)
     return router_scores(h_TD, weight)
 
 

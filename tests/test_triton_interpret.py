@@ -49,7 +49,7 @@ for E, k, renormalize in ((32, 4, False), (12, 3, True), (8, 8, False)):  # soft
     torch.testing.assert_close(gates.double(), values, rtol=1e-5, atol=1e-6)
 h[2] = float("nan")
 assert int(route_topk(h, weight, 2)[1].max()) < weight.shape[0]  # a NaN row still names real experts
-for act, E, k, renormalize in (("gelu", 8, 3, False), ("swiglu", 12, 4, True), ("gelu", 4, 4, False)):
+for act, E, k, renormalize in (("gelu", 8, 3, False), ("swiglu", 12, 4, True), ("gelu", 4, 4, False), ("gelu", 5, 1, True)):
     F, D = 24, 40  # the up kernel's own softmax + top-k (decode's fused route) equals route_topk's table
     w_in, w_out = torch.randn(E, 2 * F if act == "swiglu" else F, D) * 0.1, torch.randn(E, F, D) * 0.1
     x, scores = torch.randn(5, D), torch.randn(5, E) * 3
@@ -77,6 +77,18 @@ for rule in rules:  # threshold rules: a masked table of every pair, the dropped
         with torch.no_grad():
             expected = model(idx, routing=routing).logits
     torch.testing.assert_close(steps("gemv", routing), expected, rtol=1e-5, atol=1e-5)
+
+import dsmoe.infer as infer_lib  # decode's fused route (CUDA only) forced on: the up kernel routes, K = 2
+
+infer_lib.pick_path, pick_path = (lambda x: "gemv"), infer_lib.pick_path
+engine = Engine(model, Routing(rules[0]), batch=2, max_len=20)
+assert engine._fused_route
+pieces = [engine.prefill(idx[:, :8], all_logits=True)]
+pieces += [engine.decode(idx[:, t : t + 1]).unsqueeze(1) for t in range(8, 14)]
+infer_lib.pick_path = pick_path
+with torch.no_grad():
+    expected = model(idx, routing=Routing(rules[0])).logits
+torch.testing.assert_close(torch.cat(pieces, 1), expected, rtol=1e-5, atol=1e-5)
 
 # Split-K decode attention over the cache's filled rows equals the torch version over every row, masked
 # (fp32: the interpreter's bf16 tl.dot is wrong; the GPU test holds bf16): grouped and plain K/V heads,

@@ -31,50 +31,51 @@ if triton is not None:
         tl.store(y_ptr + t * D + offs_d, acc.to(y_ptr.dtype.element_ty), mask=mask_d)
 
     @triton.jit
-    def topk_pick(
-        scores_ptr, t, rank, E, K: tl.constexpr, BLOCK_E: tl.constexpr, RENORMALIZE: tl.constexpr
+    def softmax_topk(
+        scores_ptr, t, E, K: tl.constexpr, KP: tl.constexpr, BLOCK_E: tl.constexpr, RENORMALIZE: tl.constexpr
     ):  # fmt: skip
-        """Token t's rank-th largest softmax probability of its E fp32 router scores (rank 0 the largest;
-        ties to the lower expert) and that expert's id, renormalised over the K largest if asked."""
+        """Token t's K largest softmax probabilities of its E fp32 router scores, descending (ties to the lower
+        expert), renormalised to sum 1 if asked, and their expert ids: two (KP,) vectors, slots K.. zero."""
         offs_e = tl.arange(0, BLOCK_E)
         mask_e = offs_e < E
         logits = tl.load(scores_ptr + t * E + offs_e, mask=mask_e, other=float("-inf"))
         p = tl.exp(logits - tl.max(logits, axis=0))
         p = p / tl.sum(p, axis=0)
+        offs_k = tl.arange(0, KP)
+        gates = tl.zeros([KP], dtype=tl.float32)
+        experts = tl.zeros([KP], dtype=tl.int32)
         remaining = tl.where(mask_e, p, -1.0)
         total = 0.0
-        gate = 0.0
-        expert = 0
         for r in tl.static_range(K):
             best = tl.max(remaining, axis=0)
             # a NaN row matches no probability: clamp, so the experts' kernels never read past expert E-1
             idx = tl.minimum(tl.min(tl.where(remaining == best, offs_e, BLOCK_E), axis=0), E - 1)
             total += best
-            gate = tl.where(rank == r, best, gate)
-            expert = tl.where(rank == r, idx, expert)
+            gates = tl.where(offs_k == r, best, gates)
+            experts = tl.where(offs_k == r, idx, experts)
             remaining = tl.where(offs_e == idx, -1.0, remaining)
         if RENORMALIZE:
-            gate = gate * (1.0 / tl.maximum(total, 1e-20))
-        return gate, expert
+            gates = gates * (1.0 / tl.maximum(total, 1e-20))
+        return gates, experts
 
     @triton.jit
     def softmax_topk_kernel(
         logits_ptr, gate_ptr, expert_ptr, E,
-        K: tl.constexpr, BLOCK_E: tl.constexpr, RENORMALIZE: tl.constexpr,
+        K: tl.constexpr, KP: tl.constexpr, BLOCK_E: tl.constexpr, RENORMALIZE: tl.constexpr,
     ):  # fmt: skip
         """One token: the K largest of the softmax of its E fp32 router scores (descending) with their
         expert ids; renormalised to sum 1 if asked."""
         t = tl.program_id(0).to(tl.int64)
-        for k in tl.static_range(K):
-            gate, expert = topk_pick(logits_ptr, t, k, E, K, BLOCK_E, RENORMALIZE)
-            tl.store(gate_ptr + t * K + k, gate)
-            tl.store(expert_ptr + t * K + k, expert.to(tl.int64))
+        gates, experts = softmax_topk(logits_ptr, t, E, K, KP, BLOCK_E, RENORMALIZE)
+        offs_k = tl.arange(0, KP)
+        tl.store(gate_ptr + t * K + offs_k, gates, mask=offs_k < K)
+        tl.store(expert_ptr + t * K + offs_k, experts.to(tl.int64), mask=offs_k < K)
 
     @triton.jit
     def up_kernel(
         x_ptr, w_ptr, e_ptr, g_ptr, h_ptr, scores_ptr, D, F, E,
         K: tl.constexpr, ACT: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr,
-        ROUTE: tl.constexpr, BLOCK_E: tl.constexpr, RENORMALIZE: tl.constexpr,
+        ROUTE: tl.constexpr, KP: tl.constexpr, BLOCK_E: tl.constexpr, RENORMALIZE: tl.constexpr,
     ):  # fmt: skip
         """h[p, f] = act(sum_d x[p // K, d] * w_in[e_p, f, d]) for one block of f; a pair of weight 0 (a
         threshold rule dropped it) reads no weights. With ROUTE the pair's expert and weight come from the
@@ -84,7 +85,10 @@ if triton is not None:
         offs_f = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)
         t = (p // K).to(tl.int64)
         if ROUTE:
-            g, e = topk_pick(scores_ptr, t, p % K, E, K, BLOCK_E, RENORMALIZE)
+            gates, experts = softmax_topk(scores_ptr, t, E, K, KP, BLOCK_E, RENORMALIZE)
+            pick = tl.arange(0, KP) == p % K
+            g = tl.sum(tl.where(pick, gates, 0.0), axis=0)
+            e = tl.sum(tl.where(pick, experts, 0), axis=0)
             if tl.program_id(1) == 0:
                 tl.store(g_ptr + p, g)
                 tl.store(e_ptr + p, e.to(tl.int64))

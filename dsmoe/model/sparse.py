@@ -221,7 +221,7 @@ def _gemv_partials(x_TD, gates, experts, scores_TE, K, renormalize, w_in, w_out,
     up_kernel[(P, triton.cdiv(F, up_f))](
         x_TD, w_in, experts, gates, h, scores_TE if route else gates, D, F, E,
         K=K, ACT=ACTIVATIONS[activation], BLOCK_F=up_f, BLOCK_D=up_d, ROUTE=route,
-        BLOCK_E=triton.next_power_of_2(E), RENORMALIZE=renormalize, num_warps=t["up_warps"],
+        KP=triton.next_power_of_2(K), BLOCK_E=triton.next_power_of_2(E), RENORMALIZE=renormalize, num_warps=t["up_warps"],
     )  # fmt: skip
     down_f, down_d = min(t["down_f"], triton.next_power_of_2(F)), min(t["down_d"], triton.next_power_of_2(D))
     splits = triton.cdiv(F, down_f)
@@ -262,7 +262,7 @@ def route_topk(
     experts = torch.empty(T, k, device=h_TD.device, dtype=torch.long)
     kernel[(T,)](
         logits.contiguous(), gates, experts, E,
-        K=k, BLOCK_E=triton.next_power_of_2(E), RENORMALIZE=renormalize,
+        K=k, KP=triton.next_power_of_2(k), BLOCK_E=triton.next_power_of_2(E), RENORMALIZE=renormalize,
     )  # fmt: skip
     return gates, experts
 
