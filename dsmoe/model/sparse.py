@@ -176,7 +176,7 @@ def gemv_topk_partials(
     (split of the hidden units, k). The Engine sums them inside its next compiled segment (one launch less
     a layer). Small tiles and many programs: at batch 1 only K experts' rows are read, and they must stream
     from every SM. `tiles` overrides GEMV_TILES' entries."""
-    T, K = experts_TK.shape
+    K = experts_TK.shape[1]
     return _gemv_partials(
         x_TD, weights_TK.reshape(-1).contiguous(), experts_TK.reshape(-1).contiguous(), None, K, False,
         w_in, w_out, activation, tiles,
@@ -196,7 +196,7 @@ def gemv_routed_partials(
     """`gemv_topk_partials` of the top k experts of each token's fp32 router scores (T, E): the up kernel's
     programs take the softmax and top-k themselves (what `route_topk`'s kernel does), so decode routes and
     runs its experts in two launches instead of three."""
-    T, E = scores_TE.shape
+    T = scores_TE.shape[0]
     gates = torch.empty(T * k, device=x_TD.device, dtype=torch.float32)
     experts = torch.empty(T * k, device=x_TD.device, dtype=torch.long)
     return _gemv_partials(
